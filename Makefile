@@ -1,0 +1,38 @@
+# The README's commands. Everything runs inside a virtual environment ($(VENV)); torch is installed
+# only when missing (TORCH_SPEC picks which), and the package is built against it without isolation.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.rlhf_ext-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: install test test-all demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) $(SOURCES)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -q setuptools wheel pybind11 ninja
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[dev,label]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/rlhf-ext demo
+
+bench: install
+	$(VENV)/bin/rlhf-ext bench
+
+clean:
+	rm -rf build *.egg-info rlhf_ext/*.so

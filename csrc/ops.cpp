@@ -1,0 +1,59 @@
+// The one place where rlhf_ext's operator schemas are declared. Kernel files only add
+// TORCH_LIBRARY_IMPL blocks for CPU or CUDA. Backward kernels are ops of their own.
+// The pybind11 module carries the build facts (rlhf_ext._C.build_info()).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef RLHF_EXT_TORCH_VERSION
+#define RLHF_EXT_TORCH_VERSION "unknown"
+#endif
+#ifndef RLHF_EXT_CUDA_ARCHS
+#define RLHF_EXT_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(rlhf_ext, m) {
+  // ---- advantages (csrc/gae.cpp, csrc/cuda/gae.cu) ----
+  m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, Tensor? last_values) -> (Tensor, Tensor)");
+
+  // ---- masked statistics (csrc/whiten.cpp, csrc/cuda/whiten.cu) ----
+  // Returns float32 [3]: (count, mean, M2) where M2 = sum over masked-in x of (x - mean)^2.
+  m.def("masked_moments(Tensor x, Tensor mask) -> Tensor");
+  m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
+
+  // ---- logprobs (csrc/logprobs.cpp, csrc/cuda/logprobs.cu) ----
+
+
+  // ---- ppo_loss (csrc/ppo_loss.cpp, csrc/cuda/ppo_loss.cu) ----
+
+
+  // ---- sampling (csrc/sampling.cpp, csrc/cuda/sampling.cu) ----
+
+}
+
+namespace {
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = RLHF_EXT_TORCH_VERSION;
+#ifdef RLHF_EXT_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = RLHF_EXT_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+  info["num_threads"] = at::get_num_threads();
+  info["parallel_backend"] = at::get_parallel_info();
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "rlhf_ext compiled core: operator kernels are registered under torch.ops.rlhf_ext";
+  m.def("build_info", &build_info, "Facts about how this extension was built");
+}

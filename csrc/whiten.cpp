@@ -1,0 +1,148 @@
+// Masked mean / variance / whitening on CPU.
+//
+// masked_moments returns (count, mean, M2) in one pass over memory: the flattened input is cut into
+// fixed blocks (independent of the thread count, so results are bit-identical for any number of
+// threads); each block is summed, then its squared deviations are summed while it is still in cache,
+// and the blocks are merged in index order with Chan's parallel formula.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace rlhf_ext {
+
+namespace {
+
+constexpr int64_t kBlock = 8192;
+
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+};
+
+void merge(Moments& into, const Moments& other) {
+  if (other.count == 0) return;
+  if (into.count == 0) {
+    into = other;
+    return;
+  }
+  const double n = into.count + other.count;
+  const double delta = other.mean - into.mean;
+  into.mean += delta * other.count / n;
+  into.m2 += other.m2 + delta * delta * into.count * other.count / n;
+  into.count = n;
+}
+
+void check_masked_inputs(const at::Tensor& x, const at::Tensor& mask) {
+  check_float(x, "x");
+  check_same_shape(mask, x, "mask", "x");
+  check_same_device(mask, x, "mask", "x");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask.scalar_type());
+}
+
+template <typename scalar_t, typename acc_t>
+Moments block_moments(const scalar_t* x, const bool* m, int64_t n) {
+  acc_t sum = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (m[i]) {
+      sum += static_cast<acc_t>(x[i]);
+      ++count;
+    }
+  }
+  Moments out;
+  if (count == 0) return out;
+  const acc_t mean = sum / static_cast<acc_t>(count);
+  acc_t m2 = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t d = m[i] ? static_cast<acc_t>(x[i]) - mean : acc_t(0);
+    m2 += d * d;
+  }
+  out.count = static_cast<double>(count);
+  out.mean = static_cast<double>(mean);
+  out.m2 = static_cast<double>(m2);
+  return out;
+}
+
+Moments moments_of(const at::Tensor& x, const at::Tensor& mask) {
+  const int64_t numel = x.numel();
+  const int64_t num_blocks = (numel + kBlock - 1) / kBlock;
+  std::vector<Moments> blocks(num_blocks);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_moments_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const bool* mp = mask.data_ptr<bool>();
+    at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t start = blk * kBlock;
+        blocks[blk] = block_moments<scalar_t, acc_t>(xp + start, mp + start, std::min(kBlock, numel - start));
+      }
+    });
+  });
+  Moments total;
+  for (const auto& b : blocks) merge(total, b);
+  return total;
+}
+
+at::ScalarType stat_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor masked_moments_cpu(const at::Tensor& x_in, const at::Tensor& mask_in) {
+  check_masked_inputs(x_in, mask_in);
+  auto x = x_in.contiguous();
+  auto mask = mask_in.contiguous();
+  const Moments mo = moments_of(x, mask);
+  auto out = at::empty({3}, x.options().dtype(at::kDouble));
+  auto* o = out.data_ptr<double>();
+  o[0] = mo.count;
+  o[1] = mo.mean;
+  o[2] = mo.m2;
+  return out.to(stat_dtype(x));
+}
+
+at::Tensor masked_whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, bool shift_mean,
+                             bool unbiased, double eps) {
+  check_masked_inputs(x_in, mask_in);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps: expected a finite value >= 0, got ", eps);
+  auto x = x_in.contiguous();
+  auto mask = mask_in.contiguous();
+  const Moments mo = moments_of(x, mask);
+  TORCH_CHECK(mo.count > 0, "mask: selects no element (mask.sum() == 0); masked statistics are undefined");
+  TORCH_CHECK(!unbiased || mo.count > 1,
+              "mask: selects a single element, so the unbiased variance is undefined; pass unbiased=False");
+  const double var = mo.m2 / (unbiased ? mo.count - 1 : mo.count);
+  auto out = at::empty(x.sizes(), x.options().dtype(stat_dtype(x)));
+  const int64_t numel = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_whiten_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const bool* mp = mask.data_ptr<bool>();
+    const acc_t mean = static_cast<acc_t>(mo.mean);
+    const acc_t inv_std = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+    const acc_t add_back = shift_mean ? acc_t(0) : mean;
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "masked_whiten_cpu_out", [&] {
+      using out_t = scalar_t;
+      out_t* op = out.data_ptr<out_t>();
+      at::parallel_for(0, numel, kBlock, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          op[i] = mp[i] ? static_cast<out_t>((static_cast<acc_t>(xp[i]) - mean) * inv_std + add_back) : out_t(0);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) {
+  m.impl("masked_moments", &masked_moments_cpu);
+  m.impl("masked_whiten", &masked_whiten_cpu);
+}
+
+}  // namespace rlhf_ext

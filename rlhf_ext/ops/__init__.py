@@ -1,0 +1,18 @@
+"""Public fused ops. Each wraps a `torch.ops.rlhf_ext.*` kernel with argument checks, a fake
+(meta) implementation for torch.compile, and an autograd formula; `reference.py` holds their
+plain-PyTorch twins."""
+__all__ = []
+
+# ---- gae / whiten (issue 2) ----
+from rlhf_ext.ops.gae import gae  # noqa: E402
+from rlhf_ext.ops.whiten import masked_mean, masked_var, masked_whiten  # noqa: E402
+
+__all__ += ["gae", "masked_mean", "masked_var", "masked_whiten"]
+
+# ---- logprobs (issue 3) ----
+
+
+# ---- ppo_loss (issue 4) ----
+
+
+# ---- sampling (issue 5) ----

@@ -1,0 +1,14 @@
+"""Small helpers shared by the op wrappers."""
+import torch
+
+
+def as_bool_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """Accept bool or 0/1 masks of any dtype; the kernels take bool."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def out_float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Outputs are float32 for float32/bf16/fp16 inputs and float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,99 @@
+"""Masked mean, variance and whitening: one fused pass for the moments, one for the normalisation.
+
+An all-masked input is an error (the statistics are undefined), as is an unbiased variance of a
+single element; we raise rather than return NaN so a bad batch stops training visibly.
+"""
+from typing import Optional
+
+import torch
+
+from rlhf_ext.ops._common import as_bool_mask, out_float_dtype
+
+
+@torch.library.register_fake("rlhf_ext::masked_moments")
+def _moments_fake(x, mask):
+    return x.new_empty((3,), dtype=out_float_dtype(x.dtype))
+
+
+@torch.library.register_fake("rlhf_ext::masked_whiten")
+def _whiten_fake(x, mask, shift_mean, unbiased, eps):
+    return x.new_empty(x.shape, dtype=out_float_dtype(x.dtype))
+
+
+def _moments_setup(ctx, inputs, output):
+    x, mask = inputs
+    ctx.save_for_backward(x, mask, output)
+
+
+def _moments_backward(ctx, grad):
+    x, mask, moments = ctx.saved_tensors
+    count, mean = moments[0], moments[1]
+    m = mask.to(grad.dtype)
+    # d mean / dx = m / n ; d M2 / dx = 2 m (x - mean)  (the mean's own dependence cancels in M2)
+    grad_x = m * (grad[1] / count + 2.0 * grad[2] * (x.to(grad.dtype) - mean))
+    return grad_x.to(x.dtype), None
+
+
+torch.library.register_autograd("rlhf_ext::masked_moments", _moments_backward, setup_context=_moments_setup)
+
+
+def _whiten_setup(ctx, inputs, output):
+    x, mask, shift_mean, unbiased, eps = inputs
+    ctx.save_for_backward(x, mask)
+    ctx.shift_mean, ctx.unbiased, ctx.eps = shift_mean, unbiased, eps
+
+
+def _whiten_backward(ctx, grad):
+    # Never on the hot path (advantages carry no gradient), so plain torch ops are enough here.
+    x, mask = ctx.saved_tensors
+    m = mask.to(grad.dtype)
+    xf = x.to(grad.dtype)
+    n = m.sum()
+    mean = (xf * m).sum() / n
+    centred = (xf - mean) * m
+    denom = n - 1 if ctx.unbiased else n
+    std = torch.sqrt((centred * centred).sum() / denom + ctx.eps)
+    g = grad * m
+    y = centred / std
+    grad_x = g / std - g.sum() / (n * std) - y * (g * y).sum() / (denom * std)
+    if not ctx.shift_mean:
+        grad_x = grad_x + g.sum() / n
+    return (grad_x * m).to(x.dtype), None, None, None, None
+
+
+torch.library.register_autograd("rlhf_ext::masked_whiten", _whiten_backward, setup_context=_whiten_setup)
+
+
+def _moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.ops.rlhf_ext.masked_moments(x, as_bool_mask(mask))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Mean of `x` where `mask` is set. `dim=None`: a 0-dim float32 tensor from the fused kernel.
+    With `dim`, the per-slice mean (a masked sum divided by the count; slices with an empty mask give
+    NaN, as torch's mean of nothing does)."""
+    if dim is not None:
+        m = as_bool_mask(mask).to(out_float_dtype(x.dtype))
+        return (x.to(m.dtype) * m).sum(dim) / m.sum(dim)
+    return _moments(x, mask)[1]
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `x` where `mask` is set (0-dim). Raises if the mask selects nothing, or one element
+    with `unbiased=True`."""
+    moments = _moments(x, mask)
+    count = int(moments[0].item()) if not torch.compiler.is_compiling() else None
+    if count is not None:
+        if count == 0:
+            raise ValueError("mask: selects no element (mask.sum() == 0); masked statistics are undefined")
+        if unbiased and count == 1:
+            raise ValueError("mask: selects a single element, so the unbiased variance is undefined; pass unbiased=False")
+    return moments[2] / (moments[0] - 1 if unbiased else moments[0])
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, unbiased: bool = True
+) -> torch.Tensor:
+    """`(x - mean) / sqrt(var + eps)` with masked statistics; positions outside the mask are 0 in
+    the output. With `shift_mean=False` the mean is added back (only the scale changes)."""
+    return torch.ops.rlhf_ext.masked_whiten(x, as_bool_mask(mask), bool(shift_mean), bool(unbiased), float(eps))
