@@ -36,3 +36,17 @@ def gae(
     return torch.ops.rlhf_ext.gae(
         rewards.detach(), values.detach(), as_bool_mask(mask), float(gamma), float(lam), last_values
     )
+
+
+def bench_cases():
+    """Shapes for `rlhf-ext bench`: the fused kernel against the Python reverse loop."""
+    from rlhf_ext.ops.reference import gae_reference
+
+    B, T = 64, 1024
+    rewards, values = torch.randn(B, T), torch.randn(B, T)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    return [(
+        "gae fwd", f"{B}x{T}",
+        lambda: gae(rewards, values, mask, 0.99, 0.95),
+        lambda: gae_reference(rewards, values, mask, 0.99, 0.95),
+    )]

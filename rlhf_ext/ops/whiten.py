@@ -97,3 +97,17 @@ def masked_whiten(
     """`(x - mean) / sqrt(var + eps)` with masked statistics; positions outside the mask are 0 in
     the output. With `shift_mean=False` the mean is added back (only the scale changes)."""
     return torch.ops.rlhf_ext.masked_whiten(x, as_bool_mask(mask), bool(shift_mean), bool(unbiased), float(eps))
+
+
+def bench_cases():
+    """Shapes for `rlhf-ext bench`: fused whitening against the composed masked mean/var/whiten."""
+    from rlhf_ext.ops.reference import masked_whiten_reference
+
+    B, T = 64, 1024
+    x = torch.randn(B, T)
+    mask = torch.rand(B, T) > 0.2
+    return [(
+        "masked_whiten fwd", f"{B}x{T}",
+        lambda: masked_whiten(x, mask),
+        lambda: masked_whiten_reference(x, mask),
+    )]
