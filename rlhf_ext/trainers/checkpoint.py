@@ -44,6 +44,11 @@ def _fsync_tree(path: str):
                 os.fsync(fh.fileno())
 
 
+def _publish(src: str, dst: str):
+    """The single rename that makes a checkpoint visible (tests simulate a crash by failing here)."""
+    os.replace(src, dst)
+
+
 def save_atomic(output_dir: str, step: int, write: Callable[[str], None], save_total_limit: Optional[int] = None) -> str:
     """Call `write(tmp_dir)` to fill a fresh folder, then publish it as `<output_dir>/checkpoint-<step>`.
     Older checkpoints beyond `save_total_limit` are deleted only after the new one is in place."""
@@ -62,10 +67,10 @@ def save_atomic(output_dir: str, step: int, write: Callable[[str], None], save_t
     if os.path.exists(final):  # re-saving a step: move the old copy aside first (rename onto a full dir fails)
         stale = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}stale-", dir=output_dir)
         os.replace(final, os.path.join(stale, "old"))
-        os.replace(tmp, final)
+        _publish(tmp, final)
         shutil.rmtree(stale, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        _publish(tmp, final)
     if save_total_limit is not None:
         for _, path in list_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(path, ignore_errors=True)

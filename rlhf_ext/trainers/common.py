@@ -174,7 +174,7 @@ class BaseTrainer:
     def resolve_checkpoint(self, resume_from_checkpoint) -> Optional[str]:
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             return None
-        if resume_from_checkpoint is True:
+        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "latest"):
             path = ckpt.latest_checkpoint(self.args.output_dir)
             if path is None:
                 raise FileNotFoundError(f"resume_from_checkpoint=True: no checkpoint-N folder in {self.args.output_dir}")
