@@ -189,3 +189,13 @@ def test_ppo_bad_inputs(make_lm, make_rm, tiny_tokenizer, prompt_rows, cpu_args)
     with pytest.raises(ValueError, match="value_model: must be None"):
         PPOTrainer(ppo_args(cpu_args, shared_critic=True), tiny_tokenizer, make_lm(), reward_funcs=[length_reward],
                    value_model=make_rm(), train_dataset=prompt_rows)
+
+
+def test_bf16_autocast_and_gradient_checkpointing(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
+    args = ppo_args(cpu_args, max_steps=1, bf16=True, activation_checkpointing=True, fused_linear_logprobs=True)
+    trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.policy.modules())
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    logs = trainer.train().log_history
+    assert math.isfinite(logs[0]["loss/policy_avg"]) and trainer.policy.dtype == torch.float32
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))

@@ -81,9 +81,15 @@ class BaseTrainer:
         if self.args.disable_dropout:
             disable_dropout(model)
         if trainable:
-            if self.args.gradient_checkpointing:
-                kwargs = self.args.gradient_checkpointing_kwargs or {"use_reentrant": False}
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            args = self.args
+            # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old names mirror it)
+            if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
+                kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
+                kwargs = kwargs or {"use_reentrant": False}
+                if hasattr(model, "activation_checkpointing_enable"):
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             model.requires_grad_(False)
             model.eval()

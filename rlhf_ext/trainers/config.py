@@ -237,7 +237,7 @@ def parse_overrides(argv: list) -> dict:
         token = argv[i]
         if not token.startswith("--") or len(token) == 2:
             raise ValueError(f"expected --key value pairs, got {token!r}")
-        key = token[2:].replace("-", "_")
+        key = token[2:]
         if "=" in key:
             key, value = key.split("=", 1)
             i += 1
@@ -247,7 +247,7 @@ def parse_overrides(argv: list) -> dict:
         else:
             value = "true"  # a bare flag
             i += 1
-        out[key] = value
+        out[key.replace("-", "_")] = value
     return out
 
 

@@ -211,9 +211,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         attn = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
         chunks = [slice(i, i + args.local_rollout_forward_batch_size) for i in range(0, ids.shape[0], args.local_rollout_forward_batch_size)]
         old_logprobs, values = map(torch.cat, zip(*[self.policy_forward(ids[c], attn[c], P)[::2] for c in chunks]))
-        with self.autocast():
-            ref_logprobs = torch.cat([sequence_logprobs(self.ref_model, ids[c], attn[c], P, temperature=args.temperature,
-                                                        fused_linear=args.fused_linear_logprobs) for c in chunks])
+        ref_logprobs = torch.cat([self.reference_logprobs(ids[c], attn[c], P) for c in chunks])
         old_logprobs, ref_logprobs, values = old_logprobs * mask, ref_logprobs * mask, values * mask
         scores, per_source = self.score_rollout(rows, rollout, prompt_mask, attn)
         time_scoring = time.perf_counter() - timer

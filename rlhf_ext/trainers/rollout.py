@@ -1,9 +1,10 @@
 """What on-policy trainers (PPO here; GRPO/RLOO build on it) share around the rollout: prompt datasets,
 reward sources, scoring a rollout, and sampling completions for evaluation and samples.jsonl.
 
-Expects the host trainer to have: args (with response_length, temperature, top_k, top_p, min_p,
-stop_token, stop_token_id, max_prompt_length, local_rollout_forward_batch_size), policy, ref_model,
-processing_class, device, reward_sources, reporter.
+Expects the host trainer (a BaseTrainer) to have: args (with response_length, temperature, top_k, top_p,
+min_p, stop_token, stop_token_id, max_prompt_length, local_rollout_forward_batch_size,
+fused_linear_logprobs, logprobs_chunk_size, reward_weights), policy, ref_model, reward_sources,
+eval_dataset.
 """
 import json
 import os
@@ -55,6 +56,14 @@ class RolloutMixin:
         return RewardSources(sources, self.args.reward_weights, self.processing_class, tokenizers,
                              forward_batch_size=self.args.local_rollout_forward_batch_size, allow_none=allow_none)
 
+    def reference_logprobs(self, ids, attn, P):
+        """`[B, R]` log-probs of the responses ids[:, P:] under the frozen reference policy (LoRA support
+        will compute them with the adapter disabled instead of a second model)."""
+        args = self.args
+        with self.autocast():
+            return sequence_logprobs(self.ref_model, ids, attn, P, temperature=args.temperature,
+                                     fused_linear=args.fused_linear_logprobs, chunk_size=args.logprobs_chunk_size)
+
     def decode_completions(self, rows: dict, rollout):
         """(prompts, completions, completion_ids): prompts as in the dataset (or decoded), completions as
         text, or `[{"role": "assistant", "content": text}]` when the prompt is a conversation."""
@@ -100,8 +109,10 @@ class RolloutMixin:
             attn = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
             scores, _ = self.score_rollout(rows, rollout, prompt_mask, attn)
             mask = rollout.response_mask.float()
-            policy_lp = sequence_logprobs(self.policy, rollout.sequences, attn, rollout.prompt_length, temperature=args.temperature)
-            ref_lp = sequence_logprobs(self.ref_model, rollout.sequences, attn, rollout.prompt_length, temperature=args.temperature)
+            with self.autocast():
+                policy_lp = sequence_logprobs(self.policy, rollout.sequences, attn, rollout.prompt_length,
+                                              temperature=args.temperature)
+            ref_lp = self.reference_logprobs(rollout.sequences, attn, rollout.prompt_length)
             kl = (kl_penalty(policy_lp, ref_lp, "k1") * mask).sum(1)
             prompts, completions, _ = self.decode_completions(rows, rollout)
             for i in range(len(prompts)):
