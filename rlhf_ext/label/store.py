@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS votes (
     created_at REAL NOT NULL,
     UNIQUE (item_id, labeller, source)
 );
+CREATE INDEX IF NOT EXISTS items_by_position ON items(position);
 CREATE INDEX IF NOT EXISTS votes_by_labeller ON votes(labeller, source);
 CREATE INDEX IF NOT EXISTS assignments_by_labeller ON assignments(labeller);
 """
