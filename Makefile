@@ -30,7 +30,7 @@ test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/rlhf-ext demo
+	$(VENV)/bin/rlhf-ext bench
 
 bench: install
 	$(VENV)/bin/rlhf-ext bench
