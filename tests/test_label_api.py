@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from rlhf_ext.label.app import create_app, is_loopback, resolve_token  # noqa: E402
 from rlhf_ext.label.store import FeedbackStore, load_pairs  # noqa: E402
-from label_helpers import write_pairs  # noqa: E402
+from tests.label_helpers import write_pairs  # noqa: E402
 
 INJECTION = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
 

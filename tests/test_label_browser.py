@@ -12,7 +12,7 @@ pytest.importorskip("uvicorn", reason="needs the 'label' extra: pip install 'rlh
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install playwright "
                                                             "(the 'dev' extra); the browser itself is Debian's chromium")
 
-from label_helpers import REPO_ROOT, label_server, write_pairs  # noqa: E402
+from tests.label_helpers import REPO_ROOT, label_server, write_pairs  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -11,8 +11,8 @@ from rlhf_ext.cli import main
 from rlhf_ext.label._hf import load_causal_lm
 from rlhf_ext.label.judge import answer_logprobs, check_template, fill, judge_pairs
 from rlhf_ext.label.store import load_pairs
-from label_helpers import JUDGE_TEMPLATE, MARKER, judge_example, tiny_llama, train_marker_judge, word_tokenizer, \
-    write_pairs
+from tests.label_helpers import (JUDGE_TEMPLATE, MARKER, judge_example, tiny_llama, train_marker_judge,
+                                  word_tokenizer, write_pairs)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 httpx = pytest.importorskip("httpx", reason="needs the 'label' extra: pip install 'rlhf_ext[label]'")
 pytest.importorskip("uvicorn", reason="needs the 'label' extra: pip install 'rlhf_ext[label]'")
 
-from label_helpers import label_server, write_pairs  # noqa: E402
+from tests.label_helpers import label_server, write_pairs  # noqa: E402
 
 N_VOTERS = 8
 N_ITEMS = 25

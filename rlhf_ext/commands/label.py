@@ -90,8 +90,8 @@ def run_serve(args) -> int:
         return _fail(f"the web app needs the 'label' extra ({err}); install it with pip install 'rlhf_ext[label]'")
     from rlhf_ext.label.store import FeedbackStore, load_pairs
 
-    if not 0 <= args.port <= 65535:
-        return _fail(f"--port must be in 0..65535, got {args.port}")
+    if not 1 <= args.port <= 65535:
+        return _fail(f"--port must be in 1..65535, got {args.port}")
     if args.k < 1:
         return _fail(f"--k must be at least 1, got {args.k}")
     try:
