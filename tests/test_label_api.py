@@ -221,3 +221,29 @@ def test_load_pairs_errors_name_the_line(tmp_path):
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="line 1: not valid JSON"):
         load_pairs(bad)
+
+
+def test_serve_command_generates_a_token_beyond_loopback(tmp_path, monkeypatch, capsys):
+    # uvicorn.run is replaced: nothing is bound, we only look at what would be served
+    import uvicorn
+
+    from rlhf_ext.cli import main
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: served.update(app=app, host=host, port=port))
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [("x", "p", "a", "b")])
+    argv = ["label", "serve", "--pairs", str(pairs), "--db", str(tmp_path / "fb.sqlite"), "--port", "8123"]
+    assert main(argv + ["--host", "0.0.0.0"]) == 0
+    out = capsys.readouterr().out
+    token = out.split("access token (generated; pass --token to choose one): ")[1].split()[0]
+    assert f"open http://0.0.0.0:8123/?token={token}" in out and served["host"] == "0.0.0.0"
+    client = TestClient(served["app"])
+    assert client.get("/api/next", params={"labeller": "ann"}).status_code == 401
+    assert client.get("/api/next", params={"labeller": "ann"}, headers={"X-Label-Token": token}).status_code == 200
+
+    assert main(argv + ["--host", "127.0.0.1"]) == 0
+    assert "token" not in capsys.readouterr().out
+    assert main(argv + ["--host", "0.0.0.0", "--token", "short"]) == 2
+    assert "--token must be at least 8 characters" in capsys.readouterr().err
+    assert main(argv + ["--k", "0"]) == 2
+    assert "--k must be at least 1" in capsys.readouterr().err
