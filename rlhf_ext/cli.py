@@ -13,6 +13,7 @@ COMMANDS = {
     "train": "rlhf_ext.commands.train",
     # ---- demo (issue 7) ----
     # ---- label (issue 9) ----
+    "label": "rlhf_ext.commands.label",
 }
 
 
