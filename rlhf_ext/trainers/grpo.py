@@ -171,7 +171,8 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
             mine = [{"prompt": p, "completion": c, "reward": float(r)} for p, c, r in zip(prompts, completions, scores.tolist())]
             self.last_completions = [row for part in dist.gather_objects(mine) for row in part]
         buffer = SimpleNamespace(ids=ids, attn=attn, P=P, lengths=response_mask.sum(1).long(), mask=loss_mask,
-                                 advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+                                 advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                 scores=scores, finished=rollout.finished)
         return buffer, metrics
 
     def compute_advantages(self, scores, all_scores, mask, old_logprobs, ref_logprobs, row_offset):
