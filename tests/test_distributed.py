@@ -94,7 +94,7 @@ def test_two_processes_match_one_and_resume(tmp_path):
     start = weights(start)
 
     grpo, state = run_grpo(str(tmp_path / "one_grpo"), 16, 4)
-    assert_same_training(weights(grpo.policy), two["grpo"], start, 2e-5)
+    assert_same_training(weights(grpo.policy), two["grpo"], start, 5e-5)
     for key in ("reward", "kl", "loss"):  # rank 0 logged the global metrics the single process computes
         assert two["grpo_logs"][0][key] == pytest.approx(state.log_history[0][key], rel=1e-4, abs=1e-6)
     for k, v in two["grpo"].items():  # the checkpoint at step 3 (mid-round: it carries the samples) resumes exactly
@@ -104,6 +104,6 @@ def test_two_processes_match_one_and_resume(tmp_path):
     assert len(lines) == 4  # one writer (rank 0), one line per logged step, none from the resumed run's rank 1
 
     ppo, _ = run_ppo(str(tmp_path / "one_ppo"), 8, 2)
-    assert_same_training(weights(ppo.policy), two["ppo"], start, 2e-5)
+    assert_same_training(weights(ppo.policy), two["ppo"], start, 5e-5)
     critic = weights(ppo.critic)
-    assert max(float((critic[k] - two["ppo_critic"][k]).abs().max()) for k in critic) < 2e-5
+    assert max(float((critic[k] - two["ppo_critic"][k]).abs().max()) for k in critic) < 5e-5

@@ -58,7 +58,8 @@ def test_reward_lora_trains_adapter_and_score_head(make_rm, tiny_tokenizer, cpu_
     from peft import PeftModel
 
     pairs = [{"prompt": "the movie", "chosen": " was great", "rejected": " was awful"}] * 8
-    args = RewardConfig(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no", **cpu_args)
+    args = RewardConfig(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no", logging_steps=1,
+                        **cpu_args)
     with pytest.raises(ValueError, match="task_type='SEQ_CLS'"):
         RewardTrainer(make_rm(), args=args, train_dataset=pairs, processing_class=tiny_tokenizer, peft_config=lora())
     trainer = RewardTrainer(make_rm(), args=args, train_dataset=pairs, processing_class=tiny_tokenizer,

@@ -71,7 +71,8 @@ class BaseTrainer:
             import transformers
 
             transformers.logging.set_verbosity(transformers.logging.get_log_levels_dict()[args.log_level])
-        self.device = args.device
+        # Under torchrun on CPU TrainingArguments gives "cpu:0", which torch.load cannot map back: use plain "cpu".
+        self.device = torch.device("cpu") if torch.device(args.device).type == "cpu" else args.device
         self.dist = Distributed(args, type(self).__name__, self.supports_multi_process)
         self.processing_class = processing_class
         self.callbacks = list(callbacks or [])

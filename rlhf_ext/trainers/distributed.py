@@ -53,7 +53,7 @@ class Distributed:
             if not td.is_initialized():
                 raise RuntimeError(f"{trainer_name}: WORLD_SIZE={self.world_size} but no torch.distributed process group "
                                    "is initialised; launch with torchrun or accelerate launch")
-        self.device = args.device
+        self.device = torch.device("cpu") if torch.device(args.device).type == "cpu" else args.device
 
     @property
     def enabled(self) -> bool:
