@@ -173,3 +173,5 @@ def test_tensorboard_logging(make_lm, tiny_tokenizer, prompt_rows, tmp_path):
     trainer.train()
     files = os.listdir(tmp_path / "runs")
     assert any(f.startswith("events.out.tfevents") for f in files)
+    assert trainer.save_state().endswith("checkpoint-1")
+    assert os.path.exists(tmp_path / "trainer_state.json")
