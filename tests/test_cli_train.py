@@ -6,6 +6,8 @@ import yaml
 
 from rlhf_ext.cli import main
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, make_lm, make_rm, tiny_tokenizer, corpus):

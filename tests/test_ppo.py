@@ -10,6 +10,8 @@ from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.trainers.data import pad
 from rlhf_ext.trainers.ppo import assemble_rewards
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TARGET = list(range(100, 120))  # 20 of ~380 token ids: ~5% of a random policy's samples
 
 
