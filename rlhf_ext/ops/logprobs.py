@@ -8,7 +8,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from rlhf_ext.ops._common import out_float_dtype
+from rlhf_ext.ops._common import check_same_device, out_float_dtype
 
 _Out = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -47,6 +47,9 @@ def _backward(ctx, grad_logprobs, grad_entropy, grad_lse):
     args = (grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
     if ctx.inplace_backward:
         torch.ops.rlhf_ext.logprobs_backward_inplace(*args)
+        # The dispatcher does not bump version counters for C++ custom ops: do it, so any other op
+        # that saved these logits for its own backward raises instead of reading the gradient.
+        torch.autograd.graph.increment_version(logits)
         grad_logits = logits
     else:
         grad_logits = torch.ops.rlhf_ext.logprobs_backward(*args)
@@ -91,6 +94,7 @@ def gather_logprobs(
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
     labels = _check_common(labels, temperature, ignore_index)
+    check_same_device("logits", logits, labels=labels)
     if inplace_backward and logits.requires_grad and logits.is_leaf:
         raise ValueError(
             "inplace_backward=True writes the gradient into logits, but logits is a leaf tensor that requires "
@@ -137,7 +141,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         if not ctx.with_entropy:
             grad_entropy = None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         # Summed over chunks: accumulate in float32 (float64) even for bf16/fp16 weights.
         acc = out_float_dtype(weight.dtype)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
@@ -198,6 +202,7 @@ def fused_linear_logprobs(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     labels = _check_common(labels, temperature, ignore_index)
+    check_same_device("hidden", hidden, weight=weight, labels=labels, bias=bias)
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"weight: expected shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1] if hidden.dim() else '?'}, "
