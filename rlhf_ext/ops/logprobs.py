@@ -110,7 +110,7 @@ def _default_chunk_rows(rows: int, hidden: int, vocab: int) -> int:
     # Size a chunk's logits like the hidden states themselves: rows * V ~ N * H, so the extra memory
     # never dominates what the caller already holds; at least 64 rows keep the matmuls efficient.
     rows_per_chunk = -(-rows * hidden // vocab)
-    return max(64, min(rows, 1 << max(0, rows_per_chunk - 1).bit_length()))
+    return max(1, min(rows, max(64, 1 << max(0, rows_per_chunk - 1).bit_length())))
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
