@@ -16,3 +16,6 @@ __all__ += ["gae", "masked_mean", "masked_var", "masked_whiten"]
 
 
 # ---- sampling (issue 5) ----
+from rlhf_ext.ops.sampling import sample  # noqa: E402
+
+__all__ += ["sample"]
