@@ -27,11 +27,17 @@ def draw(row: torch.Tensor, n: int, seed: int, **settings) -> torch.Tensor:
     return tokens
 
 
-# Distribution cases: (settings, logits). 8 cases x 150k draws = 1.2M draws in total.
+# Distribution cases: (settings, logits). 10 cases x 150k draws = 1.5M draws in total.
 _base = torch.randn(24, generator=torch.Generator().manual_seed(3)) * 1.5
 _ties = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0, 0.5, 0.5, 0.0, -1.0, -2.0, float("-inf"), -0.5])
 _peaked = torch.tensor([4.0, 3.5, 1.0, 0.9, 0.2, 0.0, -0.3, -1.0, -2.0, -3.0, float("-inf"), float("-inf")] * 3)
+# V = 256 (four blocks of 64) with the high tokens in different blocks: the kernel bounds the kept set from
+# block maxima here, while the V <= 64 rows above take its histogram route.
+_spread = torch.randn(256, generator=torch.Generator().manual_seed(4)) * 0.5 - 4.0
+_spread[[5, 70, 140, 200, 201, 30]] = torch.tensor([3.0, 2.6, 2.2, 2.0, 1.0, 1.5])
 DIST_CASES = [
+    ("top-k block bound", dict(top_k=3), _spread),
+    ("top-p block bound", dict(top_p=0.6, temperature=1.2), _spread),
     ("plain T=1", dict(), _base),
     ("plain T=0.5", dict(temperature=0.5), _base),
     ("plain T=2 with -inf", dict(temperature=2.0), _peaked),
