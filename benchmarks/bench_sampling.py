@@ -78,6 +78,10 @@ def _median_ms(fn, repeat):
 
 
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 1:
+        torch.set_num_threads(int(sys.argv[1]))  # optional: python benchmarks/bench_sampling.py THREADS
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of 5 (fused) / 3 (baseline) calls")
     for B, V in SHAPES:
         for setting in SETTINGS:

@@ -526,7 +526,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   float* flp = filtered.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sample_cpu", [&] {
     const scalar_t* x = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    // Rows per task: at least ~64k logits, so small batches of small vocabularies are not split to death.
+    const int64_t grain = std::max<int64_t>(1, 65536 / V);
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       Scratch buf(V);
       for (int64_t b = begin; b < end; ++b) {
         const RowSettings s{temps[b] == 0.0, static_cast<float>(temps[b]), ks[b], ps[b], static_cast<float>(mps[b])};

@@ -127,6 +127,24 @@ def test_reproducible_and_per_row_settings():
     assert torch.equal(mixed.response_ids[[0, 2]], greedy.response_ids[[0, 2]])
 
 
+def test_peft_lora_policy():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    with torch.no_grad():
+        for module in model.modules():  # non-zero adapters, so the LoRA path changes the outputs
+            if hasattr(module, "lora_B"):
+                for linear in module.lora_B.values():
+                    linear.weight.normal_(0, 0.5)
+    from rlhf_ext.generation.rollout import _forward_kwargs
+
+    assert _forward_kwargs(model) == {"logits_to_keep": 1}
+    ids, mask = prompts()
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6, pad_token_id=PAD)
+    ours = generate(model, ids, mask, max_new_tokens=6, temperature=0.0, pad_token_id=PAD)
+    assert torch.equal(ours.sequences, hf)
+
+
 class ValueHeadModel(torch.nn.Module):
     """A policy with a value head: the output carries `values` [B, L, 1] next to the logits."""
 

@@ -88,8 +88,14 @@ def _stop_ids(eos_token_id, stop_token_ids, device) -> torch.Tensor:
 
 
 def _forward_kwargs(model) -> dict:
+    """Ask for the last position's logits only, where the model's forward takes `logits_to_keep` (HF causal LMs;
+    PEFT wrappers pass it through **kwargs to their base model)."""
     params = inspect.signature(model.forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    accepts = "logits_to_keep" in params
+    if not accepts and hasattr(model, "get_base_model"):
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            accepts = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
+    return {"logits_to_keep": 1} if accepts else {}
 
 
 def _last_value(output) -> torch.Tensor:
