@@ -296,7 +296,14 @@ int64_t draw_from_blocks(const float* z, int64_t V, float m, const double* block
     acc += w;
     if (acc > target) return i;
   }
-  return last_kept;
+  if (last_kept >= 0) return last_kept;
+  // The block sums come from the vectorised clone, which may round exp differently (FMA contraction) than this
+  // scan; if that flips every kept token of the block at a min-p boundary, take the first kept token of the row
+  // (the max always is one: exp(0) == 1 >= min_p).
+  for (int64_t i = 0;; ++i) {
+    const float w = exp_nonpositive(z[i] - m);
+    if (w > 0 && keep(i, w)) return i;
+  }
 }
 
 template <typename scalar_t>
