@@ -93,7 +93,7 @@ class ValueHead(nn.Linear):
         nn.init.zeros_(self.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden)[..., 0].float()
+        return super().forward(hidden.to(self.weight.dtype))[..., 0].float()  # a bf16 policy, fp32 head
 
 
 def logprobs_and_values(
