@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 import tests.conftest  # noqa: F401  (a spawned process imports this module first; stand-ins before rlhf_ext.trainers)
 from tests.test_ppo import target_fraction
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 WORLD = 2
 # Same global batch either way: 2 processes x per_device rows, or 1 process x 2 * per_device rows. Sampling is
 # keyed by global row, so equal generation chunks make the two runs draw the same completions.

@@ -13,6 +13,8 @@ from rlhf_ext.trainers.advantages import group_advantages, rloo_advantages
 from rlhf_ext.trainers.data import pad
 from tests.test_ppo import eos_biased, target_fraction
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TRL_METRICS = ["reward", "reward_std", "rewards/low_fraction/mean", "rewards/low_fraction/std", "frac_reward_zero_std",
                "completions/mean_length", "completions/min_length", "completions/max_length", "completions/clipped_ratio",
                "completions/mean_terminated_length", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
@@ -50,13 +52,15 @@ def low_mass(model, tokenizer, rows):
 
 
 def test_grpo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
-    args = grpo_args(cpu_args, max_steps=5, per_device_train_batch_size=16, learning_rate=5e-2, beta=0.02,
+    args = grpo_args(cpu_args, max_steps=10, per_device_train_batch_size=16, learning_rate=5e-2, beta=0.02,
                      lr_scheduler_type="constant", max_completion_length=8)
     trainer = GRPOTrainer(make_lm(), [low_fraction], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer)
     before = low_mass(trainer.policy, tiny_tokenizer, prompt_rows)
     logs = trainer.train().log_history
     after = low_mass(trainer.policy, tiny_tokenizer, prompt_rows)
-    assert after > 1.3 * before, (before, after)  # ~1.6x over several seeds
+    assert after > 1.8 * before, (before, after)  # 2.5x-4x for seeds 0-3 and 42
+    rewards = [h["reward"] for h in logs]
+    assert sum(rewards[-3:]) > 1.5 * sum(rewards[:3]), rewards
     assert low_mass(trainer.ref_model, tiny_tokenizer, prompt_rows) == pytest.approx(before, abs=1e-6)
     assert set(TRL_METRICS) <= set(logs[0]), set(TRL_METRICS) - set(logs[0])
     assert all(math.isfinite(logs[-1][k]) for k in TRL_METRICS)

@@ -12,6 +12,8 @@ from tests.test_grpo import grpo_args, rows_for
 from tests.test_ppo import ppo_args, target_fraction
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 def lora(**kwargs):
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], **kwargs)
 

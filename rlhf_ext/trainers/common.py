@@ -214,7 +214,8 @@ class BaseTrainer:
         if self.reporter is None or self.optimizer is None:
             raise RuntimeError("save_state: nothing to save before train() has started")
         path = self.save_checkpoint()
-        self.reporter.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+        if self.dist.is_main:
+            self.reporter.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
         return path
 
     def resolve_checkpoint(self, resume_from_checkpoint) -> Optional[str]:

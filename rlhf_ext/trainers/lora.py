@@ -36,14 +36,6 @@ def apply_peft(model: torch.nn.Module, peft_config, name: str = "model") -> torc
     return get_peft_model(model, peft_config)
 
 
-def reference_context(model):
-    """A context in which `model` computes its reference (base) policy: the adapter is switched off for a
-    PeftModel. Outside a peft model there is no such context."""
-    if not is_peft_model(model):
-        raise ValueError("reference_context: the model has no peft adapter to disable")
-    return model.disable_adapter()
-
-
 def save_model_folder(module: torch.nn.Module, folder: str, merge_adapter: bool = False):
     """`save_pretrained` into `folder`. A PeftModel saves its adapter (adapter_config.json +
     adapter_model.safetensors); with `merge_adapter=True`, a copy is merged into the base weights and
@@ -72,9 +64,3 @@ def load_adapter_weights(model, folder: str) -> bool:
     if unexpected:
         raise KeyError(f"checkpoint: {path} has adapter weights the model does not: {unexpected[:5]}")
     return True
-
-
-def require_trainable(model, what: str, hint: str):
-    """Refuse an adapter setup that leaves nothing (or an essential head) frozen by mistake."""
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"peft_config: no parameter of the {what} is trainable after applying it; {hint}")
