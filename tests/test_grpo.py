@@ -224,3 +224,25 @@ def test_bad_inputs_give_clear_errors(make_lm, tiny_tokenizer, prompt_rows, cpu_
     with pytest.raises(ValueError, match="'prompt' column"):
         GRPOTrainer(make_lm(), [length_reward], args=grpo_args(cpu_args), train_dataset=[{"text": "x"}],
                     processing_class=tiny_tokenizer)
+
+
+def test_cli_trains_grpo_with_lora(make_lm, tiny_tokenizer, prompt_rows, tmp_path):
+    from rlhf_ext.cli import main
+
+    make_lm().save_pretrained(tmp_path / "policy")
+    tiny_tokenizer.save_pretrained(tmp_path / "policy")
+    with open(tmp_path / "prompts.jsonl", "w") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in prompt_rows[:16])
+    (tmp_path / "my_rewards.py").write_text(
+        "def count_low(prompts, completions, completion_ids, **kw):\n"
+        "    return [sum(t < 100 for t in ids) / len(ids) for ids in completion_ids]\n"
+    )
+    out = tmp_path / "out"
+    assert main(["train", "grpo", "--model_name_or_path", str(tmp_path / "policy"), "--dataset_name",
+                 str(tmp_path / "prompts.jsonl"), "--reward_funcs", f"{tmp_path / 'my_rewards.py'}:count_low",
+                 "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4",
+                 "--max_completion_length", "4", "--use_cpu", "--disable_tqdm", "--save_strategy", "no", "--logging_steps", "1",
+                 "--beta", "0.1", "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj"]) == 0
+    assert os.path.exists(out / "adapter_config.json")
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2] and "rewards/count_low/mean" in records[0] and "kl" in records[0]

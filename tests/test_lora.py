@@ -94,10 +94,11 @@ def test_grpo_lora_reference_is_the_base_model_and_stays_fixed(make_lm, tiny_tok
     assert logs[-1]["kl"] > 0
 
 
-def test_ppo_lora_checkpoint_resumes(make_lm, tiny_tokenizer, prompt_rows, cpu_args, tmp_path):
+@pytest.mark.parametrize("shared_critic", [False, True])
+def test_ppo_lora_checkpoint_resumes(shared_critic, make_lm, tiny_tokenizer, prompt_rows, cpu_args, tmp_path):
     def run(output_dir, max_steps, resume=None):
         args = ppo_args({**cpu_args, "output_dir": str(output_dir)}, max_steps=max_steps, save_strategy="steps",
-                        save_steps=1, lr_scheduler_type="constant")
+                        save_steps=1, lr_scheduler_type="constant", shared_critic=shared_critic)
         trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows,
                              peft_config=lora())
         trainer.train(resume_from_checkpoint=resume)
