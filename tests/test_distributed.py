@@ -103,7 +103,7 @@ def test_two_processes_match_one_and_resume(tmp_path):
         torch.testing.assert_close(two["resumed"][k], v, rtol=0, atol=0)
     assert os.path.exists(tmp_path / "grpo" / "checkpoint-3" / "rollout_buffer.pt")
     lines = open(tmp_path / "grpo" / "metrics.jsonl").read().splitlines()
-    assert len(lines) == 4  # one writer (rank 0), one line per logged step, none from the resumed run's rank 1
+    assert len(lines) == 4  # only rank 0 writes: one line per step, the resumed run replacing step 4
 
     ppo, _ = run_ppo(str(tmp_path / "one_ppo"), 8, 2)
     assert_same_training(weights(ppo.policy), two["ppo"], start, 5e-5)

@@ -45,7 +45,7 @@ SCRIPT_KEYS = {
 
 def register(subparsers):
     p = subparsers.add_parser(
-        "train", help="train with SFT, a reward model, or PPO from a YAML config",
+        "train", help="train with SFT, a reward model, PPO, GRPO or RLOO from a YAML config",
         description="Train a model. `rlhf-ext train ALGORITHM --help` lists every field of that algorithm's config.",
         usage="rlhf-ext train {sft,reward,ppo,grpo,rloo} [--config FILE.yaml] [--key value ...]",
     )
