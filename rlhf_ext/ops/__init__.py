@@ -13,6 +13,9 @@ __all__ += ["gae", "masked_mean", "masked_var", "masked_whiten"]
 
 
 # ---- ppo_loss (issue 4) ----
+from rlhf_ext.ops.ppo_loss import PPOLossOutput, kl_penalty, ppo_loss  # noqa: E402
+
+__all__ += ["PPOLossOutput", "kl_penalty", "ppo_loss"]
 
 
 # ---- sampling (issue 5) ----
