@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.rlhf_ext-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench bench-full clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,15 +24,19 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	RLHF_EXT_BENCH_QUICK=1 $(PY) -m pytest -q benchmarks --benchmark-disable -p no:cacheprovider
 
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/rlhf-ext demo
+	$(VENV)/bin/rlhf-ext bench
 
 bench: install
 	$(VENV)/bin/rlhf-ext bench
+
+bench-full: install
+	$(PY) -m pytest benchmarks --benchmark-columns=median,iqr,rounds
 
 clean:
 	rm -rf build *.egg-info rlhf_ext/*.so

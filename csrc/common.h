@@ -40,4 +40,9 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const 
   TORCH_CHECK(t.dim() == dim, name, ": expected a ", dim, "-d tensor ", what, ", got shape ", shape_str(t));
 }
 
+// Boundary checks shared by the CPU kernels and the CUDA bindings (defined in the CPU kernel files).
+void check_gae_inputs(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma,
+                      double lam, const c10::optional<at::Tensor>& last_values);
+void check_masked_inputs(const at::Tensor& x, const at::Tensor& mask);
+
 }  // namespace rlhf_ext

@@ -12,6 +12,7 @@ COMMANDS = {
     # ---- train (issue 6) ----
     # ---- demo (issue 7) ----
     # ---- label (issue 9) ----
+    "label": "rlhf_ext.commands.label",
 }
 
 
