@@ -148,7 +148,10 @@ at::Tensor ppo_loss_cpu(RLHF_PPO_LOSS_PARAMS) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_backward_cpu(const at::Tensor& grad_out_in,
                                                                      const at::Tensor& out_in, RLHF_PPO_LOSS_PARAMS) {
   const PpoLossInputs in = prepare_ppo_loss_inputs(RLHF_PPO_LOSS_ARGS);
-  const auto [grad_out, out] = prepare_ppo_loss_grad(grad_out_in, out_in, in);
+  // Not a structured binding: lambdas capture those only from C++20 on.
+  const auto grad_and_out = prepare_ppo_loss_grad(grad_out_in, out_in, in);
+  const at::Tensor& grad_out = grad_and_out.first;
+  const at::Tensor& out = grad_and_out.second;
   const ppo::Params& p = in.params;
   const int64_t B = in.batch, T = in.length;
   // Upstream gradients of loss, policy_loss, value_loss, kl and entropy (the statistics have none).
@@ -186,7 +189,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_backward_cpu(const at::T
 at::Tensor kl_penalty_cpu(const at::Tensor& logprobs_in, const at::Tensor& ref_in, std::string_view estimator,
                           double max_log_ratio) {
   const int kl_estimator = parse_kl_estimator(estimator, "estimator");
-  const auto [logprobs, ref_logprobs] = prepare_kl_penalty_inputs(logprobs_in, ref_in, max_log_ratio);
+  const auto inputs = prepare_kl_penalty_inputs(logprobs_in, ref_in, max_log_ratio);
+  const at::Tensor& logprobs = inputs.first;
+  const at::Tensor& ref_logprobs = inputs.second;
   auto out = at::empty(logprobs.sizes(), logprobs.options().dtype(ppo_out_dtype(logprobs.scalar_type())));
   const int64_t numel = logprobs.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "kl_penalty_cpu", [&] {

@@ -2,7 +2,6 @@
 // The boundary checks are the CPU ones (csrc/ppo_loss_checks.cpp); launches go on the current stream.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one needs the cuBLAS/cuSPARSE headers
 #include <torch/library.h>
@@ -45,8 +44,9 @@ at::Tensor ppo_loss_cuda(RLHF_PPO_LOSS_PARAMS) {
   auto out = at::empty({ppo::kNumOut}, options.dtype(ppo_out_dtype(in.compute_dtype)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.compute_dtype, "ppo_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    C10_CUDA_CHECK(ppo_cuda::launch_ppo_loss_forward(token_args<scalar_t>(in), in.params,
-                                                     workspace.data_ptr<double>(), out.data_ptr<acc_t>(), stream));
+    const cudaError_t err = ppo_cuda::launch_ppo_loss_forward(token_args<scalar_t>(in), in.params,
+                                                              workspace.data_ptr<double>(), out.data_ptr<acc_t>(), stream);
+    TORCH_CHECK(err == cudaSuccess, "ppo_loss: CUDA launch failed: ", cudaGetErrorString(err));
   });
   return out;
 }
@@ -54,7 +54,10 @@ at::Tensor ppo_loss_cuda(RLHF_PPO_LOSS_PARAMS) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_backward_cuda(const at::Tensor& grad_out_in,
                                                                       const at::Tensor& out_in, RLHF_PPO_LOSS_PARAMS) {
   const PpoLossInputs in = prepare_ppo_loss_inputs(RLHF_PPO_LOSS_ARGS);
-  const auto [grad_out, out] = prepare_ppo_loss_grad(grad_out_in, out_in, in);
+  // Not a structured binding: lambdas capture those only from C++20 on.
+  const auto grad_and_out = prepare_ppo_loss_grad(grad_out_in, out_in, in);
+  const at::Tensor& grad_out = grad_and_out.first;
+  const at::Tensor& out = grad_and_out.second;
   const c10::cuda::CUDAGuard guard(in.logprobs.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = in.batch, T = in.length;
@@ -63,10 +66,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_backward_cuda(const at::
   auto grad_ent = in.entropy.defined() ? at::empty({B, T}, in.entropy.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.compute_dtype, "ppo_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    C10_CUDA_CHECK(ppo_cuda::launch_ppo_loss_backward(
+    const cudaError_t err = ppo_cuda::launch_ppo_loss_backward(
         token_args<scalar_t>(in), in.params, grad_out.data_ptr<acc_t>(), out.data_ptr<acc_t>(),
         mutable_device_ptr<scalar_t>(grad_lp), mutable_device_ptr<scalar_t>(grad_v),
-        mutable_device_ptr<scalar_t>(grad_ent), stream));
+        mutable_device_ptr<scalar_t>(grad_ent), stream);
+    TORCH_CHECK(err == cudaSuccess, "ppo_loss_backward: CUDA launch failed: ", cudaGetErrorString(err));
   });
   return cast_ppo_loss_grads(grad_lp, grad_v, grad_ent, RLHF_PPO_LOSS_ARGS);
 }
@@ -74,14 +78,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_backward_cuda(const at::
 at::Tensor kl_penalty_cuda(const at::Tensor& logprobs_in, const at::Tensor& ref_in, std::string_view estimator,
                            double max_log_ratio) {
   const int kl_estimator = parse_kl_estimator(estimator, "estimator");
-  const auto [logprobs, ref_logprobs] = prepare_kl_penalty_inputs(logprobs_in, ref_in, max_log_ratio);
+  const auto inputs = prepare_kl_penalty_inputs(logprobs_in, ref_in, max_log_ratio);
+  const at::Tensor& logprobs = inputs.first;
+  const at::Tensor& ref_logprobs = inputs.second;
   const c10::cuda::CUDAGuard guard(logprobs.device());
   auto out = at::empty(logprobs.sizes(), logprobs.options().dtype(ppo_out_dtype(logprobs.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "kl_penalty_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    C10_CUDA_CHECK(ppo_cuda::launch_kl_penalty(device_ptr<scalar_t>(logprobs), device_ptr<scalar_t>(ref_logprobs),
-                                               logprobs.numel(), kl_estimator, static_cast<acc_t>(max_log_ratio),
-                                               out.data_ptr<acc_t>(), c10::cuda::getCurrentCUDAStream()));
+    const cudaError_t err = ppo_cuda::launch_kl_penalty(
+        device_ptr<scalar_t>(logprobs), device_ptr<scalar_t>(ref_logprobs), logprobs.numel(), kl_estimator,
+        static_cast<acc_t>(max_log_ratio), out.data_ptr<acc_t>(), c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "kl_penalty: CUDA launch failed: ", cudaGetErrorString(err));
   });
   return out;
 }

@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "../ppo_loss_math.h"
+#include "common.cuh"
 
 namespace rlhf_ext {
 namespace ppo_cuda {
@@ -25,19 +26,19 @@ constexpr int kThreads = 256;      // per block, a multiple of 32
 constexpr int kMaxBlocks = 1024;   // forward grid cap (rows beyond it are grid-strided)
 constexpr int kMaxRowBlocks = 65535;
 
-// float32 compute for float32/bf16/fp16 data, float64 for float64 (gradcheck).
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
 
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+using cuda::AccType;  // float32 compute for float32/bf16/fp16 data, float64 for float64 (gradcheck)
 
-template <typename T> __device__ __forceinline__ T from_acc(float x) { return static_cast<T>(x); }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <typename T> __device__ __forceinline__ T from_acc(double x) { return static_cast<T>(x); }
+template <typename scalar_t>
+__device__ __forceinline__ typename AccType<scalar_t>::type to_acc(scalar_t x) {
+  return cuda::load_as<typename AccType<scalar_t>::type>(x);
+}
+
+// Stores from the accumulation type (float64 stays float64; cuda::store_as takes a float).
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_acc(typename AccType<scalar_t>::type x) { return cuda::store_as<scalar_t>(x); }
+template <>
+__device__ __forceinline__ double from_acc<double>(double x) { return x; }
 
 // Row-major [B, T] inputs; optional ones are nullptr when absent.
 template <typename scalar_t>
