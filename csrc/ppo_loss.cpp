@@ -16,7 +16,7 @@
 
 // g++ if-converts the selects of the token loops (and so vectorises them) only when comparisons may
 // not trap; torch itself is built with -fno-trapping-math. Set before any include, so every function
-// of this file, torch's inline helpers included, shares one optimisation setting and can be inlined.
+// of this file, torch's inline helpers too, shares one optimisation setting and can be inlined.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
@@ -61,6 +61,7 @@ namespace {
 
 using ppo_cpu::GradScales;
 using ppo_cpu::kTokensPerBlock;
+using ppo_cpu::kTokensPerTask;
 using ppo_cpu::TokenPtrs;
 
 template <typename scalar_t, int kKl, typename acc_t = at::opmath_type<scalar_t>>
@@ -124,7 +125,8 @@ at::Tensor ppo_loss_cpu(RLHF_PPO_LOSS_PARAMS) {
     const auto x = token_ptrs<scalar_t>(in);
     dispatch_kl(p.kl_estimator, [&](auto kl_tag) {
       const auto kernels = row_kernels<scalar_t, decltype(kl_tag)::value>();
-      at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+      const int64_t grain = std::max<int64_t>(1, kTokensPerTask / (rows_per_block * std::max<int64_t>(T, 1)));
+      at::parallel_for(0, num_blocks, grain, [&](int64_t block_begin, int64_t block_end) {
         for (int64_t blk = block_begin; blk < block_end; ++blk) {
           parts[blk].fill(0.0);
           kernels.forward(x, blk * rows_per_block, std::min(B, (blk + 1) * rows_per_block), T, p, parts[blk].data());
@@ -177,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_backward_cpu(const at::T
     x.grad_entropy = ptr_or_null<scalar_t>(grad_ent);
     dispatch_kl(p.kl_estimator, [&](auto kl_tag) {
       const auto kernels = row_kernels<scalar_t, decltype(kl_tag)::value>();
-      const int64_t grain = std::max<int64_t>(1, kTokensPerBlock / std::max<int64_t>(T, 1));
+      const int64_t grain = std::max<int64_t>(1, kTokensPerTask / std::max<int64_t>(T, 1));
       at::parallel_for(0, B, grain, [&](int64_t row_begin, int64_t row_end) {
         kernels.backward(x, row_begin, row_end, T, p, scales);
       });
@@ -202,7 +204,7 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logprobs_in, const at::Tensor& ref_i
     const acc_t max_lr = static_cast<acc_t>(max_log_ratio);
     dispatch_kl(kl_estimator, [&](auto kl_tag) {
       const auto kernels = row_kernels<scalar_t, decltype(kl_tag)::value>();
-      at::parallel_for(0, numel, kTokensPerBlock, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, numel, kTokensPerTask, [&](int64_t begin, int64_t end) {
         kernels.kl_penalty(lp + begin, ref + begin, end - begin, max_lr, o + begin);
       });
     });

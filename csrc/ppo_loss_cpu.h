@@ -13,8 +13,11 @@ namespace rlhf_ext {
 namespace ppo_cpu {
 
 // Tokens per forward block: large enough to amortise the block bookkeeping, small enough that a
-// block's rows stay in L2.
+// block's rows stay in L2. The blocks, not the threads, fix the summation order.
 constexpr int64_t kTokensPerBlock = 16384;
+// Tokens per parallel task (torch's own elementwise grain): smaller calls run on the calling thread,
+// since waking the pool costs more than the ~10 ns/token of work, a lot more on a busy machine.
+constexpr int64_t kTokensPerTask = 32768;
 
 // Row-major [B, T] data of one call; optional tensors are nullptr when absent.
 template <typename scalar_t>

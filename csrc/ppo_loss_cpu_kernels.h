@@ -47,7 +47,10 @@ RLHF_PPO_TARGET PolicyRowSums<acc_t> policy_row_forward(const TokenPtrs<scalar_t
     const acc_t r = valid ? tok.ratio : acc_t(0);
     ratio_max = r > ratio_max ? r : ratio_max;
     if constexpr (kKl != ppo::kNoKl) {
-      kl += valid ? ppo::kl_token<kKl, acc_t>(logprob, static_cast<acc_t>(ref[t]), max_lr).kl : acc_t(0);
+      // Loaded and computed unconditionally, then selected: a load under `valid ? :` is a conditional
+      // load, which the baseline ISA (no masked loads) cannot vectorise.
+      const auto k = ppo::kl_token<kKl, acc_t>(logprob, static_cast<acc_t>(ref[t]), max_lr);
+      kl += valid ? k.kl : acc_t(0);
     }
   }
   return {policy, kl, tokens, clip, clip_low, clip_high, dual, approx_kl, approx_kl_k3, ratio_sum, ratio_max};
@@ -74,7 +77,10 @@ template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 RLHF_PPO_TARGET acc_t masked_row_sum(const scalar_t* x, const uint8_t* m, int64_t T) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < T; ++t) sum += m[t] ? static_cast<acc_t>(x[t]) : acc_t(0);
+  for (int64_t t = 0; t < T; ++t) {
+    const acc_t value = static_cast<acc_t>(x[t]);
+    sum += m[t] ? value : acc_t(0);
+  }
   return sum;
 }
 
