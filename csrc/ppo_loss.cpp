@@ -9,10 +9,10 @@
 // wrt logprobs, values and entropy in one pass per row.
 //
 // Vectorisation: the token loops are plain C++ that g++ vectorises. The row kernels are compiled three
-// times (baseline x86-64, AVX2+FMA, AVX-512) through `target` attributes on thin entry points, and
-// the widest one that at::get_cpu_capability() allows (it honours ATEN_CPU_CAPABILITY) runs. Only
-// the vector width differs between them, and the reduction order is fixed by the source, so results
-// agree with each other to rounding (FMA contraction) and are bit-identical run to run on one machine.
+// times (baseline x86-64, AVX2+FMA, AVX-512; csrc/ppo_loss_cpu_kernels.h, once per `target`) and the
+// widest one that at::get_cpu_capability() allows (it honours ATEN_CPU_CAPABILITY) runs. They differ
+// only in how many partial sums a row's `omp simd` reduction keeps (the vector width), so they agree
+// to rounding; on one machine the result is bit-identical run to run and across thread counts.
 
 // g++ if-converts the selects of the token loops (and so vectorises them) only when comparisons may
 // not trap; torch itself is built with -fno-trapping-math. Set before any include, so every function

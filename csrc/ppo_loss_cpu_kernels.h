@@ -47,8 +47,9 @@ RLHF_PPO_TARGET PolicyRowSums<acc_t> policy_row_forward(const TokenPtrs<scalar_t
     const acc_t r = valid ? tok.ratio : acc_t(0);
     ratio_max = r > ratio_max ? r : ratio_max;
     if constexpr (kKl != ppo::kNoKl) {
-      // Loaded and computed unconditionally, then selected: a load under `valid ? :` is a conditional
-      // load, which the baseline ISA (no masked loads) cannot vectorise.
+      // Computed before the select, not inside it: a load under `valid ? :` is a conditional load,
+      // which the baseline ISA (no masked loads) cannot vectorise. (g++'s PRE still sinks the lone
+      // ref[t] load of k1/k2 under the select, so those two stay scalar on the baseline ISA only.)
       const auto k = ppo::kl_token<kKl, acc_t>(logprob, static_cast<acc_t>(ref[t]), max_lr);
       kl += valid ? k.kl : acc_t(0);
     }

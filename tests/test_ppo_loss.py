@@ -10,6 +10,8 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rlhf_ext  # noqa: F401
 from rlhf_ext.ops import ppo_loss
@@ -46,6 +48,28 @@ def test_matches_reference_grid(loss_agg, kl_estimator, clip_mode, with_values, 
     assert out.stats["clipfrac"] > 0  # the data do exercise the clipped branch
     if clip_mode == "dual-clip":
         assert out.stats["dual_clipfrac"] > 0
+
+
+# Derandomized (the same 40 examples every run) so CI cannot flake; PPO_HYPOTHESIS_RANDOM=1 and
+# PPO_HYPOTHESIS_EXAMPLES=500 explore further by hand.
+@settings(max_examples=int(os.environ.get("PPO_HYPOTHESIS_EXAMPLES", 40)), deadline=None,
+          derandomize=os.environ.get("PPO_HYPOTHESIS_RANDOM") != "1")
+@given(B=st.integers(1, 9), T=st.integers(1, 70), seed=st.integers(0, 2**16), loss_agg=st.sampled_from(LOSS_AGGS),
+       kl=st.sampled_from([None, "k1", "k2", "k3"]), values=st.booleans(), entropy=st.booleans(),
+       dual_clip=st.sampled_from([None, 1.5, 3.0]), cliprange_high=st.sampled_from([None, 0.28]),
+       holes=st.sampled_from([0.0, 0.3, 0.9]), spread=st.sampled_from([0.05, 0.5, 3.0]))
+def test_matches_reference_random(B, T, seed, loss_agg, kl, values, entropy, dual_clip, cliprange_high, holes, spread):
+    case = make_case(B, T, seed=seed, values=values, ref=kl is not None, entropy=entropy, holes=holes, spread=spread,
+                     empty_rows=(seed % (B + 1),))
+    kwargs = dict(loss_agg=loss_agg, dual_clip=dual_clip, cliprange_high=cliprange_high,
+                  entropy_coef=0.01 if entropy else 0.0)
+    if kl is not None:
+        kwargs.update(kl_coef=0.1, kl_estimator=kl)
+    out, grads = run(ppo_loss, case, **kwargs)
+    ref, ref_grads = run(ppo_loss_reference, case, dtype=torch.float64, **kwargs)
+    scale = max(1.0, ref.loss.abs().item())  # spread 3 reaches ratios of e^9 or more
+    assert_outputs_close(out, ref, rtol=1e-5, atol=1e-6 * scale)
+    assert_grads_close(grads, ref_grads, rtol=1e-5, atol=1e-7 * scale)
 
 
 @pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])

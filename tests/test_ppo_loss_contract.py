@@ -148,6 +148,17 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.rlhf_ext.ppo_loss(*op_args(dict(case, old_logprobs=case["old_logprobs"].long())))
 
 
+def test_per_sequence_advantages_broadcast():
+    case = make_case(4, 10, seed=16)
+    per_seq = torch.randn(4)
+    expanded = dict(case, advantages=per_seq[:, None].expand(4, 10).contiguous())
+    want, want_grads = run(ppo_loss, expanded, kl_coef=0.1)
+    for shape in ((4,), (4, 1)):
+        got, got_grads = run(ppo_loss, dict(case, advantages=per_seq.reshape(shape)), kl_coef=0.1)
+        assert torch.equal(got.loss, want.loss)
+        assert all(torch.equal(got_grads[k], want_grads[k]) for k in want_grads)
+
+
 def test_unclipped_value_loss():
     case = make_case(3, 12, seed=13)
     out, grads = run(ppo_loss, case, cliprange_value=None, vf_coef=1.0)

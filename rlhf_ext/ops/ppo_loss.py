@@ -181,7 +181,7 @@ def ppo_loss(
     """PPO/GRPO loss and statistics in one fused kernel each way (see the module docstring).
 
     All per-token tensors are `[B, T]` (float32/bf16/fp16/float64; mixed dtypes are upcast);
-    `mask` is bool or 0/1. `values` needs `old_values` and `returns`; `kl_coef != 0` needs
+    `advantages` may also be per sequence, `[B]` or `[B, 1]` (GRPO); `mask` is bool or 0/1. `values` needs `old_values` and `returns`; `kl_coef != 0` needs
     `ref_logprobs`; `entropy_coef != 0` needs `entropy`; `dual_clip` is None or > 1;
     `loss_agg_norm` only goes with `loss_agg="seq-mean-token-sum-norm"`.
     """
@@ -207,6 +207,11 @@ def ppo_loss(
         raise ValueError(f"kl_coef: is {kl_coef} but ref_logprobs is None; the KL term needs the reference log-probs")
     if entropy_coef != 0 and entropy is None:
         raise ValueError(f"entropy_coef: is {entropy_coef} but entropy is None; the entropy bonus needs entropy")
+
+    if isinstance(logprobs, torch.Tensor) and logprobs.dim() == 2 and advantages.shape in (
+            (logprobs.shape[0],), (logprobs.shape[0], 1)):
+        # GRPO's per-sequence advantages: broadcast over the tokens (a view; the kernel copies it once).
+        advantages = advantages.reshape(-1, 1).expand_as(logprobs)
 
     def detached(t):
         return t.detach() if t is not None else None
