@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): $(PY) $(SOURCES)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel pybind11 ninja
-	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[dev,label]"
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[dev,label,tensorboard]"
 	@touch $(STAMP)
 
 install: $(STAMP)
