@@ -10,8 +10,10 @@ COMMANDS = {
     "env": "rlhf_ext.commands.env",
     "bench": "rlhf_ext.commands.bench",
     # ---- train (issue 6) ----
+    "train": "rlhf_ext.commands.train",
     # ---- demo (issue 7) ----
     # ---- label (issue 9) ----
+    "label": "rlhf_ext.commands.label",
 }
 
 

@@ -7,8 +7,8 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -20,8 +20,40 @@ NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nv
 pytestmark = pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC), reason="nvcc not found (set CUDA_HOME)")
 
 
-def _run(cmd):
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _header_cmd(header, workdir):
+    # A one-line translation unit that includes the header, with the header's own explicit
+    # instantiations switched on so all device code is generated.
+    unit = os.path.join(workdir, os.path.basename(header) + ".cu")
+    with open(unit, "w") as f:
+        f.write(f'#include "{os.path.basename(header)}"\n')
+    return [NVCC, "-std=c++17", "-c", "-DRLHF_EXT_HEADER_SELFTEST", "-I", os.path.dirname(header),
+            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+            unit, "-o", unit + ".o"]
+
+
+def _binding_cmd(binding, workdir):
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    # c10's generated CUDA macro header only exists in CUDA builds of torch; the flag skips it.
+    return [NVCC, "-std=c++17", "-c", "-x", "cu", "-DRLHF_EXT_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+            *includes, "-gencode", "arch=compute_90,code=compute_90", binding,
+            "-o", os.path.join(workdir, os.path.basename(binding) + ".o")]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Every compile runs once, two at a time (nvcc over torch headers is slow), keyed by source path."""
+    workdir = str(tmp_path_factory.mktemp("nvcc"))
+    jobs = {h: _header_cmd(h, workdir) for h in HEADERS if not h.endswith("common.cuh")}
+    jobs.update({b: _binding_cmd(b, workdir) for b in BINDINGS})
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        results = dict(zip(jobs, pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs.values())))
+    return {path: (jobs[path], proc) for path, proc in results.items()}
+
+
+def _assert_compiled(compiled, path):
+    cmd, proc = compiled[path]
     assert proc.returncode == 0, f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"
 
 
@@ -33,14 +65,8 @@ def test_every_op_family_has_a_cuda_header():
 
 
 @pytest.mark.parametrize("header", [p for p in HEADERS if not p.endswith("common.cuh")], ids=os.path.basename)
-def test_header_compiles_for_sm80_and_sm90(header, tmp_path):
-    # Compile a one-line translation unit that includes the header, with the header's own
-    # explicit instantiations switched on so all device code is generated.
-    unit = tmp_path / "unit.cu"
-    unit.write_text(f'#include "{os.path.basename(header)}"\n')
-    _run([NVCC, "-std=c++17", "-c", "-DRLHF_EXT_HEADER_SELFTEST", "-I", os.path.dirname(header),
-          "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-          str(unit), "-o", str(tmp_path / "unit.o")])
+def test_header_compiles_for_sm80_and_sm90(header, compiled):
+    _assert_compiled(compiled, header)
 
 
 def test_header_check_fails_on_broken_header(tmp_path):
@@ -55,10 +81,5 @@ def test_header_check_fails_on_broken_header(tmp_path):
 
 
 @pytest.mark.parametrize("binding", BINDINGS, ids=os.path.basename)
-def test_binding_compiles_against_torch_headers(binding, tmp_path):
-    from torch.utils.cpp_extension import include_paths
-
-    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    # c10's generated CUDA macro header only exists in CUDA builds of torch; the flag skips it.
-    _run([NVCC, "-std=c++17", "-c", "-x", "cu", "-DRLHF_EXT_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-          *includes, "-gencode", "arch=compute_90,code=compute_90", binding, "-o", str(tmp_path / "b.o")])
+def test_binding_compiles_against_torch_headers(binding, compiled):
+    _assert_compiled(compiled, binding)

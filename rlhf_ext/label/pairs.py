@@ -1,0 +1,104 @@
+"""`label pairs`: sample completions from a policy with the rollout engine and write comparison pairs.
+
+Each prompt gets `n` sampled completions; every two distinct completions of one prompt make a pair
+(n=2: one pair, n=4: six). Pair ids are content hashes, so sampling again never collides with pairs
+already in a feedback database.
+"""
+import itertools
+import json
+
+from rlhf_ext.label.store import item_id_for
+
+
+def load_prompts(path) -> list:
+    """Prompts from JSON lines, each an object with a string `prompt`."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {line_no}: not valid JSON ({err})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}, line {line_no}: expected an object with a string 'prompt', got {line[:80]!r}")
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts found")
+    return prompts
+
+
+def _generate_fn():
+    try:
+        from rlhf_ext.generation import generate
+    except ImportError:
+        raise RuntimeError("rlhf_ext.generation.generate (the rollout engine) is not available in this "
+                           "build of rlhf_ext; `label pairs` needs it") from None
+    return generate
+
+
+def sample_completions(model, tokenizer, prompts, *, n: int = 2, max_new_tokens: int = 64,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                       batch_size: int = 8) -> list:
+    """For each prompt, `n` completion strings (special tokens removed). One torch.Generator seeded with
+    `seed` drives every batch, so a run is reproducible for a given seed and batch size."""
+    import torch
+
+    if n < 2:
+        raise ValueError(f"n must be at least 2 (completions per prompt to compare), got {n}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (pairs need sampling), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if tokenizer.padding_side != "left":
+        raise ValueError("the tokenizer must pad on the left (prompts end where generation starts)")
+    generate = _generate_fn()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        encoded = tokenizer(batch, return_tensors="pt", padding=True)
+        # (B*n, P): each prompt repeated n times, left-padded
+        input_ids = encoded["input_ids"].repeat_interleave(n, dim=0).to(device)
+        attention_mask = encoded["attention_mask"].repeat_interleave(n, dim=0).to(device)
+        with torch.no_grad():
+            rollout = generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=top_k, top_p=top_p,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                               generator=generator)
+        response_ids = rollout.response_ids.cpu()    # (B*n, R)
+        response_mask = rollout.response_mask.cpu()  # (B*n, R)
+        texts = [tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
+                 for ids, mask in zip(response_ids, response_mask)]
+        completions.extend(texts[i:i + n] for i in range(0, len(texts), n))
+    return completions
+
+
+def make_pairs(prompts, completions, model_name: str = "") -> tuple:
+    """Pair rows (dicts ready for JSON) from prompts and their completions; identical completions are
+    not compared, and a pair met twice (a repeated prompt) is written once. Returns (rows, number of
+    pairs skipped)."""
+    rows, identical, seen = [], 0, set()
+    for prompt_index, (prompt, samples) in enumerate(zip(prompts, completions)):
+        for i, j in itertools.combinations(range(len(samples)), 2):
+            pair_id = item_id_for(prompt, samples[i], samples[j])
+            if samples[i] == samples[j] or pair_id in seen:
+                identical += 1
+                continue
+            seen.add(pair_id)
+            rows.append({"id": pair_id, "prompt": prompt,
+                         "completion_a": samples[i], "completion_b": samples[j],
+                         "origin": {"model": model_name, "prompt_index": prompt_index, "samples": [i, j]}})
+    return rows, identical
+
+
+def write_jsonl(rows, path):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
