@@ -98,8 +98,10 @@ def gather_logprobs_reference(
 
 
 def gather_logprobs_eager(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """What most RLHF code writes today: a full [..., V] log_softmax, then one gather."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    """What most RLHF code writes today: a full [..., V] float32 log_softmax, then one gather
+    (float32 logits at temperature 1 are not copied first)."""
+    x = logits.float()
+    logp = torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
