@@ -65,6 +65,8 @@ def plot_curves(path: str, ppo_steps: list, tracked: list, title: str):
                     label="PPO training batches")
         ax.plot(t_steps, [r[track_key] for r in tracked], color="tab:red", marker="o", ms=3, lw=1.6,
                 label="held-out prompts")
+        if t_steps and t_steps[0] == 0:
+            ax.annotate("SFT", (0, tracked[0][track_key]), textcoords="offset points", xytext=(6, -4), fontsize=8)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
