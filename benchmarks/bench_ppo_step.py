@@ -4,24 +4,28 @@ composed elementwise PPO loss). Same models, prompts, batch and hyperparameters;
 rollout (generation), scoring (old/ref log-probs, values, reward model) and update.
 
 Full size (the issue's): a ~20M-parameter Llama (V=32000), batch 32, 128 new tokens:
-    python benchmarks/bench_ppo_step.py            # prints the table
-    pytest benchmarks/bench_ppo_step.py            # pytest-benchmark, same sizes
-Reduced (a quick check on a small CPU): add --reduced, or set RLHF_EXT_BENCH_REDUCED=1 for pytest.
+    python benchmarks/bench_ppo_step.py            # prints the per-phase table
+    pytest benchmarks/bench_ppo_step.py            # pytest-benchmark; the speedup is printed at the end
+`--reduced` is a quick CPU check (smaller model, batch 8, 32 tokens); RLHF_EXT_BENCH_QUICK=1 (make test)
+shrinks everything to a smoke run.
 """
 import argparse
 import copy
-import os
+import functools
 import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
+from benchmarks.conftest import sizes
 from rlhf_ext.models.heads import hidden_states, last_token_index, score_head
 from rlhf_ext.ops.reference import gae_reference, masked_whiten_reference
 
 FULL = dict(vocab=32000, hidden=384, layers=6, heads=6, batch=32, prompt=32, new_tokens=128, epochs=1, mini_batches=2)
 REDUCED = dict(vocab=32000, hidden=128, layers=2, heads=4, batch=8, prompt=16, new_tokens=32, epochs=1, mini_batches=2)
+QUICK = dict(vocab=512, hidden=32, layers=1, heads=2, batch=4, prompt=8, new_tokens=8, epochs=1, mini_batches=2)
 COMMON = dict(temperature=1.0, kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, lr=1e-5)
 
 
@@ -46,8 +50,8 @@ def prompts(tok, size):
     return rows
 
 
-def ours_step(tok, policy, rm, rows, size, device):
-    """The trainer's own step: make_experience (rollout + scoring) and ppo_update."""
+def prepare_ours(tok, policy, rm, rows, size, device):
+    """The trainer's own step (make_experience: rollout + scoring; ppo_update), built outside the timing."""
     from rlhf_ext import PPOConfig, PPOTrainer
 
     args = PPOConfig(output_dir="/tmp/rlhf_ext_bench", use_cpu=device == "cpu", disable_tqdm=True, report_to="none",
@@ -57,13 +61,18 @@ def ours_step(tok, policy, rm, rows, size, device):
                      num_sample_generations=0, fused_linear_logprobs=True, max_steps=1)
     trainer = PPOTrainer(args, tok, policy, reward_model=rm, train_dataset=rows)
     trainer.create_optimizer_and_scheduler([trainer.policy, trainer.critic], 1)
-    _sync(device)
-    exp = trainer.make_experience(trainer.train_dataset[list(range(len(rows)))])
-    _sync(device)
-    start = time.perf_counter()
-    trainer.ppo_update(exp)
-    _sync(device)
-    return {"rollout": exp.time_rollout, "scoring": exp.time_scoring, "update": time.perf_counter() - start}
+    batch = trainer.train_dataset[list(range(len(rows)))]
+
+    def step():
+        _sync(device)
+        exp = trainer.make_experience(batch)
+        _sync(device)
+        start = time.perf_counter()
+        trainer.ppo_update(exp)
+        _sync(device)
+        return {"rollout": exp.time_rollout, "scoring": exp.time_scoring, "update": time.perf_counter() - start}
+
+    return step
 
 
 def _logprobs_eager(model, ids, attn, P, temperature):
@@ -78,15 +87,20 @@ def _values(critic, ids, attn, P):
     return score_head(critic)(hidden_states(critic, ids, attn)[:, P - 1 : -1])[..., 0].float()
 
 
-def eager_step(tok, policy, rm, rows, size, device):
+def prepare_eager(tok, policy, rm, rows, size, device):
     """The same step from eager pieces, written the way TRL-style trainers do it."""
-    c = COMMON
-    ref, critic = copy.deepcopy(policy).eval(), copy.deepcopy(rm)
-    params = list(policy.parameters()) + list(critic.parameters())
-    optimizer = torch.optim.AdamW(params, lr=c["lr"])
     from rlhf_ext.trainers.data import pad
 
+    ref, critic = copy.deepcopy(policy).eval(), copy.deepcopy(rm)
+    params = list(policy.parameters()) + list(critic.parameters())
+    optimizer = torch.optim.AdamW(params, lr=COMMON["lr"])
     prompt_ids, prompt_mask = pad([r["input_ids"] for r in rows], tok.pad_token_id, "left", device)
+    return functools.partial(eager_step, policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_mask, tok,
+                             len(rows), size, device)
+
+
+def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_mask, tok, batch, size, device):
+    c = COMMON
     P = prompt_ids.shape[1]
     _sync(device)
     t0 = time.perf_counter()
@@ -103,7 +117,7 @@ def eager_step(tok, policy, rm, rows, size, device):
         ref_lp, _ = _logprobs_eager(ref, seq, attn, P, c["temperature"])
         values = _values(critic, seq, attn, P)
         hidden = hidden_states(rm, seq, attn)
-        scores = score_head(rm)(hidden[torch.arange(len(rows)), last_token_index(attn)])[:, 0].float()
+        scores = score_head(rm)(hidden[torch.arange(batch), last_token_index(attn)])[:, 0].float()
         rewards = -c["kl_coef"] * (old_lp - ref_lp)
         rewards[:, -1] += scores
         advantages, returns = gae_reference(rewards, values, mask, c["gamma"], c["lam"])
@@ -112,10 +126,10 @@ def eager_step(tok, policy, rm, rows, size, device):
     t2 = time.perf_counter()
     policy.train()
     critic.train()
-    mini = len(rows) // size["mini_batches"]
+    mini = batch // size["mini_batches"]
     for _ in range(size["epochs"]):
-        order = torch.randperm(len(rows))
-        for start in range(0, len(rows), mini):
+        order = torch.randperm(batch)
+        for start in range(0, batch, mini):
             idx = order[start : start + mini].to(device)
             new_lp, entropy = _logprobs_eager(policy, seq[idx], attn[idx], P, c["temperature"])
             new_values = _values(critic, seq[idx], attn[idx], P)
@@ -139,59 +153,62 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run(size: dict, device: str) -> dict:
+PREPARE = {"eager": prepare_eager, "fused": prepare_ours}
+
+
+@functools.lru_cache(maxsize=2)
+def _world(size_items: tuple, device: str):
+    size = dict(size_items)
     tok, policy, rm = build(size, device)
-    rows = prompts(tok, size)
+    return tok, policy, rm, prompts(tok, size)
+
+
+def run(size: dict, device: str) -> dict:
+    """{impl: {phase: seconds}} for one step of each implementation from the same start."""
+    tok, policy, rm, rows = _world(tuple(size.items()), device)
     results = {}
-    for name, step in (("eager", eager_step), ("ours", ours_step)):
+    for impl, prepare in PREPARE.items():
         torch.manual_seed(0)
-        results[name] = step(tok, copy.deepcopy(policy), copy.deepcopy(rm), rows, size, device)
+        results[impl] = prepare(tok, copy.deepcopy(policy), copy.deepcopy(rm), rows, size, device)()
     return results
 
 
 def report(size, results, device):
-    params = sum(p.numel() for p in build(size, "cpu")[1].parameters())
+    params = sum(p.numel() for p in _world(tuple(size.items()), device)[1].parameters())
     print(f"PPO step on {device}: Llama {params / 1e6:.1f}M params, V={size['vocab']}, batch {size['batch']}, "
           f"{size['new_tokens']} new tokens, {size['epochs']} epoch x {size['mini_batches']} minibatches")
     print(f"{'phase':<10}{'eager s':>10}{'ours s':>10}{'speedup':>9}")
     for phase in ("rollout", "scoring", "update"):
-        e, o = results["eager"][phase], results["ours"][phase]
+        e, o = results["eager"][phase], results["fused"][phase]
         print(f"{phase:<10}{e:>10.2f}{o:>10.2f}{e / o:>8.2f}x")
-    e, o = sum(results["eager"].values()), sum(results["ours"].values())
+    e, o = sum(results["eager"].values()), sum(results["fused"].values())
     print(f"{'total':<10}{e:>10.2f}{o:>10.2f}{e / o:>8.2f}x")
 
 
-def _size_from_env() -> dict:
-    return REDUCED if os.environ.get("RLHF_EXT_BENCH_REDUCED") else FULL
+SIZE = sizes(FULL, QUICK)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _bench(benchmark, step):
-    size = _size_from_env()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok, policy, rm = build(size, device)
-    rows = prompts(tok, size)
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_ppo_step(benchmark, impl):
+    tok, policy, rm, rows = _world(tuple(SIZE.items()), DEVICE)
     split = {}
 
-    def once():
+    def setup():
         torch.manual_seed(0)
-        split.update(step(tok, copy.deepcopy(policy), copy.deepcopy(rm), rows, size, device))
+        return (PREPARE[impl](tok, copy.deepcopy(policy), copy.deepcopy(rm), rows, SIZE, DEVICE),), {}
 
-    benchmark.pedantic(once, rounds=1, iterations=1)
+    benchmark.group = f"ppo_step {DEVICE} V={SIZE['vocab']} B={SIZE['batch']} new={SIZE['new_tokens']}"
+    benchmark.extra_info["role"] = impl
+    benchmark.pedantic(lambda step: split.update(step()), setup=setup, rounds=1, iterations=1)
     benchmark.extra_info.update({f"time/{k}": v for k, v in split.items()})
-
-
-def test_ppo_step_eager(benchmark):
-    _bench(benchmark, eager_step)
-
-
-def test_ppo_step_ours(benchmark):
-    _bench(benchmark, ours_step)
+    assert set(split) == {"rollout", "scoring", "update"}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reduced", action="store_true", help="small sizes for a quick CPU check")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reduced", action="store_true", help="smaller model, batch 8, 32 tokens: a quick CPU check")
+    parser.add_argument("--device", default=DEVICE)
     cli = parser.parse_args()
     chosen = REDUCED if cli.reduced else FULL
     report(chosen, run(chosen, cli.device), cli.device)

@@ -13,6 +13,18 @@ if _STANDINS.exists():
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Trainer tests run tiny models, which gain nothing from intra-op threads, while OpenMP threads on a
+    shared, oversubscribed CPU can make each small kernel call 50x slower. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """Byte-level BPE (~380 tokens) with <pad>, </s> (EOS) and a chat template."""

@@ -8,6 +8,8 @@ from transformers import TrainerCallback
 from rlhf_ext import PPOConfig, PPOTrainer, SFTConfig, SFTTrainer
 from rlhf_ext.trainers import checkpoint as ckpt
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def target_fraction(prompts, completions, completion_ids, **columns):
     return [sum(100 <= t < 120 for t in ids) / len(ids) for ids in completion_ids]
@@ -173,3 +175,5 @@ def test_tensorboard_logging(make_lm, tiny_tokenizer, prompt_rows, tmp_path):
     trainer.train()
     files = os.listdir(tmp_path / "runs")
     assert any(f.startswith("events.out.tfevents") for f in files)
+    assert trainer.save_state().endswith("checkpoint-1")
+    assert os.path.exists(tmp_path / "trainer_state.json")

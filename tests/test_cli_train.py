@@ -6,6 +6,8 @@ import yaml
 
 from rlhf_ext.cli import main
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, make_lm, make_rm, tiny_tokenizer, corpus):
@@ -90,3 +92,21 @@ def test_bad_configs_are_named(workspace, tmp_path, capsys):
     assert "deepspeed" in capsys.readouterr().err
     assert main(["train", "sft", "--config", config, "--reward_model_path", "x"]) == 2
     assert "only used by `rlhf-ext train ppo`" in capsys.readouterr().err
+
+
+def test_local_dataset_formats(tmp_path):
+    import datasets
+
+    from rlhf_ext.trainers.data import load_local_dataset
+
+    data = datasets.Dataset.from_list([{"prompt": "a"}, {"prompt": "b"}])
+    data.to_parquet(str(tmp_path / "d.parquet"))
+    data.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    assert load_local_dataset(str(tmp_path / "d.parquet"))["prompt"] == ["a", "b"]
+    assert len(load_local_dataset(str(tmp_path / "saved"))) == 2
+    assert len(load_local_dataset(str(tmp_path / "dict"), split="test")) == 1
+    with pytest.raises(ValueError, match="has splits"):
+        load_local_dataset(str(tmp_path / "dict"), split="validation")
+    with pytest.raises(FileNotFoundError, match="only local files"):
+        load_local_dataset(str(tmp_path / "missing.jsonl"))

@@ -10,6 +10,8 @@ from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.trainers.data import pad
 from rlhf_ext.trainers.ppo import assemble_rewards
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TARGET = list(range(100, 120))  # 20 of ~380 token ids: ~5% of a random policy's samples
 
 
@@ -48,17 +50,20 @@ def target_mass(model, tokenizer, rows):
 
 
 def test_ppo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
-    args = ppo_args(cpu_args, max_steps=6, per_device_train_batch_size=8, num_ppo_epochs=4, learning_rate=1e-2,
+    args = ppo_args(cpu_args, max_steps=10, per_device_train_batch_size=8, num_ppo_epochs=4, learning_rate=1e-2,
                     lr_scheduler_type="constant", kl_coef=0.01)
     trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows)
     before = target_mass(trainer.policy, tiny_tokenizer, prompt_rows)
     state = trainer.train()
     after = target_mass(trainer.policy, tiny_tokenizer, prompt_rows)
-    assert after > 2.0 * before, (before, after)
+    # seeds 0-5 give 7x-15x here; 3x leaves room for another sampler's random stream
+    assert after > 3.0 * before, (before, after)
     # the reference stayed where it was
     assert target_mass(trainer.ref_model, tiny_tokenizer, prompt_rows) == pytest.approx(before, abs=1e-6)
     logs = state.log_history
-    assert logs[-1]["objective/kl"] > 0 and logs[-1]["episode"] == 6 * args.batch_size
+    scores = [h["objective/scores"] for h in logs]
+    assert sum(scores[-3:]) > 2 * sum(scores[:3]), scores
+    assert logs[-1]["objective/kl"] > 0 and logs[-1]["episode"] == 10 * args.batch_size
     names = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
              "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
              "val/clipfrac_avg", "val/vf_explained_var", "val/num_eos_tokens", "val/ratio", "time/rollout",

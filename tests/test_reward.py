@@ -8,6 +8,8 @@ from rlhf_ext import RewardConfig, RewardTrainer
 from rlhf_ext.models.heads import sequence_scores
 from rlhf_ext.trainers.data import pad
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 GOOD = ["great", "amazing", "lovely", "good"]
 BAD = ["awful", "terrible", "boring", "bad"]
 

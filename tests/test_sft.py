@@ -9,6 +9,8 @@ from rlhf_ext.models.heads import causal_lm_token_logprobs
 from rlhf_ext.trainers.data import pad
 from rlhf_ext.trainers.sft import tokenize_sft_row
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_sft_text_loss_decreases_and_writes_outputs(make_lm, tiny_tokenizer, corpus, cpu_args):
     args = SFTConfig(max_steps=12, per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=3e-3,

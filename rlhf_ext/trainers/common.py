@@ -177,6 +177,15 @@ class BaseTrainer:
         self.reporter.saved(path)
         return path
 
+    def save_state(self) -> str:
+        """A full checkpoint at the current step (as every save_steps does) and trainer_state.json in
+        output_dir (what HF's Trainer.save_state writes). Returns the checkpoint folder."""
+        if self.reporter is None or self.optimizer is None:
+            raise RuntimeError("save_state: nothing to save before train() has started")
+        path = self.save_checkpoint()
+        self.reporter.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+        return path
+
     def resolve_checkpoint(self, resume_from_checkpoint) -> Optional[str]:
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             return None
