@@ -71,6 +71,69 @@ def masked_whiten_reference(
 # ---- logprobs (issue 3) ----
 
 
+def gather_logprobs_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    dtype: Optional[torch.dtype] = None,
+):
+    """Full log-softmax, gather, entropy from the same [..., V] log-probs, computed in `dtype`
+    (default: float32, or float64 for float64 logits; pass torch.float64 for an oracle).
+    ignore_index rows give 0. Differentiable; materialises several [..., V] temporaries."""
+    dtype = dtype or (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)  # (..., V)
+    logprobs = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs))
+    if not return_entropy:
+        return logprobs
+    # p * log p with p = 0 (a -inf logit) contributes 0, not 0 * -inf (in value and in gradient).
+    p = logp.exp()
+    entropy = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    return logprobs, entropy
+
+
+def gather_logprobs_eager(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """What most RLHF code writes today: a full [..., V] log_softmax, then one gather."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def gather_logprobs_rowloop(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The memory-saving approach TRL uses (`selective_log_softmax`): the label logit minus a
+    logsumexp taken one row at a time, so only one [V] temporary is alive beyond the logits
+    (for bf16/fp16 a per-row log_softmax, where logsumexp would lose precision)."""
+    x = logits / temperature if temperature != 1.0 else logits
+    if x.dtype in (torch.float32, torch.float64):
+        label_logits = x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in x])
+        return label_logits - lse
+    out = []
+    for row_logits, row_labels in zip(x, labels):
+        row_logp = torch.log_softmax(row_logits.float(), dim=-1)
+        out.append(row_logp.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(out)
+
+
+def fused_linear_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    dtype: Optional[torch.dtype] = None,
+):
+    """`gather_logprobs_reference(hidden @ weight.T + bias, ...)` with the full logits materialised."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return gather_logprobs_reference(logits, labels, temperature, ignore_index, return_entropy, dtype)
+
+
 # ---- ppo_loss (issue 4) ----
 
 
