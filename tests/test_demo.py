@@ -112,3 +112,12 @@ def test_full_demo_meets_its_targets(tmp_path):
     assert summary["true_score_ppo"] > summary["true_score_sft"]
     assert 0.0 < summary["kl_to_ref"] < 10.0  # the leash holds: a few nats per review
     assert summary["reward_model_accuracy_true"] > 0.8
+
+
+@pytest.mark.slow
+def test_demo_is_seed_fixed(tmp_path):
+    def figures(folder):
+        summary = pipeline.run_demo(str(tmp_path / folder), seed=1, quick=True)
+        return {k: v for k, v in summary.items() if k not in ("wall_seconds", "stage_seconds")}
+
+    assert figures("a") == figures("b")
