@@ -39,6 +39,11 @@ TORCH_LIBRARY(rlhf_ext, m) {
 
 
   // ---- sampling (csrc/sampling.cpp, csrc/cuda/sampling.cu) ----
+  // Returns (tokens int64 [B], logprobs float32 [B] under the unfiltered tempered distribution, filtered_logprobs
+  // float32 [B] under the renormalised top-k/top-p/min-p distribution). Each row_* tensor [B], when given, replaces
+  // the scalar beside it for its row. temperature 0 = greedy; top_k 0, top_p 1, min_p 0 = off.
+  m.def("sample(Tensor logits, float temperature, int top_k, float top_p, float min_p, Tensor? row_temperature, "
+        "Tensor? row_top_k, Tensor? row_top_p, Tensor? row_min_p, Generator? generator) -> (Tensor, Tensor, Tensor)");
 
 }
 

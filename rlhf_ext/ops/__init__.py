@@ -19,3 +19,6 @@ __all__ += ["gather_logprobs", "fused_linear_logprobs"]
 
 
 # ---- sampling (issue 5) ----
+from rlhf_ext.ops.sampling import sample  # noqa: E402
+
+__all__ += ["sample"]

@@ -138,3 +138,65 @@ def fused_linear_logprobs_reference(
 
 
 # ---- sampling (issue 5) ----
+
+
+def _per_row(value, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).reshape(-1).expand(batch) if value.dim() == 0 else value.to(device, dtype)
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def filtered_probs_reference(
+    logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
+) -> torch.Tensor:
+    """Renormalised sampling distribution `[B, V]` (float64) after temperature, top-k, top-p and min-p, with
+    full sorts as Hugging Face's warpers do, and the documented tie rule of `rlhf_ext.ops.sample`: every token
+    tied with the last kept one stays. Greedy rows (temperature 0) are a point mass on the first argmax."""
+    B, V = logits.shape
+    device = logits.device
+    temps = _per_row(temperature, B, torch.float32, device)
+    ks = _per_row(top_k, B, torch.long, device)
+    ps = _per_row(top_p, B, torch.float64, device)
+    mps = _per_row(min_p, B, torch.float32, device)
+    greedy = temps == 0
+    z = logits.float() / torch.where(greedy, torch.ones_like(temps), temps)[:, None]  # (B, V) float32
+    neg_inf = torch.tensor(float("-inf"), device=device)
+    # top-k: keep z >= the k-th largest value
+    k_on = (ks > 0) & (ks < V)
+    if bool(k_on.any()):
+        kth = torch.sort(z, dim=-1, descending=True).values.gather(1, (ks.clamp(1, V) - 1)[:, None])
+        z = torch.where(k_on[:, None] & (z < kth), neg_inf, z)
+    # top-p on the renormalised top-k set: keep i iff the mass strictly above it is < top_p
+    p_on = ps < 1
+    if bool(p_on.any()):
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z.double(), dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        kept_sorted = mass_before < ps[:, None]
+        last_kept = kept_sorted.sum(-1, keepdim=True) - 1  # kept_sorted is a prefix
+        tau = sorted_z.gather(1, last_kept)
+        z = torch.where(p_on[:, None] & (z < tau), neg_inf, z)
+    # min-p relative to the most likely token
+    m_on = mps > 0
+    if bool(m_on.any()):
+        rel = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+        z = torch.where(m_on[:, None] & (rel < mps[:, None]), neg_inf, z)
+    probs = torch.softmax(z.double(), dim=-1)
+    if bool(greedy.any()):
+        point = torch.zeros_like(probs).scatter_(1, logits.float().argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], point, probs)
+    return probs
+
+
+def sample_reference(
+    logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator: Optional[torch.Generator] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What HF sampling does: sort-based filtering, then torch.multinomial. Returns (tokens [B], logprobs [B])
+    with logprobs = log_softmax(logits / T)[token] (T = 1 for greedy rows)."""
+    B = logits.shape[0]
+    probs = filtered_probs_reference(logits, temperature, top_k, top_p, min_p)
+    tokens = torch.multinomial(probs.float(), 1, generator=generator).squeeze(1)
+    temps = _per_row(temperature, B, torch.float32, logits.device)
+    z = logits.float() / torch.where(temps == 0, torch.ones_like(temps), temps)[:, None]
+    logprobs = torch.log_softmax(z, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    return tokens, logprobs

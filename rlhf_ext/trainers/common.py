@@ -123,12 +123,13 @@ class BaseTrainer:
             )
         self.optimizer, self.lr_scheduler = optimizer, scheduler
 
-    def clip_and_step(self, params: list) -> float:
-        """Clip the gradient norm (max_grad_norm), step optimizer, zero grads. Returns the pre-clip norm."""
+    def clip_and_step(self, params: list) -> torch.Tensor:
+        """Clip the gradient norm (max_grad_norm), step optimizer, zero grads. Returns the pre-clip norm
+        (a 0-dim tensor on the device, so callers choose when to sync)."""
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     # ---- saving ----
     def models_to_save(self) -> dict:

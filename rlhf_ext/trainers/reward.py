@@ -149,7 +149,7 @@ class RewardTrainer(BaseTrainer):
                 loss_sum += float(loss.detach())
                 all_chosen.append(chosen.detach())
                 all_rejected.append(rejected.detach())
-            grad_norm = self.clip_and_step(list(self.model.parameters()))
+            grad_norm = float(self.clip_and_step(list(self.model.parameters())))
             lr = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
             metrics = {"loss": loss_sum, "grad_norm": grad_norm, "learning_rate": lr,
