@@ -22,6 +22,17 @@ TORCH_LIBRARY(rlhf_ext, m) {
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
 
   // ---- logprobs (csrc/logprobs.cpp, csrc/cuda/logprobs.cu) ----
+  // logits [..., V] (last dim contiguous), labels [...] int64. Returns (logprobs, entropy, lse), each [...]
+  // float32 (float64 for float64 logits): log_softmax(logits / T)[label], its entropy (zeros unless
+  // with_entropy) and logsumexp(logits / T). Rows whose label == ignore_index give 0 everywhere.
+  // inplace_backward is not read by the kernels: it tells the autograd formula to write the gradient
+  // into the logits buffer (logprobs_backward_inplace) instead of a new tensor.
+  m.def("logprobs_forward(Tensor logits, Tensor labels, float temperature, int ignore_index, bool with_entropy, bool inplace_backward) -> (Tensor, Tensor, Tensor)");
+  // dlogits = (g * onehot(label) - p * (g + h * (log p + H))) / T, p = softmax(logits / T), in the logits' dtype;
+  // g = grad_logprobs, h = grad_entropy (a missing one counts as 0); ignore_index rows get 0.
+  m.def("logprobs_backward(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+  // Same, written over `logits` (which must not be needed afterwards).
+  m.def("logprobs_backward_inplace(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> ()");
 
 
   // ---- ppo_loss (csrc/ppo_loss.cpp, csrc/cuda/ppo_loss.cu) ----
@@ -45,6 +56,11 @@ TORCH_LIBRARY(rlhf_ext, m) {
 
 
   // ---- sampling (csrc/sampling.cpp, csrc/cuda/sampling.cu) ----
+  // Returns (tokens int64 [B], logprobs float32 [B] under the unfiltered tempered distribution, filtered_logprobs
+  // float32 [B] under the renormalised top-k/top-p/min-p distribution). Each row_* tensor [B], when given, replaces
+  // the scalar beside it for its row. temperature 0 = greedy; top_k 0, top_p 1, min_p 0 = off.
+  m.def("sample(Tensor logits, float temperature, int top_k, float top_p, float min_p, Tensor? row_temperature, "
+        "Tensor? row_top_k, Tensor? row_top_p, Tensor? row_min_p, Generator? generator) -> (Tensor, Tensor, Tensor)");
 
 }
 

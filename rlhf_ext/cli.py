@@ -10,7 +10,9 @@ COMMANDS = {
     "env": "rlhf_ext.commands.env",
     "bench": "rlhf_ext.commands.bench",
     # ---- train (issue 6) ----
+    "train": "rlhf_ext.commands.train",
     # ---- demo (issue 7) ----
+    "demo": "rlhf_ext.commands.demo",
     # ---- label (issue 9) ----
     "label": "rlhf_ext.commands.label",
 }

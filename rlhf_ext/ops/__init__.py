@@ -10,6 +10,9 @@ from rlhf_ext.ops.whiten import masked_mean, masked_var, masked_whiten  # noqa: 
 __all__ += ["gae", "masked_mean", "masked_var", "masked_whiten"]
 
 # ---- logprobs (issue 3) ----
+from rlhf_ext.ops.logprobs import fused_linear_logprobs, gather_logprobs  # noqa: E402
+
+__all__ += ["gather_logprobs", "fused_linear_logprobs"]
 
 
 # ---- ppo_loss (issue 4) ----
@@ -19,3 +22,6 @@ __all__ += ["PPOLossOutput", "kl_penalty", "ppo_loss"]
 
 
 # ---- sampling (issue 5) ----
+from rlhf_ext.ops.sampling import sample  # noqa: E402
+
+__all__ += ["sample"]

@@ -71,6 +71,71 @@ def masked_whiten_reference(
 # ---- logprobs (issue 3) ----
 
 
+def gather_logprobs_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    dtype: Optional[torch.dtype] = None,
+):
+    """Full log-softmax, gather, entropy from the same [..., V] log-probs, computed in `dtype`
+    (default: float32, or float64 for float64 logits; pass torch.float64 for an oracle).
+    ignore_index rows give 0. Differentiable; materialises several [..., V] temporaries."""
+    dtype = dtype or (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)  # (..., V)
+    logprobs = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs))
+    if not return_entropy:
+        return logprobs
+    # p * log p with p = 0 (a -inf logit) contributes 0, not 0 * -inf (in value and in gradient).
+    p = logp.exp()
+    entropy = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    return logprobs, entropy
+
+
+def gather_logprobs_eager(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """What most RLHF code writes today: a full [..., V] float32 log_softmax, then one gather
+    (float32 logits at temperature 1 are not copied first)."""
+    x = logits.float()
+    logp = torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def gather_logprobs_rowloop(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The memory-saving approach TRL uses (`selective_log_softmax`): the label logit minus a
+    logsumexp taken one row at a time, so only one [V] temporary is alive beyond the logits
+    (for bf16/fp16 a per-row log_softmax, where logsumexp would lose precision)."""
+    x = logits / temperature if temperature != 1.0 else logits
+    if x.dtype in (torch.float32, torch.float64):
+        label_logits = x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in x])
+        return label_logits - lse
+    out = []
+    for row_logits, row_labels in zip(x, labels):
+        row_logp = torch.log_softmax(row_logits.float(), dim=-1)
+        out.append(row_logp.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(out)
+
+
+def fused_linear_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    dtype: Optional[torch.dtype] = None,
+):
+    """`gather_logprobs_reference(hidden @ weight.T + bias, ...)` with the full logits materialised."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return gather_logprobs_reference(logits, labels, temperature, ignore_index, return_entropy, dtype)
+
+
 # ---- ppo_loss (issue 4) ----
 
 
@@ -200,3 +265,65 @@ def ppo_loss_reference(
 
 
 # ---- sampling (issue 5) ----
+
+
+def _per_row(value, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).reshape(-1).expand(batch) if value.dim() == 0 else value.to(device, dtype)
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def filtered_probs_reference(
+    logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
+) -> torch.Tensor:
+    """Renormalised sampling distribution `[B, V]` (float64) after temperature, top-k, top-p and min-p, with
+    full sorts as Hugging Face's warpers do, and the documented tie rule of `rlhf_ext.ops.sample`: every token
+    tied with the last kept one stays. Greedy rows (temperature 0) are a point mass on the first argmax."""
+    B, V = logits.shape
+    device = logits.device
+    temps = _per_row(temperature, B, torch.float32, device)
+    ks = _per_row(top_k, B, torch.long, device)
+    ps = _per_row(top_p, B, torch.float64, device)
+    mps = _per_row(min_p, B, torch.float32, device)
+    greedy = temps == 0
+    z = logits.float() / torch.where(greedy, torch.ones_like(temps), temps)[:, None]  # (B, V) float32
+    neg_inf = torch.tensor(float("-inf"), device=device)
+    # top-k: keep z >= the k-th largest value
+    k_on = (ks > 0) & (ks < V)
+    if bool(k_on.any()):
+        kth = torch.sort(z, dim=-1, descending=True).values.gather(1, (ks.clamp(1, V) - 1)[:, None])
+        z = torch.where(k_on[:, None] & (z < kth), neg_inf, z)
+    # top-p on the renormalised top-k set: keep i iff the mass strictly above it is < top_p
+    p_on = ps < 1
+    if bool(p_on.any()):
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z.double(), dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        kept_sorted = mass_before < ps[:, None]
+        last_kept = kept_sorted.sum(-1, keepdim=True) - 1  # kept_sorted is a prefix
+        tau = sorted_z.gather(1, last_kept)
+        z = torch.where(p_on[:, None] & (z < tau), neg_inf, z)
+    # min-p relative to the most likely token
+    m_on = mps > 0
+    if bool(m_on.any()):
+        rel = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+        z = torch.where(m_on[:, None] & (rel < mps[:, None]), neg_inf, z)
+    probs = torch.softmax(z.double(), dim=-1)
+    if bool(greedy.any()):
+        point = torch.zeros_like(probs).scatter_(1, logits.float().argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], point, probs)
+    return probs
+
+
+def sample_reference(
+    logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator: Optional[torch.Generator] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What HF sampling does: sort-based filtering, then torch.multinomial. Returns (tokens [B], logprobs [B])
+    with logprobs = log_softmax(logits / T)[token] (T = 1 for greedy rows)."""
+    B = logits.shape[0]
+    probs = filtered_probs_reference(logits, temperature, top_k, top_p, min_p)
+    tokens = torch.multinomial(probs.float(), 1, generator=generator).squeeze(1)
+    temps = _per_row(temperature, B, torch.float32, logits.device)
+    z = logits.float() / torch.where(temps == 0, torch.ones_like(temps), temps)[:, None]
+    logprobs = torch.log_softmax(z, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    return tokens, logprobs

@@ -1,0 +1,214 @@
+"""One PPO step: rlhf_ext's PPOTrainer (fused ops + rollout engine) against the same step built from the
+eager pieces RLHF code uses today (HF `generate`, full log_softmax + gather, the Python GAE loop,
+composed elementwise PPO loss). Same models, prompts, batch and hyperparameters; the time is split into
+rollout (generation), scoring (old/ref log-probs, values, reward model) and update.
+
+Full size (the issue's): a ~20M-parameter Llama (V=32000), batch 32, 128 new tokens:
+    python benchmarks/bench_ppo_step.py            # prints the per-phase table
+    pytest benchmarks/bench_ppo_step.py            # pytest-benchmark; the speedup is printed at the end
+`--reduced` is a quick CPU check (smaller model, batch 8, 32 tokens); RLHF_EXT_BENCH_QUICK=1 (make test)
+shrinks everything to a smoke run.
+"""
+import argparse
+import copy
+import functools
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rlhf_ext  # noqa: F401  (loads the kernels)
+from benchmarks.conftest import sizes
+from rlhf_ext.models.heads import hidden_states, last_token_index, score_head
+from rlhf_ext.ops.reference import gae_reference, masked_whiten_reference
+
+FULL = dict(vocab=32000, hidden=384, layers=6, heads=6, batch=32, prompt=32, new_tokens=128, epochs=1, mini_batches=2)
+REDUCED = dict(vocab=32000, hidden=128, layers=2, heads=4, batch=8, prompt=16, new_tokens=32, epochs=1, mini_batches=2)
+QUICK = dict(vocab=512, hidden=32, layers=1, heads=2, batch=4, prompt=8, new_tokens=8, epochs=1, mini_batches=2)
+COMMON = dict(temperature=1.0, kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, lr=1e-5)
+
+
+def build(size: dict, device):
+    """(tokenizer, policy, reward model) with a real V-token word-level tokenizer."""
+    from rlhf_ext.models.tiny import build_tokenizer, tiny_causal_lm, tiny_sequence_classifier
+
+    words = [f"w{i}" for i in range(size["vocab"] - 7)]  # + 7 special tokens = V
+    tok = build_tokenizer([" ".join(words[i : i + 64]) for i in range(0, len(words), 64)], vocab_size=size["vocab"],
+                          kind="wordlevel", chat_template=False)
+    kw = dict(tokenizer=tok, hidden_size=size["hidden"], num_layers=size["layers"], num_heads=size["heads"],
+              max_position_embeddings=size["prompt"] + size["new_tokens"] + 8)
+    return tok, tiny_causal_lm("llama", **kw).to(device), tiny_sequence_classifier("llama", seed=1, **kw).to(device)
+
+
+def prompts(tok, size):
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(size["batch"]):
+        n = int(torch.randint(size["prompt"] // 2, size["prompt"] + 1, (1,), generator=g))
+        rows.append({"input_ids": torch.randint(8, size["vocab"] - 8, (n,), generator=g).tolist()})
+    return rows
+
+
+def prepare_ours(tok, policy, rm, rows, size, device):
+    """The trainer's own step (make_experience: rollout + scoring; ppo_update), built outside the timing."""
+    from rlhf_ext import PPOConfig, PPOTrainer
+
+    args = PPOConfig(output_dir="/tmp/rlhf_ext_bench", use_cpu=device == "cpu", disable_tqdm=True, report_to="none",
+                     per_device_train_batch_size=size["batch"] // size["mini_batches"], num_mini_batches=size["mini_batches"],
+                     num_ppo_epochs=size["epochs"], response_length=size["new_tokens"], temperature=COMMON["temperature"],
+                     kl_coef=COMMON["kl_coef"], learning_rate=COMMON["lr"], stop_token=None, save_strategy="no",
+                     num_sample_generations=0, fused_linear_logprobs=True, max_steps=1)
+    trainer = PPOTrainer(args, tok, policy, reward_model=rm, train_dataset=rows)
+    trainer.create_optimizer_and_scheduler([trainer.policy, trainer.critic], 1)
+    batch = trainer.train_dataset[list(range(len(rows)))]
+
+    def step():
+        _sync(device)
+        exp = trainer.make_experience(batch)
+        _sync(device)
+        start = time.perf_counter()
+        trainer.ppo_update(exp)
+        _sync(device)
+        return {"rollout": exp.time_rollout, "scoring": exp.time_scoring, "update": time.perf_counter() - start}
+
+    return step
+
+
+def _logprobs_eager(model, ids, attn, P, temperature):
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits[:, P - 1 : -1] / temperature
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, R, V): the tensor the fused ops never build
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, ids[:, P:].unsqueeze(-1)).squeeze(-1), entropy
+
+
+def _values(critic, ids, attn, P):
+    return score_head(critic)(hidden_states(critic, ids, attn)[:, P - 1 : -1])[..., 0].float()
+
+
+def prepare_eager(tok, policy, rm, rows, size, device):
+    """The same step from eager pieces, written the way TRL-style trainers do it."""
+    from rlhf_ext.trainers.data import pad
+
+    ref, critic = copy.deepcopy(policy).eval(), copy.deepcopy(rm)
+    params = list(policy.parameters()) + list(critic.parameters())
+    optimizer = torch.optim.AdamW(params, lr=COMMON["lr"])
+    prompt_ids, prompt_mask = pad([r["input_ids"] for r in rows], tok.pad_token_id, "left", device)
+    return functools.partial(eager_step, policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_mask, tok,
+                             len(rows), size, device)
+
+
+def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_mask, tok, batch, size, device):
+    c = COMMON
+    P = prompt_ids.shape[1]
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        policy.eval()
+        seq = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
+                              temperature=c["temperature"], max_new_tokens=size["new_tokens"],
+                              min_new_tokens=size["new_tokens"], pad_token_id=tok.pad_token_id)
+        _sync(device)
+        t1 = time.perf_counter()
+        mask = torch.ones_like(seq[:, P:], dtype=torch.float32)
+        attn = torch.cat([prompt_mask, mask.long()], 1)
+        old_lp, _ = _logprobs_eager(policy, seq, attn, P, c["temperature"])
+        ref_lp, _ = _logprobs_eager(ref, seq, attn, P, c["temperature"])
+        values = _values(critic, seq, attn, P)
+        hidden = hidden_states(rm, seq, attn)
+        scores = score_head(rm)(hidden[torch.arange(batch), last_token_index(attn)])[:, 0].float()
+        rewards = -c["kl_coef"] * (old_lp - ref_lp)
+        rewards[:, -1] += scores
+        advantages, returns = gae_reference(rewards, values, mask, c["gamma"], c["lam"])
+        advantages = masked_whiten_reference(advantages, mask)
+    _sync(device)
+    t2 = time.perf_counter()
+    policy.train()
+    critic.train()
+    mini = batch // size["mini_batches"]
+    for _ in range(size["epochs"]):
+        order = torch.randperm(batch)
+        for start in range(0, batch, mini):
+            idx = order[start : start + mini].to(device)
+            new_lp, entropy = _logprobs_eager(policy, seq[idx], attn[idx], P, c["temperature"])
+            new_values = _values(critic, seq[idx], attn[idx], P)
+            ratio = torch.exp(new_lp - old_lp[idx])
+            pg = torch.max(-advantages[idx] * ratio, -advantages[idx] * ratio.clamp(1 - c["cliprange"], 1 + c["cliprange"]))
+            v_clipped = values[idx] + (new_values - values[idx]).clamp(-c["cliprange_value"], c["cliprange_value"])
+            vf = 0.5 * torch.max((new_values - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2)
+            m = mask[idx]
+            loss = (pg * m).sum() / m.sum() + c["vf_coef"] * (vf * m).sum() / m.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            _ = float((entropy.detach() * m).sum() / m.sum())  # logged, as trainers do
+    _sync(device)
+    return {"rollout": t1 - t0, "scoring": t2 - t1, "update": time.perf_counter() - t2}
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+PREPARE = {"eager": prepare_eager, "fused": prepare_ours}
+
+
+@functools.lru_cache(maxsize=2)
+def _world(size_items: tuple, device: str):
+    size = dict(size_items)
+    tok, policy, rm = build(size, device)
+    return tok, policy, rm, prompts(tok, size)
+
+
+def run(size: dict, device: str) -> dict:
+    """{impl: {phase: seconds}} for one step of each implementation from the same start."""
+    tok, policy, rm, rows = _world(tuple(size.items()), device)
+    results = {}
+    for impl, prepare in PREPARE.items():
+        torch.manual_seed(0)
+        results[impl] = prepare(tok, copy.deepcopy(policy), copy.deepcopy(rm), rows, size, device)()
+    return results
+
+
+def report(size, results, device):
+    params = sum(p.numel() for p in _world(tuple(size.items()), device)[1].parameters())
+    print(f"PPO step on {device}: Llama {params / 1e6:.1f}M params, V={size['vocab']}, batch {size['batch']}, "
+          f"{size['new_tokens']} new tokens, {size['epochs']} epoch x {size['mini_batches']} minibatches")
+    print(f"{'phase':<10}{'eager s':>10}{'ours s':>10}{'speedup':>9}")
+    for phase in ("rollout", "scoring", "update"):
+        e, o = results["eager"][phase], results["fused"][phase]
+        print(f"{phase:<10}{e:>10.2f}{o:>10.2f}{e / o:>8.2f}x")
+    e, o = sum(results["eager"].values()), sum(results["fused"].values())
+    print(f"{'total':<10}{e:>10.2f}{o:>10.2f}{e / o:>8.2f}x")
+
+
+SIZE = sizes(FULL, QUICK)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_ppo_step(benchmark, impl):
+    tok, policy, rm, rows = _world(tuple(SIZE.items()), DEVICE)
+    split = {}
+
+    def setup():
+        torch.manual_seed(0)
+        return (PREPARE[impl](tok, copy.deepcopy(policy), copy.deepcopy(rm), rows, SIZE, DEVICE),), {}
+
+    benchmark.group = f"ppo_step {DEVICE} V={SIZE['vocab']} B={SIZE['batch']} new={SIZE['new_tokens']}"
+    benchmark.extra_info["role"] = impl
+    benchmark.pedantic(lambda step: split.update(step()), setup=setup, rounds=1, iterations=1)
+    benchmark.extra_info.update({f"time/{k}": v for k, v in split.items()})
+    assert set(split) == {"rollout", "scoring", "update"}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reduced", action="store_true", help="smaller model, batch 8, 32 tokens: a quick CPU check")
+    parser.add_argument("--device", default=DEVICE)
+    cli = parser.parse_args()
+    chosen = REDUCED if cli.reduced else FULL
+    report(chosen, run(chosen, cli.device), cli.device)

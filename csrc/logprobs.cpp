@@ -1,0 +1,257 @@
+// gather_logprobs on CPU: log_softmax(logits / T)[label], the entropy of softmax(logits / T) and the
+// per-row log-sum-exp, in one pass over each row, and the backward in one more. No [..., V] temporary.
+//
+// This file holds the boundary checks, the row layout and the threading (at::parallel_for over rows);
+// the row kernels themselves (csrc/logprobs_cpu_kernels.h) are compiled per vector ISA and the best
+// one this CPU supports is picked once, from at::get_cpu_capability() (so ATEN_CPU_CAPABILITY=default
+// forces the generic kernels, as it does for torch's own).
+//
+// Logits may be any strided [..., V] tensor whose last dim is contiguous (e.g. logits[:, :-1] of a
+// [B, L, V] output): rows are addressed through an O(N) offset table, never copied.
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include "common.h"
+#include "logprobs.h"
+#include "logprobs_cpu.h"
+
+namespace rlhf_ext {
+
+namespace {
+
+void check_rows_like(const at::Tensor& t, const at::Tensor& logits, const char* name) {
+  const auto rows = logits.sizes().slice(0, logits.dim() - 1);
+  TORCH_CHECK(t.sizes() == rows, name, ": expected shape ", at::IntArrayRef(rows),
+              " (logits.shape[:-1]), got ", shape_str(t));
+  check_same_device(t, logits, name, "logits");
+}
+
+}  // namespace
+
+void check_logprobs_forward_inputs(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
+  check_float(logits, "logits");
+  TORCH_CHECK(logits.dim() >= 1, "logits: expected a tensor of shape [..., V], got a 0-d tensor");
+  TORCH_CHECK(logits.size(-1) > 0, "logits: expected a non-empty vocabulary dimension (V > 0), got shape ",
+              shape_str(logits));
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels: expected an int64 tensor of token ids, got ",
+              labels.scalar_type());
+  check_rows_like(labels, logits, "labels");
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature: expected a finite value > 0, got ",
+              temperature);
+}
+
+void check_logprobs_backward_inputs(const c10::optional<at::Tensor>& grad_logprobs,
+                                    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                                    const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
+                                    double temperature) {
+  check_logprobs_forward_inputs(logits, labels, temperature);
+  if (grad_logprobs.has_value()) {
+    check_float(*grad_logprobs, "grad_logprobs");
+    check_rows_like(*grad_logprobs, logits, "grad_logprobs");
+  }
+  if (grad_entropy.has_value()) {
+    check_float(*grad_entropy, "grad_entropy");
+    check_rows_like(*grad_entropy, logits, "grad_entropy");
+  }
+  const auto acc = logprobs_acc_dtype(logits);
+  TORCH_CHECK(lse.scalar_type() == acc, "lse: expected dtype ", acc, " (from the forward), got ", lse.scalar_type());
+  check_rows_like(lse, logits, "lse");
+  TORCH_CHECK(entropy.scalar_type() == acc, "entropy: expected dtype ", acc, " (from the forward), got ",
+              entropy.scalar_type());
+  check_rows_like(entropy, logits, "entropy");
+}
+
+namespace {
+
+using namespace logprobs_cpu;
+
+const KernelTable& kernels() {
+  static const KernelTable* table = [] {
+    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+    if (cap == "AVX512" && kernels_avx512()) return kernels_avx512();
+    if ((cap == "AVX512" || cap == "AVX2") && kernels_avx2()) return kernels_avx2();
+    return kernels_default();
+  }();
+  return *table;
+}
+
+ForwardFn<float> forward_fn(const KernelTable& k, float*) { return k.forward_f32; }
+ForwardFn<double> forward_fn(const KernelTable& k, double*) { return k.forward_f64; }
+ForwardFn<c10::BFloat16> forward_fn(const KernelTable& k, c10::BFloat16*) { return k.forward_bf16; }
+ForwardFn<c10::Half> forward_fn(const KernelTable& k, c10::Half*) { return k.forward_f16; }
+BackwardFn<float> backward_fn(const KernelTable& k, float*) { return k.backward_f32; }
+BackwardFn<double> backward_fn(const KernelTable& k, double*) { return k.backward_f64; }
+BackwardFn<c10::BFloat16> backward_fn(const KernelTable& k, c10::BFloat16*) { return k.backward_bf16; }
+BackwardFn<c10::Half> backward_fn(const KernelTable& k, c10::Half*) { return k.backward_f16; }
+
+// Element offset of each row of a [..., V] tensor whose last dim has stride 1.
+std::vector<int64_t> row_offsets(const at::Tensor& t) {
+  const int64_t lead = t.dim() - 1;
+  const int64_t rows = t.numel() / t.size(-1);
+  std::vector<int64_t> offsets(rows);
+  std::vector<int64_t> index(lead, 0);
+  int64_t offset = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    offsets[r] = offset;
+    for (int64_t d = lead - 1; d >= 0; --d) {  // odometer increment over the leading dims
+      offset += t.stride(d);
+      if (++index[d] < t.size(d)) break;
+      offset -= t.stride(d) * t.size(d);
+      index[d] = 0;
+    }
+  }
+  return offsets;
+}
+
+// Labels must be ignore_index or a valid column; anything else would read outside the row.
+void check_label_values(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  const int64_t n = labels.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t y = lab[i];
+    TORCH_CHECK(y == ignore_index || (y >= 0 && y < vocab), "labels: expected values in [0, ", vocab,
+                ") (the vocabulary size) or ignore_index=", ignore_index, ", got ", y, " at flat position ", i);
+  }
+}
+
+int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 32768 / vocab); }
+
+// Logits with a strided last dim are copied once; every other layout is read in place.
+at::Tensor last_dim_contiguous(const at::Tensor& logits) {
+  return logits.stride(-1) == 1 || logits.size(-1) == 1 ? logits : logits.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Tensor& logits_in,
+                                                                    const at::Tensor& labels_in, double temperature,
+                                                                    int64_t ignore_index, bool with_entropy,
+                                                                    bool /*inplace_backward: read by autograd*/) {
+  check_logprobs_forward_inputs(logits_in, labels_in, temperature);
+  const at::Tensor logits = last_dim_contiguous(logits_in);
+  const at::Tensor labels = labels_in.contiguous();
+  const int64_t vocab = logits.size(-1);
+  check_label_values(labels, vocab, ignore_index);
+  const auto opts = logits.options().dtype(logprobs_acc_dtype(logits));
+  at::Tensor logprobs = at::empty(labels.sizes(), opts);
+  at::Tensor entropy = at::empty(labels.sizes(), opts);
+  at::Tensor lse = at::empty(labels.sizes(), opts);
+  const int64_t rows = labels.numel();
+  if (rows == 0) return {logprobs, entropy, lse};
+  const std::vector<int64_t> offsets = row_offsets(logits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_forward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    ForwardArgs<scalar_t> args{logits.const_data_ptr<scalar_t>(), offsets.data(), labels.const_data_ptr<int64_t>(),
+                               logprobs.data_ptr<acc>(), entropy.data_ptr<acc>(), lse.data_ptr<acc>(),
+                               vocab, ignore_index, static_cast<acc>(1.0 / temperature), with_entropy};
+    const auto fn = forward_fn(kernels(), static_cast<scalar_t*>(nullptr));
+    at::parallel_for(0, rows, grain_rows(vocab), [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  });
+  return {logprobs, entropy, lse};
+}
+
+// Writes d(loss)/d(logits) into `grad` (which may be `logits` itself).
+void logprobs_backward_into(const c10::optional<at::Tensor>& grad_logprobs,
+                            const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                            const at::Tensor& labels_in, const at::Tensor& lse_in, const at::Tensor& entropy_in,
+                            double temperature, int64_t ignore_index, const at::Tensor& grad) {
+  const int64_t vocab = logits.size(-1);
+  const at::Tensor labels = labels_in.contiguous();
+  check_label_values(labels, vocab, ignore_index);
+  const int64_t rows = labels.numel();
+  if (rows == 0) return;
+  const auto acc_dtype = logprobs_acc_dtype(logits);
+  // Per-row inputs are O(N): making them contiguous (and expanding a broadcast grad) costs nothing.
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor entropy = entropy_in.contiguous();
+  at::Tensor g_lp, g_h;
+  if (grad_logprobs.has_value()) g_lp = grad_logprobs->to(acc_dtype).contiguous();
+  if (grad_entropy.has_value()) g_h = grad_entropy->to(acc_dtype).contiguous();
+  const std::vector<int64_t> in_offsets = row_offsets(logits);
+  const std::vector<int64_t> out_offsets = grad.is_same(logits) ? std::vector<int64_t>() : row_offsets(grad);
+  const int64_t* out_off = grad.is_same(logits) ? in_offsets.data() : out_offsets.data();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    BackwardArgs<scalar_t> args{logits.const_data_ptr<scalar_t>(),
+                                in_offsets.data(),
+                                grad.data_ptr<scalar_t>(),
+                                out_off,
+                                labels.const_data_ptr<int64_t>(),
+                                g_lp.defined() ? g_lp.const_data_ptr<acc>() : nullptr,
+                                g_h.defined() ? g_h.const_data_ptr<acc>() : nullptr,
+                                lse.const_data_ptr<acc>(),
+                                entropy.const_data_ptr<acc>(),
+                                vocab,
+                                ignore_index,
+                                static_cast<acc>(1.0 / temperature)};
+    const auto fn = backward_fn(kernels(), static_cast<scalar_t*>(nullptr));
+    at::parallel_for(0, rows, grain_rows(vocab), [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  });
+}
+
+// The out-of-place backward writes a fresh [..., V] buffer that nothing has touched yet; first-touch
+// page faults then cost more than the kernel itself (about 1 s per GB of 4 KiB pages on a VM, 0.2 s
+// with 2 MiB pages). Where transparent huge pages are in `madvise` mode, ask for them on the buffer's
+// 2 MiB-aligned interior. Only for buffers far above glibc's mmap threshold (32 MiB), i.e. their own
+// mapping; a hint, so failure changes nothing.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t bytes = static_cast<uintptr_t>(t.nbytes());
+  if (bytes < 32 * kHuge) return;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (start + bytes) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+at::Tensor logprobs_backward_cpu(const c10::optional<at::Tensor>& grad_logprobs,
+                                 const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
+                                 const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
+                                 double temperature, int64_t ignore_index) {
+  check_logprobs_backward_inputs(grad_logprobs, grad_entropy, logits_in, labels, lse, entropy, temperature);
+  const at::Tensor logits = last_dim_contiguous(logits_in);
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());  // contiguous, like the fake
+  advise_huge_pages(grad);
+  logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index,
+                         grad);
+  return grad;
+}
+
+void logprobs_backward_inplace_cpu(const c10::optional<at::Tensor>& grad_logprobs,
+                                   const c10::optional<at::Tensor>& grad_entropy, at::Tensor& logits,
+                                   const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
+                                   double temperature, int64_t ignore_index) {
+  check_logprobs_backward_inputs(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature);
+  TORCH_CHECK(logits.stride(-1) == 1 || logits.size(-1) == 1,
+              "logits: the in-place backward writes the gradient into logits, so its last dim must be contiguous "
+              "(stride 1), got strides ", logits.strides());
+  TORCH_CHECK(at::has_internal_overlap(logits) != at::MemOverlap::Yes,
+              "logits: the in-place backward writes the gradient into logits, so its rows must not share memory "
+              "(got an expanded/overlapping tensor); use inplace_backward=False");
+  logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index,
+                         logits);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) {
+  m.impl("logprobs_forward", &logprobs_forward_cpu);
+  m.impl("logprobs_backward", &logprobs_backward_cpu);
+  m.impl("logprobs_backward_inplace", &logprobs_backward_inplace_cpu);
+}
+
+}  // namespace rlhf_ext

@@ -1,0 +1,162 @@
+"""`rlhf-ext train sft|reward|ppo --config file.yaml [--key value ...]`.
+
+The YAML file is a flat mapping: the algorithm's config fields (SFTConfig / RewardConfig / PPOConfig,
+including the supported TrainingArguments fields) plus the script keys below. `--key value` pairs on
+the command line override the file. Models, tokenizers and datasets are local paths only.
+"""
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import os
+import sys
+import textwrap
+
+ALGORITHMS = {
+    "sft": ("rlhf_ext.trainers.sft", "SFTConfig", "SFTTrainer"),
+    "reward": ("rlhf_ext.trainers.reward", "RewardConfig", "RewardTrainer"),
+    "ppo": ("rlhf_ext.trainers.ppo", "PPOConfig", "PPOTrainer"),
+}
+
+# Keys that say what to train on, rather than how (TRL's ScriptArguments/ModelConfig names).
+SCRIPT_KEYS = {
+    "model_name_or_path": "local folder of the model to train (a causal LM; for `reward`, any HF checkpoint)",
+    "sft_model_path": "ppo: TRL's name for model_name_or_path",
+    "tokenizer_name_or_path": "tokenizer folder (default: the model's folder)",
+    "dataset_name": "training data: a .jsonl/.json/.parquet/.csv file, a save_to_disk folder or a folder of files",
+    "dataset_train_split": "split to train on (default 'train')",
+    "eval_dataset_name": "evaluation data, same formats (default: dataset_name's dataset_test_split, if set)",
+    "dataset_test_split": "split of dataset_name to evaluate on",
+    "reward_model_path": "ppo: local reward model folder (sequence classifier, num_labels=1)",
+    "ref_model_path": "ppo: reference model folder (default: a frozen copy of the policy)",
+    "value_model_path": "ppo: critic folder (default: a copy of the reward model, else the policy's backbone)",
+    "reward_funcs": "ppo: reward functions as 'package.module:function' or 'path/to/file.py:function' (a list)",
+}
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "train", help="train with SFT, a reward model, or PPO from a YAML config",
+        description="Train a model. `rlhf-ext train ALGORITHM --help` lists every field of that algorithm's config.",
+        usage="rlhf-ext train {sft,reward,ppo} [--config FILE.yaml] [--key value ...]",
+    )
+    p.add_argument("algorithm", choices=sorted(ALGORITHMS), help="what to train")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="--config FILE.yaml and --key value overrides")
+    p.set_defaults(func=run)
+
+
+def _classes(algorithm):
+    module_name, config_name, trainer_name = ALGORITHMS[algorithm]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, trainer_name)
+
+
+def algorithm_help(algorithm: str) -> str:
+    from rlhf_ext.trainers.config import SUPPORTED_TRAINING_ARGUMENTS
+
+    config_cls, _ = _classes(algorithm)
+    from transformers import TrainingArguments
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    lines = [f"usage: rlhf-ext train {algorithm} [--config FILE.yaml] [--key value ...]", "",
+             "script keys:"]
+    lines += [f"  --{k:<28} {v}" for k, v in SCRIPT_KEYS.items()]
+    for title, keep in ((f"{config_cls.__name__} fields:", lambda n: n not in base),
+                        ("supported transformers.TrainingArguments fields:", lambda n: n in SUPPORTED_TRAINING_ARGUMENTS)):
+        lines += ["", title]
+        for f in dataclasses.fields(config_cls):
+            if f.init and not f.name.startswith("_") and keep(f.name):
+                text = " ".join(str(f.metadata.get("help", "")).split())
+                default = f.default if f.default is not dataclasses.MISSING else "..."
+                lines.append(f"  --{f.name:<28} {textwrap.shorten(text, 90)} (default: {default!r})")
+    return "\n".join(lines)
+
+
+def load_reward_function(spec: str):
+    """'package.module:function' or 'path/to/file.py:function'."""
+    if ":" not in spec:
+        raise ValueError(f"reward_funcs: {spec!r} should look like 'package.module:function' or 'file.py:function'")
+    target, name = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise FileNotFoundError(f"reward_funcs: {target!r} does not exist")
+        module_name = f"_rlhf_ext_reward_{abs(hash(os.path.abspath(target)))}"
+        spec_obj = importlib.util.spec_from_file_location(module_name, target)
+        module = importlib.util.module_from_spec(spec_obj)
+        spec_obj.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    if not hasattr(module, name):
+        raise AttributeError(f"reward_funcs: {target!r} has no function {name!r}")
+    return getattr(module, name)
+
+
+def build(algorithm: str, values: dict):
+    """(trainer, config) from a flat mapping of script keys and config fields."""
+    from rlhf_ext.trainers.config import config_from_dict
+    from rlhf_ext.trainers.data import load_local_dataset
+
+    config_cls, trainer_cls = _classes(algorithm)
+    script = {k: values.pop(k) for k in list(values) if k in SCRIPT_KEYS}
+    config = config_from_dict(config_cls, values)
+    model = script.get("model_name_or_path") or script.get("sft_model_path")
+    if not model:
+        raise ValueError("model_name_or_path: required (a local model folder)")
+    if not script.get("dataset_name"):
+        raise ValueError("dataset_name: required (a local data file or folder)")
+    train = load_local_dataset(script["dataset_name"], script.get("dataset_train_split", "train"))
+    if script.get("eval_dataset_name"):
+        evaluation = load_local_dataset(script["eval_dataset_name"], script.get("dataset_test_split", "train"))
+    elif script.get("dataset_test_split"):
+        evaluation = load_local_dataset(script["dataset_name"], script["dataset_test_split"])
+    else:
+        evaluation = None
+    tokenizer = None
+    if script.get("tokenizer_name_or_path") or os.path.isdir(model):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(script.get("tokenizer_name_or_path") or model)
+    if algorithm in ("sft", "reward"):
+        unused = [k for k in ("reward_model_path", "ref_model_path", "value_model_path", "reward_funcs") if k in script]
+        if unused:
+            raise ValueError(f"{unused[0]}: only used by `rlhf-ext train ppo`")
+        trainer = trainer_cls(model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
+        return trainer, config
+    funcs = script.get("reward_funcs") or []
+    funcs = [funcs] if isinstance(funcs, str) else list(funcs)
+    trainer = trainer_cls(
+        config, tokenizer, model, ref_model=script.get("ref_model_path"), reward_model=script.get("reward_model_path"),
+        reward_funcs=[load_reward_function(s) for s in funcs] or None, value_model=script.get("value_model_path"),
+        train_dataset=train, eval_dataset=evaluation,
+    )
+    return trainer, config
+
+
+def parse_options(options: list):
+    """(config_path, overrides dict, wants_help) from the tokens after the algorithm."""
+    from rlhf_ext.trainers.config import parse_overrides
+
+    if any(tok in ("-h", "--help") for tok in options):
+        return None, {}, True
+    overrides = parse_overrides(options)
+    return overrides.pop("config", None), overrides, False
+
+
+def run(args) -> int:
+    config_path, overrides, wants_help = parse_options(args.options)
+    if wants_help:
+        print(algorithm_help(args.algorithm))
+        return 0
+    from rlhf_ext.trainers.config import load_yaml
+
+    values = load_yaml(config_path) if config_path else {}
+    values.update(overrides)
+    try:
+        trainer, config = build(args.algorithm, values)
+    except (ValueError, TypeError, FileNotFoundError, AttributeError) as err:
+        print(f"rlhf-ext train {args.algorithm}: {err}", file=sys.stderr)
+        return 2
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    print(f"saved the trained model to {config.output_dir}")
+    return 0

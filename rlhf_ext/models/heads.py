@@ -1,0 +1,145 @@
+"""Scalar heads on Hugging Face backbones: reward scores, critic values, and the shared value head.
+
+Reward models and critics are stock `*ForSequenceClassification(num_labels=1)` models. We run their
+backbone and apply the score head ourselves at the positions we choose (HF's own pooling finds "the
+last non-pad token" by comparing ids to pad_token_id, which is wrong when pad == eos and the sequence
+ends in EOS). Position ids come from the attention mask, so left and right padding both work.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from rlhf_ext.models.logprobs import position_ids_from_mask  # noqa: F401  (re-exported: callers import it from here)
+from rlhf_ext.ops import fused_linear_logprobs
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer body of an HF model (`model.model`, `model.transformer`, ...), without its head."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers
+    prefix = getattr(inner, "base_model_prefix", None)
+    if prefix and hasattr(inner, prefix):
+        return getattr(inner, prefix)
+    raise TypeError(f"model: cannot find the transformer body of {type(model).__name__} (no base_model_prefix attribute)")
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The `[H] -> [num_labels]` head of a sequence classifier (`score` for decoder LMs)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(inner, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise TypeError(
+        f"model: {type(model).__name__} has no score head (expected an AutoModelForSequenceClassification "
+        "with num_labels=1, e.g. LlamaForSequenceClassification)"
+    )
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states `[B, L, H]` of the backbone (after its final norm)."""
+    out = backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out[0]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[B]` index of the last attended position of each row (works for left and right padding)."""
+    L = attention_mask.shape[-1]
+    return L - 1 - attention_mask.long().flip(-1).argmax(-1)
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[B]` float32 scalar score of each sequence, read at its last real token."""
+    hidden = hidden_states(model, input_ids, attention_mask)  # (B, L, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, last_token_index(attention_mask)]  # (B, H)
+    return score_head(model)(last)[:, 0].float()
+
+
+def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int) -> torch.Tensor:
+    """`[B, R]` float32 critic values for the response tokens `input_ids[:, response_start:]`: the value of
+    response token t is read from the hidden state before it (position response_start - 1 + t)."""
+    hidden = hidden_states(model, input_ids, attention_mask)[:, response_start - 1 : -1]  # (B, R, H)
+    return score_head(model)(hidden)[..., 0].float()
+
+
+def critic_from_causal_lm(policy: nn.Module) -> nn.Module:
+    """A `*ForSequenceClassification(num_labels=1)` critic whose backbone is a copy of the policy's
+    and whose score head starts at zero (so the first values are 0)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = policy.config.__class__.from_dict({**policy.config.to_dict(), "num_labels": 1})
+    critic = AutoModelForSequenceClassification.from_config(config).to(
+        device=next(policy.parameters()).device, dtype=next(policy.parameters()).dtype
+    )
+    backbone(critic).load_state_dict(backbone(policy).state_dict())
+    nn.init.zeros_(score_head(critic).weight)
+    return critic
+
+
+class ValueHead(nn.Linear):
+    """`[..., H] -> [...]` value head on the policy's hidden states (shared critic); starts at zero."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden.to(self.weight.dtype))[..., 0].float()  # a bf16 policy, fp32 head
+
+
+def logprobs_and_values(
+    policy: nn.Module,
+    value_head: ValueHead,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_start: int,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """One policy forward for a shared critic: response log-probs `[B, R]` (and entropy) through the
+    fused linear+log-softmax op on the hidden states (no `[B, R, V]` logits), values `[B, R]` from
+    `value_head`. Returns (logprobs, entropy or None, values)."""
+    check_plain_lm_head(policy)
+    hidden = hidden_states(policy, input_ids, attention_mask)[:, response_start - 1 : -1]  # (B, R, H)
+    lm_head = policy.get_output_embeddings()
+    out = fused_linear_logprobs(
+        hidden, lm_head.weight, input_ids[:, response_start:], bias=getattr(lm_head, "bias", None),
+        temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
+    )
+    logprobs, entropy = out if return_entropy else (out, None)
+    return logprobs, entropy, value_head(hidden)
+
+
+def check_plain_lm_head(model: nn.Module):
+    """The fused path computes logits as hidden @ W^T (+ b). Refuse models whose logits are post-processed."""
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"{type(model).__name__}: config.{attr}={getattr(config, attr)} transforms the logits, which the fused "
+                "linear log-prob path does not apply; turn the fused path off for this model"
+            )
+
+
+def causal_lm_token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             labels: torch.Tensor, fused_linear: bool = True) -> torch.Tensor:
+    """`[B, L-1]` float32 log-prob of token t+1 given tokens <= t; 0 where `labels[:, 1:]` is -100.
+    fused_linear: from the hidden states through the fused op (no `[B, L, V]` logits); else from the
+    model's logits through `gather_logprobs`."""
+    from rlhf_ext.ops import gather_logprobs
+
+    targets = labels[:, 1:]
+    if fused_linear:
+        check_plain_lm_head(model)
+        hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]  # (B, L-1, H)
+        lm_head = model.get_output_embeddings()
+        return fused_linear_logprobs(hidden, lm_head.weight, targets, bias=getattr(lm_head, "bias", None))
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    return gather_logprobs(logits[:, :-1], targets)

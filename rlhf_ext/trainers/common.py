@@ -1,0 +1,248 @@
+"""What every rlhf_ext trainer shares: model loading (object or local path), optimizer and schedule,
+mixed precision, saving in HF format, atomic checkpoints with exact resume, and the step bookkeeping
+around `Reporter`. Each algorithm file keeps its own update loop, top to bottom.
+"""
+import contextlib
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from rlhf_ext.trainers import checkpoint as ckpt
+from rlhf_ext.trainers.config import TrainerConfig
+from rlhf_ext.trainers.reporting import Reporter
+
+
+def disable_dropout(model: nn.Module):
+    """Dropout off everywhere: nn.Dropout modules and the float `attention_dropout` attributes that SDPA
+    attention reads directly (PPO's ratios assume the same network computes the old and new log-probs)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def load_model(model, kind: str, args: TrainerConfig, name: str = "model", **extra_kwargs):
+    """`model` as a loaded `PreTrainedModel` (returned as is) or a local path loaded with the Auto class
+    for `kind` ("causal_lm" or "sequence_classification")."""
+    if isinstance(model, nn.Module):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected a model or a local path, got {type(model).__name__}")
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"{name}: {model!r} is not a local folder (only local checkpoints are supported)")
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}[kind]
+    kwargs = {**(args.model_init_kwargs or {}), **extra_kwargs}
+    return auto.from_pretrained(model, **kwargs)
+
+
+def load_tokenizer(processing_class, model_path=None, name: str = "processing_class"):
+    """The tokenizer given, else the one stored with a model given as a path."""
+    if processing_class is not None:
+        return processing_class
+    if isinstance(model_path, (str, os.PathLike)) and os.path.isdir(model_path):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_path)
+    raise ValueError(f"{name}: required when the model is not given as a local path that holds a tokenizer")
+
+
+class BaseTrainer:
+    """Holds args, device, models to train, optimizer, scheduler and the Reporter."""
+
+    progress_keys: dict = {}
+
+    def __init__(self, args: TrainerConfig, processing_class, callbacks=None):
+        if not isinstance(args, TrainerConfig):
+            raise TypeError(f"args: expected a {TrainerConfig.__name__} subclass instance, got {type(args).__name__}")
+        from transformers import enable_full_determinism, set_seed
+
+        self.args = args
+        (enable_full_determinism if args.full_determinism else set_seed)(args.seed)
+        if args.log_level != "passive":
+            import transformers
+
+            transformers.logging.set_verbosity(transformers.logging.get_log_levels_dict()[args.log_level])
+        self.device = args.device
+        self.processing_class = processing_class
+        self.callbacks = list(callbacks or [])
+        self.optimizer = None
+        self.lr_scheduler = None
+        self.reporter: Optional[Reporter] = None
+
+    # ---- models ----
+    def prepare_model(self, model: nn.Module, trainable: bool) -> nn.Module:
+        model = model.to(self.device)
+        if self.args.disable_dropout:
+            disable_dropout(model)
+        if trainable:
+            args = self.args
+            # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old names mirror it)
+            if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
+                kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
+                kwargs = kwargs or {"use_reentrant": False}
+                if hasattr(model, "activation_checkpointing_enable"):
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            model.requires_grad_(False)
+            model.eval()
+        return model
+
+    def autocast(self):
+        if self.args.bf16:
+            return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- optimisation ----
+    def create_optimizer_and_scheduler(self, modules: list, num_training_steps: int, optimizers=(None, None)):
+        """AdamW over the trainable parameters of `modules` (no weight decay on biases and norm weights,
+        i.e. tensors with fewer than 2 dims) and the `lr_scheduler_type` schedule; or the pair given."""
+        from transformers import get_scheduler
+
+        optimizer, scheduler = optimizers if optimizers is not None else (None, None)
+        if optimizer is None:
+            args = self.args
+            params = [p for m in modules for p in m.parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ]
+            kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+            optimizer = torch.optim.AdamW(groups, fused=args.optim == "adamw_torch_fused" or None, **kwargs)
+        if scheduler is None:
+            scheduler = get_scheduler(
+                self.args.lr_scheduler_type, optimizer, num_warmup_steps=self.args.warmup_for(num_training_steps),
+                num_training_steps=num_training_steps, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
+            )
+        self.optimizer, self.lr_scheduler = optimizer, scheduler
+
+    def clip_and_step(self, params: list) -> torch.Tensor:
+        """Clip the gradient norm (max_grad_norm), step optimizer, zero grads. Returns the pre-clip norm
+        (a 0-dim tensor on the device, so callers choose when to sync)."""
+        norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    # ---- saving ----
+    def models_to_save(self) -> dict:
+        """{subfolder: module}; "" is the main model. Overridden by each trainer."""
+        raise NotImplementedError
+
+    def save_model(self, output_dir: Optional[str] = None):
+        """Every model in HF format (`save_pretrained`; a bare head as safetensors) plus the tokenizer."""
+        output_dir = output_dir or self.args.output_dir
+        for sub, module in self.models_to_save().items():
+            folder = os.path.join(output_dir, sub)
+            os.makedirs(folder, exist_ok=True)
+            if hasattr(module, "save_pretrained"):
+                module.save_pretrained(folder)
+            else:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in module.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def trainer_extra_state(self) -> dict:
+        """Algorithm state that a resumed run needs (e.g. the KL controller). JSON-serialisable."""
+        return {}
+
+    def load_trainer_extra_state(self, state: dict):
+        pass
+
+    def rng_generators(self) -> dict:
+        """Named torch.Generators whose states go into checkpoints."""
+        return {}
+
+    def save_checkpoint(self) -> str:
+        step = self.reporter.state.global_step
+
+        def write(folder):
+            self.save_model(folder)
+            torch.save(self.optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
+            torch.save(ckpt.capture_rng(self.rng_generators()), os.path.join(folder, "rng_state.pt"))
+            with open(os.path.join(folder, "trainer_extra.json"), "w") as fh:
+                json.dump(self.trainer_extra_state(), fh)
+            self.reporter.state.save_to_json(os.path.join(folder, "trainer_state.json"))
+
+        path = ckpt.save_atomic(self.args.output_dir, step, write, self.args.save_total_limit)
+        self.reporter.saved(path)
+        return path
+
+    def save_state(self) -> str:
+        """A full checkpoint at the current step (as every save_steps does) and trainer_state.json in
+        output_dir (what HF's Trainer.save_state writes). Returns the checkpoint folder."""
+        if self.reporter is None or self.optimizer is None:
+            raise RuntimeError("save_state: nothing to save before train() has started")
+        path = self.save_checkpoint()
+        self.reporter.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+        return path
+
+    def resolve_checkpoint(self, resume_from_checkpoint) -> Optional[str]:
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "latest"):
+            path = ckpt.latest_checkpoint(self.args.output_dir)
+            if path is None:
+                raise FileNotFoundError(f"resume_from_checkpoint=True: no checkpoint-N folder in {self.args.output_dir}")
+            return path
+        if not os.path.isdir(resume_from_checkpoint):
+            raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint!r} is not a folder")
+        return resume_from_checkpoint
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore weights, optimizer, scheduler, RNGs and trainer state from `path`; returns its step."""
+        from transformers import TrainerState
+
+        for sub, module in self.models_to_save().items():
+            ckpt.load_weights(module, os.path.join(path, sub))
+        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+        # Our own file (NumPy RNG state is an ndarray inside a tuple, which weights_only refuses).
+        ckpt.restore_rng(torch.load(os.path.join(path, "rng_state.pt"), weights_only=False), self.rng_generators())
+        with open(os.path.join(path, "trainer_extra.json")) as fh:
+            self.load_trainer_extra_state(json.load(fh))
+        saved = TrainerState.load_from_json(os.path.join(path, "trainer_state.json"))
+        self.reporter.state.log_history = saved.log_history
+        return saved.global_step
+
+    # ---- the loop's bookkeeping ----
+    def begin_training(self, total_steps: int, steps_per_epoch: int, batch_size: int, resume_from_checkpoint,
+                       model_for_callbacks) -> int:
+        """Creates the Reporter, restores a checkpoint if asked; returns the first step to run."""
+        self.reporter = Reporter(
+            self.args, self.callbacks, self.progress_keys, model=model_for_callbacks,
+            processing_class=self.processing_class, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+        )
+        path = self.resolve_checkpoint(resume_from_checkpoint)
+        start = self.load_checkpoint(path) if path else 0
+        if start > total_steps:
+            raise ValueError(f"resume_from_checkpoint: {path} is at step {start}, beyond this run's {total_steps} steps")
+        self.reporter.begin(total_steps, start, steps_per_epoch, batch_size)
+        return start
+
+    def end_step(self, metrics: dict) -> bool:
+        """Log, checkpoint and evaluate when due; returns True when training should stop."""
+        self.reporter.step_end(metrics)
+        if self.reporter.should_evaluate():
+            self.evaluate_and_log()
+        if self.reporter.should_save():
+            self.save_checkpoint()
+        return self.reporter.control.should_training_stop
+
+    def evaluate_and_log(self):
+        """Trainers with an eval loop override this; the default evaluates nothing."""
+        self.reporter.control.should_evaluate = False
+
+    def end_training(self):
+        self.reporter.flush()
+        self.reporter.end()

@@ -1,0 +1,148 @@
+"""Datasets for the trainers: loading, prompt/chat tokenisation, padding, and resumable batch order."""
+import math
+from typing import Optional
+
+import torch
+
+
+def is_conversational(value) -> bool:
+    """A list of {"role": ..., "content": ...} messages."""
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    )
+
+
+def require_pad_token(tokenizer, what: str = "processing_class"):
+    if tokenizer is None:
+        raise ValueError(f"{what}: a tokenizer is required (pass processing_class=AutoTokenizer.from_pretrained(...))")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"{what}: the tokenizer has no pad token. Set one before building the trainer, e.g. "
+            "`tokenizer.pad_token = tokenizer.eos_token` (padding is always masked, so reusing EOS is safe), or add "
+            "a new one with `tokenizer.add_special_tokens({'pad_token': '<pad>'})` and "
+            "`model.resize_token_embeddings(len(tokenizer))`."
+        )
+
+
+def as_dataset(data, name: str):
+    """A `datasets.Dataset` from a Dataset, a list of row dicts or a dict of columns."""
+    import datasets
+
+    if data is None:
+        return None
+    if isinstance(data, datasets.DatasetDict):
+        raise ValueError(f"{name}: got a DatasetDict with splits {list(data)}; pass one split, e.g. dataset['train']")
+    if isinstance(data, datasets.Dataset):
+        return data
+    if isinstance(data, list):
+        return datasets.Dataset.from_list(data)
+    if isinstance(data, dict):
+        return datasets.Dataset.from_dict(data)
+    raise TypeError(f"{name}: expected a datasets.Dataset, a list of dicts or a dict of columns, got {type(data).__name__}")
+
+
+def load_local_dataset(path: str, split: str = "train"):
+    """A dataset from a local .jsonl/.json/.parquet/.csv file, a `save_to_disk` folder, or a folder of data files."""
+    import os
+
+    import datasets
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset: {path!r} does not exist (only local files and folders are supported)")
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+            data = datasets.load_from_disk(path)
+        else:
+            data = datasets.load_dataset(path)
+    else:
+        ext = os.path.splitext(path)[1].lower().lstrip(".")
+        builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
+        if builder is None:
+            raise ValueError(f"dataset: {path!r} has an unsupported extension; expected .jsonl, .json, .parquet or .csv")
+        data = datasets.load_dataset(builder, data_files={split: path})
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"dataset: {path!r} has splits {list(data)}, not {split!r}")
+        data = data[split]
+    return data
+
+
+def chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("processing_class: the data holds chat messages but the tokenizer has no chat_template")
+    out = tokenizer.apply_chat_template(
+        list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def text_ids(tokenizer, text: str, add_special_tokens: bool = True) -> list:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def prompt_ids(tokenizer, prompt, max_prompt_length: Optional[int] = None) -> list:
+    """Token ids of one prompt: text, or chat messages rendered with the generation prompt. Long prompts
+    keep their last `max_prompt_length` tokens (the end is what the completion continues)."""
+    ids = chat_ids(tokenizer, prompt, True) if is_conversational(prompt) else text_ids(tokenizer, prompt)
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        ids = ids[-max_prompt_length:]
+    return ids
+
+
+def tokenize_prompts(dataset, tokenizer, max_prompt_length=None, num_proc=None, name="train_dataset"):
+    """Adds `input_ids` from the `prompt` column (or checks pre-tokenized `input_ids`)."""
+    columns = dataset.column_names
+    if "prompt" in columns:
+        return dataset.map(lambda row: {"input_ids": prompt_ids(tokenizer, row["prompt"], max_prompt_length)},
+                           num_proc=num_proc)
+    if "input_ids" in columns:
+        if max_prompt_length is not None:
+            return dataset.map(lambda row: {"input_ids": row["input_ids"][-max_prompt_length:]}, num_proc=num_proc)
+        return dataset
+    raise ValueError(
+        f"{name}: expected a 'prompt' column (text or chat messages) or pre-tokenized 'input_ids'; got columns {columns}"
+    )
+
+
+def pad(sequences: list, pad_value: int, side: str, device=None):
+    """Pad lists of ids to one length. Returns (ids [B, L] long, mask [B, L] long)."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+class StepBatches:
+    """Row indices of the batch at any step, as a pure function of (seed, step): epochs are permutations
+    (epoch e uses seed + e), concatenated and cut into `batch_size` slices; a partial tail of an epoch is
+    dropped. Resuming needs only the step number."""
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, shuffle: bool = True):
+        if num_rows < batch_size:
+            raise ValueError(f"dataset: {num_rows} rows is fewer than one batch of {batch_size}")
+        self.num_rows, self.batch_size, self.seed, self.shuffle = num_rows, batch_size, seed, shuffle
+        self.batches_per_epoch = num_rows // batch_size
+        self._epoch, self._order = None, None
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.batches_per_epoch
+
+    def indices(self, step: int) -> list:
+        epoch, within = divmod(step, self.batches_per_epoch)
+        if epoch != self._epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                self._order = torch.randperm(self.num_rows, generator=generator).tolist()
+            else:
+                self._order = list(range(self.num_rows))
+            self._epoch = epoch
+        return self._order[within * self.batch_size : (within + 1) * self.batch_size]
+
+    def total_steps(self, num_train_epochs: float, max_steps: int) -> int:
+        if max_steps and max_steps > 0:
+            return int(max_steps)
+        return max(1, math.ceil(num_train_epochs * self.batches_per_epoch))

@@ -1,0 +1,353 @@
+"""PPO with a critic (InstructGPT / TRL's PPOTrainer), built on the fused ops.
+
+One step, as read top to bottom in `train` / `make_experience` / `ppo_update`:
+  prompts -> `generate` (KV-cached sampling) -> old log-probs, reference log-probs, values, scores
+  -> per-token reward: -kl_coef * KL(policy || ref) on every response token, + score on the last real one
+  -> `gae` -> `masked_whiten` -> num_ppo_epochs x num_mini_batches minibatch updates with `ppo_loss`
+     (gradient accumulation over per_device_train_batch_size micro-batches, gradient clipping)
+  -> adaptive KL coefficient (when target_kl is set), learning-rate schedule.
+Batch sizes follow TRL: one step samples per_device_train_batch_size * gradient_accumulation_steps *
+num_mini_batches prompts; a minibatch is per_device_train_batch_size * gradient_accumulation_steps.
+"""
+import copy
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from rlhf_ext.generation import generate
+from rlhf_ext.models.heads import ValueHead, critic_from_causal_lm, last_token_index, logprobs_and_values, token_values
+from rlhf_ext.models.logprobs import sequence_logprobs
+from rlhf_ext.ops import gae, kl_penalty, masked_var, masked_whiten, ppo_loss
+from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
+from rlhf_ext.trainers.config import TrainerConfig, require
+from rlhf_ext.trainers.data import StepBatches, as_dataset, pad, require_pad_token
+from rlhf_ext.trainers.rollout import RolloutMixin
+
+
+@dataclass
+class PPOConfig(TrainerConfig):
+    """Config of PPOTrainer (TRL field names; the extras are marked)."""
+
+    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (policy and critic)"})
+    num_mini_batches: int = field(default=1, metadata={"help": "minibatches per PPO epoch"})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
+    total_episodes: Optional[int] = field(default=None, metadata={"help": "prompts to train on (default num_train_epochs * len(dataset))"})
+    local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "rows per no-grad forward when scoring rollouts"})
+    num_sample_generations: int = field(default=10, metadata={"help": "times to write eval samples to samples.jsonl (0: never)"})
+    response_length: int = field(default=53, metadata={"help": "max new tokens per completion"})
+    max_completion_length: Optional[int] = field(default=None, metadata={"help": "GRPO's name for response_length (overrides it)"})
+    max_prompt_length: Optional[int] = field(default=None, metadata={"help": "extra: keep the last N prompt tokens"})
+    stop_token: Optional[str] = field(default="eos", metadata={"help": "'eos': stop at the tokenizer's EOS; None: only stop_token_id"})
+    stop_token_id: Optional[int] = field(default=None, metadata={"help": "token id that ends a completion"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (log-probs use the same)"})
+    top_k: int = field(default=0, metadata={"help": "extra: top-k sampling (0: off)"})
+    top_p: float = field(default=1.0, metadata={"help": "extra: nucleus sampling"})
+    min_p: float = field(default=0.0, metadata={"help": "extra: min-p sampling"})
+    missing_eos_penalty: Optional[float] = field(default=None, metadata={"help": "subtracted from the score of completions without EOS"})
+    reward_weights: Optional[list[float]] = field(default=None, metadata={"help": "weights of [reward_model, *reward_funcs]"})
+    normalize_rewards: bool = field(default=False, metadata={"help": "extra: standardise the scores over the batch"})
+    reward_clip: Optional[float] = field(default=None, metadata={"help": "extra: clip scores to [-c, c] (after normalising)"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "whiten the per-token rewards (scale only)"})
+    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (the initial one with target_kl)"})
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator: 'k1' or 'k3'"})
+    target_kl: Optional[float] = field(default=None, metadata={"help": "adaptive KL: target per-sequence KL (None: fixed kl_coef)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL: horizon in episodes"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout values"})
+    vf_coef: float = field(default=0.1, metadata={"help": "value loss weight"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "extra: entropy bonus weight"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    early_stop_kl: Optional[float] = field(default=None, metadata={"help": "extra: end a step's updates once a minibatch's approx KL exceeds this"})
+    shared_critic: bool = field(default=False, metadata={"help": "extra: value head on the policy instead of a separate critic"})
+    fused_linear_logprobs: bool = field(default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"})
+    logprobs_chunk_size: Optional[int] = field(default=None, metadata={"help": "extra: vocabulary chunk of the fused op"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_completion_length is not None:
+            self.response_length = self.max_completion_length
+        for name in ("num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length", "kl_horizon"):
+            require(self, name, getattr(self, name) >= 1, "an integer >= 1")
+        require(self, "num_sample_generations", self.num_sample_generations >= 0, "an integer >= 0")
+        require(self, "total_episodes", self.total_episodes is None or self.total_episodes >= 1, "None or >= 1")
+        require(self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, "None or >= 1")
+        require(self, "stop_token", self.stop_token in (None, "eos"), "'eos' or None")
+        require(self, "temperature", self.temperature > 0, "a value > 0")
+        require(self, "top_k", self.top_k >= 0, "an integer >= 0")
+        require(self, "top_p", 0.0 < self.top_p <= 1.0, "a value in (0, 1]")
+        require(self, "min_p", 0.0 <= self.min_p < 1.0, "a value in [0, 1)")
+        require(self, "kl_coef", self.kl_coef >= 0, "a value >= 0")
+        require(self, "kl_estimator", self.kl_estimator in ("k1", "k3"), "'k1' or 'k3'")
+        require(self, "target_kl", self.target_kl is None or self.target_kl > 0, "None or a value > 0")
+        require(self, "cliprange", 0.0 < self.cliprange < 1.0, "a value in (0, 1)")
+        require(self, "cliprange_value", self.cliprange_value > 0, "a value > 0")
+        require(self, "vf_coef", self.vf_coef >= 0, "a value >= 0")
+        require(self, "entropy_coef", self.entropy_coef >= 0, "a value >= 0")
+        require(self, "gamma", 0.0 <= self.gamma <= 1.0, "a value in [0, 1]")
+        require(self, "lam", 0.0 <= self.lam <= 1.0, "a value in [0, 1]")
+        require(self, "reward_clip", self.reward_clip is None or self.reward_clip > 0, "None or a value > 0")
+        require(self, "early_stop_kl", self.early_stop_kl is None or self.early_stop_kl > 0, "None or a value > 0")
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def batch_size(self) -> int:
+        """Prompts per PPO step."""
+        return self.mini_batch_size * self.num_mini_batches
+
+
+class PPOTrainer(RolloutMixin, BaseTrainer):
+    """`PPOTrainer(args, processing_class, model, ref_model=None, reward_model=None, reward_funcs=None,
+    value_model=None, train_dataset=None, eval_dataset=None, peft_config=None, callbacks=None,
+    optimizers=(None, None), reward_processing_class=None)`. See the module docstring and PPOConfig."""
+
+    progress_keys = {"reward": "objective/scores", "kl": "objective/kl"}
+
+    def __init__(self, args: PPOConfig, processing_class=None, model=None, ref_model=None, reward_model=None,
+                 reward_funcs=None, value_model=None, train_dataset=None, eval_dataset=None, peft_config=None,
+                 callbacks=None, optimizers=(None, None), reward_processing_class=None, data_collator=None):
+        if not isinstance(args, PPOConfig):
+            raise TypeError(f"args: expected a PPOConfig, got {type(args).__name__}")
+        if model is None:
+            raise ValueError("model: required (a causal LM or a local path)")
+        if peft_config is not None:
+            raise NotImplementedError("peft_config: LoRA training is not available in this version of PPOTrainer")
+        if data_collator is not None:
+            raise ValueError("data_collator: not supported; PPOTrainer pads prompts itself")
+        tokenizer = load_tokenizer(processing_class, model)
+        require_pad_token(tokenizer)
+        super().__init__(args, tokenizer, callbacks)
+
+        # Policy and the frozen reference (by default a copy of the policy as given).
+        policy = load_model(model, "causal_lm", args)
+        ref = copy.deepcopy(policy) if ref_model is None else load_model(ref_model, "causal_lm", args, "ref_model")
+        if ref is policy:
+            raise ValueError("ref_model: must not be the policy object itself (pass None for a frozen copy)")
+        self.policy = self.prepare_model(policy, trainable=True)
+        self.ref_model = self.prepare_model(ref, trainable=False)
+
+        # Rewards: [reward_model, *reward_funcs] with reward_weights; models are frozen.
+        reward_model_obj = None
+        if reward_model is not None:
+            if reward_processing_class is None and isinstance(reward_model, str):
+                reward_processing_class = load_tokenizer(None, reward_model, "reward_processing_class")
+            reward_model_obj = load_model(reward_model, "sequence_classification", args, "reward_model", num_labels=1)
+        self.reward_model = reward_model_obj
+        self.reward_sources = self.build_reward_sources(reward_model_obj, reward_funcs, reward_processing_class)
+
+        # Critic: a value head on the policy, the value_model given, a copy of the reward model (as
+        # InstructGPT initialises it), or the policy's backbone with a fresh head.
+        if args.shared_critic:
+            if value_model is not None:
+                raise ValueError("value_model: must be None with shared_critic=True (the value head lives on the policy)")
+            self.critic = ValueHead(self.policy.config.get_text_config().hidden_size).to(self.device)
+        else:
+            if value_model is not None:
+                critic = load_model(value_model, "sequence_classification", args, "value_model", num_labels=1)
+            elif reward_model_obj is not None:
+                critic = copy.deepcopy(reward_model_obj)
+            else:
+                critic = critic_from_causal_lm(policy)
+            self.critic = self.prepare_model(critic.requires_grad_(True), trainable=True)
+
+        self.train_dataset = self.tokenize_prompt_dataset(as_dataset(train_dataset, "train_dataset"), "train_dataset")
+        if self.train_dataset is None:
+            raise ValueError("train_dataset: required")
+        self.eval_dataset = self.tokenize_prompt_dataset(as_dataset(eval_dataset, "eval_dataset"), "eval_dataset")
+        if args.eval_strategy != "no" and self.eval_dataset is None:
+            raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset")
+        self.kl_coef = args.kl_coef
+        self._optimizers = optimizers
+        self.rollout_generator = torch.Generator(device=self.device).manual_seed(args.seed)
+        self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
+
+    # ---- state that checkpoints carry ----
+    def models_to_save(self) -> dict:
+        return {"": self.policy, "critic": self.critic}
+
+    def rng_generators(self) -> dict:
+        return {"rollout": self.rollout_generator, "shuffle": self.shuffle_generator}
+
+    def trainer_extra_state(self) -> dict:
+        return {"kl_coef": self.kl_coef}
+
+    def load_trainer_extra_state(self, state: dict):
+        self.kl_coef = state["kl_coef"]
+
+    # ---- forward passes ----
+    def policy_forward(self, ids, attn, P, return_entropy=False):
+        """(logprobs [B, R], entropy [B, R] or None, values [B, R]) for the responses ids[:, P:]."""
+        args = self.args
+        with self.autocast():
+            if args.shared_critic:
+                return logprobs_and_values(self.policy, self.critic, ids, attn, P, args.temperature, return_entropy,
+                                           args.logprobs_chunk_size)
+            out = sequence_logprobs(self.policy, ids, attn, P, temperature=args.temperature, return_entropy=return_entropy,
+                                    fused_linear=args.fused_linear_logprobs, chunk_size=args.logprobs_chunk_size)
+            logprobs, entropy = out if return_entropy else (out, None)
+            return logprobs, entropy, token_values(self.critic, ids, attn, P)
+
+    @torch.no_grad()
+    def make_experience(self, rows: dict) -> SimpleNamespace:
+        """Rollout, scoring, per-token rewards, advantages and returns for one batch of prompts."""
+        args, tok = self.args, self.processing_class
+        timer = time.perf_counter()
+        prompt_ids, prompt_mask = pad(rows["input_ids"], tok.pad_token_id, "left", self.device)
+        self.policy.eval()
+        rollout = generate(
+            self.policy, prompt_ids, prompt_mask, max_new_tokens=args.response_length, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, eos_token_id=self.stop_token_id,
+            pad_token_id=tok.pad_token_id, generator=self.rollout_generator,
+        )
+        time_rollout, timer = time.perf_counter() - timer, time.perf_counter()
+        P, ids = rollout.prompt_length, rollout.sequences  # (B, P + R)
+        mask = rollout.response_mask.float()  # (B, R): 1 up to and including EOS
+        attn = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
+        chunks = [slice(i, i + args.local_rollout_forward_batch_size) for i in range(0, ids.shape[0], args.local_rollout_forward_batch_size)]
+        old_logprobs, values = map(torch.cat, zip(*[self.policy_forward(ids[c], attn[c], P)[::2] for c in chunks]))
+        ref_logprobs = torch.cat([self.reference_logprobs(ids[c], attn[c], P) for c in chunks])
+        old_logprobs, ref_logprobs, values = old_logprobs * mask, ref_logprobs * mask, values * mask
+        scores, per_source = self.score_rollout(rows, rollout, prompt_mask, attn)
+        time_scoring = time.perf_counter() - timer
+
+        # Per-token rewards: the KL leash on every real token, the score on the last real token (EOS, or
+        # the last token of a truncated completion; never a pad position).
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~rollout.finished).float()
+        raw_scores = scores
+        if args.normalize_rewards:
+            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        if args.reward_clip is not None:
+            scores = scores.clamp(-args.reward_clip, args.reward_clip)
+        kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask  # (B, R)
+        non_score_reward = -self.kl_coef * kl
+        rewards = assemble_rewards(non_score_reward, scores, mask)
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
+        advantages = masked_whiten(advantages, mask)
+        return SimpleNamespace(
+            ids=ids, attn=attn, P=P, mask=mask, old_logprobs=old_logprobs, values=values, advantages=advantages,
+            returns=returns, rewards=rewards, kl=kl, non_score_reward=non_score_reward, scores=raw_scores, per_source=per_source,
+            finished=rollout.finished, time_rollout=time_rollout, time_scoring=time_scoring,
+        )
+
+    def ppo_update(self, exp: SimpleNamespace) -> dict:
+        """num_ppo_epochs x num_mini_batches optimiser steps on one batch of experience."""
+        args = self.args
+        params = [p for m in (self.policy, self.critic) for p in m.parameters() if p.requires_grad]
+        self.policy.train()
+        self.critic.train()
+        stats = {k: [] for k in ("approxkl", "clipfrac", "policy", "value", "value_clipfrac", "entropy", "ratio", "grad_norm")}
+        micro, B = args.per_device_train_batch_size, exp.ids.shape[0]
+        lengths = exp.mask.sum(1).long().cpu()  # (B,) on the host, so trimming needs no device sync
+        stop = False
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(B, generator=self.shuffle_generator)
+            for mb_start in range(0, B, args.mini_batch_size):
+                minibatch_kl = []
+                for micro_start in range(mb_start, mb_start + args.mini_batch_size, micro):
+                    rows = order[micro_start : micro_start + micro]
+                    R = int(lengths[rows].max())  # drop response columns that are padding in every row
+                    idx = rows.to(self.device)
+                    ids, attn = exp.ids[idx, : exp.P + R], exp.attn[idx, : exp.P + R]
+                    logprobs, entropy, values = self.policy_forward(ids, attn, exp.P, return_entropy=True)
+                    out = ppo_loss(
+                        logprobs, exp.old_logprobs[idx, :R], exp.advantages[idx, :R], exp.mask[idx, :R],
+                        values=values, old_values=exp.values[idx, :R], returns=exp.returns[idx, :R], entropy=entropy,
+                        cliprange=args.cliprange, cliprange_value=args.cliprange_value, vf_coef=args.vf_coef,
+                        entropy_coef=args.entropy_coef,
+                    )
+                    (out.loss / args.gradient_accumulation_steps).backward()
+                    # statistics stay on the device until the end of the update (no host sync per micro-batch)
+                    for key, value in (("approxkl", out.stats["approxkl"]), ("clipfrac", out.stats["clipfrac"]),
+                                       ("policy", out.policy_loss), ("value", out.value_loss), ("entropy", out.entropy),
+                                       ("value_clipfrac", out.stats["value_clipfrac"]), ("ratio", out.stats["ratio_mean"])):
+                        stats[key].append(value.detach().float())
+                    minibatch_kl.append(stats["approxkl"][-1])
+                stats["grad_norm"].append(self.clip_and_step(params).float())
+                if args.early_stop_kl is not None and float(torch.stack(minibatch_kl).mean()) > args.early_stop_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        mean = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+        return {
+            "policy/approxkl_avg": mean["approxkl"], "policy/clipfrac_avg": mean["clipfrac"],
+            "policy/entropy_avg": mean["entropy"], "loss/policy_avg": mean["policy"], "loss/value_avg": mean["value"],
+            "val/clipfrac_avg": mean["value_clipfrac"], "val/ratio": mean["ratio"], "grad_norm": mean["grad_norm"],
+            "policy/early_stopped": float(stop),
+        }
+
+    def train(self, resume_from_checkpoint=None):
+        args = self.args
+        batches = StepBatches(len(self.train_dataset), args.batch_size, args.seed if args.data_seed is None else args.data_seed)
+        total_episodes = args.total_episodes or int(args.num_train_epochs * len(self.train_dataset))
+        total_steps = batches.total_steps(total_episodes / len(self.train_dataset), args.max_steps)
+        self.create_optimizer_and_scheduler([self.policy, self.critic], total_steps, self._optimizers)
+        start = self.begin_training(total_steps, batches.batches_per_epoch, args.batch_size,
+                                    resume_from_checkpoint or args.resume_from_checkpoint, self.policy)
+        sample_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
+        for step in range(start, total_steps):
+            self.reporter.step_begin()
+            exp = self.make_experience(self.train_dataset[batches.indices(step)])
+            timer = time.perf_counter()
+            update = self.ppo_update(exp)
+            time_update = time.perf_counter() - timer
+            lr = self.lr_scheduler.get_last_lr()[0]
+            self.lr_scheduler.step()
+
+            mean_kl = float(exp.kl.sum(1).mean())
+            metrics = self.rollout_metrics(exp, mean_kl)
+            metrics.update(update)
+            metrics.update({
+                "time/rollout": exp.time_rollout, "time/scoring": exp.time_scoring, "time/update": time_update,
+                "tokens_per_second": float(exp.mask.sum()) / (exp.time_rollout + exp.time_scoring + time_update),
+                "lr": lr, "episode": (step + 1) * args.batch_size, "objective/kl_coef": self.kl_coef,
+            })
+            if args.target_kl is not None:  # adaptive KL controller (Ziegler et al. 2019)
+                error = max(-0.2, min(0.2, mean_kl / args.target_kl - 1.0))
+                self.kl_coef *= 1.0 + error * args.batch_size / args.kl_horizon
+            if sample_every and self.eval_dataset is not None and (step + 1) % sample_every == 0:
+                self.write_samples(step + 1)
+            if self.end_step(metrics):
+                break
+        self.end_training()
+        return self.reporter.state
+
+    def rollout_metrics(self, exp: SimpleNamespace, mean_kl: float) -> dict:
+        non_score = float(exp.non_score_reward.sum(1).mean())
+        scores = float(exp.scores.mean())
+        metrics = {
+            "objective/kl": mean_kl, "objective/entropy": float((-exp.old_logprobs * exp.mask).sum(1).mean()),
+            "objective/non_score_reward": non_score, "objective/rlhf_reward": scores + non_score,
+            "objective/scores": scores, "val/num_eos_tokens": float(exp.finished.sum()),
+            "val/vf_explained_var": explained_variance(exp.values, exp.returns, exp.mask),
+            "completions/mean_length": float(exp.mask.sum(1).mean()),
+        }
+        if len(self.reward_sources) > 1:
+            for i, name in enumerate(self.reward_sources.names):
+                metrics[f"rewards/{name}/mean"] = float(torch.nanmean(exp.per_source[:, i]))
+        return metrics
+
+
+def assemble_rewards(non_score_reward: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`[B, R]` per-token rewards: non_score_reward everywhere, plus `scores[b]` on row b's last real token."""
+    rewards = non_score_reward.clone()
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores.to(rewards.device, rewards.dtype)
+    return rewards
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over real tokens (1: perfect critic, <= 0: useless)."""
+    var_returns = float(masked_var(returns, mask, unbiased=False))
+    residual = returns - values
+    var_residual = float(masked_var(residual, mask, unbiased=False))
+    return float("nan") if var_returns == 0 else 1.0 - var_residual / var_returns

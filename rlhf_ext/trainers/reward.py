@@ -1,0 +1,184 @@
+"""Reward model training: the pairwise Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin).
+
+Dataset columns: `chosen` and `rejected` (text, or chat conversations), optionally a `prompt` (text or
+chat messages) that both continue, and an optional `margin` column. Text examples get EOS appended (the
+score is read at the last real token, which for a finished PPO completion is EOS too). Optional reward
+centring (`center_rewards_coefficient`) adds c * mean((r_chosen + r_rejected)^2). The model is an
+`AutoModelForSequenceClassification` with `num_labels=1`; its backbone and `score` head are run by
+`rlhf_ext.models.heads.sequence_scores`, the same function PPO scores with.
+"""
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_ext.models.heads import sequence_scores
+from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
+from rlhf_ext.trainers.config import TrainerConfig, require
+from rlhf_ext.trainers.data import StepBatches, as_dataset, chat_ids, is_conversational, pad, require_pad_token, text_ids
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardConfig(TrainerConfig):
+    """Config of RewardTrainer (TRL field names)."""
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    max_length: Optional[int] = field(default=1024, metadata={"help": "pairs with a longer side are dropped (with a warning)"})
+    center_rewards_coefficient: Optional[float] = field(
+        default=None, metadata={"help": "weight of mean((r_chosen + r_rejected)^2), which centres rewards on 0"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, "max_length", self.max_length is None or self.max_length >= 2, "None or >= 2")
+        require(self, "center_rewards_coefficient",
+                self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0, "None or >= 0")
+
+
+def tokenize_pair(row: dict, tokenizer) -> dict:
+    for column in ("chosen", "rejected"):
+        if column not in row:
+            raise ValueError(f"train_dataset: expected 'chosen' and 'rejected' columns, got {list(row)}")
+    prompt = row.get("prompt")
+
+    def encode(completion):
+        if is_conversational(completion) or is_conversational(prompt):
+            return chat_ids(tokenizer, [*(prompt or []), *completion], add_generation_prompt=False)
+        ids = text_ids(tokenizer, (prompt or "") + completion)
+        return ids if ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+
+    margin = row.get("margin")
+    return {"chosen_ids": encode(row["chosen"]), "rejected_ids": encode(row["rejected"]),
+            "margin": 0.0 if margin is None else float(margin)}
+
+
+class RewardTrainer(BaseTrainer):
+    """`RewardTrainer(model, args, train_dataset, eval_dataset=None, processing_class=None, peft_config=None,
+    callbacks=None, optimizers=(None, None))`; model: a sequence classifier (num_labels=1) or a local path
+    (a causal LM checkpoint gets a fresh score head)."""
+
+    progress_keys = {"loss": "loss", "acc": "accuracy"}
+
+    def __init__(self, model, args: Optional[RewardConfig] = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, callbacks=None, optimizers=(None, None), data_collator=None):
+        args = args if args is not None else RewardConfig()
+        if peft_config is not None:
+            raise NotImplementedError("peft_config: LoRA training is not available in this version of RewardTrainer")
+        if data_collator is not None:
+            raise ValueError("data_collator: not supported; RewardTrainer pads pairs itself")
+        tokenizer = load_tokenizer(processing_class, model)
+        require_pad_token(tokenizer)
+        super().__init__(args, tokenizer, callbacks)
+        model = load_model(model, "sequence_classification", args, num_labels=1)
+        if getattr(model.config, "num_labels", None) != 1:
+            raise ValueError(f"model: expected a sequence classifier with num_labels=1, got num_labels={model.config.num_labels}")
+        if model.config.pad_token_id is None:  # keeps HF's own forward usable on this model after training
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self.model = self.prepare_model(model, trainable=True)
+        self._optimizers = optimizers
+        if train_dataset is None:
+            raise ValueError("train_dataset: required")
+        self.train_dataset = self._tokenize(train_dataset, "train_dataset")
+        self.eval_dataset = self._tokenize(eval_dataset, "eval_dataset")
+        if args.eval_strategy != "no" and self.eval_dataset is None:
+            raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset")
+
+    def _tokenize(self, data, name):
+        data = as_dataset(data, name)
+        if data is None:
+            return None
+        if len(data) == 0:
+            raise ValueError(f"{name}: is empty")
+        data = data.map(lambda row: tokenize_pair(row, self.processing_class), remove_columns=data.column_names,
+                        num_proc=self.args.dataset_num_proc)
+        if self.args.max_length is not None:
+            limit = self.args.max_length
+            before = len(data)
+            data = data.filter(lambda row: len(row["chosen_ids"]) <= limit and len(row["rejected_ids"]) <= limit)
+            if len(data) < before:
+                logger.warning("%s: dropped %d of %d pairs longer than max_length=%d", name, before - len(data), before, limit)
+            if len(data) == 0:
+                raise ValueError(f"{name}: every pair is longer than max_length={limit}")
+        return data
+
+    def models_to_save(self) -> dict:
+        return {"": self.model}
+
+    def _pair_scores(self, rows: dict):
+        """(r_chosen [b], r_rejected [b], margin [b]) for b pairs, in one forward over 2b sequences."""
+        ids, mask = pad(rows["chosen_ids"] + rows["rejected_ids"], self.processing_class.pad_token_id, "right", self.device)
+        with self.autocast():
+            scores = sequence_scores(self.model, ids, mask)
+        b = len(rows["chosen_ids"])
+        margin = torch.tensor(rows["margin"], dtype=torch.float32, device=scores.device)
+        return scores[:b], scores[b:], margin
+
+    def _loss(self, chosen, rejected, margin):
+        loss = -F.logsigmoid(chosen - rejected - margin).mean()
+        if self.args.center_rewards_coefficient:
+            loss = loss + self.args.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+        return loss
+
+    @staticmethod
+    def _pair_metrics(chosen, rejected) -> dict:
+        return {"accuracy": float((chosen > rejected).float().mean()), "margin": float((chosen - rejected).mean()),
+                "mean_reward": float(torch.cat([chosen, rejected]).mean())}
+
+    def train(self, resume_from_checkpoint=None):
+        args = self.args
+        micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        batches = StepBatches(len(self.train_dataset), micro * accum, args.seed if args.data_seed is None else args.data_seed)
+        total_steps = batches.total_steps(args.num_train_epochs, args.max_steps)
+        self.create_optimizer_and_scheduler([self.model], total_steps, self._optimizers)
+        start = self.begin_training(total_steps, batches.batches_per_epoch, micro * accum,
+                                    resume_from_checkpoint or args.resume_from_checkpoint, self.model)
+        self.model.train()
+        for step in range(start, total_steps):
+            self.reporter.step_begin()
+            rows = self.train_dataset[batches.indices(step)]
+            window = len(rows["chosen_ids"])
+            loss_sum, all_chosen, all_rejected = 0.0, [], []
+            for first in range(0, window, micro):
+                part = {k: v[first : first + micro] for k, v in rows.items()}
+                chosen, rejected, margin = self._pair_scores(part)
+                loss = self._loss(chosen, rejected, margin) * (len(part["chosen_ids"]) / window)
+                loss.backward()
+                loss_sum += float(loss.detach())
+                all_chosen.append(chosen.detach())
+                all_rejected.append(rejected.detach())
+            grad_norm = float(self.clip_and_step(list(self.model.parameters())))
+            lr = self.lr_scheduler.get_last_lr()[0]
+            self.lr_scheduler.step()
+            metrics = {"loss": loss_sum, "grad_norm": grad_norm, "learning_rate": lr,
+                       **self._pair_metrics(torch.cat(all_chosen), torch.cat(all_rejected))}
+            if self.end_step(metrics):
+                break
+        self.end_training()
+        return self.reporter.state
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
+        """{"eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"} on `eval_dataset` (pairs in the
+        train_dataset formats; default: the trainer's eval_dataset). `metric_key_prefix` replaces "eval"."""
+        data = self.eval_dataset if eval_dataset is None else self._tokenize(eval_dataset, "eval_dataset")
+        if data is None:
+            raise ValueError("eval_dataset: none given to evaluate() and none passed to RewardTrainer")
+        was_training = self.model.training
+        self.model.eval()
+        chosen, rejected, margins = [], [], []
+        size = self.args.per_device_eval_batch_size
+        for first in range(0, len(data), size):
+            c, r, m = self._pair_scores(data[first : first + size])
+            chosen.append(c)
+            rejected.append(r)
+            margins.append(m)
+        self.model.train(was_training)
+        chosen, rejected, margins = torch.cat(chosen), torch.cat(rejected), torch.cat(margins)
+        metrics = {"loss": float(self._loss(chosen, rejected, margins)), **self._pair_metrics(chosen, rejected)}
+        return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+
+    def evaluate_and_log(self):
+        self.reporter.evaluated(self.evaluate())

@@ -1,0 +1,187 @@
+"""Supervised fine-tuning: next-token loss on text, prompt/completion pairs or chat conversations.
+
+Dataset columns (first match wins): `formatting_func(row) -> str` if given; `messages` (chat, rendered
+with the tokenizer's chat template; with `assistant_only_loss` only assistant turns are trained);
+`prompt` + `completion` (text or chat; by default only the completion is trained); else the
+`dataset_text_field` column (default "text"). Text gets EOS appended so the model learns to stop.
+The loss is the mean token NLL over all trained tokens of the accumulation window, computed from the
+hidden states with the fused linear+log-softmax op (no `[B, L, V]` logits).
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from rlhf_ext.models.heads import causal_lm_token_logprobs
+from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
+from rlhf_ext.trainers.config import TrainerConfig, require
+from rlhf_ext.trainers.data import StepBatches, as_dataset, chat_ids, is_conversational, pad, require_pad_token, text_ids
+
+
+@dataclass
+class SFTConfig(TrainerConfig):
+    """Config of SFTTrainer (TRL field names)."""
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate"})
+    max_length: Optional[int] = field(default=1024, metadata={"help": "truncate tokenized examples to this length"})
+    dataset_text_field: str = field(default="text", metadata={"help": "column with plain text examples"})
+    completion_only_loss: Optional[bool] = field(
+        default=None, metadata={"help": "prompt/completion data: train only on the completion (None means True)"})
+    assistant_only_loss: bool = field(default=False, metadata={"help": "chat data: train only on assistant turns"})
+    eos_token: Optional[str] = field(default=None, metadata={"help": "token appended to text examples (default: the tokenizer's EOS)"})
+    packing: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
+    padding_free: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
+    fused_linear_logprobs: bool = field(default=True, metadata={"help": "loss from hidden states via the fused op (False: via the model's logits)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, "max_length", self.max_length is None or self.max_length >= 2, "None or >= 2")
+        require(self, "packing", not self.packing, "False (packing is not supported)")
+        require(self, "padding_free", not self.padding_free, "False (padding-free batches are not supported)")
+
+
+def tokenize_sft_row(row: dict, tokenizer, args: SFTConfig, formatting_func=None) -> dict:
+    """{"input_ids": [...], "completion_mask": [...]} with completion_mask 1 on trained tokens."""
+    eos_id = tokenizer.convert_tokens_to_ids(args.eos_token) if args.eos_token else tokenizer.eos_token_id
+
+    def with_eos(ids):
+        return ids if ids and ids[-1] == eos_id else ids + [eos_id]
+
+    if formatting_func is not None:
+        ids = with_eos(text_ids(tokenizer, formatting_func(row)))
+        mask = [1] * len(ids)
+    elif "messages" in row and row["messages"] is not None:
+        messages = row["messages"]
+        ids = chat_ids(tokenizer, messages, add_generation_prompt=False)
+        mask = [0 if args.assistant_only_loss else 1] * len(ids)
+        if args.assistant_only_loss:
+            for i, message in enumerate(messages):
+                if message["role"] != "assistant":
+                    continue
+                start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
+                end_ids = chat_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+                if ids[: len(end_ids)] != end_ids:
+                    raise ValueError("assistant_only_loss: the chat template does not render a conversation prefix as a token prefix")
+                mask[start : len(end_ids)] = [1] * (len(end_ids) - start)
+    elif "prompt" in row and "completion" in row:
+        prompt, completion = row["prompt"], row["completion"]
+        if is_conversational(prompt):
+            prompt_part = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+            ids = chat_ids(tokenizer, [*prompt, *completion], add_generation_prompt=False)
+            if ids[: len(prompt_part)] != prompt_part:
+                raise ValueError("completion_only_loss: the chat template does not render the prompt as a token prefix")
+        else:
+            prompt_part = text_ids(tokenizer, prompt)
+            ids = with_eos(prompt_part + text_ids(tokenizer, completion, add_special_tokens=False))
+        train_prompt = args.completion_only_loss is False
+        mask = [1 if train_prompt else 0] * len(prompt_part) + [1] * (len(ids) - len(prompt_part))
+    elif args.dataset_text_field in row:
+        ids = with_eos(text_ids(tokenizer, row[args.dataset_text_field]))
+        mask = [1] * len(ids)
+    else:
+        raise ValueError(
+            f"train_dataset: expected a {args.dataset_text_field!r} column, 'messages', or 'prompt' + 'completion'; "
+            f"got columns {list(row)}"
+        )
+    if args.max_length is not None:
+        ids, mask = ids[: args.max_length], mask[: args.max_length]
+    return {"input_ids": ids, "completion_mask": mask}
+
+
+class SFTTrainer(BaseTrainer):
+    """`SFTTrainer(model, args, train_dataset, eval_dataset=None, processing_class=None, callbacks=None,
+    optimizers=(None, None), peft_config=None, formatting_func=None)`; model: a causal LM or a local path."""
+
+    progress_keys = {"loss": "loss"}
+
+    def __init__(self, model, args: Optional[SFTConfig] = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None,
+                 formatting_func: Optional[Callable] = None, data_collator=None):
+        args = args if args is not None else SFTConfig()
+        if peft_config is not None:
+            raise NotImplementedError("peft_config: LoRA training is not available in this version of SFTTrainer")
+        if data_collator is not None:
+            raise ValueError("data_collator: not supported; SFTTrainer pads and masks batches itself")
+        tokenizer = load_tokenizer(processing_class, model)
+        require_pad_token(tokenizer)
+        super().__init__(args, tokenizer, callbacks)
+        self.model = self.prepare_model(load_model(model, "causal_lm", args), trainable=True)
+        self._optimizers = optimizers
+
+        def tokenize(data, name):
+            data = as_dataset(data, name)
+            if data is None:
+                return None
+            if len(data) == 0:
+                raise ValueError(f"{name}: is empty")
+            return data.map(lambda row: tokenize_sft_row(row, tokenizer, args, formatting_func),
+                            remove_columns=data.column_names, num_proc=args.dataset_num_proc)
+
+        if train_dataset is None:
+            raise ValueError("train_dataset: required")
+        self.train_dataset = tokenize(train_dataset, "train_dataset")
+        self.eval_dataset = tokenize(eval_dataset, "eval_dataset")
+        if args.eval_strategy != "no" and self.eval_dataset is None:
+            raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset")
+
+    def models_to_save(self) -> dict:
+        return {"": self.model}
+
+    def _batch(self, rows: dict):
+        ids, mask = pad(rows["input_ids"], self.processing_class.pad_token_id, "right", self.device)
+        trained, _ = pad(rows["completion_mask"], 0, "right", self.device)
+        labels = torch.where(trained.bool(), ids, torch.full_like(ids, -100))
+        return ids, mask, labels
+
+    def _token_nll_sum(self, ids, mask, labels):
+        with self.autocast():
+            logprobs = causal_lm_token_logprobs(self.model, ids, mask, labels, self.args.fused_linear_logprobs)
+        return -logprobs.sum()
+
+    def train(self, resume_from_checkpoint=None):
+        args = self.args
+        micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        batches = StepBatches(len(self.train_dataset), micro * accum, args.seed if args.data_seed is None else args.data_seed)
+        total_steps = batches.total_steps(args.num_train_epochs, args.max_steps)
+        self.create_optimizer_and_scheduler([self.model], total_steps, self._optimizers)
+        start = self.begin_training(total_steps, batches.batches_per_epoch, micro * accum,
+                                    resume_from_checkpoint or args.resume_from_checkpoint, self.model)
+        self.model.train()
+        for step in range(start, total_steps):
+            self.reporter.step_begin()
+            rows = self.train_dataset[batches.indices(step)]
+            ids, mask, labels = self._batch(rows)
+            num_tokens = int((labels[:, 1:] != -100).sum())  # the loss is a mean over the whole window
+            if num_tokens == 0:
+                raise ValueError(f"step {step}: no trained token in the batch (is completion_only_loss masking everything?)")
+            loss_sum = 0.0
+            for start_row in range(0, ids.shape[0], micro):
+                part = slice(start_row, start_row + micro)
+                nll = self._token_nll_sum(ids[part], mask[part], labels[part])
+                (nll / num_tokens).backward()
+                loss_sum += float(nll.detach())
+            grad_norm = float(self.clip_and_step(list(self.model.parameters())))
+            lr = self.lr_scheduler.get_last_lr()[0]
+            self.lr_scheduler.step()
+            metrics = {"loss": loss_sum / num_tokens, "grad_norm": grad_norm, "learning_rate": lr, "num_tokens": num_tokens}
+            if self.end_step(metrics):
+                break
+        self.end_training()
+        return self.reporter.state
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean token NLL on eval_dataset as {"eval_loss": ...}."""
+        was_training = self.model.training
+        self.model.eval()
+        total, tokens = 0.0, 0
+        size = self.args.per_device_eval_batch_size
+        for start in range(0, len(self.eval_dataset), size):
+            ids, mask, labels = self._batch(self.eval_dataset[start : start + size])
+            total += float(self._token_nll_sum(ids, mask, labels))
+            tokens += int((labels[:, 1:] != -100).sum())
+        self.model.train(was_training)
+        return {"eval_loss": total / max(tokens, 1)}
+
+    def evaluate_and_log(self):
+        self.reporter.evaluated(self.evaluate())
