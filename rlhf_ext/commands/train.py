@@ -1,4 +1,4 @@
-"""`rlhf-ext train sft|reward|ppo --config file.yaml [--key value ...]`.
+"""`rlhf-ext train sft|reward|ppo|grpo|rloo --config file.yaml [--key value ...]`.
 
 The YAML file is a flat mapping: the algorithm's config fields (SFTConfig / RewardConfig / PPOConfig,
 including the supported TrainingArguments fields) plus the script keys below. `--key value` pairs on
@@ -16,7 +16,10 @@ ALGORITHMS = {
     "sft": ("rlhf_ext.trainers.sft", "SFTConfig", "SFTTrainer"),
     "reward": ("rlhf_ext.trainers.reward", "RewardConfig", "RewardTrainer"),
     "ppo": ("rlhf_ext.trainers.ppo", "PPOConfig", "PPOTrainer"),
+    "grpo": ("rlhf_ext.trainers.grpo", "GRPOConfig", "GRPOTrainer"),
+    "rloo": ("rlhf_ext.trainers.rloo", "RLOOConfig", "RLOOTrainer"),
 }
+ON_POLICY = ("ppo", "grpo", "rloo")
 
 # Keys that say what to train on, rather than how (TRL's ScriptArguments/ModelConfig names).
 SCRIPT_KEYS = {
@@ -27,10 +30,16 @@ SCRIPT_KEYS = {
     "dataset_train_split": "split to train on (default 'train')",
     "eval_dataset_name": "evaluation data, same formats (default: dataset_name's dataset_test_split, if set)",
     "dataset_test_split": "split of dataset_name to evaluate on",
-    "reward_model_path": "ppo: local reward model folder (sequence classifier, num_labels=1)",
+    "reward_model_path": "ppo/grpo/rloo: local reward model folder (sequence classifier, num_labels=1)",
     "ref_model_path": "ppo: reference model folder (default: a frozen copy of the policy)",
     "value_model_path": "ppo: critic folder (default: a copy of the reward model, else the policy's backbone)",
-    "reward_funcs": "ppo: reward functions as 'package.module:function' or 'path/to/file.py:function' (a list)",
+    "reward_funcs": "ppo/grpo/rloo: reward functions as 'package.module:function' or 'path/to/file.py:function' "
+                    "(grpo/rloo also take reward model folders) (a list)",
+    "use_peft": "train a LoRA adapter instead of the full model (TRL's ModelConfig names below)",
+    "lora_r": "LoRA rank (default 16)",
+    "lora_alpha": "LoRA alpha (default 32)",
+    "lora_dropout": "LoRA dropout (default 0.05)",
+    "lora_target_modules": "modules that get an adapter (default: peft's choice for the architecture)",
 }
 
 
@@ -38,7 +47,7 @@ def register(subparsers):
     p = subparsers.add_parser(
         "train", help="train with SFT, a reward model, or PPO from a YAML config",
         description="Train a model. `rlhf-ext train ALGORITHM --help` lists every field of that algorithm's config.",
-        usage="rlhf-ext train {sft,reward,ppo} [--config FILE.yaml] [--key value ...]",
+        usage="rlhf-ext train {sft,reward,ppo,grpo,rloo} [--config FILE.yaml] [--key value ...]",
     )
     p.add_argument("algorithm", choices=sorted(ALGORITHMS), help="what to train")
     p.add_argument("options", nargs=argparse.REMAINDER, help="--config FILE.yaml and --key value overrides")
@@ -116,20 +125,55 @@ def build(algorithm: str, values: dict):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(script.get("tokenizer_name_or_path") or model)
+    peft_config = lora_config(script, algorithm)
     if algorithm in ("sft", "reward"):
         unused = [k for k in ("reward_model_path", "ref_model_path", "value_model_path", "reward_funcs") if k in script]
         if unused:
-            raise ValueError(f"{unused[0]}: only used by `rlhf-ext train ppo`")
-        trainer = trainer_cls(model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer)
+            users = ON_POLICY if unused[0] in ("reward_model_path", "reward_funcs") else ("ppo",)
+            raise ValueError(f"{unused[0]}: only used by " + ", ".join(f"`rlhf-ext train {a}`" for a in users))
+        trainer = trainer_cls(model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+                              peft_config=peft_config)
         return trainer, config
     funcs = script.get("reward_funcs") or []
     funcs = [funcs] if isinstance(funcs, str) else list(funcs)
+    if algorithm in ("grpo", "rloo"):
+        unused = [k for k in ("ref_model_path", "value_model_path") if k in script]
+        if unused:
+            raise ValueError(f"{unused[0]}: only used by `rlhf-ext train ppo` ({algorithm} has no critic, and its "
+                             "reference is the starting policy)")
+        sources = [f if os.path.isdir(f) else load_reward_function(f) for f in funcs]
+        if script.get("reward_model_path"):
+            sources.insert(0, script["reward_model_path"])
+        trainer = trainer_cls(model, sources, args=config, train_dataset=train, eval_dataset=evaluation,
+                              processing_class=tokenizer, peft_config=peft_config)
+        return trainer, config
     trainer = trainer_cls(
         config, tokenizer, model, ref_model=script.get("ref_model_path"), reward_model=script.get("reward_model_path"),
         reward_funcs=[load_reward_function(s) for s in funcs] or None, value_model=script.get("value_model_path"),
-        train_dataset=train, eval_dataset=evaluation,
+        train_dataset=train, eval_dataset=evaluation, peft_config=peft_config,
     )
     return trainer, config
+
+
+def lora_config(script: dict, algorithm: str):
+    """A peft.LoraConfig from TRL's ModelConfig keys when use_peft is set, else None."""
+    from typing import Optional
+
+    from rlhf_ext.trainers.config import coerce
+
+    lora_keys = [k for k in script if k.startswith("lora_")]
+    if not coerce(script.get("use_peft", False), bool, "use_peft"):
+        if lora_keys:
+            raise ValueError(f"{lora_keys[0]}: only used with use_peft=true")
+        return None
+    from peft import LoraConfig
+
+    targets = coerce(script.get("lora_target_modules"), Optional[list[str]], "lora_target_modules")
+    return LoraConfig(
+        r=coerce(script.get("lora_r", 16), int, "lora_r"), lora_alpha=coerce(script.get("lora_alpha", 32), int, "lora_alpha"),
+        lora_dropout=coerce(script.get("lora_dropout", 0.05), float, "lora_dropout"), target_modules=targets,
+        task_type="SEQ_CLS" if algorithm == "reward" else "CAUSAL_LM",
+    )
 
 
 def parse_options(options: list):

@@ -103,8 +103,14 @@ def restore_rng(state: dict, generators: Optional[dict] = None):
 
 def load_weights(model: torch.nn.Module, folder: str):
     """Load the weights that `save_pretrained` wrote in `folder` into `model` in place (keeps the object,
-    its optimizer references and tied weights). Only keys tied to a loaded parameter may be missing."""
+    its optimizer references and tied weights). Only keys tied to a loaded parameter may be missing.
+    A peft model loads its adapter weights (adapter_model.safetensors)."""
     from safetensors.torch import load_file
+
+    from rlhf_ext.trainers.lora import load_adapter_weights
+
+    if load_adapter_weights(model, folder):
+        return
 
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:

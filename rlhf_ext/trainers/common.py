@@ -12,6 +12,8 @@ from torch import nn
 
 from rlhf_ext.trainers import checkpoint as ckpt
 from rlhf_ext.trainers.config import TrainerConfig
+from rlhf_ext.trainers.distributed import Distributed
+from rlhf_ext.trainers.lora import apply_peft, save_model_folder
 from rlhf_ext.trainers.reporting import Reporter
 
 
@@ -53,9 +55,10 @@ def load_tokenizer(processing_class, model_path=None, name: str = "processing_cl
 
 
 class BaseTrainer:
-    """Holds args, device, models to train, optimizer, scheduler and the Reporter."""
+    """Holds args, device, models to train, optimizer, scheduler, the Reporter and the process group."""
 
     progress_keys: dict = {}
+    supports_multi_process: bool = False  # PPO and GRPO train data-parallel under torchrun / accelerate launch
 
     def __init__(self, args: TrainerConfig, processing_class, callbacks=None):
         if not isinstance(args, TrainerConfig):
@@ -68,7 +71,9 @@ class BaseTrainer:
             import transformers
 
             transformers.logging.set_verbosity(transformers.logging.get_log_levels_dict()[args.log_level])
-        self.device = args.device
+        # Under torchrun on CPU TrainingArguments gives "cpu:0", which torch.load cannot map back: use plain "cpu".
+        self.device = torch.device("cpu") if torch.device(args.device).type == "cpu" else args.device
+        self.dist = Distributed(args, type(self).__name__, self.supports_multi_process)
         self.processing_class = processing_class
         self.callbacks = list(callbacks or [])
         self.optimizer = None
@@ -76,6 +81,10 @@ class BaseTrainer:
         self.reporter: Optional[Reporter] = None
 
     # ---- models ----
+    def apply_peft(self, model: nn.Module, peft_config, name: str = "model") -> nn.Module:
+        """`model` with the `peft_config` adapter (only the adapter trains), or unchanged when it is None."""
+        return apply_peft(model, peft_config, name)
+
     def prepare_model(self, model: nn.Module, trainable: bool) -> nn.Module:
         model = model.to(self.device)
         if self.args.disable_dropout:
@@ -86,6 +95,8 @@ class BaseTrainer:
             if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
                 kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
                 kwargs = kwargs or {"use_reentrant": False}
+                if kwargs.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
+                    model.enable_input_require_grads()  # reentrant checkpoints of a frozen (LoRA) base need it
                 if hasattr(model, "activation_checkpointing_enable"):
                     model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
                 else:
@@ -124,8 +135,9 @@ class BaseTrainer:
         self.optimizer, self.lr_scheduler = optimizer, scheduler
 
     def clip_and_step(self, params: list) -> torch.Tensor:
-        """Clip the gradient norm (max_grad_norm), step optimizer, zero grads. Returns the pre-clip norm
-        (a 0-dim tensor on the device, so callers choose when to sync)."""
+        """Average the gradients over processes, clip their norm (max_grad_norm), step the optimizer, zero
+        the grads. Returns the pre-clip norm (a 0-dim tensor on the device, so callers choose when to sync)."""
+        self.dist.average_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -136,14 +148,18 @@ class BaseTrainer:
         """{subfolder: module}; "" is the main model. Overridden by each trainer."""
         raise NotImplementedError
 
-    def save_model(self, output_dir: Optional[str] = None):
-        """Every model in HF format (`save_pretrained`; a bare head as safetensors) plus the tokenizer."""
+    def save_model(self, output_dir: Optional[str] = None, merge_adapter: bool = False):
+        """Every model in HF format (`save_pretrained`; a bare head as safetensors) plus the tokenizer. A LoRA
+        model saves its adapter, or with `merge_adapter=True` the base weights with the adapter merged in.
+        Only the main process writes (call it from every process)."""
         output_dir = output_dir or self.args.output_dir
+        if not self.dist.is_main:
+            return
         for sub, module in self.models_to_save().items():
             folder = os.path.join(output_dir, sub)
             os.makedirs(folder, exist_ok=True)
             if hasattr(module, "save_pretrained"):
-                module.save_pretrained(folder)
+                save_model_folder(module, folder, merge_adapter)
             else:
                 from safetensors.torch import save_file
 
@@ -162,8 +178,17 @@ class BaseTrainer:
         """Named torch.Generators whose states go into checkpoints."""
         return {}
 
+    def checkpoint_payload(self) -> dict:
+        """{file name: object} saved with torch.save next to the weights. Runs on every process (it may use
+        collectives); only the main process writes. Read back by `load_checkpoint_payload`."""
+        return {}
+
+    def load_checkpoint_payload(self, path: str):
+        pass
+
     def save_checkpoint(self) -> str:
         step = self.reporter.state.global_step
+        payload = self.checkpoint_payload()
 
         def write(folder):
             self.save_model(folder)
@@ -173,8 +198,13 @@ class BaseTrainer:
             with open(os.path.join(folder, "trainer_extra.json"), "w") as fh:
                 json.dump(self.trainer_extra_state(), fh)
             self.reporter.state.save_to_json(os.path.join(folder, "trainer_state.json"))
+            for name, obj in payload.items():
+                torch.save(obj, os.path.join(folder, name))
 
-        path = ckpt.save_atomic(self.args.output_dir, step, write, self.args.save_total_limit)
+        path = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if self.dist.is_main:
+            path = ckpt.save_atomic(self.args.output_dir, step, write, self.args.save_total_limit)
+        self.dist.barrier()  # no process reads a checkpoint before it is published
         self.reporter.saved(path)
         return path
 
@@ -184,7 +214,8 @@ class BaseTrainer:
         if self.reporter is None or self.optimizer is None:
             raise RuntimeError("save_state: nothing to save before train() has started")
         path = self.save_checkpoint()
-        self.reporter.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+        if self.dist.is_main:
+            self.reporter.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
         return path
 
     def resolve_checkpoint(self, resume_from_checkpoint) -> Optional[str]:
@@ -211,6 +242,7 @@ class BaseTrainer:
         ckpt.restore_rng(torch.load(os.path.join(path, "rng_state.pt"), weights_only=False), self.rng_generators())
         with open(os.path.join(path, "trainer_extra.json")) as fh:
             self.load_trainer_extra_state(json.load(fh))
+        self.load_checkpoint_payload(path)
         saved = TrainerState.load_from_json(os.path.join(path, "trainer_state.json"))
         self.reporter.state.log_history = saved.log_history
         return saved.global_step

@@ -7,7 +7,11 @@ One step, as read top to bottom in `train` / `make_experience` / `ppo_update`:
      (gradient accumulation over per_device_train_batch_size micro-batches, gradient clipping)
   -> adaptive KL coefficient (when target_kl is set), learning-rate schedule.
 Batch sizes follow TRL: one step samples per_device_train_batch_size * gradient_accumulation_steps *
-num_mini_batches prompts; a minibatch is per_device_train_batch_size * gradient_accumulation_steps.
+num_mini_batches prompts per process; a minibatch is per_device_train_batch_size * gradient_accumulation_steps.
+Under torchrun / accelerate launch each process takes its share of the step's prompts; reward
+normalisation, whitening, the KL controller, early stopping and the metrics use statistics over all
+processes, and gradients are averaged across them (rlhf_ext.trainers.distributed).
+With `peft_config` only the adapter trains and the reference policy is the policy with the adapter disabled.
 """
 import copy
 import time
@@ -17,13 +21,14 @@ from typing import Optional
 
 import torch
 
-from rlhf_ext.generation import generate
 from rlhf_ext.models.heads import ValueHead, critic_from_causal_lm, last_token_index, logprobs_and_values, token_values
 from rlhf_ext.models.logprobs import sequence_logprobs
-from rlhf_ext.ops import gae, kl_penalty, masked_var, masked_whiten, ppo_loss
+from rlhf_ext.ops import gae, kl_penalty, masked_var, ppo_loss
 from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
-from rlhf_ext.trainers.config import TrainerConfig, require
+from rlhf_ext.trainers.config import SUPPORTED_TRAINING_ARGUMENTS, TrainerConfig, require
 from rlhf_ext.trainers.data import StepBatches, as_dataset, pad, require_pad_token
+from rlhf_ext.trainers.distributed import global_masked_whiten
+from rlhf_ext.trainers.lora import is_peft_model
 from rlhf_ext.trainers.rollout import RolloutMixin
 
 
@@ -66,6 +71,8 @@ class PPOConfig(TrainerConfig):
     fused_linear_logprobs: bool = field(default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"})
     logprobs_chunk_size: Optional[int] = field(default=None, metadata={"help": "extra: vocabulary chunk of the fused op"})
 
+    _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | {"ddp_backend", "ddp_timeout"}
+
     def __post_init__(self):
         super().__post_init__()
         if self.max_completion_length is not None:
@@ -97,9 +104,14 @@ class PPOConfig(TrainerConfig):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
     @property
-    def batch_size(self) -> int:
-        """Prompts per PPO step."""
+    def local_batch_size(self) -> int:
+        """Prompts per PPO step and process."""
         return self.mini_batch_size * self.num_mini_batches
+
+    @property
+    def batch_size(self) -> int:
+        """Prompts per PPO step, all processes together."""
+        return self.local_batch_size * self.world_size
 
 
 class PPOTrainer(RolloutMixin, BaseTrainer):
@@ -108,6 +120,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
     optimizers=(None, None), reward_processing_class=None)`. See the module docstring and PPOConfig."""
 
     progress_keys = {"reward": "objective/scores", "kl": "objective/kl"}
+    supports_multi_process = True
 
     def __init__(self, args: PPOConfig, processing_class=None, model=None, ref_model=None, reward_model=None,
                  reward_funcs=None, value_model=None, train_dataset=None, eval_dataset=None, peft_config=None,
@@ -116,21 +129,23 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             raise TypeError(f"args: expected a PPOConfig, got {type(args).__name__}")
         if model is None:
             raise ValueError("model: required (a causal LM or a local path)")
-        if peft_config is not None:
-            raise NotImplementedError("peft_config: LoRA training is not available in this version of PPOTrainer")
         if data_collator is not None:
             raise ValueError("data_collator: not supported; PPOTrainer pads prompts itself")
         tokenizer = load_tokenizer(processing_class, model)
         require_pad_token(tokenizer)
         super().__init__(args, tokenizer, callbacks)
 
-        # Policy and the frozen reference (by default a copy of the policy as given).
+        # Policy and the frozen reference: the ref_model given, else the policy with its LoRA adapter disabled
+        # (no second copy), else a frozen copy of the policy as given.
         policy = load_model(model, "causal_lm", args)
-        ref = copy.deepcopy(policy) if ref_model is None else load_model(ref_model, "causal_lm", args, "ref_model")
+        with_adapter = peft_config is not None or is_peft_model(policy)
+        if ref_model is not None:
+            ref = load_model(ref_model, "causal_lm", args, "ref_model")
+        else:
+            ref = None if with_adapter else copy.deepcopy(policy)
         if ref is policy:
             raise ValueError("ref_model: must not be the policy object itself (pass None for a frozen copy)")
-        self.policy = self.prepare_model(policy, trainable=True)
-        self.ref_model = self.prepare_model(ref, trainable=False)
+        self.ref_model = self.prepare_model(ref, trainable=False) if ref is not None else None
 
         # Rewards: [reward_model, *reward_funcs] with reward_weights; models are frozen.
         reward_model_obj = None
@@ -143,18 +158,20 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
 
         # Critic: a value head on the policy, the value_model given, a copy of the reward model (as
         # InstructGPT initialises it), or the policy's backbone with a fresh head.
+        # With LoRA only the policy gets the adapter; the critic is trained in full (or is the value head).
         if args.shared_critic:
             if value_model is not None:
                 raise ValueError("value_model: must be None with shared_critic=True (the value head lives on the policy)")
-            self.critic = ValueHead(self.policy.config.get_text_config().hidden_size).to(self.device)
+            self.critic = ValueHead(policy.config.get_text_config().hidden_size).to(self.device)
         else:
             if value_model is not None:
                 critic = load_model(value_model, "sequence_classification", args, "value_model", num_labels=1)
             elif reward_model_obj is not None:
                 critic = copy.deepcopy(reward_model_obj)
             else:
-                critic = critic_from_causal_lm(policy)
+                critic = critic_from_causal_lm(copy.deepcopy(policy).merge_and_unload() if is_peft_model(policy) else policy)
             self.critic = self.prepare_model(critic.requires_grad_(True), trainable=True)
+        self.policy = self.prepare_model(self.apply_peft(policy, peft_config), trainable=True)
 
         self.train_dataset = self.tokenize_prompt_dataset(as_dataset(train_dataset, "train_dataset"), "train_dataset")
         if self.train_dataset is None:
@@ -164,15 +181,16 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset")
         self.kl_coef = args.kl_coef
         self._optimizers = optimizers
-        self.rollout_generator = torch.Generator(device=self.device).manual_seed(args.seed)
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
+        self.dist.broadcast_parameters([self.policy, self.critic])
 
     # ---- state that checkpoints carry ----
     def models_to_save(self) -> dict:
         return {"": self.policy, "critic": self.critic}
 
     def rng_generators(self) -> dict:
-        return {"rollout": self.rollout_generator, "shuffle": self.shuffle_generator}
+        # Sampling is keyed by (seed, step, row) (RolloutMixin.sample), so only the minibatch shuffle has a stream.
+        return {"shuffle": self.shuffle_generator}
 
     def trainer_extra_state(self) -> dict:
         return {"kl_coef": self.kl_coef}
@@ -194,17 +212,15 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             return logprobs, entropy, token_values(self.critic, ids, attn, P)
 
     @torch.no_grad()
-    def make_experience(self, rows: dict) -> SimpleNamespace:
-        """Rollout, scoring, per-token rewards, advantages and returns for one batch of prompts."""
+    def make_experience(self, rows: dict, step: int = 0, row_offset: int = 0) -> SimpleNamespace:
+        """Rollout, scoring, per-token rewards, advantages and returns for one batch of prompts (this
+        process's share of step `step`'s batch, starting at global row `row_offset`; they key the sampling)."""
         args, tok = self.args, self.processing_class
         timer = time.perf_counter()
         prompt_ids, prompt_mask = pad(rows["input_ids"], tok.pad_token_id, "left", self.device)
         self.policy.eval()
-        rollout = generate(
-            self.policy, prompt_ids, prompt_mask, max_new_tokens=args.response_length, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, eos_token_id=self.stop_token_id,
-            pad_token_id=tok.pad_token_id, generator=self.rollout_generator,
-        )
+        rollout = self.sample(prompt_ids, prompt_mask, step=step, row_offset=row_offset,
+                              chunk_size=args.local_rollout_forward_batch_size)
         time_rollout, timer = time.perf_counter() - timer, time.perf_counter()
         P, ids = rollout.prompt_length, rollout.sequences  # (B, P + R)
         mask = rollout.response_mask.float()  # (B, R): 1 up to and including EOS
@@ -221,17 +237,18 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * (~rollout.finished).float()
         raw_scores = scores
-        if args.normalize_rewards:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        if args.normalize_rewards:  # over the scores of every process
+            everyone = self.dist.all_gather(scores)
+            scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
         if args.reward_clip is not None:
             scores = scores.clamp(-args.reward_clip, args.reward_clip)
         kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask  # (B, R)
         non_score_reward = -self.kl_coef * kl
         rewards = assemble_rewards(non_score_reward, scores, mask)
         if args.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = global_masked_whiten(rewards, mask, self.dist, shift_mean=False)
         advantages, returns = gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = global_masked_whiten(advantages, mask, self.dist)
         return SimpleNamespace(
             ids=ids, attn=attn, P=P, mask=mask, old_logprobs=old_logprobs, values=values, advantages=advantages,
             returns=returns, rewards=rewards, kl=kl, non_score_reward=non_score_reward, scores=raw_scores, per_source=per_source,
@@ -272,12 +289,13 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
                         stats[key].append(value.detach().float())
                     minibatch_kl.append(stats["approxkl"][-1])
                 stats["grad_norm"].append(self.clip_and_step(params).float())
-                if args.early_stop_kl is not None and float(torch.stack(minibatch_kl).mean()) > args.early_stop_kl:
+                if args.early_stop_kl is not None and \
+                        self.dist.mean({"kl": float(torch.stack(minibatch_kl).mean())})["kl"] > args.early_stop_kl:
                     stop = True
                     break
             if stop:
                 break
-        mean = {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+        mean = self.dist.mean({k: float(torch.stack(v).mean()) for k, v in stats.items()})
         return {
             "policy/approxkl_avg": mean["approxkl"], "policy/clipfrac_avg": mean["clipfrac"],
             "policy/entropy_avg": mean["entropy"], "loss/policy_avg": mean["policy"], "loss/value_avg": mean["value"],
@@ -296,32 +314,37 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         sample_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
         for step in range(start, total_steps):
             self.reporter.step_begin()
-            exp = self.make_experience(self.train_dataset[batches.indices(step)])
+            share = slice(self.dist.rank * args.local_batch_size, (self.dist.rank + 1) * args.local_batch_size)
+            exp = self.make_experience(self.train_dataset[batches.indices(step)[share]], step, share.start)
             timer = time.perf_counter()
             update = self.ppo_update(exp)
             time_update = time.perf_counter() - timer
             lr = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
 
-            mean_kl = float(exp.kl.sum(1).mean())
-            metrics = self.rollout_metrics(exp, mean_kl)
-            metrics.update(update)
+            metrics = self.rollout_metrics(exp)
             metrics.update({
                 "time/rollout": exp.time_rollout, "time/scoring": exp.time_scoring, "time/update": time_update,
                 "tokens_per_second": float(exp.mask.sum()) / (exp.time_rollout + exp.time_scoring + time_update),
-                "lr": lr, "episode": (step + 1) * args.batch_size, "objective/kl_coef": self.kl_coef,
             })
+            metrics = self.dist.mean(metrics)  # every process's means, averaged (equal batch sizes)
+            metrics["val/num_eos_tokens"] *= self.dist.world_size  # counts and rates add up over processes
+            metrics["tokens_per_second"] *= self.dist.world_size
+            mean_kl = metrics["objective/kl"]
+            metrics.update(update)
+            metrics.update({"lr": lr, "episode": (step + 1) * args.batch_size, "objective/kl_coef": self.kl_coef})
             if args.target_kl is not None:  # adaptive KL controller (Ziegler et al. 2019)
                 error = max(-0.2, min(0.2, mean_kl / args.target_kl - 1.0))
                 self.kl_coef *= 1.0 + error * args.batch_size / args.kl_horizon
-            if sample_every and self.eval_dataset is not None and (step + 1) % sample_every == 0:
+            if sample_every and self.eval_dataset is not None and (step + 1) % sample_every == 0 and self.dist.is_main:
                 self.write_samples(step + 1)
             if self.end_step(metrics):
                 break
         self.end_training()
         return self.reporter.state
 
-    def rollout_metrics(self, exp: SimpleNamespace, mean_kl: float) -> dict:
+    def rollout_metrics(self, exp: SimpleNamespace) -> dict:
+        mean_kl = float(exp.kl.sum(1).mean())
         non_score = float(exp.non_score_reward.sum(1).mean())
         scores = float(exp.scores.mean())
         metrics = {

@@ -1,6 +1,8 @@
 """Training output shared by the trainers: progress bar, metrics.jsonl, TensorBoard and the
 `transformers.TrainerCallback` events (on_train_begin, on_step_begin/end, on_log, on_save, on_evaluate,
 on_train_end). Callbacks may stop training or ask for a log/save through the `TrainerControl` they return.
+With several processes every rank keeps the same state and fires the callbacks (as HF's Trainer does);
+only rank 0 draws the progress bar and writes metrics.jsonl / TensorBoard.
 """
 import json
 import math
@@ -27,6 +29,9 @@ class Reporter:
         self.callback_objects = callback_objects  # model=, processing_class=, optimizer=, lr_scheduler=
         self.progress_keys = progress_keys or {}
         self.state = TrainerState()
+        self.is_main = getattr(args, "process_index", 0) == 0
+        self.state.is_world_process_zero = self.is_main
+        self.state.is_local_process_zero = getattr(args, "local_process_index", 0) == 0
         self.control = TrainerControl()
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         self._window = []
@@ -52,13 +57,14 @@ class Reporter:
         self.state.logging_steps = interval(args.logging_steps, total_steps)
         self.state.save_steps = interval(args.save_steps, total_steps)
         self.state.eval_steps = interval(args.eval_steps or args.logging_steps, total_steps)
-        os.makedirs(args.output_dir, exist_ok=True)
-        self._trim_metrics(start_step)
-        if "tensorboard" in args.report_to:
+        if self.is_main:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self._trim_metrics(start_step)
+        if "tensorboard" in args.report_to and self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=args.logging_dir, purge_step=start_step + 1 if start_step else None)
-        if not args.disable_tqdm:
+        if not args.disable_tqdm and self.is_main:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
@@ -133,8 +139,9 @@ class Reporter:
         logs["epoch"] = round(self.state.epoch, 4)
         record = {"step": step, **logs}
         self.state.log_history.append(record)
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        if self.is_main:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in logs.items():
                 self._tb.add_scalar(key, value, step)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from rlhf_ext.models.heads import sequence_scores
+from rlhf_ext.models.heads import score_head, sequence_scores
 from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
 from rlhf_ext.trainers.config import TrainerConfig, require
 from rlhf_ext.trainers.data import StepBatches, as_dataset, chat_ids, is_conversational, pad, require_pad_token, text_ids
@@ -65,8 +65,6 @@ class RewardTrainer(BaseTrainer):
     def __init__(self, model, args: Optional[RewardConfig] = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, callbacks=None, optimizers=(None, None), data_collator=None):
         args = args if args is not None else RewardConfig()
-        if peft_config is not None:
-            raise NotImplementedError("peft_config: LoRA training is not available in this version of RewardTrainer")
         if data_collator is not None:
             raise ValueError("data_collator: not supported; RewardTrainer pads pairs itself")
         tokenizer = load_tokenizer(processing_class, model)
@@ -77,6 +75,12 @@ class RewardTrainer(BaseTrainer):
             raise ValueError(f"model: expected a sequence classifier with num_labels=1, got num_labels={model.config.num_labels}")
         if model.config.pad_token_id is None:  # keeps HF's own forward usable on this model after training
             model.config.pad_token_id = tokenizer.pad_token_id
+        model = self.apply_peft(model, peft_config)
+        if peft_config is not None and not any(p.requires_grad for p in score_head(model).parameters()):
+            raise ValueError(
+                "peft_config: the score head would stay frozen at its random initialisation; use "
+                "LoraConfig(task_type='SEQ_CLS', ...) (peft then trains the head) or modules_to_save=['score']"
+            )
         self.model = self.prepare_model(model, trainable=True)
         self._optimizers = optimizers
         if train_dataset is None:

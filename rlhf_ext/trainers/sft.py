@@ -98,14 +98,12 @@ class SFTTrainer(BaseTrainer):
                  processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None,
                  formatting_func: Optional[Callable] = None, data_collator=None):
         args = args if args is not None else SFTConfig()
-        if peft_config is not None:
-            raise NotImplementedError("peft_config: LoRA training is not available in this version of SFTTrainer")
         if data_collator is not None:
             raise ValueError("data_collator: not supported; SFTTrainer pads and masks batches itself")
         tokenizer = load_tokenizer(processing_class, model)
         require_pad_token(tokenizer)
         super().__init__(args, tokenizer, callbacks)
-        self.model = self.prepare_model(load_model(model, "causal_lm", args), trainable=True)
+        self.model = self.prepare_model(self.apply_peft(load_model(model, "causal_lm", args), peft_config), trainable=True)
         self._optimizers = optimizers
 
         def tokenize(data, name):

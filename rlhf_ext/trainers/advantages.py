@@ -1,0 +1,61 @@
+"""Critic-free advantage estimators: GRPO, RLOO and REINFORCE++ (with and without a group baseline).
+
+Rewards come in the global batch layout the trainers use: completion j of prompt i sits at row
+i * num_generations + j, so a group is a run of `num_generations` consecutive rows. Every function
+here is pure tensor maths on that layout (tested against plain Python loops in tests/test_advantages.py).
+"""
+import torch
+
+ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+SCALE_REWARDS = ("group", "batch", "none")
+# TRL's GRPO divides by std + 1e-4, so a group with equal rewards gets advantage 0, not inf.
+STD_EPS = 1e-4
+
+
+def _grouped(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards: expected a 1-d tensor [N], got shape {list(rewards.shape)}")
+    if num_generations < 1 or rewards.numel() % num_generations:
+        raise ValueError(f"num_generations: {num_generations} does not divide the {rewards.numel()} rewards of the batch")
+    return rewards.view(-1, num_generations)  # (N / G, G)
+
+
+def group_stats(rewards: torch.Tensor, num_generations: int):
+    """Per-row (group mean [N], group std [N]) with the unbiased std (torch.std), repeated over each group."""
+    grouped = _grouped(rewards, num_generations)
+    mean = grouped.mean(dim=1)
+    std = grouped.std(dim=1) if num_generations > 1 else torch.zeros_like(mean)
+    return mean.repeat_interleave(num_generations), std.repeat_interleave(num_generations)
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
+    """GRPO: `[N]` advantages (r - mean of its group), divided by the group's std (scale_rewards="group"),
+    by the std of the whole batch ("batch") or not at all ("none"); std + 1e-4 as in TRL."""
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards: expected one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    mean, std = group_stats(rewards, num_generations)
+    centred = rewards - mean
+    if scale_rewards == "group":
+        return centred / (std + STD_EPS)
+    if scale_rewards == "batch":
+        return centred / (rewards.std() + STD_EPS)
+    return centred
+
+
+def rloo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """RLOO: `[N]` r_i minus the mean of the other completions of its prompt, r_i - (sum_group - r_i) / (G - 1)."""
+    if num_generations < 2:
+        raise ValueError(f"num_generations: RLOO's leave-one-out baseline needs >= 2 completions per prompt, got {num_generations}")
+    grouped = _grouped(rewards, num_generations)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (num_generations - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def token_returns(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`[B, R]` undiscounted reward-to-go sum_{s >= t} r_s over the real tokens (REINFORCE++'s return),
+    through the fused `gae` op with zero values and gamma = lam = 1."""
+    from rlhf_ext.ops import gae
+
+    zeros = torch.zeros_like(token_rewards)
+    _, returns = gae(token_rewards, zeros, mask, gamma=1.0, lam=1.0)
+    return returns * mask

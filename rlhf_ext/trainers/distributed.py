@@ -1,0 +1,165 @@
+"""Multi-process data parallelism for the on-policy trainers (PPO, GRPO/RLOO/REINFORCE++).
+
+Launch with `torchrun --nproc_per_node N script.py` or `accelerate launch --num_processes N script.py`:
+`TrainingArguments` joins the process group those launchers describe (gloo on CPU, NCCL on GPU;
+`ddp_backend` / `ddp_timeout` pick others). Every rank holds a full copy of the trained weights,
+generates completions for its own share of the prompts and computes its share of the loss; the
+gradients are then averaged across ranks with flattened all-reduces once per optimizer step. That
+is DDP's arithmetic without DDP's module wrapper (our log-prob helpers call into the HF model and its
+backbone directly, which a wrapper would hide). Statistics the algorithms need over the whole batch
+(group rewards, whitening, token counts of the loss normaliser, metrics) are all-gathered or
+all-reduced here. Only rank 0 writes checkpoints, metrics and samples.
+
+FSDP and DeepSpeed ZeRO shard the weights, which this scheme does not do: they are refused.
+"""
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as td
+
+# Gradients are all-reduced in flat buckets of at most this many elements (fewer, larger messages).
+_BUCKET_NUMEL = 32 * 1024 * 1024
+
+
+def _sharding_launcher() -> Optional[str]:
+    """The sharding scheme `accelerate launch --config_file ...` asked for, if any."""
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() in ("1", "true", "yes"):
+            return name
+    return None
+
+
+class Distributed:
+    """The process group as the trainers see it. With one process every collective is the identity."""
+
+    def __init__(self, args, trainer_name: str, multi_process: bool = True):
+        self.world_size = int(args.world_size)
+        self.rank = int(args.process_index)
+        self.is_main = self.rank == 0
+        sharding = _sharding_launcher()
+        if sharding is not None:
+            raise ValueError(
+                f"{trainer_name}: the accelerate config asks for {sharding}, which {trainer_name} does not support; it "
+                "trains data-parallel (a full copy of the weights per process). Launch with a plain multi-GPU/multi-CPU "
+                "accelerate config or torchrun, or use LoRA (peft_config) to shrink what each process trains."
+            )
+        if self.world_size > 1:
+            if not multi_process:
+                raise ValueError(
+                    f"{trainer_name}: runs in a single process, but {self.world_size} were launched (torchrun / accelerate "
+                    "launch). Launch it with one process; PPOTrainer and GRPOTrainer/RLOOTrainer support several."
+                )
+            if not td.is_initialized():
+                raise RuntimeError(f"{trainer_name}: WORLD_SIZE={self.world_size} but no torch.distributed process group "
+                                   "is initialised; launch with torchrun or accelerate launch")
+        self.device = torch.device("cpu") if torch.device(args.device).type == "cpu" else args.device
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    # ---- collectives ----
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's `tensor` along dim 0 (rank order). Shapes must match across ranks."""
+        if not self.enabled:
+            return tensor
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        td.all_gather(parts, tensor)
+        return torch.cat(parts, dim=0)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (a new tensor; the input is left alone)."""
+        if not self.enabled:
+            return tensor
+        out = tensor.detach().clone()
+        td.all_reduce(out, op=td.ReduceOp.SUM)
+        return out
+
+    def max(self, value: int) -> int:
+        if not self.enabled:
+            return value
+        out = torch.tensor([value], dtype=torch.long, device=self.device)
+        td.all_reduce(out, op=td.ReduceOp.MAX)
+        return int(out)
+
+    def mean(self, values: dict) -> dict:
+        """{name: float} averaged over ranks (one all-reduce for all names; every rank must pass the same keys)."""
+        if not self.enabled or not values:
+            return values
+        keys = sorted(values)
+        totals = self.sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device))
+        return {k: float(v) / self.world_size for k, v in zip(keys, totals.tolist())}
+
+    def gather_objects(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        td.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.enabled:
+            td.barrier()
+
+    # ---- parameters and gradients ----
+    def broadcast_parameters(self, modules: list):
+        """Give every rank rank 0's weights and buffers (what DDP does at construction)."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            for module in modules:
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    td.broadcast(tensor.data, src=0)
+
+    def average_gradients(self, params: list):
+        """Replace each gradient by its mean over ranks. Every rank runs the same code path, so the set of
+        parameters holding a gradient is the same everywhere."""
+        if not self.enabled:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        bucket, size = [], 0
+        for grad in grads:
+            bucket.append(grad)
+            size += grad.numel()
+            if size >= _BUCKET_NUMEL:
+                self._reduce_bucket(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self._reduce_bucket(bucket)
+
+    def _reduce_bucket(self, grads: list):
+        by_dtype = {}
+        for grad in grads:
+            by_dtype.setdefault(grad.dtype, []).append(grad)
+        for same in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in same])
+            td.all_reduce(flat, op=td.ReduceOp.SUM)
+            flat.div_(self.world_size)
+            offset = 0
+            for grad in same:
+                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+
+
+def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, dist: Distributed, shift_mean: bool = True,
+                         eps: float = 1e-8) -> torch.Tensor:
+    """`masked_whiten` with the mean and unbiased variance taken over the real tokens of every rank.
+    One process: the fused op itself. Several: the moments are all-reduced (sum, sum of squares around a
+    shared mean, count) and the same formula is applied: (x - mean) * rsqrt(var + eps), 0 where masked."""
+    from rlhf_ext.ops import masked_whiten
+
+    if not dist.enabled:
+        return masked_whiten(x, mask, shift_mean=shift_mean)
+    m = mask.to(torch.float64)
+    xf = x.to(torch.float64)
+    count, total = dist.sum(torch.stack([m.sum(), (xf * m).sum()])).unbind()
+    if count < 2:
+        raise ValueError(f"mask: whitening needs at least 2 real tokens over all ranks, got {int(count)}")
+    mean = total / count
+    var = dist.sum((((xf - mean) * m) ** 2).sum()) / (count - 1)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        y = y + mean
+    return (y * m).to(torch.float32 if x.dtype != torch.float64 else x.dtype)
