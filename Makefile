@@ -6,6 +6,8 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
+# extra `rlhf-ext demo` options, e.g. make demo DEMO_ARGS="--seed 1 --output-dir /tmp/demo"
+DEMO_ARGS ?=
 STAMP := $(VENV)/.rlhf_ext-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
@@ -17,7 +19,7 @@ $(PY):
 $(STAMP): $(PY) $(SOURCES)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel pybind11 ninja
-	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[dev,label]"
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[dev,label,tensorboard]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -30,7 +32,7 @@ test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/rlhf-ext bench
+	$(VENV)/bin/rlhf-ext demo $(DEMO_ARGS)
 
 bench: install
 	$(VENV)/bin/rlhf-ext bench

@@ -36,6 +36,23 @@ TORCH_LIBRARY(rlhf_ext, m) {
 
 
   // ---- ppo_loss (csrc/ppo_loss.cpp, csrc/cuda/ppo_loss.cu) ----
+  // Returns one float32 vector (float64 for float64 inputs) of length 16, laid out as
+  // csrc/ppo_loss_math.h `Out`: loss, policy_loss, value_loss, kl, entropy, clipfrac, clipfrac_low,
+  // clipfrac_high, dual_clipfrac, approxkl, approxkl_k3, ratio_mean, ratio_max, value_clipfrac,
+  // num_tokens, num_seqs. rlhf_ext/ops/ppo_loss.py names them; nothing leaves the device.
+  m.def("ppo_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? values, "
+        "Tensor? old_values, Tensor? returns, Tensor? ref_logprobs, Tensor? entropy, float cliprange, "
+        "float? cliprange_high, float? dual_clip, float? cliprange_value, float vf_coef, float kl_coef, "
+        "str kl_estimator, float entropy_coef, str loss_agg, float? loss_agg_norm, float max_log_ratio) -> Tensor");
+  // Gradients wrt (logprobs, values, entropy) in one pass, each in its input's dtype; an absent
+  // values/entropy gives an empty tensor. grad_out/out: the forward output's gradient and value.
+  m.def("ppo_loss_backward(Tensor grad_out, Tensor out, Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
+        "Tensor mask, Tensor? values, Tensor? old_values, Tensor? returns, Tensor? ref_logprobs, Tensor? entropy, "
+        "float cliprange, float? cliprange_high, float? dual_clip, float? cliprange_value, float vf_coef, "
+        "float kl_coef, str kl_estimator, float entropy_coef, str loss_agg, float? loss_agg_norm, "
+        "float max_log_ratio) -> (Tensor, Tensor, Tensor)");
+  // Per-token KL estimate (k1 | k2 | k3) for reward shaping; float32 (float64 for float64 inputs).
+  m.def("kl_penalty(Tensor logprobs, Tensor ref_logprobs, str estimator, float max_log_ratio) -> Tensor");
 
 
   // ---- sampling (csrc/sampling.cpp, csrc/cuda/sampling.cu) ----

@@ -12,6 +12,7 @@ COMMANDS = {
     # ---- train (issue 6) ----
     "train": "rlhf_ext.commands.train",
     # ---- demo (issue 7) ----
+    "demo": "rlhf_ext.commands.demo",
     # ---- label (issue 9) ----
     "label": "rlhf_ext.commands.label",
 }

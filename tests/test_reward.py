@@ -42,6 +42,21 @@ def test_reward_model_learns_preferences(make_rm, tiny_tokenizer, cpu_args):
     assert evals and evals[-1]["eval_accuracy"] >= 0.9 and evals[-1]["eval_margin"] > 0.5
 
 
+def test_evaluate_on_a_dataset_given_to_it(make_rm, tiny_tokenizer, cpu_args):
+    args = RewardConfig(max_steps=1, per_device_eval_batch_size=3, **cpu_args)
+    trainer = RewardTrainer(make_rm(), args, train_dataset=pairs(4), processing_class=tiny_tokenizer)
+    with pytest.raises(ValueError, match="eval_dataset"):
+        trainer.evaluate()
+    rows = pairs(5, seed=2)
+    swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+    out = trainer.evaluate(eval_dataset=rows, metric_key_prefix="heldout")
+    assert set(out) == {"heldout_loss", "heldout_accuracy", "heldout_margin", "heldout_mean_reward"}
+    # the same pairs the other way round: the margin flips, the mean reward does not move
+    flipped = trainer.evaluate(eval_dataset=swapped)
+    assert flipped["eval_margin"] == pytest.approx(-out["heldout_margin"], abs=1e-5)
+    assert flipped["eval_mean_reward"] == pytest.approx(out["heldout_mean_reward"], abs=1e-5)
+
+
 def test_chat_pairs_train(make_rm, tiny_tokenizer, cpu_args):
     args = RewardConfig(max_steps=2, per_device_train_batch_size=4, save_strategy="no", **cpu_args)
     trainer = RewardTrainer(make_rm(), args, train_dataset=pairs(8, chat=True), processing_class=tiny_tokenizer)

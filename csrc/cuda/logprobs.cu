@@ -57,9 +57,11 @@ int multiprocessor_count(int device) {
   return count;
 }
 
-void check_cuda_dtype(const at::Tensor& logits) {
+void check_cuda_shape(const at::Tensor& logits) {
   TORCH_CHECK(logits.scalar_type() != at::kDouble,
               "logits: float64 is supported on CPU only; on CUDA pass float32, bfloat16 or float16");
+  TORCH_CHECK(logits.numel() / logits.size(-1) <= lp::kMaxRows, "logits: expected at most ", lp::kMaxRows,
+              " rows (prod(logits.shape[:-1])) on CUDA, got ", logits.numel() / logits.size(-1));
 }
 
 // Last dim contiguous and leading dims expressible as a RowLayout, copying only when they are not.
@@ -92,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::T
                                                                      int64_t ignore_index, bool with_entropy,
                                                                      bool /*inplace_backward: read by autograd*/) {
   check_logprobs_forward_inputs(logits_in, labels_in, temperature);
-  check_cuda_dtype(logits_in);
+  check_cuda_shape(logits_in);
   c10::cuda::CUDAGuard guard(logits_in.device());
   lp::RowLayout layout;
   const at::Tensor logits = readable_logits(logits_in, layout);
@@ -167,7 +169,7 @@ at::Tensor logprobs_backward_cuda(const c10::optional<at::Tensor>& grad_logprobs
                                   const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
                                   double temperature, int64_t ignore_index) {
   check_logprobs_backward_inputs(grad_logprobs, grad_entropy, logits_in, labels, lse, entropy, temperature);
-  check_cuda_dtype(logits_in);
+  check_cuda_shape(logits_in);
   c10::cuda::CUDAGuard guard(logits_in.device());
   lp::RowLayout in_layout, out_layout;
   const at::Tensor logits = readable_logits(logits_in, in_layout);
@@ -183,7 +185,7 @@ void logprobs_backward_inplace_cuda(const c10::optional<at::Tensor>& grad_logpro
                                     const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
                                     double temperature, int64_t ignore_index) {
   check_logprobs_backward_inputs(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature);
-  check_cuda_dtype(logits);
+  check_cuda_shape(logits);
   TORCH_CHECK(logits.stride(-1) == 1 || logits.size(-1) == 1,
               "logits: the in-place backward writes the gradient into logits, so its last dim must be contiguous "
               "(stride 1), got strides ", logits.strides());

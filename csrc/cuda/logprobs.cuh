@@ -25,6 +25,7 @@ constexpr int kThreads = 256;
 constexpr int kUnroll = 4;                           // 16-byte loads in flight per thread
 constexpr float kLowest = -3.402823466e+38f;         // running-max start: finite, so lowest - lowest = 0
 constexpr float kClampLow = -200.f;                  // x - m below this has exp exactly 0 in float
+constexpr int64_t kMaxRows = 2147483647;             // rows go on grid.x
 
 // Row r of a [..., V] tensor (unit last stride) whose leading dims collapse to at most two:
 // offset(r) = (r / inner) * outer_stride + (r % inner) * inner_stride, in elements.
@@ -359,7 +360,9 @@ inline int64_t forward_workspace_floats(int64_t rows, int splits) { return split
 template <typename T>
 cudaError_t launch_forward(const ForwardParams<T>& p, int splits, float* workspace, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
-  if (splits < 1 || splits > 65535 || (splits > 1 && workspace == nullptr)) return cudaErrorInvalidValue;
+  if (p.rows > kMaxRows || splits < 1 || splits > 65535 || (splits > 1 && workspace == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>(splits));
   if (p.with_entropy) {
     detail::forward_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, splits, workspace);
@@ -380,6 +383,7 @@ cudaError_t launch_forward(const ForwardParams<T>& p, int splits, float* workspa
 template <typename T>
 cudaError_t launch_backward(const BackwardParams<T>& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
+  if (p.rows > kMaxRows) return cudaErrorInvalidValue;
   constexpr int64_t kElemsPerTile = int64_t(kThreads) * kUnroll * detail::Pack<T>::kVec;
   const int64_t tiles = (p.vocab + kElemsPerTile - 1) / kElemsPerTile;
   if (tiles > 65535) return cudaErrorInvalidValue;

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from rlhf_ext.models.logprobs import position_ids_from_mask  # noqa: F401  (re-exported: callers import it from here)
 from rlhf_ext.ops import fused_linear_logprobs
 
 
@@ -33,11 +34,6 @@ def score_head(model: nn.Module) -> nn.Module:
         f"model: {type(model).__name__} has no score head (expected an AutoModelForSequenceClassification "
         "with num_labels=1, e.g. LlamaForSequenceClassification)"
     )
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """`[B, L]` positions counting only attended tokens (0 on left padding)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

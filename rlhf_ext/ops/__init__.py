@@ -16,6 +16,9 @@ __all__ += ["gather_logprobs", "fused_linear_logprobs"]
 
 
 # ---- ppo_loss (issue 4) ----
+from rlhf_ext.ops.ppo_loss import PPOLossOutput, kl_penalty, ppo_loss  # noqa: E402
+
+__all__ += ["PPOLossOutput", "kl_penalty", "ppo_loss"]
 
 
 # ---- sampling (issue 5) ----

@@ -98,8 +98,10 @@ def gather_logprobs_reference(
 
 
 def gather_logprobs_eager(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """What most RLHF code writes today: a full [..., V] log_softmax, then one gather."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    """What most RLHF code writes today: a full [..., V] float32 log_softmax, then one gather
+    (float32 logits at temperature 1 are not copied first)."""
+    x = logits.float()
+    logp = torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
@@ -135,6 +137,131 @@ def fused_linear_logprobs_reference(
 
 
 # ---- ppo_loss (issue 4) ----
+
+
+def _ppo_dtype(*tensors) -> torch.dtype:
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
+        return dtypes.pop()
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def kl_penalty_reference(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1", *, max_log_ratio: float = 20.0
+) -> torch.Tensor:
+    """k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (with -d clamped), d = logprobs - ref_logprobs."""
+    dt = _ppo_dtype(logprobs, ref_logprobs)
+    lp, ref = logprobs.to(dt), ref_logprobs.to(dt)
+    if estimator == "k1":
+        return lp - ref
+    if estimator == "k2":
+        return 0.5 * (lp - ref) ** 2
+    if estimator == "k3":
+        e = torch.clamp(ref - lp, -max_log_ratio, max_log_ratio)
+        return torch.exp(e) - e - 1
+    raise ValueError(f"estimator: expected one of 'k1', 'k2', 'k3', got {estimator!r}")
+
+
+def ppo_loss_reference(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    values: Optional[torch.Tensor] = None,
+    old_values: Optional[torch.Tensor] = None,
+    returns: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    cliprange: float = 0.2,
+    cliprange_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    cliprange_value: Optional[float] = 0.2,
+    vf_coef: float = 0.1,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token-mean",
+    loss_agg_norm: Optional[float] = None,
+    max_log_ratio: float = 20.0,
+):
+    """The elementwise composition TRL / veRL / OpenRLHF write, with the semantics of
+    `rlhf_ext.ops.ppo_loss` (same signature and output; autograd gives the gradients)."""
+    from rlhf_ext.ops.ppo_loss import PPOLossOutput
+
+    dt = _ppo_dtype(logprobs, old_logprobs, advantages, values, old_values, returns, ref_logprobs, entropy)
+    m = mask.bool() if mask.dtype != torch.bool else mask
+    mf = m.to(dt)
+    n_tokens = mf.sum()
+    row_tokens = mf.sum(-1)
+    n_seqs = (row_tokens > 0).to(dt).sum()
+
+    def agg(x):  # (B, T) -> 0-dim, masked positions selected away
+        x = torch.where(m, x, torch.zeros_like(x))
+        if loss_agg == "token-mean":
+            return x.sum() / n_tokens.clamp(min=1)
+        if loss_agg == "seq-mean-token-mean":
+            per_row = x.sum(-1) / row_tokens.clamp(min=1)
+        elif loss_agg == "seq-mean-token-sum":
+            per_row = x.sum(-1)
+        elif loss_agg == "seq-mean-token-sum-norm":
+            per_row = x.sum(-1) / (loss_agg_norm if loss_agg_norm is not None else m.shape[-1])
+        else:
+            raise ValueError(f"loss_agg: unknown {loss_agg!r}")
+        return per_row.sum() / n_seqs.clamp(min=1)
+
+    def token_mean(x):
+        return torch.where(m, x.to(dt), torch.zeros((), dtype=dt)).sum() / n_tokens.clamp(min=1)
+
+    lp, old, adv = logprobs.to(dt), old_logprobs.to(dt), advantages.to(dt)
+    log_ratio = torch.clamp(lp - old, -max_log_ratio, max_log_ratio)
+    ratio = torch.exp(log_ratio)
+    low, high = 1 - cliprange, 1 + (cliprange if cliprange_high is None else cliprange_high)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, low, high)
+    pg = torch.maximum(pg1, pg2)
+    zero = torch.zeros((), dtype=dt)
+    dual_capped = torch.zeros_like(m)
+    if dual_clip is not None:
+        pg3 = -adv * dual_clip
+        dual_capped = (adv < 0) & (pg > pg3)
+        pg = torch.where(adv < 0, torch.minimum(pg3, pg), pg)
+    clipped = pg2 > pg1
+    policy_loss = agg(pg)
+
+    value_loss, value_clipped = zero, torch.zeros_like(m)
+    if values is not None:
+        v, v_old, ret = values.to(dt), old_values.to(dt), returns.to(dt)
+        if cliprange_value is None:
+            vf = 0.5 * (v - ret) ** 2
+        else:
+            vf1 = (v - ret) ** 2
+            vf2 = (torch.clamp(v, v_old - cliprange_value, v_old + cliprange_value) - ret) ** 2
+            vf = 0.5 * torch.maximum(vf1, vf2)
+            value_clipped = vf2 > vf1
+        value_loss = agg(vf)
+
+    kl = agg(kl_penalty_reference(lp, ref_logprobs, kl_estimator, max_log_ratio=max_log_ratio)) \
+        if ref_logprobs is not None else zero
+    ent = agg(entropy.to(dt)) if entropy is not None else zero
+    loss = policy_loss + vf_coef * value_loss + kl_coef * kl - entropy_coef * ent
+
+    with torch.no_grad():
+        stats = {
+            "clipfrac": token_mean(clipped),
+            "clipfrac_low": token_mean(clipped & (ratio < low)),
+            "clipfrac_high": token_mean(clipped & (ratio > high)),
+            "dual_clipfrac": token_mean(dual_capped),
+            "approxkl": token_mean(0.5 * log_ratio ** 2),
+            "approxkl_k3": token_mean((ratio - 1) - log_ratio),
+            "ratio_mean": token_mean(ratio),
+            "ratio_max": torch.where(m, ratio, zero).max() if m.numel() else zero,
+            "value_clipfrac": token_mean(value_clipped),
+            "num_tokens": n_tokens,
+            "num_seqs": n_seqs,
+        }
+    return PPOLossOutput(loss, policy_loss.detach(), value_loss.detach(), kl.detach(), ent.detach(),
+                         {k: v.detach() for k, v in stats.items()})
 
 
 # ---- sampling (issue 5) ----

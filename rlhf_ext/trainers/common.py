@@ -134,14 +134,14 @@ class BaseTrainer:
             )
         self.optimizer, self.lr_scheduler = optimizer, scheduler
 
-    def clip_and_step(self, params: list) -> float:
+    def clip_and_step(self, params: list) -> torch.Tensor:
         """Average the gradients over processes, clip their norm (max_grad_norm), step the optimizer, zero
-        the grads. Returns the pre-clip norm."""
+        the grads. Returns the pre-clip norm (a 0-dim tensor on the device, so callers choose when to sync)."""
         self.dist.average_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     # ---- saving ----
     def models_to_save(self) -> dict:

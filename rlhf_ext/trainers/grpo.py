@@ -254,7 +254,7 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
         low_high = dist.all_gather((sums[4:6] / sums[1].clamp(min=1)).float())  # per-process clip means
         sums = dist.sum(sums)
         n = float(sums[1].clamp(min=1))
-        metrics = {"loss": float(sums[0]), "grad_norm": grad_norm, "entropy": float(sums[2]) / n,
+        metrics = {"loss": float(sums[0]), "grad_norm": float(grad_norm), "entropy": float(sums[2]) / n,
                    "clip_ratio/low_mean": float(sums[4]) / n, "clip_ratio/high_mean": float(sums[5]) / n,
                    "clip_ratio/region_mean": float(sums[6]) / n, "clip_ratio/low_min": float(low_high[0::2].min()),
                    "clip_ratio/high_max": float(low_high[1::2].max())}

@@ -263,14 +263,16 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         self.critic.train()
         stats = {k: [] for k in ("approxkl", "clipfrac", "policy", "value", "value_clipfrac", "entropy", "ratio", "grad_norm")}
         micro, B = args.per_device_train_batch_size, exp.ids.shape[0]
+        lengths = exp.mask.sum(1).long().cpu()  # (B,) on the host, so trimming needs no device sync
         stop = False
         for _ in range(args.num_ppo_epochs):
-            order = torch.randperm(B, generator=self.shuffle_generator).to(self.device)
+            order = torch.randperm(B, generator=self.shuffle_generator)
             for mb_start in range(0, B, args.mini_batch_size):
                 minibatch_kl = []
                 for micro_start in range(mb_start, mb_start + args.mini_batch_size, micro):
-                    idx = order[micro_start : micro_start + micro]
-                    R = int(exp.mask[idx].sum(1).max())  # drop response columns that are padding in every row
+                    rows = order[micro_start : micro_start + micro]
+                    R = int(lengths[rows].max())  # drop response columns that are padding in every row
+                    idx = rows.to(self.device)
                     ids, attn = exp.ids[idx, : exp.P + R], exp.attn[idx, : exp.P + R]
                     logprobs, entropy, values = self.policy_forward(ids, attn, exp.P, return_entropy=True)
                     out = ppo_loss(
@@ -280,19 +282,20 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
                         entropy_coef=args.entropy_coef,
                     )
                     (out.loss / args.gradient_accumulation_steps).backward()
+                    # statistics stay on the device until the end of the update (no host sync per micro-batch)
                     for key, value in (("approxkl", out.stats["approxkl"]), ("clipfrac", out.stats["clipfrac"]),
                                        ("policy", out.policy_loss), ("value", out.value_loss), ("entropy", out.entropy),
                                        ("value_clipfrac", out.stats["value_clipfrac"]), ("ratio", out.stats["ratio_mean"])):
-                        stats[key].append(float(value.detach()))
+                        stats[key].append(value.detach().float())
                     minibatch_kl.append(stats["approxkl"][-1])
-                stats["grad_norm"].append(self.clip_and_step(params))
+                stats["grad_norm"].append(self.clip_and_step(params).float())
                 if args.early_stop_kl is not None and \
-                        self.dist.mean({"kl": sum(minibatch_kl) / len(minibatch_kl)})["kl"] > args.early_stop_kl:
+                        self.dist.mean({"kl": float(torch.stack(minibatch_kl).mean())})["kl"] > args.early_stop_kl:
                     stop = True
                     break
             if stop:
                 break
-        mean = self.dist.mean({k: sum(v) / len(v) for k, v in stats.items()})
+        mean = self.dist.mean({k: float(torch.stack(v).mean()) for k, v in stats.items()})
         return {
             "policy/approxkl_avg": mean["approxkl"], "policy/clipfrac_avg": mean["clipfrac"],
             "policy/entropy_avg": mean["entropy"], "loss/policy_avg": mean["policy"], "loss/value_avg": mean["value"],

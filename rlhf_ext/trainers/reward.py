@@ -153,7 +153,7 @@ class RewardTrainer(BaseTrainer):
                 loss_sum += float(loss.detach())
                 all_chosen.append(chosen.detach())
                 all_rejected.append(rejected.detach())
-            grad_norm = self.clip_and_step(list(self.model.parameters()))
+            grad_norm = float(self.clip_and_step(list(self.model.parameters())))
             lr = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
             metrics = {"loss": loss_sum, "grad_norm": grad_norm, "learning_rate": lr,
@@ -164,21 +164,25 @@ class RewardTrainer(BaseTrainer):
         return self.reporter.state
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """{"eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"} on eval_dataset."""
+    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
+        """{"eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"} on `eval_dataset` (pairs in the
+        train_dataset formats; default: the trainer's eval_dataset). `metric_key_prefix` replaces "eval"."""
+        data = self.eval_dataset if eval_dataset is None else self._tokenize(eval_dataset, "eval_dataset")
+        if data is None:
+            raise ValueError("eval_dataset: none given to evaluate() and none passed to RewardTrainer")
         was_training = self.model.training
         self.model.eval()
         chosen, rejected, margins = [], [], []
         size = self.args.per_device_eval_batch_size
-        for first in range(0, len(self.eval_dataset), size):
-            c, r, m = self._pair_scores(self.eval_dataset[first : first + size])
+        for first in range(0, len(data), size):
+            c, r, m = self._pair_scores(data[first : first + size])
             chosen.append(c)
             rejected.append(r)
             margins.append(m)
         self.model.train(was_training)
         chosen, rejected, margins = torch.cat(chosen), torch.cat(rejected), torch.cat(margins)
         metrics = {"loss": float(self._loss(chosen, rejected, margins)), **self._pair_metrics(chosen, rejected)}
-        return {f"eval_{k}": v for k, v in metrics.items()}
+        return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
 
     def evaluate_and_log(self):
         self.reporter.evaluated(self.evaluate())

@@ -158,7 +158,7 @@ class SFTTrainer(BaseTrainer):
                 nll = self._token_nll_sum(ids[part], mask[part], labels[part])
                 (nll / num_tokens).backward()
                 loss_sum += float(nll.detach())
-            grad_norm = self.clip_and_step(list(self.model.parameters()))
+            grad_norm = float(self.clip_and_step(list(self.model.parameters())))
             lr = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
             metrics = {"loss": loss_sum / num_tokens, "grad_norm": grad_norm, "learning_rate": lr, "num_tokens": num_tokens}
