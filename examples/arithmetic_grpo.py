@@ -1,8 +1,11 @@
 """Verifiable rewards: a tiny Llama learns two-digit addition by SFT, then GRPO with a rule reward (1 if the
 sum is right, else 0) raises its accuracy on held-out problems it never saw in either stage.
 
-    python examples/arithmetic_grpo.py            # a few minutes on a laptop CPU
+    python examples/arithmetic_grpo.py            # 20 s to 2 min on a 2-core CPU, depending on load
     python examples/arithmetic_grpo.py --quick    # a smoke run (what the test suite runs)
+
+Held-out greedy accuracy, SFT -> SFT + GRPO: seed 0 33.5% -> 54.0%, seed 1 19.0% -> 41.0%, seed 2 22.0% -> 32.5%
+(bit-for-bit repeatable for a seed and thread count).
 
 Problems "a+b=" with a, b in [0, 50) are written one character per token ("4 7 + 1 8 =" -> "6 5" EOS) and
 split three ways: labelled examples for SFT, prompts without answers for GRPO (the reward function checks
