@@ -20,7 +20,7 @@ import torch
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
 from benchmarks.bench_ppo_step import _logprobs_eager, _sync, build, prompts
-from benchmarks.conftest import sizes
+from benchmarks.conftest import print_phase_table, sizes
 
 FULL = dict(vocab=32000, hidden=384, layers=6, heads=6, batch=8, generations=8, prompt=32, new_tokens=128)
 QUICK = dict(vocab=512, hidden=32, layers=1, heads=2, batch=2, generations=4, prompt=8, new_tokens=8)
@@ -130,12 +130,7 @@ def report(size, results, device):
     params = sum(p.numel() for p in _world(tuple(size.items()), device)[1].parameters())
     print(f"GRPO step on {device}: Llama {params / 1e6:.1f}M params, V={size['vocab']}, {size['batch']} prompts x "
           f"{size['generations']} generations, {size['new_tokens']} new tokens, beta={COMMON['beta']}")
-    print(f"{'phase':<10}{'eager s':>10}{'ours s':>10}{'speedup':>9}")
-    for phase in ("rollout", "scoring", "update"):
-        e, o = results["eager"][phase], results["fused"][phase]
-        print(f"{phase:<10}{e:>10.2f}{o:>10.2f}{e / o:>8.2f}x")
-    e, o = sum(results["eager"].values()), sum(results["fused"].values())
-    print(f"{'total':<10}{e:>10.2f}{o:>10.2f}{e / o:>8.2f}x")
+    print_phase_table(results)
 
 
 SIZE = sizes(FULL, QUICK)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
-from benchmarks.conftest import sizes
+from benchmarks.conftest import print_phase_table, sizes
 from rlhf_ext.models.heads import hidden_states, last_token_index, score_head
 from rlhf_ext.ops.reference import gae_reference, masked_whiten_reference
 
@@ -177,12 +177,7 @@ def report(size, results, device):
     params = sum(p.numel() for p in _world(tuple(size.items()), device)[1].parameters())
     print(f"PPO step on {device}: Llama {params / 1e6:.1f}M params, V={size['vocab']}, batch {size['batch']}, "
           f"{size['new_tokens']} new tokens, {size['epochs']} epoch x {size['mini_batches']} minibatches")
-    print(f"{'phase':<10}{'eager s':>10}{'ours s':>10}{'speedup':>9}")
-    for phase in ("rollout", "scoring", "update"):
-        e, o = results["eager"][phase], results["fused"][phase]
-        print(f"{phase:<10}{e:>10.2f}{o:>10.2f}{e / o:>8.2f}x")
-    e, o = sum(results["eager"].values()), sum(results["fused"].values())
-    print(f"{'total':<10}{e:>10.2f}{o:>10.2f}{e / o:>8.2f}x")
+    print_phase_table(results)
 
 
 SIZE = sizes(FULL, QUICK)

@@ -25,6 +25,17 @@ def sizes(full, quick):
     return quick if QUICK else full
 
 
+def print_phase_table(results: dict) -> None:
+    """Print the per-phase split of one RL step, `results = {"eager"|"fused": {phase: seconds}}`, with
+    the eager/fused ratio of each phase and of the total."""
+    print(f"{'phase':<10}{'eager s':>10}{'ours s':>10}{'speedup':>9}")
+    for phase in ("rollout", "scoring", "update"):
+        e, o = results["eager"][phase], results["fused"][phase]
+        print(f"{phase:<10}{e:>10.2f}{o:>10.2f}{e / o:>8.2f}x")
+    e, o = sum(results["eager"].values()), sum(results["fused"].values())
+    print(f"{'total':<10}{e:>10.2f}{o:>10.2f}{e / o:>8.2f}x")
+
+
 def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not getattr(session, "benchmarks", None):
