@@ -1,5 +1,6 @@
-"""Two CPU processes on gloo: GRPO and PPO weights after N steps match a one-process run with the same global
-batch, and a checkpoint written mid generation round by the two-process run resumes to the same weights."""
+"""Two CPU processes on gloo, data parallel (DDP-style) and fully sharded (FSDP as an accelerate config asks
+for it): GRPO and PPO weights after N steps match a one-process run with the same global batch, and a
+checkpoint written mid generation round by the two-process run resumes to the same weights."""
 import os
 import socket
 import time
@@ -30,24 +31,26 @@ def _models():
     return tok, tiny_causal_lm("llama", tokenizer=tok), rows
 
 
-def run_grpo(out, per_device, max_steps, resume=None):
+def run_grpo(out, per_device, max_steps, resume=None, eval_rows=None, **overrides):
     from rlhf_ext import GRPOConfig, GRPOTrainer
 
     tok, model, rows = _models()
     args = GRPOConfig(output_dir=out, use_cpu=True, disable_tqdm=True, report_to="none", seed=0, max_steps=max_steps,
-                      per_device_train_batch_size=per_device, **GRPO)
-    trainer = GRPOTrainer(model, [target_fraction], args=args, train_dataset=rows, processing_class=tok)
+                      per_device_train_batch_size=per_device, **{**GRPO, **overrides})
+    trainer = GRPOTrainer(model, [target_fraction], args=args, train_dataset=rows, processing_class=tok,
+                          eval_dataset=rows[:eval_rows] if eval_rows else None)
     state = trainer.train(resume_from_checkpoint=resume)
     return trainer, state
 
 
-def run_ppo(out, per_device, max_steps):
+def run_ppo(out, per_device, max_steps, eval_rows=None, **overrides):
     from rlhf_ext import PPOConfig, PPOTrainer
 
     tok, model, rows = _models()
     args = PPOConfig(output_dir=out, use_cpu=True, disable_tqdm=True, report_to="none", seed=0, max_steps=max_steps,
-                     per_device_train_batch_size=per_device, **PPO)
-    trainer = PPOTrainer(args, tok, model, reward_funcs=[target_fraction], train_dataset=rows)
+                     per_device_train_batch_size=per_device, **{**PPO, **overrides})
+    trainer = PPOTrainer(args, tok, model, reward_funcs=[target_fraction], train_dataset=rows,
+                         eval_dataset=rows[:eval_rows] if eval_rows else None)
     return trainer, trainer.train()
 
 
@@ -55,18 +58,57 @@ def weights(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _worker(rank, port, folder):
+def full_weights(trainer, module) -> dict:
+    """Every rank calls this: FSDP-sharded weights are gathered (to rank 0; other ranks get {})."""
+    sharded = trainer.sharded(module)
+    return sharded.full_state_dict() if sharded is not None else weights(module)
+
+
+def local_fraction(module) -> float:
+    """Elements this rank holds / elements of the model (1.0 unsharded, about 1/world under FSDP)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(module.parameters())
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+    return local / sum(p.numel() for p in params)
+
+
+# FSDP as `accelerate launch --config_file` asks for it: GRPO with FULL_SHARD (weights resharded after forward),
+# PPO with SHARD_GRAD_OP; both with accelerate's default TRANSFORMER_BASED_WRAP on the model's decoder layers.
+FSDP_ENV = {"grpo": dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="true",
+                         FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP"),
+            "ppo": dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="1", FSDP_SHARDING_STRATEGY="SHARD_GRAD_OP",
+                        FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP")}
+
+
+def _worker(rank, port, folder, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+    fsdp = mode == "fsdp"
 
+    os.environ.update(FSDP_ENV["grpo"] if fsdp else {})
     grpo, state = run_grpo(os.path.join(folder, "grpo"), 8, 4)
     assert state.global_step == 4 and state.log_history[-1]["step"] == 4
     resumed, _ = run_grpo(os.path.join(folder, "grpo"), 8, 4, resume=os.path.join(folder, "grpo", "checkpoint-3"))
+    os.environ.update(FSDP_ENV["ppo"] if fsdp else {})
     ppo, _ = run_ppo(os.path.join(folder, "ppo"), 4, 2)
+    extra = {}
+    if fsdp:
+        # Work whose collectives could fall out of step under FSDP: evaluation over 3 prompts split unevenly
+        # (ranks sample different numbers of chunks and tokens), PPO's eval and samples (every rank gathers,
+        # rank 0 writes), and the shared critic (a replicated value head next to the sharded policy).
+        _, grpo_eval = run_grpo(os.path.join(folder, "grpo_eval"), 8, 1, eval_rows=3, eval_strategy="steps",
+                                eval_steps=1, per_device_eval_batch_size=4, num_iterations=1)
+        _, ppo_eval = run_ppo(os.path.join(folder, "ppo_eval"), 4, 1, eval_rows=3, eval_strategy="steps", eval_steps=1,
+                              shared_critic=True, num_sample_generations=1, per_device_eval_batch_size=2)
+        extra = {"grpo_eval": grpo_eval.log_history, "ppo_eval": ppo_eval.log_history}
+    result = {**extra, "grpo": full_weights(grpo, grpo.policy), "resumed": full_weights(resumed, resumed.policy),
+              "ppo": full_weights(ppo, ppo.policy), "ppo_critic": full_weights(ppo, ppo.critic),
+              "grpo_logs": state.log_history,
+              "fractions": [local_fraction(m) for m in (grpo.policy, grpo.ref_model, ppo.policy, ppo.critic, ppo.ref_model)]}
     if rank == 0:
-        torch.save({"grpo": weights(grpo.policy), "resumed": weights(resumed.policy), "ppo": weights(ppo.policy),
-                    "ppo_critic": weights(ppo.critic), "grpo_logs": state.log_history}, os.path.join(folder, "result.pt"))
+        torch.save(result, os.path.join(folder, "result.pt"))
 
 
 def _free_port() -> int:
@@ -77,35 +119,58 @@ def _free_port() -> int:
 
 def assert_same_training(one: dict, two: dict, start: dict, tolerance: float):
     """Two runs agree to `tolerance`, far below how far training moved the weights."""
+    assert set(one) == set(two), set(one) ^ set(two)
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
     gap = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert moved > 100 * tolerance, moved
     assert gap < tolerance, (gap, moved)
 
 
-def test_two_processes_match_one_and_resume(tmp_path):
-    context = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.time() + 240
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The single-process runs with the same global batch (16 GRPO rows, 8 PPO prompts)."""
+    folder = tmp_path_factory.mktemp("one")
+    grpo, state = run_grpo(str(folder / "grpo"), 16, 4)
+    ppo, _ = run_ppo(str(folder / "ppo"), 8, 2)
+    _, start, _ = _models()
+    return {"grpo": weights(grpo.policy), "grpo_logs": state.log_history, "ppo": weights(ppo.policy),
+            "ppo_critic": weights(ppo.critic), "start": weights(start)}
+
+
+def run_two_processes(folder, mode: str) -> dict:
+    context = mp.start_processes(_worker, args=(_free_port(), str(folder), mode), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.time() + 300
     while not context.join(timeout=5):
         if time.time() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail("the 2-process run did not finish in 240 s")
-    two = torch.load(tmp_path / "result.pt", weights_only=False)
-    _, start, _ = _models()
-    start = weights(start)
+            pytest.fail(f"the 2-process {mode} run did not finish in 300 s")
+    return torch.load(folder / "result.pt", weights_only=False)
 
-    grpo, state = run_grpo(str(tmp_path / "one_grpo"), 16, 4)
-    assert_same_training(weights(grpo.policy), two["grpo"], start, 5e-5)
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_and_resume(tmp_path, one_process, mode):
+    two = run_two_processes(tmp_path, mode)
+    one, start = one_process, one_process["start"]
+    if mode == "fsdp":  # each rank held about half of every trained model (and of the frozen reference)
+        assert all(0.45 < f < 0.6 for f in two["fractions"]), two["fractions"]
+        assert any("eval_reward" in h for h in two["grpo_eval"]), two["grpo_eval"]
+        assert any("eval/scores" in h for h in two["ppo_eval"]), two["ppo_eval"]
+        assert len(open(tmp_path / "ppo_eval" / "samples.jsonl").read().splitlines()) == 3
+    else:
+        assert two["fractions"] == [1.0] * 5
+
+    assert_same_training(one["grpo"], two["grpo"], start, 5e-5)
     for key in ("reward", "kl", "loss"):  # rank 0 logged the global metrics the single process computes
-        assert two["grpo_logs"][0][key] == pytest.approx(state.log_history[0][key], rel=1e-4, abs=1e-6)
+        assert two["grpo_logs"][0][key] == pytest.approx(one["grpo_logs"][0][key], rel=1e-4, abs=1e-6)
     for k, v in two["grpo"].items():  # the checkpoint at step 3 (mid-round: it carries the samples) resumes exactly
         torch.testing.assert_close(two["resumed"][k], v, rtol=0, atol=0)
     assert os.path.exists(tmp_path / "grpo" / "checkpoint-3" / "rollout_buffer.pt")
     lines = open(tmp_path / "grpo" / "metrics.jsonl").read().splitlines()
     assert len(lines) == 4  # only rank 0 writes: one line per step, the resumed run replacing step 4
 
-    ppo, _ = run_ppo(str(tmp_path / "one_ppo"), 8, 2)
-    assert_same_training(weights(ppo.policy), two["ppo"], start, 5e-5)
-    critic = weights(ppo.critic)
+    assert_same_training(one["ppo"], two["ppo"], start, 5e-5)
+    critic = one["ppo_critic"]
+    assert set(critic) == set(two["ppo_critic"])
     assert max(float((critic[k] - two["ppo_critic"][k]).abs().max()) for k in critic) < 5e-5

@@ -101,16 +101,9 @@ def restore_rng(state: dict, generators: Optional[dict] = None):
         g.set_state(state["generators"][name])
 
 
-def load_weights(model: torch.nn.Module, folder: str):
-    """Load the weights that `save_pretrained` wrote in `folder` into `model` in place (keeps the object,
-    its optimizer references and tied weights). Only keys tied to a loaded parameter may be missing.
-    A peft model loads its adapter weights (adapter_model.safetensors)."""
+def read_weights(folder: str) -> dict:
+    """Every tensor of the .safetensors files `save_pretrained` wrote in `folder`."""
     from safetensors.torch import load_file
-
-    from rlhf_ext.trainers.lora import load_adapter_weights
-
-    if load_adapter_weights(model, folder):
-        return
 
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
@@ -118,6 +111,18 @@ def load_weights(model: torch.nn.Module, folder: str):
     state = {}
     for name in files:
         state.update(load_file(os.path.join(folder, name)))
+    return state
+
+
+def load_weights(model: torch.nn.Module, folder: str):
+    """Load the weights that `save_pretrained` wrote in `folder` into `model` in place (keeps the object,
+    its optimizer references and tied weights). Only keys tied to a loaded parameter may be missing.
+    A peft model loads its adapter weights (adapter_model.safetensors)."""
+    from rlhf_ext.trainers.lora import load_adapter_weights
+
+    if load_adapter_weights(model, folder):
+        return
+    state = read_weights(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise KeyError(f"checkpoint: {folder} has weights the model does not: {unexpected[:5]}")

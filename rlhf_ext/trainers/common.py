@@ -9,12 +9,15 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from rlhf_ext.trainers import checkpoint as ckpt
 from rlhf_ext.trainers.config import TrainerConfig
 from rlhf_ext.trainers.distributed import Distributed
-from rlhf_ext.trainers.lora import apply_peft, save_model_folder
+from rlhf_ext.trainers.lora import apply_peft, is_peft_model, save_model_folder
 from rlhf_ext.trainers.reporting import Reporter
+from rlhf_ext.trainers.sharding import (ShardedModel, clip_grad_norm, fsdp_plan, full_optimizer_state,
+                                        load_full_optimizer_state)
 
 
 def disable_dropout(model: nn.Module):
@@ -74,6 +77,12 @@ class BaseTrainer:
         # Under torchrun on CPU TrainingArguments gives "cpu:0", which torch.load cannot map back: use plain "cpu".
         self.device = torch.device("cpu") if torch.device(args.device).type == "cpu" else args.device
         self.dist = Distributed(args, type(self).__name__, self.supports_multi_process)
+        # FSDP (an accelerate FSDP config or fsdp=/fsdp_config): the trained models are sharded by `shard_models`.
+        self.fsdp = fsdp_plan(args, type(self).__name__)
+        if self.fsdp is not None and not self.supports_multi_process:
+            raise ValueError(f"{type(self).__name__}: {self.fsdp.source} asks for FSDP, but this trainer runs in a single "
+                             "process; FSDP applies to PPOTrainer and GRPOTrainer/RLOOTrainer")
+        self._sharded: dict = {}  # id(model) -> ShardedModel
         self.processing_class = processing_class
         self.callbacks = list(callbacks or [])
         self.optimizer = None
@@ -92,7 +101,8 @@ class BaseTrainer:
         if trainable:
             args = self.args
             # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old names mirror it)
-            if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
+            fsdp_checkpointing = self.fsdp is not None and self.fsdp.activation_checkpointing
+            if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing or fsdp_checkpointing:
                 kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
                 kwargs = kwargs or {"use_reentrant": False}
                 if kwargs.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
@@ -105,6 +115,44 @@ class BaseTrainer:
             model.requires_grad_(False)
             model.eval()
         return model
+
+    def shard_models(self, models: dict, optimizers=(None, None)):
+        """Shard {name: model} with FSDP when it was asked for and several processes run (call after
+        `broadcast_parameters`, before the optimizer is created). One process: nothing to shard."""
+        if self.fsdp is None:
+            return
+        name = type(self).__name__
+        if optimizers is not None and optimizers[0] is not None:
+            raise ValueError(f"optimizers: {name} builds its optimizer itself under FSDP ({self.fsdp.source}); "
+                             "fully_shard replaces the parameters an optimizer built beforehand would hold")
+        for model in models.values():
+            if model is not None and is_peft_model(model):
+                raise ValueError(f"peft_config: LoRA together with FSDP ({self.fsdp.source}) is not supported; LoRA "
+                                 "already shrinks what each process trains, so launch without the FSDP config")
+        if not self.dist.enabled:  # one process: FSDP would shard over one rank, i.e. change nothing
+            return
+        for key, model in models.items():
+            if model is not None:
+                self._sharded[id(model)] = ShardedModel(model, self.fsdp, key)
+
+    def sharded(self, model) -> Optional[ShardedModel]:
+        return self._sharded.get(id(model)) if model is not None else None
+
+    def run(self, model, fn, *args, **kwargs):
+        """`fn(model, *args, **kwargs)`; for an FSDP-sharded model inside its root's forward (weights gathered
+        as needed, gradients reduce-scattered after backward). Every rank must make the same calls."""
+        sharded = self.sharded(model)
+        return sharded.run(fn, *args, **kwargs) if sharded is not None else fn(model, *args, **kwargs)
+
+    def gathered(self, *models):
+        """A context in which the FSDP-sharded `models` are held in full (no collective inside it: ranks may
+        generate different numbers of tokens). A no-op for unsharded models."""
+        stack = contextlib.ExitStack()
+        for model in models:
+            sharded = self.sharded(model)
+            if sharded is not None:
+                stack.enter_context(sharded.gathered())
+        return stack
 
     def autocast(self):
         if self.args.bf16:
@@ -121,10 +169,17 @@ class BaseTrainer:
         if optimizer is None:
             args = self.args
             params = [p for m in modules for p in m.parameters() if p.requires_grad]
+            if self._sharded and any(self.sharded(m) and not isinstance(p, DTensor) for m in modules for p in m.parameters()):
+                raise RuntimeError("create_optimizer_and_scheduler: an FSDP model holds gathered parameters here; "
+                                   "the optimizer must be built over its shards")
             groups = [
                 {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
             ]
+            if self._sharded:  # one optimizer kernel cannot mix DTensor shards with replicated tensors (a value head)
+                groups = [{**g, "params": [p for p in g["params"] if isinstance(p, DTensor) == sharded]}
+                          for g in groups for sharded in (True, False)]
+                groups = [g for g in groups if g["params"]]
             kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
             optimizer = torch.optim.AdamW(groups, fused=args.optim == "adamw_torch_fused" or None, **kwargs)
         if scheduler is None:
@@ -137,8 +192,12 @@ class BaseTrainer:
     def clip_and_step(self, params: list) -> torch.Tensor:
         """Average the gradients over processes, clip their norm (max_grad_norm), step the optimizer, zero
         the grads. Returns the pre-clip norm (a 0-dim tensor on the device, so callers choose when to sync)."""
-        self.dist.average_gradients(params)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
+        if self._sharded:  # FSDP already averaged (and sharded) its gradients; replicated ones still need it
+            self.dist.average_gradients([p for p in params if not isinstance(p, DTensor)])
+            norm = clip_grad_norm(params, self.args.max_grad_norm or float("inf"), self.dist)
+        else:
+            self.dist.average_gradients(params)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
@@ -151,14 +210,22 @@ class BaseTrainer:
     def save_model(self, output_dir: Optional[str] = None, merge_adapter: bool = False):
         """Every model in HF format (`save_pretrained`; a bare head as safetensors) plus the tokenizer. A LoRA
         model saves its adapter, or with `merge_adapter=True` the base weights with the adapter merged in.
-        Only the main process writes (call it from every process)."""
-        output_dir = output_dir or self.args.output_dir
+        Only the main process writes (call it from every process: FSDP-sharded weights are gathered)."""
+        self._write_models(output_dir or self.args.output_dir, self._gather_models(), merge_adapter)
+
+    def _gather_models(self) -> dict:
+        """{subfolder: full state dict} of the FSDP-sharded models (on rank 0). Collective."""
+        return {sub: self.sharded(m).full_state_dict() for sub, m in self.models_to_save().items() if self.sharded(m)}
+
+    def _write_models(self, output_dir: str, states: dict, merge_adapter: bool = False):
         if not self.dist.is_main:
             return
         for sub, module in self.models_to_save().items():
             folder = os.path.join(output_dir, sub)
             os.makedirs(folder, exist_ok=True)
-            if hasattr(module, "save_pretrained"):
+            if sub in states:
+                module.save_pretrained(folder, state_dict=states[sub])
+            elif hasattr(module, "save_pretrained"):
                 save_model_folder(module, folder, merge_adapter)
             else:
                 from safetensors.torch import save_file
@@ -189,10 +256,13 @@ class BaseTrainer:
     def save_checkpoint(self) -> str:
         step = self.reporter.state.global_step
         payload = self.checkpoint_payload()
+        # Sharded weights and optimizer states are gathered by every rank, then written in full by rank 0.
+        model_states = self._gather_models()
+        optimizer_state = full_optimizer_state(self.optimizer) if self._sharded else None
 
         def write(folder):
-            self.save_model(folder)
-            torch.save(self.optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+            self._write_models(folder, model_states)
+            torch.save(optimizer_state or self.optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
             torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
             torch.save(ckpt.capture_rng(self.rng_generators()), os.path.join(folder, "rng_state.pt"))
             with open(os.path.join(folder, "trainer_extra.json"), "w") as fh:
@@ -235,8 +305,15 @@ class BaseTrainer:
         from transformers import TrainerState
 
         for sub, module in self.models_to_save().items():
-            ckpt.load_weights(module, os.path.join(path, sub))
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True))
+            if self.sharded(module):
+                self.sharded(module).load_full_state_dict(ckpt.read_weights(os.path.join(path, sub)))
+            else:
+                ckpt.load_weights(module, os.path.join(path, sub))
+        optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True)
+        if self._sharded:
+            load_full_optimizer_state(self.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
         # Our own file (NumPy RNG state is an ndarray inside a tuple, which weights_only refuses).
         ckpt.restore_rng(torch.load(os.path.join(path, "rng_state.pt"), weights_only=False), self.rng_generators())

@@ -9,6 +9,7 @@ non-default value is an error that names it — never silently ignored.
 import dataclasses
 import difflib
 import enum
+import os
 import re
 import types
 import typing
@@ -33,6 +34,16 @@ SUPPORTED_TRAINING_ARGUMENTS = frozenset({
     "logging_strategy", "logging_steps", "logging_first_step", "disable_tqdm", "report_to",
     "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
 })
+
+# What the multi-process trainers (PPO, GRPO/RLOO) add: the process group's backend and timeout, and FSDP.
+MULTI_PROCESS_TRAINING_ARGUMENTS = frozenset({"ddp_backend", "ddp_timeout", "fsdp", "fsdp_config"})
+
+DEEPSPEED_REFUSAL = (
+    "{name}: the accelerate config (distributed_type: DEEPSPEED) asks for DeepSpeed, which rlhf_ext does not support: "
+    "its trainers own the backward pass and the optimizer step that the DeepSpeed engine takes over. For sharded "
+    "training use an accelerate FSDP config instead (fsdp_reshard_after_forward: true ~ ZeRO-3, false ~ ZeRO-2); "
+    "see examples/accelerate/fsdp.yaml and the README section 'Sharded training'."
+)
 
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 SUPPORTED_REPORT_TO = ("tensorboard",)
@@ -79,6 +90,9 @@ class TrainerConfig(TrainingArguments):
 
     def __post_init__(self):
         self._refuse_unsupported()
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() in ("1", "true", "yes"):
+            # (TrainingArguments would otherwise go looking for the deepspeed package first)
+            raise ValueError(DEEPSPEED_REFUSAL.format(name=type(self).__name__))
         self._check_common_ranges()
         if self.report_to is None:  # `--report_to none` parses as None
             self.report_to = "none"

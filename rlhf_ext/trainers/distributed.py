@@ -10,24 +10,16 @@ backbone directly, which a wrapper would hide). Statistics the algorithms need o
 (group rewards, whitening, token counts of the loss normaliser, metrics) are all-gathered or
 all-reduced here. Only rank 0 writes checkpoints, metrics and samples.
 
-FSDP and DeepSpeed ZeRO shard the weights, which this scheme does not do: they are refused.
+With an FSDP config (accelerate's, or fsdp=/fsdp_config) the policy, critic and reference are sharded
+instead (rlhf_ext.trainers.sharding); the statistics above are computed the same way. DeepSpeed configs are
+refused when the trainer config is built (rlhf_ext.trainers.config).
 """
-import os
-from typing import Optional
-
 import torch
 import torch.distributed as td
 
+
 # Gradients are all-reduced in flat buckets of at most this many elements (fewer, larger messages).
 _BUCKET_NUMEL = 32 * 1024 * 1024
-
-
-def _sharding_launcher() -> Optional[str]:
-    """The sharding scheme `accelerate launch --config_file ...` asked for, if any."""
-    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "false").lower() in ("1", "true", "yes"):
-            return name
-    return None
 
 
 class Distributed:
@@ -37,13 +29,6 @@ class Distributed:
         self.world_size = int(args.world_size)
         self.rank = int(args.process_index)
         self.is_main = self.rank == 0
-        sharding = _sharding_launcher()
-        if sharding is not None:
-            raise ValueError(
-                f"{trainer_name}: the accelerate config asks for {sharding}, which {trainer_name} does not support; it "
-                "trains data-parallel (a full copy of the weights per process). Launch with a plain multi-GPU/multi-CPU "
-                "accelerate config or torchrun, or use LoRA (peft_config) to shrink what each process trains."
-            )
         if self.world_size > 1:
             if not multi_process:
                 raise ValueError(

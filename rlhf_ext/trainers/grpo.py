@@ -86,6 +86,7 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
         self.buffer, self.buffer_round = None, None
         self.last_completions = []
         self.dist.broadcast_parameters([self.policy])
+        self.shard_models({"model": self.policy, "ref_model": self.ref_model}, optimizers)
 
     # ---- batch layout ----
     @property
@@ -136,8 +137,9 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
     def policy_logprobs(self, ids, attn, P, return_entropy=False):
         args = self.args
         with self.autocast():
-            return sequence_logprobs(self.policy, ids, attn, P, temperature=args.temperature, return_entropy=return_entropy,
-                                     fused_linear=args.fused_linear_logprobs, chunk_size=args.logprobs_chunk_size)
+            return self.run(self.policy, sequence_logprobs, ids, attn, P, temperature=args.temperature,
+                            return_entropy=return_entropy, fused_linear=args.fused_linear_logprobs,
+                            chunk_size=args.logprobs_chunk_size)
 
     @torch.no_grad()
     def generate_and_score(self, rows: dict, round_index: int, row_offset: int):
@@ -312,16 +314,17 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
         prompts_per_chunk = max(1, args.per_device_eval_batch_size // G)
         mine = list(range(dist.rank, len(self.eval_dataset), dist.world_size))
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # rewards, group stds, lengths, truncated, rows
-        for first in range(0, len(mine), prompts_per_chunk):
-            indices = [i for i in mine[first : first + prompts_per_chunk] for _ in range(G)]
-            rows = self.eval_dataset[indices]
-            prompt_ids, prompt_mask = pad(rows["input_ids"], self.processing_class.pad_token_id, "left", self.device)
-            self.policy.eval()
-            rollout = self.sample(prompt_ids, prompt_mask, step=-1 - first, row_offset=dist.rank * 1_000_003)
-            attn = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
-            scores, _ = self.score_rollout(rows, rollout, prompt_mask, attn)
-            sums += torch.stack([scores.sum(), group_stats(scores, G)[1].sum(), rollout.response_mask.sum(),
-                                 (~rollout.finished).sum(), torch.tensor(float(len(indices)), device=self.device)]).double()
+        with self.gathered(self.policy):  # FSDP: no collective inside, as ranks may sample different chunk counts
+            for first in range(0, len(mine), prompts_per_chunk):
+                indices = [i for i in mine[first : first + prompts_per_chunk] for _ in range(G)]
+                rows = self.eval_dataset[indices]
+                prompt_ids, prompt_mask = pad(rows["input_ids"], self.processing_class.pad_token_id, "left", self.device)
+                self.policy.eval()
+                rollout = self.sample(prompt_ids, prompt_mask, step=-1 - first, row_offset=dist.rank * 1_000_003)
+                attn = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
+                scores, _ = self.score_rollout(rows, rollout, prompt_mask, attn)
+                sums += torch.stack([scores.sum(), group_stats(scores, G)[1].sum(), rollout.response_mask.sum(),
+                                     (~rollout.finished).sum(), torch.tensor(float(len(indices)), device=self.device)]).double()
         sums = dist.sum(sums)
         n = float(sums[4].clamp(min=1))
         self.policy.train()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from rlhf_ext.trainers.advantages import ESTIMATORS, SCALE_REWARDS
-from rlhf_ext.trainers.config import SUPPORTED_TRAINING_ARGUMENTS, TrainerConfig, require
+from rlhf_ext.trainers.config import MULTI_PROCESS_TRAINING_ARGUMENTS, SUPPORTED_TRAINING_ARGUMENTS, TrainerConfig, require
 
 # loss_type -> ppo_loss's loss_agg. grpo: mean over sequences of each one's token mean; bnpo: token mean
 # of each micro-batch; dapo: token mean over the whole optimizer batch (all micro-batches and processes);
@@ -91,7 +91,7 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
     fused_linear_logprobs: bool = field(default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"})
     logprobs_chunk_size: Optional[int] = field(default=None, metadata={"help": "extra: vocabulary chunk of the fused op"})
 
-    _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | {"ddp_backend", "ddp_timeout"}
+    _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | MULTI_PROCESS_TRAINING_ARGUMENTS
 
     def __post_init__(self):
         for f in dataclasses.fields(_UnsupportedTRLOptions):

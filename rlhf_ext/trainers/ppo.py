@@ -25,7 +25,7 @@ from rlhf_ext.models.heads import ValueHead, critic_from_causal_lm, last_token_i
 from rlhf_ext.models.logprobs import sequence_logprobs
 from rlhf_ext.ops import gae, kl_penalty, masked_var, ppo_loss
 from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
-from rlhf_ext.trainers.config import SUPPORTED_TRAINING_ARGUMENTS, TrainerConfig, require
+from rlhf_ext.trainers.config import MULTI_PROCESS_TRAINING_ARGUMENTS, SUPPORTED_TRAINING_ARGUMENTS, TrainerConfig, require
 from rlhf_ext.trainers.data import StepBatches, as_dataset, pad, require_pad_token
 from rlhf_ext.trainers.distributed import global_masked_whiten
 from rlhf_ext.trainers.lora import is_peft_model
@@ -71,7 +71,7 @@ class PPOConfig(TrainerConfig):
     fused_linear_logprobs: bool = field(default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"})
     logprobs_chunk_size: Optional[int] = field(default=None, metadata={"help": "extra: vocabulary chunk of the fused op"})
 
-    _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | {"ddp_backend", "ddp_timeout"}
+    _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | MULTI_PROCESS_TRAINING_ARGUMENTS
 
     def __post_init__(self):
         super().__post_init__()
@@ -183,6 +183,8 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         self._optimizers = optimizers
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
         self.dist.broadcast_parameters([self.policy, self.critic])
+        self.shard_models({"model": self.policy, "ref_model": self.ref_model,
+                           "value_model": None if args.shared_critic else self.critic}, optimizers)
 
     # ---- state that checkpoints carry ----
     def models_to_save(self) -> dict:
@@ -204,12 +206,13 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         args = self.args
         with self.autocast():
             if args.shared_critic:
-                return logprobs_and_values(self.policy, self.critic, ids, attn, P, args.temperature, return_entropy,
-                                           args.logprobs_chunk_size)
-            out = sequence_logprobs(self.policy, ids, attn, P, temperature=args.temperature, return_entropy=return_entropy,
-                                    fused_linear=args.fused_linear_logprobs, chunk_size=args.logprobs_chunk_size)
+                return self.run(self.policy, logprobs_and_values, self.critic, ids, attn, P, args.temperature,
+                                return_entropy, args.logprobs_chunk_size)
+            out = self.run(self.policy, sequence_logprobs, ids, attn, P, temperature=args.temperature,
+                           return_entropy=return_entropy, fused_linear=args.fused_linear_logprobs,
+                           chunk_size=args.logprobs_chunk_size)
             logprobs, entropy = out if return_entropy else (out, None)
-            return logprobs, entropy, token_values(self.critic, ids, attn, P)
+            return logprobs, entropy, self.run(self.critic, token_values, ids, attn, P)
 
     @torch.no_grad()
     def make_experience(self, rows: dict, step: int = 0, row_offset: int = 0) -> SimpleNamespace:
@@ -336,7 +339,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             if args.target_kl is not None:  # adaptive KL controller (Ziegler et al. 2019)
                 error = max(-0.2, min(0.2, mean_kl / args.target_kl - 1.0))
                 self.kl_coef *= 1.0 + error * args.batch_size / args.kl_horizon
-            if sample_every and self.eval_dataset is not None and (step + 1) % sample_every == 0 and self.dist.is_main:
+            if sample_every and self.eval_dataset is not None and (step + 1) % sample_every == 0:
                 self.write_samples(step + 1)
             if self.end_step(metrics):
                 break

@@ -86,7 +86,7 @@ class RolloutMixin:
         kwargs = dict(temperature=args.temperature, fused_linear=args.fused_linear_logprobs, chunk_size=args.logprobs_chunk_size)
         with torch.no_grad(), self.autocast():
             if self.ref_model is not None:
-                return sequence_logprobs(self.ref_model, ids, attn, P, **kwargs)
+                return self.run(self.ref_model, sequence_logprobs, ids, attn, P, **kwargs)
             if not is_peft_model(self.policy):
                 raise RuntimeError("reference_logprobs: this trainer has no reference policy (no ref_model, no adapter)")
             with self.policy.disable_adapter():
@@ -100,15 +100,16 @@ class RolloutMixin:
         B = prompt_ids.shape[0]
         chunk_size = chunk_size or B
         parts = []
-        for start in range(0, B, chunk_size):
-            rows = slice(start, start + chunk_size)
-            key = (args.seed * 1_000_003 + step) * 1_000_033 + row_offset + start
-            generator = torch.Generator(device=self.device).manual_seed(key % (2**63 - 1))
-            parts.append(generate(
-                self.policy, prompt_ids[rows], prompt_mask[rows], max_new_tokens=max_new_tokens or args.response_length,
-                temperature=args.temperature, top_k=1 if greedy else args.top_k, top_p=args.top_p, min_p=args.min_p,
-                eos_token_id=self.stop_token_id, pad_token_id=tok.pad_token_id, generator=generator,
-            ))
+        with self.gathered(self.policy):  # FSDP: weights in full, no collective inside (decode lengths differ by rank)
+            for start in range(0, B, chunk_size):
+                rows = slice(start, start + chunk_size)
+                key = (args.seed * 1_000_003 + step) * 1_000_033 + row_offset + start
+                generator = torch.Generator(device=self.device).manual_seed(key % (2**63 - 1))
+                parts.append(generate(
+                    self.policy, prompt_ids[rows], prompt_mask[rows], max_new_tokens=max_new_tokens or args.response_length,
+                    temperature=args.temperature, top_k=1 if greedy else args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    eos_token_id=self.stop_token_id, pad_token_id=tok.pad_token_id, generator=generator,
+                ))
         return parts[0] if len(parts) == 1 else concat_rollouts(parts, tok.pad_token_id)
 
     def decode_completions(self, rows: dict, rollout):
@@ -137,13 +138,18 @@ class RolloutMixin:
         """Sample (or greedily decode) completions for a tokenized prompt dataset (default: eval_dataset) and
         score them. Returns [{"prompt", "completion", "score", "kl", "finished"}]. Uses its own RNG, so
         calling it never changes the training run."""
-        args, tok = self.args, self.processing_class
+        args = self.args
         dataset = self.eval_dataset if dataset is None else dataset
         if dataset is None:
             raise ValueError("generate_completions: no dataset given and no eval_dataset")
         count = len(dataset) if max_rows is None else min(max_rows, len(dataset))
         generator = torch.Generator(device=self.device).manual_seed(args.seed if seed is None else seed)
         self.policy.eval()
+        with self.gathered(self.policy, self.ref_model):  # FSDP: every rank runs this; no collective inside
+            return self._completions(dataset, count, greedy, generator)
+
+    def _completions(self, dataset, count: int, greedy: bool, generator) -> list:
+        args, tok = self.args, self.processing_class
         results = []
         for first in range(0, count, args.per_device_eval_batch_size):
             rows = dataset[first : min(count, first + args.per_device_eval_batch_size)]
@@ -183,10 +189,16 @@ class RolloutMixin:
         self.reporter.evaluated(self.evaluate())
 
     def write_samples(self, step: int, max_rows: int = 8):
-        """Append a few eval completions to <output_dir>/samples.jsonl."""
+        """Append a few eval completions to <output_dir>/samples.jsonl (rank 0 writes; with FSDP every rank
+        must call this, as the sharded weights are gathered for it)."""
+        if not self.dist.is_main and not self._sharded:
+            return
+        samples = self.generate_completions(max_rows=max_rows)
+        if not self.dist.is_main:
+            return
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "samples.jsonl"), "a") as fh:
-            for sample in self.generate_completions(max_rows=max_rows):
+            for sample in samples:
                 fh.write(json.dumps({"step": step, **sample}, default=str) + "\n")
 
 
