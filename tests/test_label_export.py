@@ -53,12 +53,16 @@ def test_default_export_drops_ties_and_low_agreement():
     assert (counts["labelled"], counts["no_votes"], counts["low_agreement"], counts["ties_dropped"]) == (6, 2, 2, 1)
 
 
-def test_ties_kept_with_margin_zero_and_lower_threshold():
-    rows, counts = aggregate(ITEMS, human_votes(), min_agreement=0.5, ties="margin0")
-    got = {p: (r["chosen"], r["margin"]) for p, r in by_prompt(rows).items()}
-    assert got == {"Pi1": ("Ai1", 1.0), "Pi2": ("Ai2", pytest.approx(1 / 3)), "Pi3": ("Bi3", 0.25),
-                   "Pi4": ("Ai4", 0.0), "Pi5": ("Ai5", 0.0), "Pi7": ("Bi7", 1.0)}
+def test_ties_kept_marked_as_ties_with_margin_zero():
+    rows, counts = aggregate(ITEMS, human_votes(), min_agreement=0.5, ties="keep")
+    got = {p: (r["chosen"], r["margin"], r["tie"]) for p, r in by_prompt(rows).items()}
+    assert got == {"Pi1": ("Ai1", 1.0, False), "Pi2": ("Ai2", pytest.approx(1 / 3), False), "Pi3": ("Bi3", 0.25, False),
+                   "Pi4": ("Ai4", 0.0, True), "Pi5": ("Ai5", 0.0, True), "Pi7": ("Bi7", 1.0, False)}
     assert counts["ties_kept"] == 2
+    rows, _ = aggregate(ITEMS, human_votes(), min_agreement=0.5)
+    assert all("tie" not in r for r in rows)  # ties dropped: the plain TRL columns
+    with pytest.raises(ValueError, match="ties: expected 'drop' or 'keep'"):
+        aggregate(ITEMS, human_votes(), ties="margin0")
 
 
 def test_min_votes_and_sources():
@@ -87,8 +91,8 @@ def test_cohen_kappa_by_hand():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="ties must be"):
-        aggregate(ITEMS, [], ties="keep")
+    with pytest.raises(ValueError, match="ties: expected"):
+        aggregate(ITEMS, [], ties="tie")
     with pytest.raises(ValueError, match="min_agreement"):
         aggregate(ITEMS, [], min_agreement=1.5)
 

@@ -70,8 +70,46 @@ def test_loss_margin_and_centering(make_rm, tiny_tokenizer, cpu_args):
     trainer = RewardTrainer(make_rm(), args, train_dataset=pairs(4), processing_class=tiny_tokenizer)
     chosen, rejected, margin = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 2.0]), torch.tensor([0.5, 0.0])
     expected = -F.logsigmoid(chosen - rejected - margin).mean() + 0.1 * ((chosen + rejected) ** 2).mean()
-    torch.testing.assert_close(trainer._loss(chosen, rejected, margin), expected)
-    assert trainer.train_dataset[0]["margin"] == 0.5
+    torch.testing.assert_close(trainer._loss(chosen, rejected, margin, torch.tensor([False, False])), expected)
+    assert trainer.train_dataset[0]["margin"] == 0.5 and trainer.train_dataset[0]["tie"] is False
+    # a tie: the likelihood of a draw, -(log s(d) + log s(-d)) / 2, symmetric and smallest at d = 0
+    tie = torch.tensor([False, True])
+    d = chosen - rejected
+    expected = (-F.logsigmoid(d[0] - 0.5) - 0.5 * (F.logsigmoid(d[1]) + F.logsigmoid(-d[1]))) / 2
+    expected = expected + 0.1 * ((chosen + rejected) ** 2).mean()
+    torch.testing.assert_close(trainer._loss(chosen, rejected, margin, tie), expected)
+    swapped = trainer._loss(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.0]), margin, tie)
+    torch.testing.assert_close(swapped, expected)  # the tied side's order does not matter
+
+
+def test_tied_pairs_pull_rewards_together(make_rm, tiny_tokenizer, cpu_args):
+    """Ties exported by `rlhf-ext label export --ties keep` teach equal rewards, not a preference: trained on
+    the same pairs marked tied, the model's chosen-rejected gap shrinks towards 0 (as a preference would grow it)."""
+    rows = [{**r, "margin": 0.0, "tie": True} for r in pairs(32)]
+    args = RewardConfig(max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=1,
+                        save_strategy="no", **cpu_args)
+    model = make_rm("gpt2")
+    trainer = RewardTrainer(model, args, train_dataset=rows, processing_class=tiny_tokenizer)
+    # start from a model that prefers "chosen" clearly, as one trained on these pairs as preferences does
+    preferred = RewardTrainer(make_rm("gpt2"), RewardConfig(max_steps=12, per_device_train_batch_size=8,
+                              learning_rate=3e-3, save_strategy="no", **cpu_args), train_dataset=pairs(32),
+                              processing_class=tiny_tokenizer)
+    preferred.train()
+    trainer.model.load_state_dict(preferred.model.state_dict())
+    before = trainer.evaluate(eval_dataset=rows)["eval_tie_gap"]
+    logs = [h for h in trainer.train().log_history if "loss" in h]
+    after = trainer.evaluate(eval_dataset=rows)["eval_tie_gap"]
+    assert before > 0.5 and after < 0.3 * before, (before, after)
+    assert "accuracy" not in logs[0] and "tie_gap" in logs[0]  # no decisive pair: no accuracy to report
+
+
+def test_tie_column_checks(make_rm, tiny_tokenizer, cpu_args):
+    args = RewardConfig(max_steps=1, **cpu_args)
+    with pytest.raises(ValueError, match="tied pair must have margin 0"):
+        RewardTrainer(make_rm(), args, train_dataset=[{**pairs(1)[0], "tie": True}], processing_class=tiny_tokenizer)
+    with pytest.raises(ValueError, match="'tie' column must be a boolean"):
+        RewardTrainer(make_rm(), args, train_dataset=[{**pairs(1)[0], "margin": 0.0, "tie": "yes"}],
+                      processing_class=tiny_tokenizer)
 
 
 def test_score_is_read_at_last_real_token_whatever_the_padding(make_rm, tiny_tokenizer):

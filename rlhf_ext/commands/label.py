@@ -64,7 +64,8 @@ def register(subparsers):
     e.add_argument("--min-agreement", type=float, default=0.6,
                    help="drop items whose majority label has less than this share of the votes")
     e.add_argument("--source", choices=("human", "ai", "all"), default="human", help="which votes to aggregate")
-    e.add_argument("--ties", choices=("drop", "margin0"), default="drop", help="drop ties or keep them with margin 0")
+    e.add_argument("--ties", choices=("drop", "keep"), default="drop",
+                   help="drop ties, or keep them as rows with tie=true (RewardTrainer learns equal rewards for them)")
     e.add_argument("--min-votes", type=int, default=1, help="drop items with fewer non-skip votes")
     e.add_argument("--with-meta", action="store_true", help="add item_id, agreement and votes to each row")
     e.set_defaults(func=run_export)

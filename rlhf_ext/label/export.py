@@ -6,7 +6,8 @@ Per item (skips ignored; n = votes for a + votes for b + ties):
   - agreement = votes for the majority label / n (for a draw: the top count / n);
   - margin = (votes for the winner - votes for the loser) / n, so 1.0 when unanimous and 0 for ties.
 Items with agreement below `min_agreement` or fewer than `min_votes` votes are dropped; ties are dropped
-or, with ties="margin0", kept as (completion_a, completion_b) rows with margin 0.
+or, with ties="keep", kept as (completion_a, completion_b) rows with margin 0 and `tie: true` (every row then
+has a `tie` column), which RewardTrainer trains towards equal rewards instead of a preference.
 
 Rows hold exactly `prompt`, `chosen`, `rejected`, `margin` (what RewardTrainer reads); `with_meta` adds
 `item_id`, `agreement` and `votes`.
@@ -67,8 +68,8 @@ def pairwise_agreement(human_votes) -> tuple:
 def aggregate(items, votes, *, min_agreement: float = 0.6, ties: str = "drop", min_votes: int = 1,
               with_meta: bool = False) -> tuple:
     """Rows and counts from item dicts and the votes to use (already filtered by source)."""
-    if ties not in ("drop", "margin0"):
-        raise ValueError(f"ties must be 'drop' or 'margin0', got {ties!r}")
+    if ties not in ("drop", "keep"):
+        raise ValueError(f"ties: expected 'drop' or 'keep', got {ties!r}")
     if not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
     if min_votes < 1:
@@ -102,6 +103,8 @@ def aggregate(items, votes, *, min_agreement: float = 0.6, ties: str = "drop", m
             chosen, rejected = item[f"completion_{label}"], item[f"completion_{loser}"]
             margin = (tally[label] - tally[loser]) / n
         row = {"prompt": item["prompt"], "chosen": chosen, "rejected": rejected, "margin": margin}
+        if ties == "keep":
+            row["tie"] = label == "tie"
         if with_meta:
             row.update(item_id=item["id"], agreement=agreement, votes=dict(tally))
         rows.append(row)
@@ -163,7 +166,7 @@ def format_summary(summary: dict, out_path) -> str:
             ("too_few_votes", "with too few votes"), ("no_votes", "without votes"))),
     ]
     if summary.get("ties_kept"):
-        lines.append(f"ties kept with margin 0: {summary['ties_kept']}")
+        lines.append(f"ties kept (tie=true, margin 0): {summary['ties_kept']}")
     lines.append(f"pairwise agreement among humans: {num(summary['pairwise_agreement'])} over "
                  f"{summary['labeller_pairs']} labeller pairs on {summary['items_with_2plus_labels']} items")
     lines.append(f"Cohen's kappa, human majority vs AI: {num(summary['kappa_human_ai'])} over "

@@ -1,7 +1,11 @@
 """Reward model training: the pairwise Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin).
 
 Dataset columns: `chosen` and `rejected` (text, or chat conversations), optionally a `prompt` (text or
-chat messages) that both continue, and an optional `margin` column. Text examples get EOS appended (the
+chat messages) that both continue, an optional `margin` column, and an optional boolean `tie` column (as
+`rlhf-ext label export --ties keep` writes): a tied pair says neither side is better, so its loss is the
+Bradley-Terry likelihood of a draw, -(log sigmoid(d) + log sigmoid(-d)) / 2 with d = r_chosen - r_rejected,
+which is smallest when the two rewards are equal (its margin must be 0). `accuracy` counts decisive pairs
+only; `tie_gap` is the mean |d| over tied pairs. Text examples get EOS appended (the
 score is read at the last real token, which for a finished PPO completion is EOS too). Optional reward
 centring (`center_rewards_coefficient`) adds c * mean((r_chosen + r_rejected)^2). The model is an
 `AutoModelForSequenceClassification` with `num_labels=1`; its backbone and `score` head are run by
@@ -51,8 +55,14 @@ def tokenize_pair(row: dict, tokenizer) -> dict:
         return ids if ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
 
     margin = row.get("margin")
-    return {"chosen_ids": encode(row["chosen"]), "rejected_ids": encode(row["rejected"]),
-            "margin": 0.0 if margin is None else float(margin)}
+    margin = 0.0 if margin is None else float(margin)
+    tie = row.get("tie")
+    if tie not in (None, True, False, 0, 1):
+        raise ValueError(f"train_dataset: the 'tie' column must be a boolean, got {tie!r}")
+    if tie and margin != 0.0:
+        raise ValueError(f"train_dataset: a tied pair must have margin 0 (neither side is better), got margin={margin}")
+    return {"chosen_ids": encode(row["chosen"]), "rejected_ids": encode(row["rejected"]), "margin": margin,
+            "tie": bool(tie)}
 
 
 class RewardTrainer(BaseTrainer):
@@ -112,24 +122,33 @@ class RewardTrainer(BaseTrainer):
         return {"": self.model}
 
     def _pair_scores(self, rows: dict):
-        """(r_chosen [b], r_rejected [b], margin [b]) for b pairs, in one forward over 2b sequences."""
+        """(r_chosen [b], r_rejected [b], margin [b], tie [b] bool) for b pairs, in one forward over 2b sequences."""
         ids, mask = pad(rows["chosen_ids"] + rows["rejected_ids"], self.processing_class.pad_token_id, "right", self.device)
         with self.autocast():
             scores = sequence_scores(self.model, ids, mask)
         b = len(rows["chosen_ids"])
         margin = torch.tensor(rows["margin"], dtype=torch.float32, device=scores.device)
-        return scores[:b], scores[b:], margin
+        tie = torch.tensor(rows["tie"], dtype=torch.bool, device=scores.device)
+        return scores[:b], scores[b:], margin, tie
 
-    def _loss(self, chosen, rejected, margin):
-        loss = -F.logsigmoid(chosen - rejected - margin).mean()
+    def _loss(self, chosen, rejected, margin, tie):
+        d = chosen - rejected
+        draw = -0.5 * (F.logsigmoid(d) + F.logsigmoid(-d))  # a tie: smallest when the two rewards are equal
+        loss = torch.where(tie, draw, -F.logsigmoid(d - margin)).mean()
         if self.args.center_rewards_coefficient:
             loss = loss + self.args.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
         return loss
 
     @staticmethod
-    def _pair_metrics(chosen, rejected) -> dict:
-        return {"accuracy": float((chosen > rejected).float().mean()), "margin": float((chosen - rejected).mean()),
-                "mean_reward": float(torch.cat([chosen, rejected]).mean())}
+    def _pair_metrics(chosen, rejected, tie) -> dict:
+        """accuracy over decisive pairs (absent when a batch has none), tie_gap over tied ones (when any)."""
+        d = chosen - rejected
+        metrics = {"margin": float(d.mean()), "mean_reward": float(torch.cat([chosen, rejected]).mean())}
+        if (~tie).any():
+            metrics["accuracy"] = float((d[~tie] > 0).float().mean())
+        if tie.any():
+            metrics["tie_gap"] = float(d[tie].abs().mean())
+        return metrics
 
     def train(self, resume_from_checkpoint=None):
         args = self.args
@@ -144,20 +163,21 @@ class RewardTrainer(BaseTrainer):
             self.reporter.step_begin()
             rows = self.train_dataset[batches.indices(step)]
             window = len(rows["chosen_ids"])
-            loss_sum, all_chosen, all_rejected = 0.0, [], []
+            loss_sum, all_chosen, all_rejected, all_tie = 0.0, [], [], []
             for first in range(0, window, micro):
                 part = {k: v[first : first + micro] for k, v in rows.items()}
-                chosen, rejected, margin = self._pair_scores(part)
-                loss = self._loss(chosen, rejected, margin) * (len(part["chosen_ids"]) / window)
+                chosen, rejected, margin, tie = self._pair_scores(part)
+                loss = self._loss(chosen, rejected, margin, tie) * (len(part["chosen_ids"]) / window)
                 loss.backward()
                 loss_sum += float(loss.detach())
                 all_chosen.append(chosen.detach())
                 all_rejected.append(rejected.detach())
+                all_tie.append(tie)
             grad_norm = float(self.clip_and_step(list(self.model.parameters())))
             lr = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
             metrics = {"loss": loss_sum, "grad_norm": grad_norm, "learning_rate": lr,
-                       **self._pair_metrics(torch.cat(all_chosen), torch.cat(all_rejected))}
+                       **self._pair_metrics(torch.cat(all_chosen), torch.cat(all_rejected), torch.cat(all_tie))}
             if self.end_step(metrics):
                 break
         self.end_training()
@@ -172,16 +192,13 @@ class RewardTrainer(BaseTrainer):
             raise ValueError("eval_dataset: none given to evaluate() and none passed to RewardTrainer")
         was_training = self.model.training
         self.model.eval()
-        chosen, rejected, margins = [], [], []
+        parts = []
         size = self.args.per_device_eval_batch_size
         for first in range(0, len(data), size):
-            c, r, m = self._pair_scores(data[first : first + size])
-            chosen.append(c)
-            rejected.append(r)
-            margins.append(m)
+            parts.append(self._pair_scores(data[first : first + size]))
         self.model.train(was_training)
-        chosen, rejected, margins = torch.cat(chosen), torch.cat(rejected), torch.cat(margins)
-        metrics = {"loss": float(self._loss(chosen, rejected, margins)), **self._pair_metrics(chosen, rejected)}
+        chosen, rejected, margins, ties = (torch.cat(column) for column in zip(*parts))
+        metrics = {"loss": float(self._loss(chosen, rejected, margins, ties)), **self._pair_metrics(chosen, rejected, ties)}
         return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
 
     def evaluate_and_log(self):
