@@ -58,6 +58,7 @@ def main(argv=None) -> dict:
     trainer.save_model(opts.output_dir)
     fraction = held_fraction(trainer.policy)
     summary = {"processes": trainer.dist.world_size, "fsdp": trainer.fsdp is not None and trainer.dist.enabled,
+               "bf16": trainer.args.bf16,
                "held_fraction": fraction, "first_reward": state.log_history[0]["reward"],
                "last_reward": state.log_history[-1]["reward"]}
     if trainer.dist.is_main:

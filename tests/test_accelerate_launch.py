@@ -11,13 +11,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(config: str, out) -> dict:
+def launch(config: str, out, *launch_args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for name in list(env):  # nothing from the calling shell may change what the config asks for
         if name.startswith(("FSDP_", "ACCELERATE_")):
             del env[name]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "examples", "accelerate", config),
-           os.path.join(ROOT, "examples", "multi_process_grpo.py"), "--output_dir", str(out), "--max_steps", "3",
+           *launch_args, os.path.join(ROOT, "examples", "multi_process_grpo.py"), "--output_dir", str(out), "--max_steps", "3",
            "--prompts_per_process", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -25,12 +25,17 @@ def launch(config: str, out) -> dict:
         return json.load(fh)
 
 
-@pytest.mark.parametrize("config, fsdp, held", [("fsdp.yaml", True, 0.5), ("ddp.yaml", False, 1.0)])
-def test_accelerate_launch_with_the_shipped_configs(tmp_path, config, fsdp, held):
+@pytest.mark.parametrize("config, launch_args, fsdp, held", [
+    ("fsdp.yaml", (), True, 0.5),
+    ("fsdp.yaml", ("--mixed_precision", "bf16"), True, 0.5),  # accelerate's mixed precision reaches the trainer
+    ("ddp.yaml", (), False, 1.0),
+])
+def test_accelerate_launch_with_the_shipped_configs(tmp_path, config, launch_args, fsdp, held):
     from transformers import AutoModelForCausalLM
 
-    summary = launch(config, tmp_path)
+    summary = launch(config, tmp_path, *launch_args)
     assert summary["processes"] == 2 and summary["fsdp"] is fsdp
+    assert summary["bf16"] is ("bf16" in launch_args)
     assert summary["held_fraction"] == pytest.approx(held, abs=0.01)
     lines = open(tmp_path / "metrics.jsonl").read().splitlines()
     assert len(lines) == 3  # rank 0 alone logs

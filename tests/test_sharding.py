@@ -98,3 +98,13 @@ def test_fsdp_with_lora_or_a_prebuilt_optimizer_is_refused(cpu_args, accelerate_
     with pytest.raises(ValueError, match="optimizers: .*FSDP"):
         GRPOTrainer(model, target_fraction, args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer,
                     optimizers=(optimizer, None))
+
+
+def test_accelerate_mixed_precision_is_honoured(cpu_args, accelerate_env):
+    """`mixed_precision: bf16` in an accelerate config turns on the trainers' bf16 autocast; fp16 is refused."""
+    assert GRPOConfig(**cpu_args).bf16 is False
+    accelerate_env(ACCELERATE_MIXED_PRECISION="bf16")
+    assert GRPOConfig(**cpu_args).bf16 is True and PPOConfig(**cpu_args).bf16 is True
+    accelerate_env(ACCELERATE_MIXED_PRECISION="fp16")
+    with pytest.raises(ValueError, match="mixed_precision=fp16"):
+        SFTConfig(**cpu_args)

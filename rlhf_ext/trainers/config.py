@@ -99,6 +99,14 @@ class TrainerConfig(TrainingArguments):
         if self.report_to in ("all", ["all"]):  # every installed integration *that we support*
             self.report_to = [name for name in SUPPORTED_REPORT_TO if _installed(name)]
         super().__post_init__()
+        # `accelerate launch` with `mixed_precision: bf16|fp16` in its config asks through ACCELERATE_MIXED_PRECISION
+        # (TrainingArguments.mixed_precision); the trainers autocast from `bf16`, so honour it there.
+        precision = getattr(self, "mixed_precision", "no") or "no"
+        if precision == "fp16":
+            raise ValueError(f"{type(self).__name__}: the accelerate config asks for mixed_precision=fp16, which is not "
+                             "supported (no loss scaling); use bf16")
+        if precision == "bf16":
+            self.bf16 = True
         for name in self.report_to:
             if name not in SUPPORTED_REPORT_TO:
                 raise ValueError(f"report_to: {name!r} is not supported; expected 'none', 'all' or one of {SUPPORTED_REPORT_TO}")
