@@ -90,11 +90,13 @@ class Distributed:
 
     # ---- parameters and gradients ----
     def broadcast_parameters(self, modules: list):
-        """Give every rank rank 0's weights and buffers (what DDP does at construction)."""
+        """Give every rank rank 0's weights and buffers (what DDP does at construction); None entries are skipped."""
         if not self.enabled:
             return
         with torch.no_grad():
             for module in modules:
+                if module is None:
+                    continue
                 for tensor in [*module.parameters(), *module.buffers()]:
                     td.broadcast(tensor.data, src=0)
 

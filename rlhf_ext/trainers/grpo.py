@@ -85,7 +85,7 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
         self._optimizers = optimizers
         self.buffer, self.buffer_round = None, None
         self.last_completions = []
-        self.dist.broadcast_parameters([self.policy])
+        self.dist.broadcast_parameters([self.policy, self.ref_model])  # the reference too: it must match
         self.shard_models({"model": self.policy, "ref_model": self.ref_model}, optimizers)
 
     # ---- batch layout ----

@@ -182,7 +182,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         self.kl_coef = args.kl_coef
         self._optimizers = optimizers
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
-        self.dist.broadcast_parameters([self.policy, self.critic])
+        self.dist.broadcast_parameters([self.policy, self.critic, self.ref_model])  # the reference too: it must match
         self.shard_models({"model": self.policy, "ref_model": self.ref_model,
                            "value_model": None if args.shared_critic else self.critic}, optimizers)
 
