@@ -339,6 +339,22 @@ class BaseTrainer:
         self.reporter.begin(total_steps, start, steps_per_epoch, batch_size)
         return start
 
+    def begin_window_training(self, model: nn.Module, resume_from_checkpoint):
+        """The start of the single-model trainers' loop (SFT, reward): steps of per_device_train_batch_size x
+        gradient_accumulation_steps rows, the optimizer and schedule, a restored checkpoint. Returns
+        (batches, total_steps, first step)."""
+        from rlhf_ext.trainers.data import StepBatches
+
+        args = self.args
+        window = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        batches = StepBatches(len(self.train_dataset), window, args.seed if args.data_seed is None else args.data_seed)
+        total_steps = batches.total_steps(args.num_train_epochs, args.max_steps)
+        self.create_optimizer_and_scheduler([model], total_steps, self._optimizers)
+        start = self.begin_training(total_steps, batches.batches_per_epoch, window,
+                                    resume_from_checkpoint or args.resume_from_checkpoint, model)
+        model.train()
+        return batches, total_steps, start
+
     def end_step(self, metrics: dict) -> bool:
         """Log, checkpoint and evaluate when due; returns True when training should stop."""
         self.reporter.step_end(metrics)

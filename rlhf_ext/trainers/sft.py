@@ -15,7 +15,7 @@ import torch
 from rlhf_ext.models.heads import causal_lm_token_logprobs
 from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
 from rlhf_ext.trainers.config import TrainerConfig, require
-from rlhf_ext.trainers.data import StepBatches, as_dataset, chat_ids, is_conversational, pad, require_pad_token, text_ids
+from rlhf_ext.trainers.data import as_dataset, chat_ids, is_conversational, pad, require_pad_token, text_ids
 
 
 @dataclass
@@ -137,14 +137,8 @@ class SFTTrainer(BaseTrainer):
         return -logprobs.sum()
 
     def train(self, resume_from_checkpoint=None):
-        args = self.args
-        micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
-        batches = StepBatches(len(self.train_dataset), micro * accum, args.seed if args.data_seed is None else args.data_seed)
-        total_steps = batches.total_steps(args.num_train_epochs, args.max_steps)
-        self.create_optimizer_and_scheduler([self.model], total_steps, self._optimizers)
-        start = self.begin_training(total_steps, batches.batches_per_epoch, micro * accum,
-                                    resume_from_checkpoint or args.resume_from_checkpoint, self.model)
-        self.model.train()
+        micro = self.args.per_device_train_batch_size
+        batches, total_steps, start = self.begin_window_training(self.model, resume_from_checkpoint)
         for step in range(start, total_steps):
             self.reporter.step_begin()
             rows = self.train_dataset[batches.indices(step)]
