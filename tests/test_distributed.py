@@ -31,14 +31,20 @@ def _models():
     return tok, tiny_causal_lm("llama", tokenizer=tok), rows
 
 
-def run_grpo(out, per_device, max_steps, resume=None, eval_rows=None, **overrides):
+def lora_config():
+    import peft
+
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+def run_grpo(out, per_device, max_steps, resume=None, eval_rows=None, lora=False, **overrides):
     from rlhf_ext import GRPOConfig, GRPOTrainer
 
     tok, model, rows = _models()
     args = GRPOConfig(output_dir=out, use_cpu=True, disable_tqdm=True, report_to="none", seed=0, max_steps=max_steps,
                       per_device_train_batch_size=per_device, **{**GRPO, **overrides})
     trainer = GRPOTrainer(model, [target_fraction], args=args, train_dataset=rows, processing_class=tok,
-                          eval_dataset=rows[:eval_rows] if eval_rows else None)
+                          eval_dataset=rows[:eval_rows] if eval_rows else None, peft_config=lora_config() if lora else None)
     state = trainer.train(resume_from_checkpoint=resume)
     return trainer, state
 
@@ -102,7 +108,14 @@ def _worker(rank, port, folder, mode):
                                 eval_steps=1, per_device_eval_batch_size=4, num_iterations=1)
         _, ppo_eval = run_ppo(os.path.join(folder, "ppo_eval"), 4, 1, eval_rows=3, eval_strategy="steps", eval_steps=1,
                               shared_critic=True, num_sample_generations=1, per_device_eval_batch_size=2)
-        extra = {"grpo_eval": grpo_eval.log_history, "ppo_eval": ppo_eval.log_history}
+        # LoRA under FSDP: the frozen base is sharded with the adapter, the reference is the adapter switched off.
+        lora, _ = run_grpo(os.path.join(folder, "lora"), 8, 4, lora=True)
+        lora_resumed, _ = run_grpo(os.path.join(folder, "lora"), 8, 4, lora=True,
+                                   resume=os.path.join(folder, "lora", "checkpoint-3"))
+        lora.save_model(os.path.join(folder, "lora_merged"), merge_adapter=True)
+        extra = {"grpo_eval": grpo_eval.log_history, "ppo_eval": ppo_eval.log_history,
+                 "lora": full_weights(lora, lora.policy), "lora_resumed": full_weights(lora_resumed, lora_resumed.policy),
+                 "lora_fraction": local_fraction(lora.policy)}
     result = {**extra, "grpo": full_weights(grpo, grpo.policy), "resumed": full_weights(resumed, resumed.policy),
               "ppo": full_weights(ppo, ppo.policy), "ppo_critic": full_weights(ppo, ppo.critic),
               "grpo_logs": state.log_history,
@@ -132,9 +145,10 @@ def one_process(tmp_path_factory):
     folder = tmp_path_factory.mktemp("one")
     grpo, state = run_grpo(str(folder / "grpo"), 16, 4)
     ppo, _ = run_ppo(str(folder / "ppo"), 8, 2)
+    lora, _ = run_grpo(str(folder / "lora"), 16, 4, lora=True)
     _, start, _ = _models()
     return {"grpo": weights(grpo.policy), "grpo_logs": state.log_history, "ppo": weights(ppo.policy),
-            "ppo_critic": weights(ppo.critic), "start": weights(start)}
+            "ppo_critic": weights(ppo.critic), "start": weights(start), "lora": weights(lora.policy)}
 
 
 def run_two_processes(folder, mode: str) -> dict:
@@ -158,6 +172,7 @@ def test_two_processes_match_one_and_resume(tmp_path, one_process, mode):
         assert any("eval_reward" in h for h in two["grpo_eval"]), two["grpo_eval"]
         assert any("eval/scores" in h for h in two["ppo_eval"]), two["ppo_eval"]
         assert len(open(tmp_path / "ppo_eval" / "samples.jsonl").read().splitlines()) == 3
+        check_lora(one_process["lora"], two, start, tmp_path)
     else:
         assert two["fractions"] == [1.0] * 5
 
@@ -174,3 +189,22 @@ def test_two_processes_match_one_and_resume(tmp_path, one_process, mode):
     critic = one["ppo_critic"]
     assert set(critic) == set(two["ppo_critic"])
     assert max(float((critic[k] - two["ppo_critic"][k]).abs().max()) for k in critic) < 5e-5
+
+
+def check_lora(one: dict, two: dict, start: dict, folder):
+    """LoRA + FSDP: matches LoRA in one process, trains only the adapter, resumes exactly, merges on save."""
+    from transformers import AutoModelForCausalLM
+
+    assert 0.45 < two["lora_fraction"] < 0.6
+    assert set(one) == set(two["lora"])
+    adapter = [k for k in one if "lora_" in k]
+    assert adapter and max(float((one[k] - two["lora"][k]).abs().max()) for k in one) < 5e-5
+    assert max(float(one[k].abs().max()) for k in adapter if "lora_B" in k) > 1e-3  # the adapter trained
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in two["lora"].items() if "lora_" not in k}
+    assert all(torch.equal(base[k], start[k]) for k in start)  # the base (and so the reference) never moved
+    for k, v in two["lora"].items():
+        torch.testing.assert_close(two["lora_resumed"][k], v, rtol=0, atol=0)
+    merged = AutoModelForCausalLM.from_pretrained(folder / "lora_merged").state_dict()
+    assert set(merged) == set(start)
+    moved = [k for k in start if not torch.equal(merged[k], start[k])]
+    assert moved and all("q_proj" in k or "v_proj" in k for k in moved), moved

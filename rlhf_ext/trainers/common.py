@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 from rlhf_ext.trainers import checkpoint as ckpt
 from rlhf_ext.trainers.config import TrainerConfig
 from rlhf_ext.trainers.distributed import Distributed
-from rlhf_ext.trainers.lora import apply_peft, is_peft_model, save_model_folder
+from rlhf_ext.trainers.lora import apply_peft, is_peft_model, merged_from_full_state, save_model_folder
 from rlhf_ext.trainers.reporting import Reporter
 from rlhf_ext.trainers.sharding import (ShardedModel, clip_grad_norm, fsdp_plan, full_optimizer_state,
                                         load_full_optimizer_state)
@@ -125,10 +125,6 @@ class BaseTrainer:
         if optimizers is not None and optimizers[0] is not None:
             raise ValueError(f"optimizers: {name} builds its optimizer itself under FSDP ({self.fsdp.source}); "
                              "fully_shard replaces the parameters an optimizer built beforehand would hold")
-        for model in models.values():
-            if model is not None and is_peft_model(model):
-                raise ValueError(f"peft_config: LoRA together with FSDP ({self.fsdp.source}) is not supported; LoRA "
-                                 "already shrinks what each process trains, so launch without the FSDP config")
         if not self.dist.enabled:  # one process: FSDP would shard over one rank, i.e. change nothing
             return
         for key, model in models.items():
@@ -223,7 +219,9 @@ class BaseTrainer:
         for sub, module in self.models_to_save().items():
             folder = os.path.join(output_dir, sub)
             os.makedirs(folder, exist_ok=True)
-            if sub in states:
+            if sub in states and merge_adapter and is_peft_model(module):
+                merged_from_full_state(module, states[sub]).save_pretrained(folder)
+            elif sub in states:
                 module.save_pretrained(folder, state_dict=states[sub])
             elif hasattr(module, "save_pretrained"):
                 save_model_folder(module, folder, merge_adapter)
@@ -306,7 +304,8 @@ class BaseTrainer:
 
         for sub, module in self.models_to_save().items():
             if self.sharded(module):
-                self.sharded(module).load_full_state_dict(ckpt.read_weights(os.path.join(path, sub)))
+                folder = os.path.join(path, sub)
+                self.sharded(module).load_full_state_dict(ckpt.read_weights(folder), source=f"checkpoint {folder}")
             else:
                 ckpt.load_weights(module, os.path.join(path, sub))
         optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True)

@@ -48,6 +48,18 @@ def save_model_folder(module: torch.nn.Module, folder: str, merge_adapter: bool 
     module.save_pretrained(folder)
 
 
+def merged_from_full_state(model, state: dict) -> torch.nn.Module:
+    """A plain HF model with the adapter merged in, rebuilt from `state`, the full state dict of the PeftModel
+    `model` (used when `model` itself is FSDP-sharded, so it cannot be copied and merged directly)."""
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    fresh = type(base)(copy.deepcopy(base.config))
+    fresh = get_peft_model(fresh, copy.deepcopy(model.peft_config[model.active_adapter]))
+    fresh.load_state_dict(state, strict=True)
+    return fresh.merge_and_unload()
+
+
 def load_adapter_weights(model, folder: str) -> bool:
     """Load adapter weights saved by `save_pretrained` of a PeftModel into `model` in place. Returns False
     when `model` is not a peft model (the caller loads plain weights)."""

@@ -90,7 +90,7 @@ class RolloutMixin:
             if not is_peft_model(self.policy):
                 raise RuntimeError("reference_logprobs: this trainer has no reference policy (no ref_model, no adapter)")
             with self.policy.disable_adapter():
-                return sequence_logprobs(self.policy, ids, attn, P, **kwargs)
+                return self.run(self.policy, sequence_logprobs, ids, attn, P, **kwargs)
 
     def sample(self, prompt_ids, prompt_mask, *, step: int, row_offset: int = 0, chunk_size: Optional[int] = None,
                greedy: bool = False, max_new_tokens: Optional[int] = None):

@@ -17,8 +17,11 @@ What each option does here:
 - `state_dict_type`: checkpoints always hold full Hugging Face weights (loadable without FSDP) and the
   optimizer state with every tensor gathered in full, written by rank 0; each rank takes its shards back
   on resume.
-Refused by name: CPU offload of parameters, HYBRID_SHARD, SIZE_BASED_WRAP, LoRA together with FSDP, and an
-optimizer built by the caller (FSDP replaces the parameters it would hold).
+- LoRA (`peft_config`): the frozen base and the adapter are sharded together; the reference is the same
+  sharded model with its adapter switched off; checkpoints hold the adapter (or, with
+  `save_model(merge_adapter=True)`, merged full weights).
+Refused by name: CPU offload of parameters, HYBRID_SHARD, SIZE_BASED_WRAP, and an optimizer built by the
+caller (FSDP replaces the parameters it would hold).
 
 How the trainers use a sharded model: every model (policy, critic, reference) is wrapped by a root module
 whose forward runs an arbitrary function on the model (`ShardedModel.run`), so the log-prob helpers can call
@@ -187,10 +190,33 @@ class ShardedModel:
 
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def load_full_state_dict(self, state: dict):
-        """Load full weights (every rank passes the same full `state`) into the shards."""
+    def load_full_state_dict(self, state: dict, source: str = "checkpoint"):
+        """Load full weights (every rank passes the same full `state`) into the shards: a whole model's, or a
+        peft adapter's as `save_pretrained` writes it (keys without the adapter name). Every key must name a
+        weight of the model; a plain model may only lack weights tied to loaded ones."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        from rlhf_ext.trainers.lora import is_peft_model
+
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        own = {**params, **dict(self.model.named_buffers())}
+        adapter = is_peft_model(self.model)
+        if adapter:  # adapter files drop the adapter name: "...lora_A.weight" is "...lora_A.default.weight"
+            alias = {}
+            for name in own:
+                for adapter_name in self.model.peft_config:
+                    short = name.replace(f".{adapter_name}.", ".")
+                    if short != name:
+                        alias[short] = name
+            state = {alias.get(k, k): v for k, v in state.items()}
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            raise KeyError(f"{source}: has weights {self.name} does not: {unknown[:5]}")
+        if not adapter:
+            loaded = {id(own[k]) for k in state}
+            missing = [k for k, t in params.items() if k not in state and id(t) not in loaded]
+            if missing:
+                raise KeyError(f"{source}: lacks weights of {self.name}: {missing[:5]}")
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
