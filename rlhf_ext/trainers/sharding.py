@@ -162,6 +162,8 @@ class ShardedModel:
     def gathered(self):
         """Every parameter in full for the block (one all-gather per unit on entry, none inside), then
         sharded again. For no-grad work whose number of forward calls may differ across ranks."""
+        if torch.is_grad_enabled():  # FSDP's hooks are bypassed inside: gradients would miss the shards
+            raise RuntimeError(f"{self.name}: gathered() is for no-grad work (generation, evaluation); wrap it in torch.no_grad()")
         if self._gathered:
             self._gathered += 1
             try:
