@@ -65,6 +65,11 @@ def main(argv=None) -> dict:
         print(json.dumps(summary))
         with open(os.path.join(opts.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh)
+    if torch.distributed.is_initialized():
+        # Leave together and tear the process group down: a rank that exits while another still writes, with
+        # its gloo group alive, can abort at interpreter exit, and the launcher then kills the others.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary
 
 

@@ -122,6 +122,8 @@ def _worker(rank, port, folder, mode):
               "fractions": [local_fraction(m) for m in (grpo.policy, grpo.ref_model, ppo.policy, ppo.critic, ppo.ref_model)]}
     if rank == 0:
         torch.save(result, os.path.join(folder, "result.pt"))
+    torch.distributed.barrier()  # leave together, with the process group torn down (see examples/multi_process_grpo.py)
+    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
