@@ -202,5 +202,11 @@ def run(args) -> int:
         return 2
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
-    print(f"saved the trained model to {config.output_dir}")
+    if trainer.dist.is_main:
+        print(f"saved the trained model to {config.output_dir}")
+    import torch.distributed as td
+
+    if td.is_initialized():  # under torchrun / accelerate launch: leave together (gloo can abort at exit otherwise)
+        td.barrier()
+        td.destroy_process_group()
     return 0
