@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from benchmarks.conftest import sizes
+from benchmarks.conftest import sizes, synced
 from rlhf_ext.ops import gae
 from rlhf_ext.ops.reference import gae_reference
 
@@ -31,11 +31,6 @@ def _inputs(B, T, device):
     return rewards, values, mask
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("B, T", SHAPES)
 @pytest.mark.parametrize("impl", ["fused", "python_loop", "reference_masked_loop"])
@@ -48,10 +43,4 @@ def test_gae(benchmark, impl, B, T, device):
     }[impl]
     benchmark.group = f"gae {device} B={B} T={T}"
     benchmark.extra_info["role"] = impl
-
-    def run():
-        out = fn()
-        _sync(device)
-        return out
-
-    benchmark(run)
+    benchmark(synced(fn, device))

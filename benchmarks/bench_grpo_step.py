@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
-from benchmarks.bench_ppo_step import _logprobs_eager, _sync, build, prompts
-from benchmarks.conftest import print_phase_table, sizes
+from benchmarks.bench_ppo_step import _logprobs_eager, build, prompts
+from benchmarks.conftest import benchmark_phases, print_phase_table, sizes, sync
 
 FULL = dict(vocab=32000, hidden=384, layers=6, heads=6, batch=8, generations=8, prompt=32, new_tokens=128)
 QUICK = dict(vocab=512, hidden=32, layers=1, heads=2, batch=2, generations=4, prompt=8, new_tokens=8)
@@ -46,12 +46,12 @@ def prepare_ours(tok, policy, rows, size, device):
     batch = trainer.train_dataset[[i for i in range(len(rows)) for _ in range(G)]]
 
     def step():
-        _sync(device)
+        sync(device)
         buffer, metrics = trainer.generate_and_score(batch, 0, 0)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         trainer.update(buffer, 0)
-        _sync(device)
+        sync(device)
         return {"rollout": metrics["time/rollout"], "scoring": metrics["time/scoring"], "update": time.perf_counter() - start}
 
     return step
@@ -71,14 +71,14 @@ def prepare_eager(tok, policy, rows, size, device):
 def eager_step(policy, ref, optimizer, prompt_ids, prompt_mask, tok, G, size, device):
     c = COMMON
     P = prompt_ids.shape[1]
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         policy.eval()
         seq = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
                               temperature=c["temperature"], max_new_tokens=size["new_tokens"], pad_token_id=tok.pad_token_id,
                               eos_token_id=tok.eos_token_id)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         completion = seq[:, P:]
         is_eos = completion == tok.eos_token_id
@@ -89,7 +89,7 @@ def eager_step(policy, ref, optimizer, prompt_ids, prompt_mask, tok, G, size, de
         advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1, 1)
         attn = torch.cat([prompt_mask, mask.long()], 1)
         ref_lp, _ = _logprobs_eager(ref, seq, attn, P, c["temperature"])
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     policy.train()
     logprobs, entropy = _logprobs_eager(policy, seq, attn, P, c["temperature"])
@@ -102,7 +102,7 @@ def eager_step(policy, ref, optimizer, prompt_ids, prompt_mask, tok, G, size, de
     optimizer.step()
     optimizer.zero_grad()
     _ = float((entropy.detach() * mask).sum() / mask.sum())  # logged, as trainers do
-    _sync(device)
+    sync(device)
     return {"rollout": t1 - t0, "scoring": t2 - t1, "update": time.perf_counter() - t2}
 
 
@@ -140,17 +140,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("impl", ["fused", "eager"])
 def test_grpo_step(benchmark, impl):
     tok, policy, rows = _world(tuple(SIZE.items()), DEVICE)
-    split = {}
 
-    def setup():
+    def make_step():
         torch.manual_seed(0)
-        return (PREPARE[impl](tok, copy.deepcopy(policy), rows, SIZE, DEVICE),), {}
+        return PREPARE[impl](tok, copy.deepcopy(policy), rows, SIZE, DEVICE)
 
-    benchmark.group = f"grpo_step {DEVICE} V={SIZE['vocab']} {SIZE['batch']}x{SIZE['generations']} new={SIZE['new_tokens']}"
-    benchmark.extra_info["role"] = impl
-    benchmark.pedantic(lambda step: split.update(step()), setup=setup, rounds=1, iterations=1)
-    benchmark.extra_info.update({f"time/{k}": v for k, v in split.items()})
-    assert set(split) == {"rollout", "scoring", "update"}
+    benchmark_phases(benchmark, f"grpo_step {DEVICE} V={SIZE['vocab']} {SIZE['batch']}x{SIZE['generations']} "
+                     f"new={SIZE['new_tokens']}", impl, make_step)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ frameworks make to log the statistics (a host sync each on GPU); `eager` leaves 
 import pytest
 import torch
 
-from benchmarks.conftest import sizes
+from benchmarks.conftest import sizes, sync
 from rlhf_ext.ops import ppo_loss
 from rlhf_ext.ops.reference import ppo_loss_reference
 
@@ -97,8 +97,7 @@ def test_ppo_loss_fwd_bwd(benchmark, impl, B, T, device):
         for leaf in leaves:
             leaf.grad = None
         out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         return out
 
     benchmark(run)

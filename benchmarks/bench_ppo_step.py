@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
-from benchmarks.conftest import print_phase_table, sizes
+from benchmarks.conftest import benchmark_phases, print_phase_table, sizes, sync
 from rlhf_ext.models.heads import hidden_states, last_token_index, score_head
 from rlhf_ext.ops.reference import gae_reference, masked_whiten_reference
 
@@ -64,12 +64,12 @@ def prepare_ours(tok, policy, rm, rows, size, device):
     batch = trainer.train_dataset[list(range(len(rows)))]
 
     def step():
-        _sync(device)
+        sync(device)
         exp = trainer.make_experience(batch)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         trainer.ppo_update(exp)
-        _sync(device)
+        sync(device)
         return {"rollout": exp.time_rollout, "scoring": exp.time_scoring, "update": time.perf_counter() - start}
 
     return step
@@ -102,14 +102,14 @@ def prepare_eager(tok, policy, rm, rows, size, device):
 def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_mask, tok, batch, size, device):
     c = COMMON
     P = prompt_ids.shape[1]
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         policy.eval()
         seq = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
                               temperature=c["temperature"], max_new_tokens=size["new_tokens"],
                               min_new_tokens=size["new_tokens"], pad_token_id=tok.pad_token_id)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         mask = torch.ones_like(seq[:, P:], dtype=torch.float32)
         attn = torch.cat([prompt_mask, mask.long()], 1)
@@ -122,7 +122,7 @@ def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_ma
         rewards[:, -1] += scores
         advantages, returns = gae_reference(rewards, values, mask, c["gamma"], c["lam"])
         advantages = masked_whiten_reference(advantages, mask)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     policy.train()
     critic.train()
@@ -144,13 +144,8 @@ def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_ma
             optimizer.step()
             optimizer.zero_grad()
             _ = float((entropy.detach() * m).sum() / m.sum())  # logged, as trainers do
-    _sync(device)
+    sync(device)
     return {"rollout": t1 - t0, "scoring": t2 - t1, "update": time.perf_counter() - t2}
-
-
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 PREPARE = {"eager": prepare_eager, "fused": prepare_ours}
@@ -187,17 +182,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("impl", ["fused", "eager"])
 def test_ppo_step(benchmark, impl):
     tok, policy, rm, rows = _world(tuple(SIZE.items()), DEVICE)
-    split = {}
 
-    def setup():
+    def make_step():
         torch.manual_seed(0)
-        return (PREPARE[impl](tok, copy.deepcopy(policy), copy.deepcopy(rm), rows, SIZE, DEVICE),), {}
+        return PREPARE[impl](tok, copy.deepcopy(policy), copy.deepcopy(rm), rows, SIZE, DEVICE)
 
-    benchmark.group = f"ppo_step {DEVICE} V={SIZE['vocab']} B={SIZE['batch']} new={SIZE['new_tokens']}"
-    benchmark.extra_info["role"] = impl
-    benchmark.pedantic(lambda step: split.update(step()), setup=setup, rounds=1, iterations=1)
-    benchmark.extra_info.update({f"time/{k}": v for k, v in split.items()})
-    assert set(split) == {"rollout", "scoring", "update"}
+    benchmark_phases(benchmark, f"ppo_step {DEVICE} V={SIZE['vocab']} B={SIZE['batch']} new={SIZE['new_tokens']}",
+                     impl, make_step)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.conftest import sizes
+from benchmarks.conftest import sizes, synced
 from rlhf_ext.ops import sample
 
 SHAPES = sizes([(64, 32000), (64, 128256)], [(4, 500)])
@@ -57,14 +57,7 @@ def test_sample(benchmark, impl, setting, B, V, device):
     fn = _case(B, V, setting, device)[impl]
     benchmark.group = f"sample {device} {setting} B={B} V={V}"
     benchmark.extra_info["role"] = impl
-
-    def run():
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    benchmark(run)
+    benchmark(synced(fn, device))
 
 
 def _median_ms(fn, repeat):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from benchmarks.conftest import sizes
+from benchmarks.conftest import sizes, synced
 from rlhf_ext.ops import masked_whiten
 from rlhf_ext.ops.reference import masked_whiten_reference
 
@@ -36,11 +36,4 @@ def test_whiten(benchmark, impl, B, T, device):
     }[impl]
     benchmark.group = f"masked_whiten {device} B={B} T={T}"
     benchmark.extra_info["role"] = impl
-
-    def run():
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    benchmark(run)
+    benchmark(synced(fn, device))

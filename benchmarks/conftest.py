@@ -25,11 +25,43 @@ def sizes(full, quick):
     return quick if QUICK else full
 
 
+def sync(device) -> None:
+    """Wait for the device: CUDA kernels run asynchronously, and a timing must include them."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def synced(fn, device):
+    """`fn` followed by a device sync: the callable a kernel benchmark times."""
+    def run():
+        out = fn()
+        sync(device)
+        return out
+
+    return run
+
+
+PHASES = ("rollout", "scoring", "update")
+
+
+def benchmark_phases(benchmark, group: str, role: str, make_step) -> None:
+    """Time one round of an RL step for pytest-benchmark. `make_step()` (untimed setup) returns the step;
+    calling it runs the step and returns {phase: seconds}, which go into extra_info."""
+    split = {}
+    benchmark.group = group
+    benchmark.extra_info["role"] = role
+    benchmark.pedantic(lambda step: split.update(step()), setup=lambda: ((make_step(),), {}), rounds=1, iterations=1)
+    benchmark.extra_info.update({f"time/{k}": v for k, v in split.items()})
+    assert set(split) == set(PHASES)
+
+
 def print_phase_table(results: dict) -> None:
     """Print the per-phase split of one RL step, `results = {"eager"|"fused": {phase: seconds}}`, with
     the eager/fused ratio of each phase and of the total."""
     print(f"{'phase':<10}{'eager s':>10}{'ours s':>10}{'speedup':>9}")
-    for phase in ("rollout", "scoring", "update"):
+    for phase in PHASES:
         e, o = results["eager"][phase], results["fused"][phase]
         print(f"{phase:<10}{e:>10.2f}{o:>10.2f}{e / o:>8.2f}x")
     e, o = sum(results["eager"].values()), sum(results["fused"].values())

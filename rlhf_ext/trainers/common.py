@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from rlhf_ext.trainers import checkpoint as ckpt
 from rlhf_ext.trainers.config import TrainerConfig
+from rlhf_ext.trainers.data import as_dataset
 from rlhf_ext.trainers.distributed import Distributed
 from rlhf_ext.trainers.lora import apply_peft, is_peft_model, merged_from_full_state, save_model_folder
 from rlhf_ext.trainers.reporting import Reporter
@@ -115,6 +116,26 @@ class BaseTrainer:
             model.requires_grad_(False)
             model.eval()
         return model
+
+    # ---- data ----
+    def prepare_dataset(self, data, name: str, tokenize):
+        """`tokenize(dataset, name)` of `data` as a datasets.Dataset (None stays None; an empty one is refused)."""
+        data = as_dataset(data, name)
+        if data is None:
+            return None
+        if len(data) == 0:
+            raise ValueError(f"{name}: is empty")
+        return tokenize(data, name)
+
+    def load_datasets(self, train_dataset, eval_dataset, tokenize, expected: str = ""):
+        """Sets train_dataset (required; `expected` says what it should hold) and eval_dataset (required when
+        eval_strategy evaluates), each through `prepare_dataset`."""
+        if train_dataset is None:
+            raise ValueError("train_dataset: required" + (f" ({expected})" if expected else ""))
+        self.train_dataset = self.prepare_dataset(train_dataset, "train_dataset", tokenize)
+        self.eval_dataset = self.prepare_dataset(eval_dataset, "eval_dataset", tokenize)
+        if self.args.eval_strategy != "no" and self.eval_dataset is None:
+            raise ValueError(f"eval_strategy={self.args.eval_strategy.value!r} needs an eval_dataset")
 
     def shard_models(self, models: dict, optimizers=(None, None)):
         """Shard {name: model} with FSDP when it was asked for and several processes run (call after

@@ -49,6 +49,11 @@ SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 SUPPORTED_REPORT_TO = ("tensorboard",)
 
 
+def env_flag(name: str) -> bool:
+    """A boolean environment variable as `accelerate launch` exports them ("true"/"false")."""
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
 def _default_of(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -90,7 +95,7 @@ class TrainerConfig(TrainingArguments):
 
     def __post_init__(self):
         self._refuse_unsupported()
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() in ("1", "true", "yes"):
+        if env_flag("ACCELERATE_USE_DEEPSPEED"):
             # (TrainingArguments would otherwise go looking for the deepspeed package first)
             raise ValueError(DEEPSPEED_REFUSAL.format(name=type(self).__name__))
         self._check_common_ranges()

@@ -32,7 +32,7 @@ from rlhf_ext.models.logprobs import sequence_logprobs
 from rlhf_ext.ops import kl_penalty, ppo_loss
 from rlhf_ext.trainers.advantages import group_advantages, group_stats, rloo_advantages, token_returns
 from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
-from rlhf_ext.trainers.data import StepBatches, as_dataset, pad, require_pad_token
+from rlhf_ext.trainers.data import StepBatches, require_pad_token
 from rlhf_ext.trainers.distributed import global_masked_whiten
 from rlhf_ext.trainers.grpo_config import GRPOConfig
 from rlhf_ext.trainers.lora import is_peft_model
@@ -76,12 +76,8 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
         self.ref_model = self.prepare_model(ref, trainable=False) if ref is not None else None
         self.reward_sources = self.build_reward_sources(None, reward_funcs, allow_none=True,
                                                         reward_processing_classes=reward_processing_classes)
-        self.train_dataset = self.tokenize_prompt_dataset(as_dataset(train_dataset, "train_dataset"), "train_dataset")
-        if self.train_dataset is None:
-            raise ValueError("train_dataset: required (a 'prompt' column, text or chat messages)")
-        self.eval_dataset = self.tokenize_prompt_dataset(as_dataset(eval_dataset, "eval_dataset"), "eval_dataset")
-        if args.eval_strategy != "no" and self.eval_dataset is None:
-            raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset")
+        self.load_datasets(train_dataset, eval_dataset, self.tokenize_prompt_dataset,
+                           expected="a 'prompt' column, text or chat messages")
         self._optimizers = optimizers
         self.buffer, self.buffer_round = None, None
         self.last_completions = []
@@ -145,16 +141,12 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
     def generate_and_score(self, rows: dict, round_index: int, row_offset: int):
         """Sample, score and compute advantages for this process's rows; returns (buffer, metrics)."""
         args, dist = self.args, self.dist
+        rollout, prompt_mask, attn, time_rollout = self.roll_out(rows, step=round_index, row_offset=row_offset,
+                                                                 chunk_size=args.generation_chunk_size)
         timer = time.perf_counter()
-        prompt_ids, prompt_mask = pad(rows["input_ids"], self.processing_class.pad_token_id, "left", self.device)
-        self.policy.eval()
-        rollout = self.sample(prompt_ids, prompt_mask, step=round_index, row_offset=row_offset,
-                              chunk_size=args.generation_chunk_size)
-        time_rollout, timer = time.perf_counter() - timer, time.perf_counter()
         P, ids = rollout.prompt_length, rollout.sequences  # (B, P + R)
         response_mask = rollout.response_mask.float()  # (B, R): 1 up to and including EOS
-        attn = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
-        chunks = [slice(i, i + args.local_rollout_forward_batch_size) for i in range(0, ids.shape[0], args.local_rollout_forward_batch_size)]
+        chunks = self.forward_chunks(ids.shape[0])
         kl_in_reward = args.advantage_estimator != "grpo" and args.beta > 0
         old_logprobs = ref_logprobs = None
         if self.steps_per_round > 1 or kl_in_reward:
@@ -318,10 +310,7 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
             for first in range(0, len(mine), prompts_per_chunk):
                 indices = [i for i in mine[first : first + prompts_per_chunk] for _ in range(G)]
                 rows = self.eval_dataset[indices]
-                prompt_ids, prompt_mask = pad(rows["input_ids"], self.processing_class.pad_token_id, "left", self.device)
-                self.policy.eval()
-                rollout = self.sample(prompt_ids, prompt_mask, step=-1 - first, row_offset=dist.rank * 1_000_003)
-                attn = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
+                rollout, prompt_mask, attn, _ = self.roll_out(rows, step=-1 - first, row_offset=dist.rank * 1_000_003)
                 scores, _ = self.score_rollout(rows, rollout, prompt_mask, attn)
                 sums += torch.stack([scores.sum(), group_stats(scores, G)[1].sum(), rollout.response_mask.sum(),
                                      (~rollout.finished).sum(), torch.tensor(float(len(indices)), device=self.device)]).double()

@@ -26,7 +26,7 @@ from rlhf_ext.models.logprobs import sequence_logprobs
 from rlhf_ext.ops import gae, kl_penalty, masked_var, ppo_loss
 from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
 from rlhf_ext.trainers.config import MULTI_PROCESS_TRAINING_ARGUMENTS, SUPPORTED_TRAINING_ARGUMENTS, TrainerConfig, require
-from rlhf_ext.trainers.data import StepBatches, as_dataset, pad, require_pad_token
+from rlhf_ext.trainers.data import StepBatches, require_pad_token
 from rlhf_ext.trainers.distributed import global_masked_whiten
 from rlhf_ext.trainers.lora import is_peft_model
 from rlhf_ext.trainers.rollout import RolloutMixin
@@ -173,12 +173,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             self.critic = self.prepare_model(critic.requires_grad_(True), trainable=True)
         self.policy = self.prepare_model(self.apply_peft(policy, peft_config), trainable=True)
 
-        self.train_dataset = self.tokenize_prompt_dataset(as_dataset(train_dataset, "train_dataset"), "train_dataset")
-        if self.train_dataset is None:
-            raise ValueError("train_dataset: required")
-        self.eval_dataset = self.tokenize_prompt_dataset(as_dataset(eval_dataset, "eval_dataset"), "eval_dataset")
-        if args.eval_strategy != "no" and self.eval_dataset is None:
-            raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset")
+        self.load_datasets(train_dataset, eval_dataset, self.tokenize_prompt_dataset)
         self.kl_coef = args.kl_coef
         self._optimizers = optimizers
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
@@ -218,17 +213,13 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
     def make_experience(self, rows: dict, step: int = 0, row_offset: int = 0) -> SimpleNamespace:
         """Rollout, scoring, per-token rewards, advantages and returns for one batch of prompts (this
         process's share of step `step`'s batch, starting at global row `row_offset`; they key the sampling)."""
-        args, tok = self.args, self.processing_class
+        args = self.args
+        rollout, prompt_mask, attn, time_rollout = self.roll_out(rows, step=step, row_offset=row_offset,
+                                                                 chunk_size=args.local_rollout_forward_batch_size)
         timer = time.perf_counter()
-        prompt_ids, prompt_mask = pad(rows["input_ids"], tok.pad_token_id, "left", self.device)
-        self.policy.eval()
-        rollout = self.sample(prompt_ids, prompt_mask, step=step, row_offset=row_offset,
-                              chunk_size=args.local_rollout_forward_batch_size)
-        time_rollout, timer = time.perf_counter() - timer, time.perf_counter()
         P, ids = rollout.prompt_length, rollout.sequences  # (B, P + R)
         mask = rollout.response_mask.float()  # (B, R): 1 up to and including EOS
-        attn = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
-        chunks = [slice(i, i + args.local_rollout_forward_batch_size) for i in range(0, ids.shape[0], args.local_rollout_forward_batch_size)]
+        chunks = self.forward_chunks(ids.shape[0])
         old_logprobs, values = map(torch.cat, zip(*[self.policy_forward(ids[c], attn[c], P)[::2] for c in chunks]))
         ref_logprobs = torch.cat([self.reference_logprobs(ids[c], attn[c], P) for c in chunks])
         old_logprobs, ref_logprobs, values = old_logprobs * mask, ref_logprobs * mask, values * mask

@@ -149,23 +149,20 @@ class Reporter:
         self.event("on_log", logs=logs)
 
     # ---- saving and evaluation decisions ----
+    def _due(self, strategy, every_steps) -> bool:
+        """Whether a "steps"/"epoch" schedule falls on the current step ("no" never does)."""
+        step = self.state.global_step
+        if strategy == "steps":
+            return every_steps > 0 and step % every_steps == 0
+        if strategy == "epoch":
+            return step % self.steps_per_epoch == 0
+        return False
+
     def should_save(self) -> bool:
-        args, step = self.args, self.state.global_step
-        due = False
-        if args.save_strategy == "steps":
-            due = self.state.save_steps > 0 and step % self.state.save_steps == 0
-        elif args.save_strategy == "epoch":
-            due = step % self.steps_per_epoch == 0
-        return due or self.control.should_save
+        return self._due(self.args.save_strategy, self.state.save_steps) or self.control.should_save
 
     def should_evaluate(self) -> bool:
-        args, step = self.args, self.state.global_step
-        due = False
-        if args.eval_strategy == "steps":
-            due = self.state.eval_steps > 0 and step % self.state.eval_steps == 0
-        elif args.eval_strategy == "epoch":
-            due = step % self.steps_per_epoch == 0
-        return due or self.control.should_evaluate
+        return self._due(self.args.eval_strategy, self.state.eval_steps) or self.control.should_evaluate
 
     def saved(self, path: str):
         self.control.should_save = False

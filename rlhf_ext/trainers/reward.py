@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rlhf_ext.models.heads import score_head, sequence_scores
 from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
 from rlhf_ext.trainers.config import TrainerConfig, require
-from rlhf_ext.trainers.data import as_dataset, chat_ids, is_conversational, pad, require_pad_token, text_ids
+from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, require_pad_token, text_ids
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +93,9 @@ class RewardTrainer(BaseTrainer):
             )
         self.model = self.prepare_model(model, trainable=True)
         self._optimizers = optimizers
-        if train_dataset is None:
-            raise ValueError("train_dataset: required")
-        self.train_dataset = self._tokenize(train_dataset, "train_dataset")
-        self.eval_dataset = self._tokenize(eval_dataset, "eval_dataset")
-        if args.eval_strategy != "no" and self.eval_dataset is None:
-            raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset")
+        self.load_datasets(train_dataset, eval_dataset, self._tokenize)
 
     def _tokenize(self, data, name):
-        data = as_dataset(data, name)
-        if data is None:
-            return None
-        if len(data) == 0:
-            raise ValueError(f"{name}: is empty")
         data = data.map(lambda row: tokenize_pair(row, self.processing_class), remove_columns=data.column_names,
                         num_proc=self.args.dataset_num_proc)
         if self.args.max_length is not None:
@@ -181,7 +171,7 @@ class RewardTrainer(BaseTrainer):
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
         """{"eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"} on `eval_dataset` (pairs in the
         train_dataset formats; default: the trainer's eval_dataset). `metric_key_prefix` replaces "eval"."""
-        data = self.eval_dataset if eval_dataset is None else self._tokenize(eval_dataset, "eval_dataset")
+        data = self.eval_dataset if eval_dataset is None else self.prepare_dataset(eval_dataset, "eval_dataset", self._tokenize)
         if data is None:
             raise ValueError("eval_dataset: none given to evaluate() and none passed to RewardTrainer")
         was_training = self.model.training

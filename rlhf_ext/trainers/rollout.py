@@ -14,6 +14,7 @@ generator state.
 import dataclasses
 import json
 import os
+import time
 from typing import Optional
 
 import torch
@@ -31,10 +32,6 @@ PROMPT_COLUMNS = ("prompt", "input_ids")
 
 class RolloutMixin:
     def tokenize_prompt_dataset(self, dataset, name: str):
-        if dataset is None:
-            return None
-        if len(dataset) == 0:
-            raise ValueError(f"{name}: is empty")
         return tokenize_prompts(dataset, self.processing_class, self.args.max_prompt_length, self.args.dataset_num_proc, name)
 
     @property
@@ -111,6 +108,21 @@ class RolloutMixin:
                     eos_token_id=self.stop_token_id, pad_token_id=tok.pad_token_id, generator=generator,
                 ))
         return parts[0] if len(parts) == 1 else concat_rollouts(parts, tok.pad_token_id)
+
+    def roll_out(self, rows: dict, *, step: int, row_offset: int = 0, chunk_size: Optional[int] = None):
+        """Left-pad this process's prompts `rows["input_ids"]`, put the policy in eval mode and `sample`.
+        Returns (rollout, prompt_mask [B, P], attention mask of prompt + response [B, P + R], seconds)."""
+        timer = time.perf_counter()
+        prompt_ids, prompt_mask = pad(rows["input_ids"], self.processing_class.pad_token_id, "left", self.device)
+        self.policy.eval()
+        rollout = self.sample(prompt_ids, prompt_mask, step=step, row_offset=row_offset, chunk_size=chunk_size)
+        attn = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
+        return rollout, prompt_mask, attn, time.perf_counter() - timer
+
+    def forward_chunks(self, rows: int) -> list:
+        """Row slices of local_rollout_forward_batch_size for the no-grad scoring passes."""
+        size = self.args.local_rollout_forward_batch_size
+        return [slice(i, i + size) for i in range(0, rows, size)]
 
     def decode_completions(self, rows: dict, rollout):
         """(prompts, completions, completion_ids): prompts as in the dataset (or decoded), completions as

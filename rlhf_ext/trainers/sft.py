@@ -15,7 +15,7 @@ import torch
 from rlhf_ext.models.heads import causal_lm_token_logprobs
 from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
 from rlhf_ext.trainers.config import TrainerConfig, require
-from rlhf_ext.trainers.data import as_dataset, chat_ids, is_conversational, pad, require_pad_token, text_ids
+from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, require_pad_token, text_ids
 
 
 @dataclass
@@ -107,20 +107,10 @@ class SFTTrainer(BaseTrainer):
         self._optimizers = optimizers
 
         def tokenize(data, name):
-            data = as_dataset(data, name)
-            if data is None:
-                return None
-            if len(data) == 0:
-                raise ValueError(f"{name}: is empty")
             return data.map(lambda row: tokenize_sft_row(row, tokenizer, args, formatting_func),
                             remove_columns=data.column_names, num_proc=args.dataset_num_proc)
 
-        if train_dataset is None:
-            raise ValueError("train_dataset: required")
-        self.train_dataset = tokenize(train_dataset, "train_dataset")
-        self.eval_dataset = tokenize(eval_dataset, "eval_dataset")
-        if args.eval_strategy != "no" and self.eval_dataset is None:
-            raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset")
+        self.load_datasets(train_dataset, eval_dataset, tokenize)
 
     def models_to_save(self) -> dict:
         return {"": self.model}

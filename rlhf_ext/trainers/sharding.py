@@ -31,13 +31,14 @@ inside it no collective runs, so ranks may take different numbers of decode step
 `ds3_gather_for_generation`). Reward models are frozen and small next to the policy: they stay replicated.
 """
 import contextlib
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
+
+from rlhf_ext.trainers.config import env_flag
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,6 @@ class FSDPPlan:
     source: str  # what asked for FSDP, for error messages
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
-
-
 def _requested_plugin(args):
     """(accelerate FullyShardedDataParallelPlugin, what asked) or (None, None)."""
     plugin_args = getattr(args, "fsdp_plugin_args", None)
@@ -60,7 +57,7 @@ def _requested_plugin(args):
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         return FullyShardedDataParallelPlugin(**plugin_args), "fsdp/fsdp_config"
-    if _env_true("ACCELERATE_USE_FSDP"):
+    if env_flag("ACCELERATE_USE_FSDP"):
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         return FullyShardedDataParallelPlugin(), "the accelerate config (distributed_type: FSDP)"
