@@ -1,8 +1,8 @@
 """The CUDA sources must compile even where no GPU exists (CI has nvcc but no GPU):
 - every framework-free header csrc/cuda/<name>.cuh alone, with its self-test instantiations, for sm_80
-  and sm_90;
-- every thin torch binding csrc/cuda/<name>.cu against the CUDA headers the CPU torch wheel ships
-  (a compile check only: the object is not linked here)."""
+  and sm_90 as C++17, and as C++20 (what torch's cpp_extension passes nvcc from torch 2.13 on; PTX only);
+- every thin torch binding csrc/cuda/<name>.cu against the CUDA headers the CPU torch wheel ships, as
+  C++20 like the real build (a compile check only: the object is not linked here)."""
 import glob
 import os
 import shutil
@@ -20,15 +20,20 @@ NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nv
 pytestmark = pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC), reason="nvcc not found (set CUDA_HOME)")
 
 
-def _header_cmd(header, workdir):
+STANDARDS = {
+    "c++17": ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"],
+    "c++20": ["-gencode", "arch=compute_90,code=compute_90"],
+}
+
+
+def _header_cmd(header, workdir, std):
     # A one-line translation unit that includes the header, with the header's own explicit
     # instantiations switched on so all device code is generated.
-    unit = os.path.join(workdir, os.path.basename(header) + ".cu")
+    unit = os.path.join(workdir, f"{os.path.basename(header)}.{std}.cu")
     with open(unit, "w") as f:
         f.write(f'#include "{os.path.basename(header)}"\n')
-    return [NVCC, "-std=c++17", "-c", "-DRLHF_EXT_HEADER_SELFTEST", "-I", os.path.dirname(header),
-            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-            unit, "-o", unit + ".o"]
+    return [NVCC, f"-std={std}", "-c", "-DRLHF_EXT_HEADER_SELFTEST", "-I", os.path.dirname(header),
+            *STANDARDS[std], unit, "-o", unit + ".o"]
 
 
 def _binding_cmd(binding, workdir):
@@ -36,7 +41,7 @@ def _binding_cmd(binding, workdir):
 
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     # c10's generated CUDA macro header only exists in CUDA builds of torch; the flag skips it.
-    return [NVCC, "-std=c++17", "-c", "-x", "cu", "-DRLHF_EXT_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+    return [NVCC, "-std=c++20", "-c", "-x", "cu", "-DRLHF_EXT_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
             *includes, "-gencode", "arch=compute_90,code=compute_90", binding,
             "-o", os.path.join(workdir, os.path.basename(binding) + ".o")]
 
@@ -45,7 +50,8 @@ def _binding_cmd(binding, workdir):
 def compiled(tmp_path_factory):
     """Every compile runs once, two at a time (nvcc over torch headers is slow), keyed by source path."""
     workdir = str(tmp_path_factory.mktemp("nvcc"))
-    jobs = {h: _header_cmd(h, workdir) for h in HEADERS if not h.endswith("common.cuh")}
+    headers = [h for h in HEADERS if not h.endswith("common.cuh")]
+    jobs = {(h, std): _header_cmd(h, workdir, std) for h in headers for std in STANDARDS}
     jobs.update({b: _binding_cmd(b, workdir) for b in BINDINGS})
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         results = dict(zip(jobs, pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs.values())))
@@ -66,7 +72,12 @@ def test_every_op_family_has_a_cuda_header():
 
 @pytest.mark.parametrize("header", [p for p in HEADERS if not p.endswith("common.cuh")], ids=os.path.basename)
 def test_header_compiles_for_sm80_and_sm90(header, compiled):
-    _assert_compiled(compiled, header)
+    _assert_compiled(compiled, (header, "c++17"))
+
+
+@pytest.mark.parametrize("header", [p for p in HEADERS if not p.endswith("common.cuh")], ids=os.path.basename)
+def test_header_compiles_as_cxx20(header, compiled):
+    _assert_compiled(compiled, (header, "c++20"))
 
 
 def test_header_check_fails_on_broken_header(tmp_path):
