@@ -13,8 +13,13 @@ from rlhf_ext.label.store import item_id_for
 def load_prompts(path) -> list:
     """Prompts from JSON lines, each an object with a string `prompt`."""
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}, line {line_no}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                 f"{err.start + 1})") from None
             if not line.strip():
                 continue
             try:
