@@ -10,7 +10,8 @@ pytest.importorskip("fastapi", reason="the web app needs the 'label' extra: pip 
 
 from rlhf_ext.cli import main  # noqa: E402
 from rlhf_ext.label import app as label_app  # noqa: E402
-from rlhf_ext.label.store import APPLICATION_ID, SCHEMA_VERSION, FeedbackStore, NotAFeedbackDatabase, load_pairs  # noqa: E402
+from rlhf_ext.label.store import (APPLICATION_ID, SCHEMA_VERSION, FeedbackStore, NotAFeedbackDatabase,  # noqa: E402
+                                  load_pairs)
 from tests.label_helpers import write_pairs  # noqa: E402
 from tests.test_label_api import make_client, vote  # noqa: E402
 

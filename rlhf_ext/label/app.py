@@ -153,8 +153,8 @@ def create_app(store: FeedbackStore, *, k: int = 1, host: str = "127.0.0.1", tok
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        details = [{"field": ".".join(str(p) for p in err["loc"])[:MAX_ERROR_TEXT], "message": err["msg"][:MAX_ERROR_TEXT]}
-                   for err in errors[:MAX_ERRORS]]
+        details = [{"field": ".".join(str(p) for p in err["loc"])[:MAX_ERROR_TEXT],
+                    "message": err["msg"][:MAX_ERROR_TEXT]} for err in errors[:MAX_ERRORS]]
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         if len(errors) > MAX_ERRORS:
             summary += f"; and {len(errors) - MAX_ERRORS} more"

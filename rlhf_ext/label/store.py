@@ -108,7 +108,8 @@ def load_pairs(path) -> list:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
+                raise ValueError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                 f"{err.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -124,7 +125,8 @@ def load_pairs(path) -> list:
                 if not row[key].strip():
                     raise ValueError(f"{where}: {key!r} is empty (there is nothing to compare)")
             if row["completion_a"] == row["completion_b"]:
-                raise ValueError(f"{where}: 'completion_a' and 'completion_b' are identical (there is nothing to choose)")
+                raise ValueError(f"{where}: 'completion_a' and 'completion_b' are identical "
+                                 "(there is nothing to choose)")
             item_id = row.get("id")
             if item_id is None:
                 item_id = item_id_for(row["prompt"], row["completion_a"], row["completion_b"])
