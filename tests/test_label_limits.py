@@ -135,3 +135,11 @@ def test_next_is_not_served_to_a_get_or_a_cross_site_form(tmp_path):
     assert store.progress("ann", 1)["done"] == 0
     # nothing was leased: bob gets the first item at once
     assert client.post("/api/next", json={"labeller": "bob"}).json()["item"]["id"] == "item0"
+
+
+def test_sampled_pairs_skip_empty_and_identical_completions():
+    from rlhf_ext.label.pairs import make_pairs
+
+    rows, skipped = make_pairs(["p"], [["", "a", " ", "b", "a"]])
+    assert sorted((r["completion_a"], r["completion_b"]) for r in rows) == [("a", "b"), ("b", "a")]
+    assert skipped == 8  # C(5, 2) = 10 pairs: 7 with an empty side, 1 identical
