@@ -126,7 +126,7 @@ def test_non_finite_margin_is_refused_at_load(tmp_path, bad):
 
 def test_non_finite_margin_in_memory_is_refused(make_rm, tiny_tokenizer, cpu_args):
     pairs = [{"chosen": "a", "rejected": "b", "margin": m} for m in (0.5, float("nan"))]
-    with pytest.raises(ValueError, match=r"train_dataset: row 1: column 'margin' must be a finite number, got nan"):
+    with pytest.raises(ValueError, match=r"train_dataset: row 1: column 'margin' is nan \(numbers must be finite\)"):
         RewardTrainer(make_rm(), RewardConfig(**cpu_args), train_dataset=pairs, processing_class=tiny_tokenizer)
 
 
@@ -143,3 +143,30 @@ def test_cli_reward_with_nan_margin_exits_2_without_saving(tmp_path, make_rm, ti
                  str(tmp_path / "prefs.jsonl"), "--output_dir", str(tmp_path / "out"), "--use_cpu", "--max_steps", "1"])
     assert code == 2
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+def test_tokenize_pair_refuses_a_non_finite_margin(tiny_tokenizer):
+    from rlhf_ext.trainers.reward import tokenize_pair
+
+    with pytest.raises(ValueError, match=r"train_dataset: row 3: column 'margin' must be a finite number, got inf"):
+        tokenize_pair({"chosen": "a", "rejected": "b", "margin": float("inf")}, tiny_tokenizer, 3)
+
+
+def test_cli_divergence_is_one_line_and_exit_1(tmp_path, make_lm, tiny_tokenizer, corpus, capsys):
+    """A learning rate of 1e30 makes step 1's weights huge and step 2's gradients non-finite: the command stops
+    with one line naming step 2 and the last good checkpoint, and saves no final model."""
+    from rlhf_ext.cli import main
+
+    make_lm().save_pretrained(tmp_path / "policy")
+    tiny_tokenizer.save_pretrained(tmp_path / "policy")
+    with open(tmp_path / "text.jsonl", "w") as fh:
+        fh.writelines(f'{{"text": "{line}"}}\n' for line in corpus[:8])
+    out = tmp_path / "out"
+    capsys.readouterr()  # the set-up's own progress bars
+    code = main(["train", "sft", "--model_name_or_path", str(tmp_path / "policy"), "--dataset_name",
+                 str(tmp_path / "text.jsonl"), "--output_dir", str(out), "--use_cpu", "--disable_tqdm", "--max_steps",
+                 "4", "--per_device_train_batch_size", "4", "--learning_rate", "1e30", "--save_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "step 2: the gradient norm is" in err and "checkpoint-1" in err
+    assert checkpoints(out) == ["checkpoint-1"] and not os.path.exists(out / "model.safetensors")

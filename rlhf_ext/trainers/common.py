@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from rlhf_ext.trainers import checkpoint as ckpt
 from rlhf_ext.trainers.config import TrainerConfig
-from rlhf_ext.trainers.data import as_dataset
+from rlhf_ext.trainers.data import as_dataset, check_finite_columns
 from rlhf_ext.trainers.distributed import Distributed
 from rlhf_ext.trainers.loading import load_model, load_tokenizer  # noqa: F401  (the trainers import them from here)
 from rlhf_ext.trainers.lora import apply_peft, is_peft_model, merged_from_full_state, save_model_folder
@@ -103,6 +103,7 @@ class BaseTrainer:
             return None
         if len(data) == 0:
             raise ValueError(f"{name}: is empty")
+        check_finite_columns(data, lambda row: f"{name}: row {row}")  # NaN/inf never reach a loss
         return tokenize(data, name)
 
     def load_datasets(self, train_dataset, eval_dataset, tokenize, expected: str = ""):

@@ -80,7 +80,7 @@ def _json_records(path: str) -> list:
                 bad = [i for i, row in enumerate(value) if not isinstance(row, dict)]
                 if bad:
                     got = type(value[bad[0]]).__name__
-                    raise ValueError(f"{path}, row {bad[0] + 1}: expected a JSON object, got {got}")
+                    raise ValueError(f"{path}, row {bad[0]}: expected a JSON object, got {got}")
                 return [0] * len(value)  # one JSON document: rows have no line of their own
             if isinstance(value, dict):
                 return [0]
@@ -100,7 +100,8 @@ def _json_records(path: str) -> list:
 
 
 def check_finite_columns(data, where) -> None:
-    """Refuse NaN and +-inf in the floating-point columns of `data`. `where(i)` names row i (0-based)."""
+    """Refuse NaN and +-inf in the floating-point columns of `data`. `where(i)` names row i (counted from 0,
+    as `dataset[i]`; a JSON lines file names the line instead)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -156,7 +157,7 @@ def load_local_dataset(path: str, split: str = "train"):
     def where(row: int) -> str:
         if lines and row < len(lines) and lines[row]:
             return f"{path}, line {lines[row]}"
-        return f"{path}, row {row + 1}"
+        return f"{path}, row {row}"
 
     check_finite_columns(data, where)
     return data
