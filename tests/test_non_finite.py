@@ -170,3 +170,18 @@ def test_cli_divergence_is_one_line_and_exit_1(tmp_path, make_lm, tiny_tokenizer
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "step 2: the gradient norm is" in err and "checkpoint-1" in err
     assert checkpoints(out) == ["checkpoint-1"] and not os.path.exists(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("ext", ["json", "parquet", "csv"])
+def test_non_finite_values_in_other_formats_name_the_row(tmp_path, ext):
+    import datasets
+
+    rows = [{"chosen": "a", "rejected": "b", "margin": m} for m in (0.5, 1.0, float("inf"))]
+    path = tmp_path / f"prefs.{ext}"
+    if ext == "json":
+        path.write_text('[{"chosen": "a", "rejected": "b", "margin": 0.5}, {"chosen": "a", "rejected": "b", '
+                        '"margin": 1.0}, {"chosen": "a", "rejected": "b", "margin": Infinity}]')
+    else:
+        getattr(datasets.Dataset.from_list(rows), f"to_{ext}")(str(path))
+    with pytest.raises(ValueError, match=rf"prefs.{ext}, row 2: column 'margin' is inf"):
+        load_local_dataset(str(path))

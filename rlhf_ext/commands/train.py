@@ -178,8 +178,7 @@ def load_script_tokenizer(tokenizer_path, model_path):
     key, path = ("tokenizer_name_or_path", tokenizer_path) if tokenizer_path else ("model_name_or_path", model_path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{key}: {path!r} does not exist or is not a folder")
-    tokenizer = load_tokenizer(None, path, key)
-    return tokenizer
+    return load_tokenizer(None, path, key)
 
 
 def lora_config(script: dict, algorithm: str):

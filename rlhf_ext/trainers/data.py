@@ -56,20 +56,30 @@ def as_dataset(data, name: str):
     raise TypeError(f"{name}: expected a datasets.Dataset, a list of dicts or a dict of columns, got {type(data).__name__}")
 
 
+def _decode_line(raw: bytes, path: str, number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}, line {number}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                         f"{err.start + 1})") from None
+
+
+def _check_finite_row(row: dict, where: str):
+    """NaN/Infinity literals in JSON: some readers keep them, others turn them into null; refuse both."""
+    for column, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: column {column!r} is {value} (numbers must be finite)")
+
+
 def _json_records(path: str) -> list:
     """Line numbers of the records in a JSON lines file (or a .json file holding JSON lines or one JSON
-    value), checked here so a bad file is named with its line: non-UTF-8 bytes, invalid JSON, a non-object."""
+    value), checked here so a bad file is named with its line: non-UTF-8 bytes, invalid JSON, a non-object.
+    JSON lines are read one line at a time (a large file is never held in memory twice)."""
     import json
 
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset "
-                         f"{err.start})") from None
     if path.lower().endswith(".json"):
+        with open(path, "rb") as fh:
+            text = "".join(_decode_line(raw, path, number) for number, raw in enumerate(fh, 1))
         try:
             value = json.loads(text)
         except json.JSONDecodeError as err:
@@ -77,25 +87,28 @@ def _json_records(path: str) -> list:
                 raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
         else:
             if isinstance(value, list):
-                bad = [i for i, row in enumerate(value) if not isinstance(row, dict)]
-                if bad:
-                    got = type(value[bad[0]]).__name__
-                    raise ValueError(f"{path}, row {bad[0]}: expected a JSON object, got {got}")
+                for index, row in enumerate(value):
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}, row {index}: expected a JSON object, got {type(row).__name__}")
+                    _check_finite_row(row, f"{path}, row {index}")
                 return [0] * len(value)  # one JSON document: rows have no line of their own
             if isinstance(value, dict):
                 return [0]
             raise ValueError(f"{path}: expected JSON objects (rows), got a JSON {type(value).__name__}")
     lines = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {number}: expected a JSON object per line, got {type(row).__name__}")
-        lines.append(number)
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            line = _decode_line(raw, path, number)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object per line, got {type(row).__name__}")
+            _check_finite_row(row, f"{path}, line {number}")
+            lines.append(number)
     return lines
 
 
