@@ -34,7 +34,7 @@ def test_serve_vote_and_canonical_choice(tmp_path):
     client, store = make_client(tmp_path, n_items=12, seed=3)
     swaps = []
     for _ in range(12):
-        item = client.get("/api/next", params={"labeller": "ann"}).json()["item"]
+        item = client.post("/api/next", json={"labeller": "ann"}).json()["item"]
         row = store.get_item(item["id"])
         assert {item["a"], item["b"]} == {row["completion_a"], row["completion_b"]}
         swapped = item["a"] == row["completion_b"]
@@ -45,14 +45,14 @@ def test_serve_vote_and_canonical_choice(tmp_path):
         assert (stored["choice"], stored["swapped"], stored["rating"], stored["note"]) == \
             ("b" if swapped else "a", int(swapped), 5, "fine")
     assert any(swaps) and not all(swaps), "display order must be randomised per item"
-    body = client.get("/api/next", params={"labeller": "ann"}).json()
+    body = client.post("/api/next", json={"labeller": "ann"}).json()
     assert body["item"] is None and body["progress"]["done"] == 12 and body["progress"]["remaining"] == 0
 
 
 def test_unanswered_item_comes_back_in_the_same_order(tmp_path):
     client, _ = make_client(tmp_path, n_items=3)
-    first = client.get("/api/next", params={"labeller": "ann"}).json()["item"]
-    again = client.get("/api/next", params={"labeller": "ann"}).json()["item"]
+    first = client.post("/api/next", json={"labeller": "ann"}).json()["item"]
+    again = client.post("/api/next", json={"labeller": "ann"}).json()["item"]
     assert again == first
 
 
@@ -61,7 +61,7 @@ def test_k_labellers_per_item_and_never_twice(tmp_path):
     seen = {}
     for name in ("ann", "bob", "cy"):
         seen[name] = []
-        while (item := client.get("/api/next", params={"labeller": name}).json()["item"]) is not None:
+        while (item := client.post("/api/next", json={"labeller": name}).json()["item"]) is not None:
             assert item["id"] not in seen[name], "an item was served twice to one labeller"
             seen[name].append(item["id"])
             assert vote(client, item["id"], name, "tie").status_code == 201
@@ -70,25 +70,25 @@ def test_k_labellers_per_item_and_never_twice(tmp_path):
 
 def test_items_held_by_others_count_towards_k_until_their_lease_lapses(tmp_path):
     client, _ = make_client(tmp_path, n_items=1, k=1)
-    assert client.get("/api/next", params={"labeller": "ann"}).json()["item"]["id"] == "item0"
-    assert client.get("/api/next", params={"labeller": "bob"}).json()["item"] is None  # ann holds it
+    assert client.post("/api/next", json={"labeller": "ann"}).json()["item"]["id"] == "item0"
+    assert client.post("/api/next", json={"labeller": "bob"}).json()["item"] is None  # ann holds it
     client, _ = make_client(tmp_path / "lapsed", n_items=1, k=1, lease_seconds=0.0)
-    assert client.get("/api/next", params={"labeller": "ann"}).json()["item"]["id"] == "item0"
-    assert client.get("/api/next", params={"labeller": "bob"}).json()["item"]["id"] == "item0"
+    assert client.post("/api/next", json={"labeller": "ann"}).json()["item"]["id"] == "item0"
+    assert client.post("/api/next", json={"labeller": "bob"}).json()["item"]["id"] == "item0"
 
 
 def test_skip_gives_the_item_to_someone_else(tmp_path):
     client, store = make_client(tmp_path, n_items=1, k=1)
-    item = client.get("/api/next", params={"labeller": "ann"}).json()["item"]
+    item = client.post("/api/next", json={"labeller": "ann"}).json()["item"]
     assert vote(client, item["id"], "ann", "skip").status_code == 201
-    assert client.get("/api/next", params={"labeller": "ann"}).json()["item"] is None  # never twice
-    assert client.get("/api/next", params={"labeller": "bob"}).json()["item"]["id"] == item["id"]
+    assert client.post("/api/next", json={"labeller": "ann"}).json()["item"] is None  # never twice
+    assert client.post("/api/next", json={"labeller": "bob"}).json()["item"]["id"] == item["id"]
     assert store.votes("human")[0]["choice"] == "skip"
 
 
 def test_duplicate_submission_is_idempotent(tmp_path):
     client, store = make_client(tmp_path)
-    item = client.get("/api/next", params={"labeller": "ann"}).json()["item"]
+    item = client.post("/api/next", json={"labeller": "ann"}).json()["item"]
     first = vote(client, item["id"], "ann", "B", vote_id="click-0001")
     again = vote(client, item["id"], "ann", "B", vote_id="click-0001")  # double click / retry
     assert (first.status_code, again.status_code) == (201, 200)
@@ -124,7 +124,7 @@ def test_vote_refusals(tmp_path):
 ])
 def test_invalid_votes_get_a_clear_422(tmp_path, change, field):
     client, store = make_client(tmp_path)
-    client.get("/api/next", params={"labeller": "ann"})
+    client.post("/api/next", json={"labeller": "ann"})
     body = {"vote_id": "vote-0001", "item_id": "item0", "labeller": "ann", "choice": "A", **change}
     response = client.post("/api/vote", json=body)
     assert response.status_code == 422
@@ -134,7 +134,7 @@ def test_invalid_votes_get_a_clear_422(tmp_path, change, field):
 
 def test_bad_labeller_query_and_non_json_body(tmp_path):
     client, _ = make_client(tmp_path)
-    response = client.get("/api/next", params={"labeller": "a" * 65})
+    response = client.post("/api/next", json={"labeller": "a" * 65})
     assert response.status_code == 422 and "labeller" in response.json()["error"]
     # a cross-site form post (no JSON content type) is not accepted as a vote
     response = client.post("/api/vote", content="vote_id=x", headers={"Content-Type": "text/plain"})
@@ -162,15 +162,15 @@ def test_token_required_beyond_loopback(tmp_path):
     client, store = make_client(tmp_path / "remote", host="0.0.0.0", token="s3cret-token")
     assert client.get("/api/health").status_code == 200  # liveness only
     assert client.get("/").status_code == 200  # the page holds no data
-    no_token = client.get("/api/next", params={"labeller": "ann"})
+    no_token = client.post("/api/next", json={"labeller": "ann"})
     assert no_token.status_code == 401 and "token" in no_token.json()["error"]
     wrong = {"X-Label-Token": "wrong-token!"}
-    assert client.get("/api/next", params={"labeller": "ann"}, headers=wrong).status_code == 403
+    assert client.post("/api/next", json={"labeller": "ann"}, headers=wrong).status_code == 403
     assert client.get("/api/progress", params={"labeller": "ann"}).status_code == 401
     assert vote(client, "item0", "ann", "A").status_code == 401
     assert vote(client, "item0", "ann", "A", vote_id="vote-0002").status_code == 401
     good = {"X-Label-Token": "s3cret-token"}
-    item = client.get("/api/next", params={"labeller": "ann"}, headers=good).json()["item"]
+    item = client.post("/api/next", json={"labeller": "ann"}, headers=good).json()["item"]
     body = {"vote_id": "vote-0003", "item_id": item["id"], "labeller": "ann", "choice": "A"}
     assert client.post("/api/vote", json=body, headers=wrong).status_code == 403
     assert store.votes() == []
@@ -181,7 +181,7 @@ def test_token_required_beyond_loopback(tmp_path):
 
 def test_injected_markup_stays_data(tmp_path):
     client, store = make_client(tmp_path, items=[("x", INJECTION, INJECTION + "</pre>", "plain")])
-    response = client.get("/api/next", params={"labeller": "ann"})
+    response = client.post("/api/next", json={"labeller": "ann"})
     assert response.headers["content-type"] == "application/json"
     item = response.json()["item"]
     assert item["prompt"] == INJECTION and INJECTION + "</pre>" in (item["a"], item["b"])
@@ -197,7 +197,7 @@ def test_injected_markup_stays_data(tmp_path):
 
 def test_store_survives_reopen_and_rejects_changed_items(tmp_path):
     client, store = make_client(tmp_path)
-    item = client.get("/api/next", params={"labeller": "ann"}).json()["item"]
+    item = client.post("/api/next", json={"labeller": "ann"}).json()["item"]
     vote(client, item["id"], "ann", "tie")
     store.close()
     with sqlite3.connect(tmp_path / "feedback.sqlite") as conn:
@@ -238,8 +238,8 @@ def test_serve_command_generates_a_token_beyond_loopback(tmp_path, monkeypatch, 
     token = out.split("access token (generated; pass --token to choose one): ")[1].split()[0]
     assert f"open http://0.0.0.0:8123/?token={token}" in out and served["host"] == "0.0.0.0"
     client = TestClient(served["app"])
-    assert client.get("/api/next", params={"labeller": "ann"}).status_code == 401
-    assert client.get("/api/next", params={"labeller": "ann"}, headers={"X-Label-Token": token}).status_code == 200
+    assert client.post("/api/next", json={"labeller": "ann"}).status_code == 401
+    assert client.post("/api/next", json={"labeller": "ann"}, headers={"X-Label-Token": token}).status_code == 200
 
     assert main(argv + ["--host", "127.0.0.1"]) == 0
     assert "token" not in capsys.readouterr().out

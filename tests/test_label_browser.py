@@ -3,6 +3,7 @@ with the mouse and the keyboard against `rlhf-ext label serve` on 127.0.0.1, and
 checked. The setup installs chromium with tests/setup_browser.sh when it is missing (root + apt only);
 the test skips, saying why, where that is impossible."""
 import os
+import re
 import sqlite3
 import subprocess
 
@@ -13,6 +14,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: 
                                                             "(the 'dev' extra); the browser itself is Debian's chromium")
 
 from tests.label_helpers import REPO_ROOT, label_server, write_pairs  # noqa: E402
+
+expect = sync_api.expect
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -37,9 +40,14 @@ def chromium_path():
     return CHROMIUM
 
 
+WAIT_MS = 15000
+
+
 def wait_for_new_prompt(page, old_prompt):
-    page.wait_for_function("old => document.getElementById('prompt').textContent !== old", arg=old_prompt,
-                           timeout=15000)
+    """Waits with a locator assertion (it polls from playwright's side): a string predicate would be evaluated
+    in the page, which the app's Content-Security-Policy forbids ('unsafe-eval')."""
+    expect(page.locator("#prompt")).not_to_have_text(re.compile("^" + re.escape(old_prompt) + "$"), timeout=WAIT_MS)
+    expect(page.locator("#prompt")).to_have_text(re.compile(".+"), timeout=WAIT_MS)
 
 
 def shown(page):
@@ -60,7 +68,7 @@ def test_label_three_items_with_mouse_and_keyboard(tmp_path, chromium_path):
             page.goto(f"{base}/?token={TOKEN}")
             page.fill("#name-input", "Ann Example")
             page.click("#start")
-            page.wait_for_function("document.getElementById('prompt').textContent.length > 0", timeout=15000)
+            expect(page.locator("#prompt")).to_have_text(re.compile(".+"), timeout=WAIT_MS)
 
             # item 1: hostile markup shows as text and runs nothing
             first = shown(page)
@@ -86,8 +94,7 @@ def test_label_three_items_with_mouse_and_keyboard(tmp_path, chromium_path):
             third = shown(page)
             page.keyboard.press("t")
             wait_for_new_prompt(page, third["prompt"])
-            page.wait_for_function("document.getElementById('progress').textContent.startsWith('3 labelled')",
-                                   timeout=15000)
+            expect(page.locator("#progress")).to_have_text(re.compile("^3 labelled"), timeout=WAIT_MS)
             assert page.evaluate("window.pwned") is None and dialogs == []
         finally:
             browser.close()

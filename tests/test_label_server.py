@@ -25,7 +25,7 @@ def voter(base, name, acked, errors, stop, deadline):
             if stop.is_set() or time.monotonic() > deadline:
                 return
             try:
-                item = client.get("/api/next", params={"labeller": name}).json()["item"]
+                item = client.post("/api/next", json={"labeller": name}).json()["item"]
                 if item is None:
                     return
                 vote_id = f"{name}-{n:04d}-{item['id']}"

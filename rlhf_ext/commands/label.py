@@ -130,7 +130,7 @@ def run_pairs(args) -> int:
     rows, skipped = make_pairs(prompts, completions, model_name=os.path.basename(os.path.normpath(args.model)))
     write_jsonl(rows, args.out)
     print(f"{len(rows)} pairs from {len(prompts)} prompts x {args.n} samples -> {args.out}"
-          + (f" ({skipped} identical or repeated pairs skipped)" if skipped else ""))
+          + (f" ({skipped} identical, empty or repeated pairs skipped)" if skipped else ""))
     return 0
 
 

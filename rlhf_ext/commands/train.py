@@ -108,9 +108,16 @@ def build(algorithm: str, values: dict):
     config_cls, trainer_cls = _classes(algorithm)
     script = {k: values.pop(k) for k in list(values) if k in SCRIPT_KEYS}
     config = config_from_dict(config_cls, values)
+    if config.disable_tqdm:  # quiet means quiet: also the data loading, tokenising and weight loading bars
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     model = script.get("model_name_or_path") or script.get("sft_model_path")
     if not model:
         raise ValueError("model_name_or_path: required (a local model folder)")
+    check_model_folder(model, "model_name_or_path" if script.get("model_name_or_path") else "sft_model_path")
     if not script.get("dataset_name"):
         raise ValueError("dataset_name: required (a local data file or folder)")
     train = load_local_dataset(script["dataset_name"], script.get("dataset_train_split", "train"))
@@ -120,11 +127,7 @@ def build(algorithm: str, values: dict):
         evaluation = load_local_dataset(script["dataset_name"], script["dataset_test_split"])
     else:
         evaluation = None
-    tokenizer = None
-    if script.get("tokenizer_name_or_path") or os.path.isdir(model):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(script.get("tokenizer_name_or_path") or model)
+    tokenizer = load_script_tokenizer(script.get("tokenizer_name_or_path"), model)
     peft_config = lora_config(script, algorithm)
     if algorithm in ("sft", "reward"):
         unused = [k for k in ("reward_model_path", "ref_model_path", "value_model_path", "reward_funcs") if k in script]
@@ -153,6 +156,29 @@ def build(algorithm: str, values: dict):
         train_dataset=train, eval_dataset=evaluation, peft_config=peft_config,
     )
     return trainer, config
+
+
+def check_model_folder(path, key: str):
+    """`path` is a local folder holding a model (config.json), else an error naming `key`."""
+    from rlhf_ext.trainers.loading import checkpoint_architectures
+
+    if not isinstance(path, str) or not os.path.isdir(path):
+        raise FileNotFoundError(f"{key}: {path!r} does not exist or is not a folder (expected a local model folder; "
+                                "hub names are not downloaded)")
+    try:
+        checkpoint_architectures(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{key}: {err}") from None
+
+
+def load_script_tokenizer(tokenizer_path, model_path):
+    """The tokenizer of `tokenizer_name_or_path`, else the one saved with the model; errors name the key."""
+    from rlhf_ext.trainers.loading import load_tokenizer
+
+    key, path = ("tokenizer_name_or_path", tokenizer_path) if tokenizer_path else ("model_name_or_path", model_path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{key}: {path!r} does not exist or is not a folder")
+    return load_tokenizer(None, path, key)
 
 
 def lora_config(script: dict, algorithm: str):
@@ -186,21 +212,36 @@ def parse_options(options: list):
     return overrides.pop("config", None), overrides, False
 
 
-def run(args) -> int:
-    config_path, overrides, wants_help = parse_options(args.options)
-    if wants_help:
-        print(algorithm_help(args.algorithm))
-        return 0
-    from rlhf_ext.trainers.config import load_yaml
+def _one_line(err) -> str:
+    return " ".join(str(err).split())
 
-    values = load_yaml(config_path) if config_path else {}
-    values.update(overrides)
+
+def run(args) -> int:
+    from rlhf_ext.trainers.checkpoint import CheckpointError
+    from rlhf_ext.trainers.common import NonFiniteError
+
+    prefix = f"rlhf-ext train {args.algorithm}"
     try:
+        config_path, overrides, wants_help = parse_options(args.options)
+        if wants_help:
+            print(algorithm_help(args.algorithm))
+            return 0
+        from rlhf_ext.trainers.config import load_yaml
+
+        values = load_yaml(config_path) if config_path else {}
+        values.update(overrides)
         trainer, config = build(args.algorithm, values)
-    except (ValueError, TypeError, FileNotFoundError, AttributeError) as err:
-        print(f"rlhf-ext train {args.algorithm}: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, AttributeError) as err:
+        print(f"{prefix}: {_one_line(err)}", file=sys.stderr)
         return 2
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    except (CheckpointError, FileNotFoundError) as err:  # resume_from_checkpoint named nothing usable
+        print(f"{prefix}: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except NonFiniteError as err:  # training diverged or the data holds NaN/inf: nothing was saved after it
+        print(f"{prefix}: {_one_line(err)}", file=sys.stderr)
+        return 1
     trainer.save_model(config.output_dir)
     if trainer.dist.is_main:
         print(f"saved the trained model to {config.output_dir}")

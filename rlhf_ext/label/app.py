@@ -2,7 +2,8 @@
 
   GET  /                      the page (static HTML + JS; all item text is set with textContent)
   GET  /api/health            liveness, no token needed, reveals nothing
-  GET  /api/next?labeller=N   the next item for N: {"item": {"id","prompt","a","b"} | null, "progress"}
+  POST /api/next              {"labeller": N} -> the next item for N (leased to N):
+                              {"item": {"id","prompt","a","b"} | null, "progress"}
   POST /api/vote              {"vote_id","item_id","labeller","choice": A|B|tie|skip, "rating"?: 1-7,
                               "note"?: str} -> 201 stored, 200 when vote_id was already stored
   GET  /api/progress?labeller=N
@@ -10,7 +11,10 @@
 Safety: on a loopback address only loopback Host headers are accepted (no DNS rebinding); on any other
 address a token is required (`create_app` refuses to build without one) and every /api/ call but health
 must send it as `X-Label-Token` or `Authorization: Bearer`. Item text only ever leaves as JSON, and the
-page is served with a Content-Security-Policy that forbids inline script.
+page is served with a Content-Security-Policy that forbids inline script. Calls that change state are POSTs
+with a JSON body, which a cross-site <img>, link or form cannot send. Request bodies are capped at MAX_BODY
+bytes (413, checked on Content-Length and while a body without one streams in) and validation replies at
+MAX_ERRORS errors of bounded length, so one request cannot make the server read or write megabytes.
 """
 import hmac
 import ipaddress
@@ -32,6 +36,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 LABELLER_PATTERN = r"^[\w.@+ -]{1,64}$"
 VOTE_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 MAX_NOTE = 2000
+MAX_BODY = 64 * 1024  # bytes; a vote is well under 3 KiB
+MAX_ERRORS = 10  # validation errors listed in a 422 reply
+MAX_ERROR_TEXT = 200  # characters of each field name and message in it
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -74,6 +81,53 @@ class VoteIn(BaseModel):
     note: str = Field(default="", max_length=MAX_NOTE)
 
 
+class NextIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    labeller: str = Field(pattern=LABELLER_PATTERN)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 without being read: refused up front on its
+    Content-Length, or cut off once a streamed (chunked) body passes the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, send):
+        body = b'{"error": "request body too large (limit %d bytes)"}' % self.limit
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send)
+        received, refused = 0, False
+
+        async def limited_receive():
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # answer now; the app sees a client that went away
+                    refused = True
+                    await self._refuse(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not refused:  # after our 413 the app's own reply is dropped
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+
 def create_app(store: FeedbackStore, *, k: int = 1, host: str = "127.0.0.1", token: Optional[str] = None,
                allowed_hosts=None) -> FastAPI:
     """Build the app. `k`: labellers asked per item. `host`: the address it will be bound to, which decides
@@ -94,10 +148,16 @@ def create_app(store: FeedbackStore, *, k: int = 1, host: str = "127.0.0.1", tok
             response.headers.setdefault(name, value)
         return response
 
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        details = [{"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in exc.errors()]
+        errors = exc.errors()
+        details = [{"field": ".".join(str(p) for p in err["loc"])[:MAX_ERROR_TEXT],
+                    "message": err["msg"][:MAX_ERROR_TEXT]} for err in errors[:MAX_ERRORS]]
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        if len(errors) > MAX_ERRORS:
+            summary += f"; and {len(errors) - MAX_ERRORS} more"
         return JSONResponse(status_code=422, content={"error": f"invalid request: {summary}", "details": details})
 
     @app.exception_handler(StoreError)
@@ -134,8 +194,9 @@ def create_app(store: FeedbackStore, *, k: int = 1, host: str = "127.0.0.1", tok
     def health():
         return {"ok": True}
 
-    @app.get("/api/next", dependencies=[Depends(check_token)])
-    def next_item(labeller: str = labeller_query):
+    @app.post("/api/next", dependencies=[Depends(check_token)])
+    def next_item(body: NextIn):
+        labeller = body.labeller
         served = store.next_item(labeller, k)
         item = None
         if served is not None:

@@ -13,8 +13,13 @@ from rlhf_ext.label.store import item_id_for
 def load_prompts(path) -> list:
     """Prompts from JSON lines, each an object with a string `prompt`."""
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}, line {line_no}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                 f"{err.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -81,14 +86,15 @@ def sample_completions(model, tokenizer, prompts, *, n: int = 2, max_new_tokens:
 
 
 def make_pairs(prompts, completions, model_name: str = "") -> tuple:
-    """Pair rows (dicts ready for JSON) from prompts and their completions; identical completions are
-    not compared, and a pair met twice (a repeated prompt) is written once. Returns (rows, number of
-    pairs skipped)."""
+    """Pair rows (dicts ready for JSON) from prompts and their completions; identical or empty completions
+    are not compared (`label serve` refuses such pairs), and a pair met twice (a repeated prompt) is written
+    once. Returns (rows, number of pairs skipped)."""
     rows, identical, seen = [], 0, set()
     for prompt_index, (prompt, samples) in enumerate(zip(prompts, completions)):
         for i, j in itertools.combinations(range(len(samples)), 2):
             pair_id = item_id_for(prompt, samples[i], samples[j])
-            if samples[i] == samples[j] or pair_id in seen:
+            empty = not samples[i].strip() or not samples[j].strip()
+            if empty or samples[i] == samples[j] or pair_id in seen:
                 identical += 1
                 continue
             seen.add(pair_id)

@@ -18,6 +18,10 @@ import time
 
 CHOICES = ("a", "b", "tie", "skip")
 SOURCES = ("human", "ai")
+# Marks in the SQLite header (PRAGMA application_id / user_version) that say "an rlhf-ext feedback database,
+# schema 1", so a database of another program is refused rather than gaining our tables.
+APPLICATION_ID = 0x524C4846  # "RLHF"
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -53,6 +57,13 @@ CREATE INDEX IF NOT EXISTS votes_by_labeller ON votes(labeller, source);
 CREATE INDEX IF NOT EXISTS assignments_by_labeller ON assignments(labeller);
 """
 
+_TABLE_COLUMNS = {
+    "items": {"id", "position", "prompt", "completion_a", "completion_b"},
+    "assignments": {"item_id", "labeller", "swapped", "served_at"},
+    "votes": {"vote_id", "item_id", "labeller", "source", "choice", "swapped", "rating", "note", "confidence", "meta",
+              "created_at"},
+}
+
 # Human votes that count towards an item's k labellers (a skip gives the item back to the others).
 _COUNTED = "SELECT COUNT(*) FROM votes v WHERE v.item_id = i.id AND v.source = 'human' AND v.choice != 'skip'"
 # Items someone else holds right now (served within the lease, not yet answered).
@@ -67,6 +78,10 @@ _NEEDS_LABELS = f"{_NOT_VOTED} AND ({_COUNTED}) + ({_HELD}) < :k"
 class StoreError(ValueError):
     """A request the store refuses; `status` is the HTTP status the web app answers with."""
     status = 400
+
+
+class NotAFeedbackDatabase(StoreError):
+    """The file is not SQLite, or an SQLite database of another program."""
 
 
 class UnknownItem(StoreError):
@@ -87,11 +102,16 @@ def load_pairs(path) -> list:
     """Read a pairs file: JSON lines with `prompt`, `completion_a`, `completion_b` (strings) and an
     optional `id`. Returns a list of dicts with those four keys; raises ValueError naming the line."""
     items, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            where = f"{path}, line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                 f"{err.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}, line {line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -101,6 +121,12 @@ def load_pairs(path) -> list:
             for key in ("prompt", "completion_a", "completion_b"):
                 if not isinstance(row.get(key), str):
                     raise ValueError(f"{where}: expected a string field {key!r}, got {row.get(key)!r:.60}")
+            for key in ("completion_a", "completion_b"):
+                if not row[key].strip():
+                    raise ValueError(f"{where}: {key!r} is empty (there is nothing to compare)")
+            if row["completion_a"] == row["completion_b"]:
+                raise ValueError(f"{where}: 'completion_a' and 'completion_b' are identical "
+                                 "(there is nothing to choose)")
             item_id = row.get("id")
             if item_id is None:
                 item_id = item_id_for(row["prompt"], row["completion_a"], row["completion_b"])
@@ -126,11 +152,48 @@ class FeedbackStore:
         self.lease_seconds = float(lease_seconds)
         self._rng = rng or random.SystemRandom()
         self._local = threading.local()
-        conn = self._conn()
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        try:
+            conn = self._conn()
+            self._check_marks(conn)  # before anything writes to the file
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.DatabaseError as err:
+            self.close()
+            raise NotAFeedbackDatabase(f"{self.path}: not an SQLite database ({err})") from None
+        except NotAFeedbackDatabase:
+            self.close()
+            raise
         if mode.lower() != "wal":
             raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); use a local disk")
-        conn.executescript(_SCHEMA)
+        with self._transaction() as conn:
+            if self._check_marks(conn) == "new":
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _check_marks(self, conn) -> str:
+        """"ours", or "new" for an empty database or one of ours from before the marks (same tables and
+        columns: it is adopted and marked); raises NotAFeedbackDatabase naming the file for anything else."""
+        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if application_id == APPLICATION_ID:
+            if version > SCHEMA_VERSION:
+                raise NotAFeedbackDatabase(f"{self.path}: feedback database schema {version} is newer than this "
+                                           f"rlhf_ext reads ({SCHEMA_VERSION}); upgrade rlhf_ext")
+            return "ours"
+        if application_id != 0:
+            raise NotAFeedbackDatabase(f"{self.path}: not an rlhf-ext feedback database (it belongs to another "
+                                       f"program: application_id {application_id:#x})")
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return "new"
+        if tables == set(_TABLE_COLUMNS) and all(
+                {row[1] for row in conn.execute(f"PRAGMA table_info({table})")} == columns
+                for table, columns in _TABLE_COLUMNS.items()):
+            return "new"  # written by rlhf_ext before the marks: CREATE ... IF NOT EXISTS keeps its rows
+        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise NotAFeedbackDatabase(f"{self.path}: not an rlhf-ext feedback database (it holds tables {listed}); "
+                                   "use a new file or one written by `rlhf-ext label`")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -4,7 +4,16 @@ A checkpoint is written in full to a hidden temporary folder next to its final p
 with os.replace (atomic on POSIX). A crash at any moment leaves either the previous complete
 checkpoints or the new one, never a half-written `checkpoint-N`. Temporary folders left by a crash are
 ignored by `latest_checkpoint` and removed by the next save.
+
+Each checkpoint ends with `manifest.json` (written last, itself atomically): every other file's size and
+sha256. `verify_checkpoint` checks it, so a checkpoint damaged after it was published (a truncated file, a
+deleted optimizer.pt, an empty folder) is detected before anything is loaded from it. Checkpoints written
+before manifests existed are accepted when they hold the files every checkpoint has (not verified further).
 """
+import contextlib
+import hashlib
+import json
+import logging
 import os
 import random
 import re
@@ -15,8 +24,86 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+# Files every checkpoint has besides the weights (what a manifest-less, older checkpoint is checked for).
+REQUIRED_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_extra.json", "trainer_state.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+@contextlib.contextmanager
+def reading(path: str):
+    """Any error while loading from `path` becomes a CheckpointError naming it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"checkpoint file {path}: {type(err).__name__}: {err}") from err
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str):
+    """{"format", "files": {relative path: {"size", "sha256"}}} of every file in `folder`, written last and
+    atomically (temporary name, fsync, rename), so a manifest exists only over complete files."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            relative = os.path.relpath(full, folder).replace(os.sep, "/")
+            files[relative] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+    tmp = os.path.join(folder, MANIFEST + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"format": MANIFEST_FORMAT, "files": files}, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(folder, MANIFEST))
+
+
+def verify_checkpoint(folder: str) -> Optional[str]:
+    """None when `folder` is a complete checkpoint, else what is wrong, naming the file."""
+    manifest_path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest_path):  # an older checkpoint, or one damaged after it was published
+        for name in REQUIRED_FILES:
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path) or os.path.getsize(path) == 0:
+                return f"{path} is missing or empty (and {folder} has no {MANIFEST})"
+        if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+            return f"{folder} holds no .safetensors weights (and no {MANIFEST})"
+        return None
+    try:
+        with open(manifest_path) as fh:
+            files = json.load(fh)["files"]
+        entries = [(name, int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{manifest_path} is unreadable ({type(err).__name__}: {err})"
+    for name, size, sha256 in entries:
+        path = os.path.join(folder, *name.split("/"))
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        actual = os.path.getsize(path)
+        if actual != size:
+            return f"{path} has {actual} bytes, {size} when it was saved (truncated or overwritten)"
+        if _sha256(path) != sha256:
+            return f"{path} does not match its sha256 in {MANIFEST} (corrupted)"
+    return None
+
+
+def has_manifest(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MANIFEST))
 
 
 def list_checkpoints(output_dir: str) -> list:
@@ -29,6 +116,40 @@ def list_checkpoints(output_dir: str) -> list:
         if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
+
+
+def resolve_checkpoint(output_dir: str, resume_from_checkpoint) -> Optional[str]:
+    """The checkpoint to resume from: True/"latest" is the newest one in `output_dir` that verifies (older ones
+    are tried in turn, with a warning naming what was wrong); a folder given by path must verify itself."""
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "latest"):
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"resume_from_checkpoint=True: no checkpoint-N folder in {output_dir}")
+        problems = []
+        for _, path in reversed(found):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                _warn_unverified(path)
+                return path
+            problems.append(problem)
+            logger.warning("resume_from_checkpoint: skipping %s: %s", path, problem)
+        raise CheckpointError(f"resume_from_checkpoint=True: no usable checkpoint in {output_dir}: "
+                              + "; ".join(problems))
+    if not os.path.isdir(resume_from_checkpoint):
+        raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint!r} is not a folder")
+    problem = verify_checkpoint(resume_from_checkpoint)
+    if problem is not None:
+        raise CheckpointError(f"resume_from_checkpoint: {problem}")
+    _warn_unverified(resume_from_checkpoint)
+    return resume_from_checkpoint
+
+
+def _warn_unverified(path: str):
+    if not has_manifest(path):
+        logger.warning("resume_from_checkpoint: %s has no %s (written by an older rlhf_ext); its files are loaded "
+                       "without checksum verification", path, MANIFEST)
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -60,6 +181,7 @@ def save_atomic(output_dir: str, step: int, write: Callable[[str], None], save_t
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step}-", dir=output_dir)
     try:
         write(tmp)
+        write_manifest(tmp)  # last: its presence says every file above was written in full
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,7 +232,8 @@ def read_weights(folder: str) -> dict:
         raise FileNotFoundError(f"checkpoint: no .safetensors weights in {folder}")
     state = {}
     for name in files:
-        state.update(load_file(os.path.join(folder, name)))
+        with reading(os.path.join(folder, name)):
+            state.update(load_file(os.path.join(folder, name)))
     return state
 
 
@@ -120,10 +243,12 @@ def load_weights(model: torch.nn.Module, folder: str):
     A peft model loads its adapter weights (adapter_model.safetensors)."""
     from rlhf_ext.trainers.lora import load_adapter_weights
 
-    if load_adapter_weights(model, folder):
-        return
+    with reading(os.path.join(folder, "adapter_model.safetensors")):
+        if load_adapter_weights(model, folder):
+            return
     state = read_weights(folder)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with reading(folder):
+        missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise KeyError(f"checkpoint: {folder} has weights the model does not: {unexpected[:5]}")
     params = dict(model.named_parameters(remove_duplicate=False))

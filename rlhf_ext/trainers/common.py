@@ -13,8 +13,9 @@ from torch.distributed.tensor import DTensor
 
 from rlhf_ext.trainers import checkpoint as ckpt
 from rlhf_ext.trainers.config import TrainerConfig
-from rlhf_ext.trainers.data import as_dataset
+from rlhf_ext.trainers.data import as_dataset, check_finite_columns
 from rlhf_ext.trainers.distributed import Distributed
+from rlhf_ext.trainers.loading import load_model, load_tokenizer  # noqa: F401  (the trainers import them from here)
 from rlhf_ext.trainers.lora import apply_peft, is_peft_model, merged_from_full_state, save_model_folder
 from rlhf_ext.trainers.reporting import Reporter
 from rlhf_ext.trainers.sharding import (ShardedModel, clip_grad_norm, fsdp_plan, full_optimizer_state,
@@ -31,31 +32,8 @@ def disable_dropout(model: nn.Module):
             module.attention_dropout = 0.0
 
 
-def load_model(model, kind: str, args: TrainerConfig, name: str = "model", **extra_kwargs):
-    """`model` as a loaded `PreTrainedModel` (returned as is) or a local path loaded with the Auto class
-    for `kind` ("causal_lm" or "sequence_classification")."""
-    if isinstance(model, nn.Module):
-        return model
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"{name}: expected a model or a local path, got {type(model).__name__}")
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"{name}: {model!r} is not a local folder (only local checkpoints are supported)")
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}[kind]
-    kwargs = {**(args.model_init_kwargs or {}), **extra_kwargs}
-    return auto.from_pretrained(model, **kwargs)
-
-
-def load_tokenizer(processing_class, model_path=None, name: str = "processing_class"):
-    """The tokenizer given, else the one stored with a model given as a path."""
-    if processing_class is not None:
-        return processing_class
-    if isinstance(model_path, (str, os.PathLike)) and os.path.isdir(model_path):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model_path)
-    raise ValueError(f"{name}: required when the model is not given as a local path that holds a tokenizer")
+class NonFiniteError(FloatingPointError):
+    """Training met a non-finite loss, gradient norm or weight; nothing non-finite was applied or saved."""
 
 
 class BaseTrainer:
@@ -125,6 +103,7 @@ class BaseTrainer:
             return None
         if len(data) == 0:
             raise ValueError(f"{name}: is empty")
+        check_finite_columns(data, lambda row: f"{name}: row {row}")  # NaN/inf never reach a loss
         return tokenize(data, name)
 
     def load_datasets(self, train_dataset, eval_dataset, tokenize, expected: str = ""):
@@ -215,9 +194,45 @@ class BaseTrainer:
         else:
             self.dist.average_gradients(params)
             norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
+        # One host sync per optimizer step: stepping on inf/nan gradients would make every weight non-finite.
+        if not bool(torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.stop_non_finite("gradient norm", float(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
+
+    # ---- non-finite values stop training ----
+    @staticmethod
+    def is_loss_metric(key: str) -> bool:
+        """Metrics that are losses ("loss", "loss/policy_avg", "eval_loss"): a non-finite one stops training."""
+        return key == "loss" or key.startswith("loss/") or key.endswith("_loss")
+
+    def stop_non_finite(self, quantity: str, value: float):
+        """Raise NonFiniteError naming the step (1-based, as logged) and the quantity, and where the last good
+        checkpoint is. Called before the optimizer step or the save that would spread the value."""
+        step = self.reporter.state.global_step + 1 if self.reporter is not None else 0
+        last = ckpt.latest_checkpoint(self.args.output_dir) if self.args.output_dir else None
+        kept = f"; the last checkpoint, {last}, was written before it" if last else "; no checkpoint was written"
+        raise NonFiniteError(f"step {step}: the {quantity} is {value} (non-finite); training stopped before the "
+                             f"optimizer step or save that would use it{kept}. Check the data (NaN/inf values), "
+                             "the learning rate and the precision (fp16/bf16)")
+
+    def check_finite_metrics(self, metrics: dict):
+        for key, value in metrics.items():
+            if self.is_loss_metric(key) or key == "grad_norm":
+                if isinstance(value, (int, float, torch.Tensor)) and not torch.isfinite(torch.as_tensor(value)).all():
+                    self.stop_non_finite(key if key != "grad_norm" else "gradient norm", float(value))
+
+    def check_finite_weights(self):
+        """Every parameter of the models about to be checkpointed is finite (FSDP shards are covered by the
+        gradient-norm check, which every rank takes the same way)."""
+        for sub, module in self.models_to_save().items():
+            if self.sharded(module):
+                continue
+            for param_name, param in module.named_parameters():
+                if not bool(torch.isfinite(param.detach()).all()):
+                    self.stop_non_finite(f"weight {'/'.join(filter(None, [sub, param_name]))}", float("nan"))
 
     # ---- saving ----
     def models_to_save(self) -> dict:
@@ -274,6 +289,7 @@ class BaseTrainer:
 
     def save_checkpoint(self) -> str:
         step = self.reporter.state.global_step
+        self.check_finite_weights()
         payload = self.checkpoint_payload()
         # Sharded weights and optimizer states are gathered by every rank, then written in full by rank 0.
         model_states = self._gather_models()
@@ -308,39 +324,43 @@ class BaseTrainer:
         return path
 
     def resolve_checkpoint(self, resume_from_checkpoint) -> Optional[str]:
-        if resume_from_checkpoint is None or resume_from_checkpoint is False:
-            return None
-        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "latest"):
-            path = ckpt.latest_checkpoint(self.args.output_dir)
-            if path is None:
-                raise FileNotFoundError(f"resume_from_checkpoint=True: no checkpoint-N folder in {self.args.output_dir}")
-            return path
-        if not os.path.isdir(resume_from_checkpoint):
-            raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint!r} is not a folder")
-        return resume_from_checkpoint
+        return ckpt.resolve_checkpoint(self.args.output_dir, resume_from_checkpoint)
 
     def load_checkpoint(self, path: str) -> int:
-        """Restore weights, optimizer, scheduler, RNGs and trainer state from `path`; returns its step."""
+        """Restore weights, optimizer, scheduler, RNGs and trainer state from `path`; returns its step. Every
+        error names the file it came from."""
         from transformers import TrainerState
 
         for sub, module in self.models_to_save().items():
+            folder = os.path.join(path, sub)
             if self.sharded(module):
-                folder = os.path.join(path, sub)
-                self.sharded(module).load_full_state_dict(ckpt.read_weights(folder), source=f"checkpoint {folder}")
+                state = ckpt.read_weights(folder)
+                with ckpt.reading(folder):
+                    self.sharded(module).load_full_state_dict(state, source=f"checkpoint {folder}")
             else:
-                ckpt.load_weights(module, os.path.join(path, sub))
-        optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True)
-        if self._sharded:
-            load_full_optimizer_state(self.optimizer, optimizer_state)
-        else:
-            self.optimizer.load_state_dict(optimizer_state)
-        self.lr_scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
-        # Our own file (NumPy RNG state is an ndarray inside a tuple, which weights_only refuses).
-        ckpt.restore_rng(torch.load(os.path.join(path, "rng_state.pt"), weights_only=False), self.rng_generators())
-        with open(os.path.join(path, "trainer_extra.json")) as fh:
-            self.load_trainer_extra_state(json.load(fh))
-        self.load_checkpoint_payload(path)
-        saved = TrainerState.load_from_json(os.path.join(path, "trainer_state.json"))
+                ckpt.load_weights(module, folder)
+        file = os.path.join(path, "optimizer.pt")
+        with ckpt.reading(file):
+            optimizer_state = torch.load(file, map_location=self.device, weights_only=True)
+            if self._sharded:
+                load_full_optimizer_state(self.optimizer, optimizer_state)
+            else:
+                self.optimizer.load_state_dict(optimizer_state)
+        file = os.path.join(path, "scheduler.pt")
+        with ckpt.reading(file):
+            self.lr_scheduler.load_state_dict(torch.load(file, weights_only=True))
+        file = os.path.join(path, "rng_state.pt")
+        with ckpt.reading(file):  # our own file (NumPy RNG state is an ndarray inside a tuple: weights_only refuses it)
+            ckpt.restore_rng(torch.load(file, weights_only=False), self.rng_generators())
+        file = os.path.join(path, "trainer_extra.json")
+        with ckpt.reading(file):
+            with open(file) as fh:
+                self.load_trainer_extra_state(json.load(fh))
+        with ckpt.reading(path):  # the algorithm's own files (they name themselves where they can)
+            self.load_checkpoint_payload(path)
+        file = os.path.join(path, "trainer_state.json")
+        with ckpt.reading(file):
+            saved = TrainerState.load_from_json(file)
         self.reporter.state.log_history = saved.log_history
         return saved.global_step
 
@@ -376,7 +396,9 @@ class BaseTrainer:
         return batches, total_steps, start
 
     def end_step(self, metrics: dict) -> bool:
-        """Log, checkpoint and evaluate when due; returns True when training should stop."""
+        """Log, checkpoint and evaluate when due; returns True when training should stop. A non-finite loss
+        or gradient norm stops training here, before the step is counted or checkpointed."""
+        self.check_finite_metrics(metrics)
         self.reporter.step_end(metrics)
         if self.reporter.should_evaluate():
             self.evaluate_and_log()

@@ -263,7 +263,7 @@ def parse_overrides(argv: list) -> dict:
     while i < len(argv):
         token = argv[i]
         if not token.startswith("--") or len(token) == 2:
-            raise ValueError(f"expected --key value pairs, got {token!r}")
+            raise ValueError(f"unexpected argument {token!r}: options are --key value pairs (e.g. --config FILE.yaml)")
         key = token[2:]
         if "=" in key:
             key, value = key.split("=", 1)
@@ -294,10 +294,26 @@ def config_from_dict(cls, values: dict, source: str = "config"):
 
 
 def load_yaml(path: str) -> dict:
+    """The flat mapping in the YAML file `path`; every error names the file (and the line, for bad YAML)."""
     import yaml
 
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path}: not UTF-8 text (byte offset {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"--config {path}{where}: not valid YAML ({problem})") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of field: value, got {type(data).__name__}")
+        raise ValueError(f"--config {path}: expected a mapping of field: value, got a YAML {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"--config {path}: key {bad[0]!r} is not a field name")
     return data

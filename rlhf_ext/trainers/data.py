@@ -24,6 +24,15 @@ def require_pad_token(tokenizer, what: str = "processing_class"):
         )
 
 
+def _is_utf8(text: str) -> bool:
+    """False for strings holding lone surrogates (bytes that were not UTF-8, decoded with surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def as_dataset(data, name: str):
     """A `datasets.Dataset` from a Dataset, a list of row dicts or a dict of columns."""
     import datasets
@@ -35,20 +44,104 @@ def as_dataset(data, name: str):
     if isinstance(data, datasets.Dataset):
         return data
     if isinstance(data, list):
+        for index, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise TypeError(f"{name}: row {index}: expected a dict of column: value, got {type(row).__name__}")
+            for column, value in row.items():
+                if isinstance(value, str) and not _is_utf8(value):
+                    raise ValueError(f"{name}: row {index}: column {column!r} is not valid UTF-8 text")
         return datasets.Dataset.from_list(data)
     if isinstance(data, dict):
         return datasets.Dataset.from_dict(data)
     raise TypeError(f"{name}: expected a datasets.Dataset, a list of dicts or a dict of columns, got {type(data).__name__}")
 
 
+def _decode_line(raw: bytes, path: str, number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}, line {number}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                         f"{err.start + 1})") from None
+
+
+def _check_finite_row(row: dict, where: str):
+    """NaN/Infinity literals in JSON: some readers keep them, others turn them into null; refuse both."""
+    for column, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: column {column!r} is {value} (numbers must be finite)")
+
+
+def _json_records(path: str) -> list:
+    """Line numbers of the records in a JSON lines file (or a .json file holding JSON lines or one JSON
+    value), checked here so a bad file is named with its line: non-UTF-8 bytes, invalid JSON, a non-object.
+    JSON lines are read one line at a time (a large file is never held in memory twice)."""
+    import json
+
+    if path.lower().endswith(".json"):
+        with open(path, "rb") as fh:
+            text = "".join(_decode_line(raw, path, number) for number, raw in enumerate(fh, 1))
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg != "Extra data":  # "Extra data": a .json file of JSON lines, checked below
+                raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+        else:
+            if isinstance(value, list):
+                for index, row in enumerate(value):
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}, row {index}: expected a JSON object, got {type(row).__name__}")
+                    _check_finite_row(row, f"{path}, row {index}")
+                return [0] * len(value)  # one JSON document: rows have no line of their own
+            if isinstance(value, dict):
+                return [0]
+            raise ValueError(f"{path}: expected JSON objects (rows), got a JSON {type(value).__name__}")
+    lines = []
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            line = _decode_line(raw, path, number)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object per line, got {type(row).__name__}")
+            _check_finite_row(row, f"{path}, line {number}")
+            lines.append(number)
+    return lines
+
+
+def check_finite_columns(data, where) -> None:
+    """Refuse NaN and +-inf in the floating-point columns of `data`. `where(i)` names row i (counted from 0,
+    as `dataset[i]`; a JSON lines file names the line instead)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    floats = [name for name, feature in data.features.items() if str(getattr(feature, "dtype", "")).startswith("float")]
+    if not floats:
+        return
+    table = data.with_format("arrow")[:]  # a zero-copy pyarrow.Table view of the rows
+    for name in floats:
+        column = table.column(name)
+        if not pa.types.is_floating(column.type):
+            continue
+        finite = pc.fill_null(pc.is_finite(column), True)
+        bad = pc.index(finite, False).as_py()
+        if bad >= 0:
+            raise ValueError(f"{where(bad)}: column {name!r} is {column[bad].as_py()} (numbers must be finite)")
+
+
 def load_local_dataset(path: str, split: str = "train"):
-    """A dataset from a local .jsonl/.json/.parquet/.csv file, a `save_to_disk` folder, or a folder of data files."""
+    """A dataset from a local .jsonl/.json/.parquet/.csv file, a `save_to_disk` folder, or a folder of data files.
+    Unreadable rows, an empty file and non-finite numbers are refused naming the file and line or row."""
     import os
 
     import datasets
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset: {path!r} does not exist (only local files and folders are supported)")
+    lines = None
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
             data = datasets.load_from_disk(path)
@@ -59,11 +152,27 @@ def load_local_dataset(path: str, split: str = "train"):
         builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
         if builder is None:
             raise ValueError(f"dataset: {path!r} has an unsupported extension; expected .jsonl, .json, .parquet or .csv")
-        data = datasets.load_dataset(builder, data_files={split: path})
+        if builder == "json":
+            lines = _json_records(path)
+        if os.path.getsize(path) == 0 or lines == []:
+            raise ValueError(f"dataset: {path} holds no rows")
+        try:
+            data = datasets.load_dataset(builder, data_files={split: path})
+        except Exception as err:  # the builders' own errors (pyarrow, pandas, StopIteration) do not name the file
+            raise ValueError(f"dataset: {path} could not be read as {ext} ({type(err).__name__}: {err})") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise ValueError(f"dataset: {path!r} has splits {list(data)}, not {split!r}")
         data = data[split]
+    if len(data) == 0:
+        raise ValueError(f"dataset: {path} holds no rows" + (f" in split {split!r}" if os.path.isdir(path) else ""))
+
+    def where(row: int) -> str:
+        if lines and row < len(lines) and lines[row]:
+            return f"{path}, line {lines[row]}"
+        return f"{path}, row {row}"
+
+    check_finite_columns(data, where)
     return data
 
 
@@ -93,8 +202,17 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length=None, num_proc=None, 
     """Adds `input_ids` from the `prompt` column (or checks pre-tokenized `input_ids`)."""
     columns = dataset.column_names
     if "prompt" in columns:
-        return dataset.map(lambda row: {"input_ids": prompt_ids(tokenizer, row["prompt"], max_prompt_length)},
-                           num_proc=num_proc)
+        def tokenize(row, index):
+            prompt = row["prompt"]
+            if not (isinstance(prompt, str) or is_conversational(prompt)):
+                raise ValueError(f"{name}: row {index}: column 'prompt' must be text or chat messages, "
+                                 f"got {type(prompt).__name__}")
+            ids = prompt_ids(tokenizer, prompt, max_prompt_length)
+            if not ids:  # generation needs at least one token to continue
+                raise ValueError(f"{name}: row {index}: column 'prompt' is empty (it gives no tokens)")
+            return {"input_ids": ids}
+
+        return dataset.map(tokenize, with_indices=True, num_proc=num_proc)
     if "input_ids" in columns:
         if max_prompt_length is not None:
             return dataset.map(lambda row: {"input_ids": row["input_ids"][-max_prompt_length:]}, num_proc=num_proc)

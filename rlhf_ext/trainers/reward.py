@@ -12,6 +12,7 @@ centring (`center_rewards_coefficient`) adds c * mean((r_chosen + r_rejected)^2)
 `rlhf_ext.models.heads.sequence_scores`, the same function PPO scores with.
 """
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,33 +43,58 @@ class RewardConfig(TrainerConfig):
                 self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0, "None or >= 0")
 
 
-def tokenize_pair(row: dict, tokenizer) -> dict:
+def _check_text(value, column: str, where: str, allow_none: bool = False):
+    """`value` is text (valid UTF-8) or chat messages; else a ValueError naming the row and column."""
+    if value is None and allow_none:
+        return
+    if is_conversational(value):
+        return
+    if not isinstance(value, str):
+        got = "missing or null" if value is None else f"a {type(value).__name__}"
+        raise ValueError(f"{where}: column {column!r} must be text or chat messages, got {got}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{where}: column {column!r} is not valid UTF-8 text (character {err.start}: "
+                         f"{value[err.start]!r})") from None
+
+
+def tokenize_pair(row: dict, tokenizer, index: int = 0, name: str = "train_dataset") -> dict:
+    where = f"{name}: row {index}"
     for column in ("chosen", "rejected"):
         if column not in row:
-            raise ValueError(f"train_dataset: expected 'chosen' and 'rejected' columns, got {list(row)}")
+            raise ValueError(f"{name}: expected 'chosen' and 'rejected' columns, got {list(row)}")
+        _check_text(row[column], column, where)
     prompt = row.get("prompt")
+    _check_text(prompt, "prompt", where, allow_none=True)
 
-    def encode(completion):
+    def encode(completion, column):
         if is_conversational(completion) or is_conversational(prompt):
             return chat_ids(tokenizer, [*(prompt or []), *completion], add_generation_prompt=False)
         ids = text_ids(tokenizer, (prompt or "") + completion)
+        if not ids:  # nothing to score but the appended EOS
+            raise ValueError(f"{where}: 'prompt' and {column!r} are both empty")
         return ids if ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
 
     margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise ValueError(f"{where}: column 'margin' must be a number, got {margin!r:.60}")
     margin = 0.0 if margin is None else float(margin)
+    if not math.isfinite(margin):
+        raise ValueError(f"{where}: column 'margin' must be a finite number, got {margin}")
     tie = row.get("tie")
     if tie not in (None, True, False, 0, 1):
-        raise ValueError(f"train_dataset: the 'tie' column must be a boolean, got {tie!r}")
+        raise ValueError(f"{where}: the 'tie' column must be a boolean, got {tie!r}")
     if tie and margin != 0.0:
-        raise ValueError(f"train_dataset: a tied pair must have margin 0 (neither side is better), got margin={margin}")
-    return {"chosen_ids": encode(row["chosen"]), "rejected_ids": encode(row["rejected"]), "margin": margin,
-            "tie": bool(tie)}
+        raise ValueError(f"{where}: a tied pair must have margin 0 (neither side is better), got margin={margin}")
+    return {"chosen_ids": encode(row["chosen"], "chosen"), "rejected_ids": encode(row["rejected"], "rejected"),
+            "margin": margin, "tie": bool(tie)}
 
 
 class RewardTrainer(BaseTrainer):
     """`RewardTrainer(model, args, train_dataset, eval_dataset=None, processing_class=None, peft_config=None,
     callbacks=None, optimizers=(None, None))`; model: a sequence classifier (num_labels=1) or a local path
-    (a causal LM checkpoint gets a fresh score head)."""
+    (a causal LM checkpoint gets a fresh score head, which this trainer trains)."""
 
     progress_keys = {"loss": "loss", "acc": "accuracy"}
 
@@ -96,8 +122,8 @@ class RewardTrainer(BaseTrainer):
         self.load_datasets(train_dataset, eval_dataset, self._tokenize)
 
     def _tokenize(self, data, name):
-        data = data.map(lambda row: tokenize_pair(row, self.processing_class), remove_columns=data.column_names,
-                        num_proc=self.args.dataset_num_proc)
+        data = data.map(lambda row, index: tokenize_pair(row, self.processing_class, index, name), with_indices=True,
+                        remove_columns=data.column_names, num_proc=self.args.dataset_num_proc)
         if self.args.max_length is not None:
             limit = self.args.max_length
             before = len(data)

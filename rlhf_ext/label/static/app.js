@@ -77,7 +77,7 @@
   async function loadNext() {
     busy = true;
     try {
-      const data = await api("GET", `/api/next?labeller=${encodeURIComponent(labeller)}`);
+      const data = await api("POST", "/api/next", { labeller });
       showProgress(data.progress);
       if (data.item) {
         showItem(data.item);
