@@ -165,7 +165,8 @@ def test_a_step_samples_trls_batch_and_steps_once_per_minibatch(make_lm, tiny_to
                     num_mini_batches=2, num_ppo_epochs=2, response_length=3)
     trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows)
     sampled, micro_rows, optimizer_steps = [], [], []
-    make_experience, policy_forward, clip_and_step = trainer.make_experience, trainer.policy_forward, trainer.clip_and_step
+    make_experience, policy_forward = trainer.make_experience, trainer.policy_forward
+    clip_and_step = trainer.clip_and_step
     trainer.make_experience = lambda rows, *a: sampled.append(len(rows["input_ids"])) or make_experience(rows, *a)
     trainer.policy_forward = lambda ids, attn, P, return_entropy=False: (
         micro_rows.append(ids.shape[0]) if return_entropy else None) or policy_forward(ids, attn, P, return_entropy)
@@ -181,7 +182,8 @@ def test_without_max_steps_trains_num_total_batches(make_lm, tiny_tokenizer, pro
     # 10 prompts, 4 per step: TRL trains ceil(10 / 4) = 3 steps for one epoch (its DataLoader repeats)
     args = ppo_args(cpu_args, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2,
                     gradient_accumulation_steps=2, num_ppo_epochs=1, response_length=2)
-    trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows[:10])
+    trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction],
+                         train_dataset=prompt_rows[:10])
     assert args.total_episodes == 10 and args.num_total_batches == 3
     assert trainer.train().global_step == 3
 

@@ -219,7 +219,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         self.critic.train()
         stats = {k: [] for k in ("approxkl", "clipfrac", "policy", "value", "value_clipfrac", "entropy", "ratio", "grad_norm")}
         # TRL's layout: B = local_batch_size rows in num_mini_batches minibatches (one optimizer step each) of
-        # local_mini_batch_size rows, each in micro-batches of per_device_train_batch_size rows (the last may be short).
+        # local_mini_batch_size rows, each as micro-batches of per_device_train_batch_size rows (the last may be short)
         B, mini = exp.ids.shape[0], args.local_mini_batch_size
         micro = min(args.per_device_train_batch_size, mini)
         lengths = exp.mask.sum(1).long().cpu()  # (B,) on the host, so trimming needs no device sync
