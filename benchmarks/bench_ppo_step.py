@@ -55,7 +55,8 @@ def prepare_ours(tok, policy, rm, rows, size, device):
     from rlhf_ext import PPOConfig, PPOTrainer
 
     args = PPOConfig(output_dir="/tmp/rlhf_ext_bench", use_cpu=device == "cpu", disable_tqdm=True, report_to="none",
-                     per_device_train_batch_size=size["batch"] // size["mini_batches"], num_mini_batches=size["mini_batches"],
+                     per_device_train_batch_size=size["batch"] // size["mini_batches"],
+                     gradient_accumulation_steps=size["mini_batches"], num_mini_batches=size["mini_batches"],
                      num_ppo_epochs=size["epochs"], response_length=size["new_tokens"], temperature=COMMON["temperature"],
                      kl_coef=COMMON["kl_coef"], learning_rate=COMMON["lr"], stop_token=None, save_strategy="no",
                      num_sample_generations=0, fused_linear_logprobs=True, max_steps=1)

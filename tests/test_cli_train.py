@@ -75,6 +75,7 @@ def test_help(capsys):
     text = capsys.readouterr().out
     for name in ("--kl_coef", "--num_ppo_epochs", "--reward_model_path", "--per_device_train_batch_size", "--use_cpu"):
         assert name in text
+    assert text.count("--reward_model_path ") == 1 and text.count("--sft_model_path ") == 1  # script key and field
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])
     assert exit_info.value.code == 0

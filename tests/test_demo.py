@@ -34,6 +34,7 @@ def check_report(folder, sizes):
     assert summary["kl_sft_to_ref"] == 0.0
     assert summary["eval_comparisons"] == sizes.eval_prompts * sizes.eval_samples_per_prompt
     assert summary["ppo_steps"] == sizes.ppo_steps and summary["sft_steps"] > 0
+    assert summary["ppo_prompts_per_step"] == sizes.ppo_micro_batch * sizes.ppo_mini_batches
     assert summary["wall_seconds"] >= sum(summary["stage_seconds"].values()) - 1e-6
 
     # metrics.jsonl: every stage's records, tagged

@@ -36,8 +36,10 @@ def eos_biased(model, tokenizer, bias=4.0):
 
 
 def ppo_args(cpu_args, **overrides):
-    base = dict(max_steps=2, per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=2, response_length=6,
-                learning_rate=1e-3, temperature=1.0, save_strategy="no", num_sample_generations=0, logging_steps=1)
+    # a step: 4 x 2 = 8 prompts (16 with per_device_train_batch_size=8) in 2 minibatches
+    base = dict(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=2,
+                num_ppo_epochs=2, response_length=6, learning_rate=1e-3, temperature=1.0, save_strategy="no",
+                num_sample_generations=0, logging_steps=1)
     base.update(overrides)
     return PPOConfig(**base, **cpu_args)
 

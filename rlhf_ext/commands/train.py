@@ -70,7 +70,8 @@ def algorithm_help(algorithm: str) -> str:
     lines = [f"usage: rlhf-ext train {algorithm} [--config FILE.yaml] [--key value ...]", "",
              "script keys:"]
     lines += [f"  --{k:<28} {v}" for k, v in SCRIPT_KEYS.items()]
-    for title, keep in ((f"{config_cls.__name__} fields:", lambda n: n not in base),
+    # (PPOConfig also has sft_model_path / reward_model_path, TRL's names, which the script keys above cover)
+    for title, keep in ((f"{config_cls.__name__} fields:", lambda n: n not in base and n not in SCRIPT_KEYS),
                         ("supported transformers.TrainingArguments fields:", lambda n: n in SUPPORTED_TRAINING_ARGUMENTS)):
         lines += ["", title]
         for f in dataclasses.fields(config_cls):

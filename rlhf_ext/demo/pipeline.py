@@ -45,7 +45,7 @@ class DemoSizes:
     reward_epochs: float = 2.0
     ppo_steps: int = 60
     ppo_micro_batch: int = 16
-    ppo_mini_batches: int = 4  # prompts per PPO step = ppo_micro_batch * ppo_mini_batches
+    ppo_mini_batches: int = 4  # prompts per step = ppo_micro_batch * ppo_mini_batches (a minibatch: one micro-batch)
     track_every: int = 5  # PPO steps between held-out true-score measurements
     track_prompts: int = 128
     eval_prompts: int = 256
@@ -203,7 +203,8 @@ class Demo:
                     self.track(state.global_step, model)
 
         args = PPOConfig(**self.common_args("ppo"), learning_rate=3e-4, max_steps=s.ppo_steps,
-                         per_device_train_batch_size=s.ppo_micro_batch, num_mini_batches=s.ppo_mini_batches,
+                         per_device_train_batch_size=s.ppo_micro_batch, gradient_accumulation_steps=s.ppo_mini_batches,
+                         num_mini_batches=s.ppo_mini_batches,
                          num_ppo_epochs=4, response_length=s.max_new_tokens, temperature=1.0, kl_coef=0.1,
                          lr_scheduler_type="constant", logging_steps=1, num_sample_generations=0,
                          local_rollout_forward_batch_size=128)

@@ -64,8 +64,10 @@ def _default_of(f: dataclasses.Field):
 
 # TrainingArguments.__post_init__ rewrites some defaults ("none" -> [], None -> False, ...). A config rebuilt
 # from a post-init one (dataclasses.replace, to_dict) carries the rewritten form; both count as "not set".
-_NORMALISED_DEFAULTS = {"debug": [[]], "report_to": [[]], "disable_tqdm": [False],
-                        "activation_checkpointing": [False], "gradient_checkpointing": [False]}
+# HfArgumentParser (TRL's scripts) gives debug=None and include_num_input_tokens_seen=False for "not set".
+_NORMALISED_DEFAULTS = {"debug": [[], None], "report_to": [[]], "disable_tqdm": [False],
+                        "activation_checkpointing": [False], "gradient_checkpointing": [False],
+                        "include_num_input_tokens_seen": [False]}
 
 
 def _is_default(name: str, value, default) -> bool:

@@ -6,8 +6,8 @@ One step, as read top to bottom in `train` / `make_experience` / `ppo_update`:
   -> `gae` -> `masked_whiten` -> num_ppo_epochs x num_mini_batches minibatch updates with `ppo_loss`
      (gradient accumulation over per_device_train_batch_size micro-batches, gradient clipping)
   -> adaptive KL coefficient (when target_kl is set), learning-rate schedule.
-Batch sizes follow TRL: one step samples per_device_train_batch_size * gradient_accumulation_steps *
-num_mini_batches prompts per process; a minibatch is per_device_train_batch_size * gradient_accumulation_steps.
+Batch sizes follow TRL (see PPOConfig): one step samples per_device_train_batch_size *
+gradient_accumulation_steps prompts per process and splits them into num_mini_batches minibatches.
 Under torchrun / accelerate launch each process takes its share of the step's prompts; reward
 normalisation, whitening, the KL controller, early stopping and the metrics use statistics over all
 processes, and gradients are averaged across them (rlhf_ext.trainers.distributed).
@@ -15,122 +15,43 @@ With `peft_config` only the adapter trains and the reference policy is the polic
 """
 import copy
 import time
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Optional
 
 import torch
+from torch import nn
+from transformers import TrainerState
 
-from rlhf_ext.models.heads import ValueHead, critic_from_causal_lm, last_token_index, logprobs_and_values, token_values
+from rlhf_ext.models.heads import (ValueHead, critic_from_causal_lm, hidden_states, last_token_index,
+                                   logprobs_and_values, position_ids_from_mask, score_head, token_values)
 from rlhf_ext.models.logprobs import sequence_logprobs
 from rlhf_ext.ops import gae, kl_penalty, masked_var, ppo_loss
 from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
-from rlhf_ext.trainers.config import MULTI_PROCESS_TRAINING_ARGUMENTS, SUPPORTED_TRAINING_ARGUMENTS, TrainerConfig, require
 from rlhf_ext.trainers.data import StepBatches, require_pad_token
 from rlhf_ext.trainers.distributed import global_masked_whiten
 from rlhf_ext.trainers.lora import is_peft_model
+from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.rollout import RolloutMixin
 
 
-@dataclass
-class PPOConfig(TrainerConfig):
-    """Config of PPOTrainer (TRL field names; the extras are marked)."""
-
-    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (policy and critic)"})
-    num_mini_batches: int = field(default=1, metadata={"help": "minibatches per PPO epoch"})
-    num_ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
-    total_episodes: Optional[int] = field(default=None, metadata={"help": "prompts to train on (default num_train_epochs * len(dataset))"})
-    local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "rows per no-grad forward when scoring rollouts"})
-    num_sample_generations: int = field(default=10, metadata={"help": "times to write eval samples to samples.jsonl (0: never)"})
-    response_length: int = field(default=53, metadata={"help": "max new tokens per completion"})
-    max_completion_length: Optional[int] = field(default=None, metadata={"help": "GRPO's name for response_length (overrides it)"})
-    max_prompt_length: Optional[int] = field(default=None, metadata={"help": "extra: keep the last N prompt tokens"})
-    stop_token: Optional[str] = field(default="eos", metadata={"help": "'eos': stop at the tokenizer's EOS; None: only stop_token_id"})
-    stop_token_id: Optional[int] = field(default=None, metadata={"help": "token id that ends a completion"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (log-probs use the same)"})
-    top_k: int = field(default=0, metadata={"help": "extra: top-k sampling (0: off)"})
-    top_p: float = field(default=1.0, metadata={"help": "extra: nucleus sampling"})
-    min_p: float = field(default=0.0, metadata={"help": "extra: min-p sampling"})
-    missing_eos_penalty: Optional[float] = field(default=None, metadata={"help": "subtracted from the score of completions without EOS"})
-    reward_weights: Optional[list[float]] = field(default=None, metadata={"help": "weights of [reward_model, *reward_funcs]"})
-    normalize_rewards: bool = field(default=False, metadata={"help": "extra: standardise the scores over the batch"})
-    reward_clip: Optional[float] = field(default=None, metadata={"help": "extra: clip scores to [-c, c] (after normalising)"})
-    whiten_rewards: bool = field(default=False, metadata={"help": "whiten the per-token rewards (scale only)"})
-    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (the initial one with target_kl)"})
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator: 'k1' or 'k3'"})
-    target_kl: Optional[float] = field(default=None, metadata={"help": "adaptive KL: target per-sequence KL (None: fixed kl_coef)"})
-    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL: horizon in episodes"})
-    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
-    cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout values"})
-    vf_coef: float = field(default=0.1, metadata={"help": "value loss weight"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "extra: entropy bonus weight"})
-    gamma: float = field(default=1.0, metadata={"help": "discount"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    early_stop_kl: Optional[float] = field(default=None, metadata={"help": "extra: end a step's updates once a minibatch's approx KL exceeds this"})
-    shared_critic: bool = field(default=False, metadata={"help": "extra: value head on the policy instead of a separate critic"})
-    fused_linear_logprobs: bool = field(default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"})
-    logprobs_chunk_size: Optional[int] = field(default=None, metadata={"help": "extra: vocabulary chunk of the fused op"})
-
-    _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | MULTI_PROCESS_TRAINING_ARGUMENTS
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.max_completion_length is not None:
-            self.response_length = self.max_completion_length
-        for name in ("num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length", "kl_horizon"):
-            require(self, name, getattr(self, name) >= 1, "an integer >= 1")
-        require(self, "num_sample_generations", self.num_sample_generations >= 0, "an integer >= 0")
-        require(self, "total_episodes", self.total_episodes is None or self.total_episodes >= 1, "None or >= 1")
-        require(self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, "None or >= 1")
-        require(self, "stop_token", self.stop_token in (None, "eos"), "'eos' or None")
-        require(self, "temperature", self.temperature > 0, "a value > 0")
-        require(self, "top_k", self.top_k >= 0, "an integer >= 0")
-        require(self, "top_p", 0.0 < self.top_p <= 1.0, "a value in (0, 1]")
-        require(self, "min_p", 0.0 <= self.min_p < 1.0, "a value in [0, 1)")
-        require(self, "kl_coef", self.kl_coef >= 0, "a value >= 0")
-        require(self, "kl_estimator", self.kl_estimator in ("k1", "k3"), "'k1' or 'k3'")
-        require(self, "target_kl", self.target_kl is None or self.target_kl > 0, "None or a value > 0")
-        require(self, "cliprange", 0.0 < self.cliprange < 1.0, "a value in (0, 1)")
-        require(self, "cliprange_value", self.cliprange_value > 0, "a value > 0")
-        require(self, "vf_coef", self.vf_coef >= 0, "a value >= 0")
-        require(self, "entropy_coef", self.entropy_coef >= 0, "a value >= 0")
-        require(self, "gamma", 0.0 <= self.gamma <= 1.0, "a value in [0, 1]")
-        require(self, "lam", 0.0 <= self.lam <= 1.0, "a value in [0, 1]")
-        require(self, "reward_clip", self.reward_clip is None or self.reward_clip > 0, "None or a value > 0")
-        require(self, "early_stop_kl", self.early_stop_kl is None or self.early_stop_kl > 0, "None or a value > 0")
-
-    @property
-    def mini_batch_size(self) -> int:
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps
-
-    @property
-    def local_batch_size(self) -> int:
-        """Prompts per PPO step and process."""
-        return self.mini_batch_size * self.num_mini_batches
-
-    @property
-    def batch_size(self) -> int:
-        """Prompts per PPO step, all processes together."""
-        return self.local_batch_size * self.world_size
-
-
 class PPOTrainer(RolloutMixin, BaseTrainer):
-    """`PPOTrainer(args, processing_class, model, ref_model=None, reward_model=None, reward_funcs=None,
-    value_model=None, train_dataset=None, eval_dataset=None, peft_config=None, callbacks=None,
-    optimizers=(None, None), reward_processing_class=None)`. See the module docstring and PPOConfig."""
+    """`PPOTrainer(args, processing_class, model, ref_model=None, reward_model=None, train_dataset=None,
+    value_model=None, data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None,
+    peft_config=None, *, reward_funcs=None, reward_processing_class=None)`: TRL's positional order, then our
+    keyword-only extras. See the module docstring and PPOConfig."""
 
     progress_keys = {"reward": "objective/scores", "kl": "objective/kl"}
     supports_multi_process = True
 
     def __init__(self, args: PPOConfig, processing_class=None, model=None, ref_model=None, reward_model=None,
-                 reward_funcs=None, value_model=None, train_dataset=None, eval_dataset=None, peft_config=None,
-                 callbacks=None, optimizers=(None, None), reward_processing_class=None, data_collator=None):
+                 train_dataset=None, value_model=None, data_collator=None, eval_dataset=None,
+                 optimizers=(None, None), callbacks=None, peft_config=None, *, reward_funcs=None,
+                 reward_processing_class=None):
         if not isinstance(args, PPOConfig):
             raise TypeError(f"args: expected a PPOConfig, got {type(args).__name__}")
         if model is None:
             raise ValueError("model: required (a causal LM or a local path)")
-        if data_collator is not None:
-            raise ValueError("data_collator: not supported; PPOTrainer pads prompts itself")
+        check_data_collator(data_collator)
         tokenizer = load_tokenizer(processing_class, model)
         require_pad_token(tokenizer)
         super().__init__(args, tokenizer, callbacks)
@@ -174,12 +95,53 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         self.policy = self.prepare_model(self.apply_peft(policy, peft_config), trainable=True)
 
         self.load_datasets(train_dataset, eval_dataset, self.tokenize_prompt_dataset)
+        if args.total_episodes is None:  # as TRL does, so that args.num_total_batches is known from here on
+            args.total_episodes = int(args.num_train_epochs * len(self.train_dataset))
+        self.model = PolicyAndValue(self.policy, self.critic, args.shared_critic)
+        self._state_before_training = TrainerState(is_world_process_zero=self.dist.is_main,
+                                                   is_local_process_zero=args.local_process_index == 0)
         self.kl_coef = args.kl_coef
         self._optimizers = optimizers
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
         self.dist.broadcast_parameters([self.policy, self.critic, self.ref_model])  # the reference too: it must match
         self.shard_models({"model": self.policy, "ref_model": self.ref_model,
                            "value_model": None if args.shared_critic else self.critic}, optimizers)
+
+    # ---- what TRL's PPOTrainer (a transformers.Trainer) offers scripts and callbacks ----
+    @property
+    def policy_model(self):
+        """The policy being trained (a PeftModel with LoRA)."""
+        return self.policy
+
+    @property
+    def value_model(self):
+        """The critic: a sequence classifier, or with shared_critic the value head on the policy."""
+        return self.critic
+
+    @property
+    def state(self) -> TrainerState:
+        """The run's transformers.TrainerState (global_step, log_history, ...), also before train()."""
+        return self.reporter.state if self.reporter is not None else self._state_before_training
+
+    def add_callback(self, callback):
+        """Add a TrainerCallback (an instance or a class); it receives the events from the next one on."""
+        self.callbacks.append(callback)
+        if self.reporter is not None:
+            self.reporter.callbacks.append(callback() if isinstance(callback, type) else callback)
+
+    def log(self, logs: dict, start_time: Optional[float] = None):
+        """Record `logs` at the current step: log_history, metrics.jsonl, TensorBoard and on_log once training
+        has begun; before train() only state.log_history (train() keeps it)."""
+        if self.reporter is None:
+            self._state_before_training.log_history.append({**{k: float(v) for k, v in logs.items()}, "step": 0})
+        else:
+            self.reporter.log(logs)
+
+    def is_world_process_zero(self) -> bool:
+        return self.dist.is_main
+
+    def is_local_process_zero(self) -> bool:
+        return self.args.local_process_index == 0
 
     # ---- state that checkpoints carry ----
     def models_to_save(self) -> dict:
@@ -256,15 +218,18 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         self.policy.train()
         self.critic.train()
         stats = {k: [] for k in ("approxkl", "clipfrac", "policy", "value", "value_clipfrac", "entropy", "ratio", "grad_norm")}
-        micro, B = args.per_device_train_batch_size, exp.ids.shape[0]
+        # TRL's layout: B = local_batch_size rows in num_mini_batches minibatches (one optimizer step each) of
+        # local_mini_batch_size rows, each as micro-batches of per_device_train_batch_size rows (the last may be short)
+        B, mini = exp.ids.shape[0], args.local_mini_batch_size
+        micro = min(args.per_device_train_batch_size, mini)
         lengths = exp.mask.sum(1).long().cpu()  # (B,) on the host, so trimming needs no device sync
         stop = False
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(B, generator=self.shuffle_generator)
-            for mb_start in range(0, B, args.mini_batch_size):
+            for mb_start in range(0, B, mini):
                 minibatch_kl = []
-                for micro_start in range(mb_start, mb_start + args.mini_batch_size, micro):
-                    rows = order[micro_start : micro_start + micro]
+                for micro_start in range(mb_start, mb_start + mini, micro):
+                    rows = order[micro_start : min(micro_start + micro, mb_start + mini)]
                     R = int(lengths[rows].max())  # drop response columns that are padding in every row
                     idx = rows.to(self.device)
                     ids, attn = exp.ids[idx, : exp.P + R], exp.attn[idx, : exp.P + R]
@@ -275,7 +240,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
                         cliprange=args.cliprange, cliprange_value=args.cliprange_value, vf_coef=args.vf_coef,
                         entropy_coef=args.entropy_coef,
                     )
-                    (out.loss / args.gradient_accumulation_steps).backward()
+                    (out.loss / (mini / len(rows))).backward()  # the minibatch's loss: micro-batches weighted by rows
                     # statistics stay on the device until the end of the update (no host sync per micro-batch)
                     for key, value in (("approxkl", out.stats["approxkl"]), ("clipfrac", out.stats["clipfrac"]),
                                        ("policy", out.policy_loss), ("value", out.value_loss), ("entropy", out.entropy),
@@ -300,11 +265,12 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
     def train(self, resume_from_checkpoint=None):
         args = self.args
         batches = StepBatches(len(self.train_dataset), args.batch_size, args.seed if args.data_seed is None else args.data_seed)
-        total_episodes = args.total_episodes or int(args.num_train_epochs * len(self.train_dataset))
-        total_steps = batches.total_steps(total_episodes / len(self.train_dataset), args.max_steps)
+        total_steps = args.max_steps if args.max_steps > 0 else args.num_total_batches
         self.create_optimizer_and_scheduler([self.policy, self.critic], total_steps, self._optimizers)
         start = self.begin_training(total_steps, batches.batches_per_epoch, args.batch_size,
                                     resume_from_checkpoint or args.resume_from_checkpoint, self.policy)
+        if start == 0:  # what log() recorded before train() stays in the history
+            self.state.log_history[:0] = self._state_before_training.log_history
         sample_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
         for step in range(start, total_steps):
             self.reporter.step_begin()
@@ -352,6 +318,38 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             for i, name in enumerate(self.reward_sources.names):
                 metrics[f"rewards/{name}/mean"] = float(torch.nanmean(exp.per_source[:, i]))
         return metrics
+
+
+def check_data_collator(data_collator):
+    """TRL's default collator (DataCollatorWithPadding) pads prompts, as PPOTrainer does itself; refuse others."""
+    from transformers import DataCollatorWithPadding
+
+    if data_collator is None:
+        return
+    plain = isinstance(data_collator, DataCollatorWithPadding) and data_collator.padding in (True, "longest") \
+        and data_collator.max_length is None and data_collator.pad_to_multiple_of is None
+    if not plain:
+        raise ValueError(f"data_collator: only None or a default transformers.DataCollatorWithPadding is supported "
+                         f"(PPOTrainer left-pads the prompts itself), got {data_collator!r}")
+
+
+class PolicyAndValue(nn.Module):
+    """`trainer.model`, as in TRL: the policy and the critic in one module (parameters, state_dict, train/eval).
+    `forward(input_ids, attention_mask)` returns (the policy's output, values [B, L] at every position)."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module, shared_critic: bool):
+        super().__init__()
+        self.policy, self.value_model, self.shared_critic = policy, value_model, shared_critic
+        self.config = policy.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        kwargs.setdefault("position_ids", position_ids_from_mask(attention_mask))  # left padding needs them
+        output = self.policy(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if self.shared_critic:  # the value head reads the policy's last hidden states
+            return output, self.value_model(hidden_states(self.policy, input_ids, attention_mask))
+        hidden = hidden_states(self.value_model, input_ids, attention_mask)  # (B, L, H)
+        return output, score_head(self.value_model)(hidden)[..., 0].float()
 
 
 def assemble_rewards(non_score_reward: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
