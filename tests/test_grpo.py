@@ -246,3 +246,18 @@ def test_cli_trains_grpo_with_lora(make_lm, tiny_tokenizer, prompt_rows, tmp_pat
     assert os.path.exists(out / "adapter_config.json")
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2] and "rewards/count_low/mean" in records[0] and "kl" in records[0]
+
+
+def test_trl_style_argument_parser_builds_grpo_config(tmp_path):
+    """TRL's GRPO scripts build their config with HfArgumentParser, which hands every field's metadata to
+    argparse: nothing but argparse keywords may be there."""
+    from transformers import HfArgumentParser
+
+    (config,) = HfArgumentParser(GRPOConfig).parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path), "--num_generations", "4", "--use_cpu", "True"]
+    )
+    assert config.num_generations == 4
+    with pytest.raises(ValueError, match="use_vllm: True is not supported by GRPOConfig"):
+        HfArgumentParser(GRPOConfig).parse_args_into_dataclasses(
+            args=["--output_dir", str(tmp_path), "--use_vllm", "True", "--use_cpu", "True"]
+        )

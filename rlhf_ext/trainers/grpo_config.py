@@ -8,7 +8,7 @@ TRL options we do not implement are declared with TRL's defaults and refused by 
 """
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 from rlhf_ext.trainers.advantages import ESTIMATORS, SCALE_REWARDS
 from rlhf_ext.trainers.config import MULTI_PROCESS_TRAINING_ARGUMENTS, SUPPORTED_TRAINING_ARGUMENTS, TrainerConfig, require
@@ -20,7 +20,8 @@ LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-
 
 
 def _unsupported(default, why: str):
-    return field(default=default, metadata={"help": f"not supported ({why}); must stay {default!r}", "unsupported": why})
+    # Only "help" in the metadata: HfArgumentParser passes every metadata key on to argparse.add_argument.
+    return field(default=default, metadata={"help": f"not supported by GRPOConfig ({why}); must stay {default!r}"})
 
 
 @dataclass
@@ -77,7 +78,8 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
     epsilon: float = field(default=0.2, metadata={"help": "ratio clip (lower, and upper unless epsilon_high)"})
     epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper ratio clip (DAPO's clip-higher)"})
     reward_weights: Optional[list[float]] = field(default=None, metadata={"help": "weight of each reward function (default 1 each)"})
-    scale_rewards: Union[str, bool] = field(default="group", metadata={"help": "divide advantages by the std of the 'group', the 'batch', or 'none' (True/False: group/none)"})
+    # typed str like TRL's (HfArgumentParser reads a Union[str, bool] as a bool); True/False still accepted
+    scale_rewards: str = field(default="group", metadata={"help": "divide advantages by the std of the 'group', the 'batch', or 'none' (True/False: group/none)"})
     loss_type: str = field(default="dapo", metadata={"help": "grpo | bnpo | dapo | dr_grpo: how the token losses are averaged"})
     mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions without EOS out of the loss"})
     log_completions: bool = field(default=False, metadata={"help": "print completions and write <output_dir>/completions.jsonl when logging"})
@@ -96,11 +98,11 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
     def __post_init__(self):
         for f in dataclasses.fields(_UnsupportedTRLOptions):
             if getattr(self, f.name) != f.default:
-                raise ValueError(f"{f.name}: {getattr(self, f.name)!r} is not supported by GRPOConfig ({f.metadata['unsupported']}); "
-                                 f"remove it (default {f.default!r})")
+                raise ValueError(f"{f.name}: {getattr(self, f.name)!r} is {f.metadata['help']}; remove it")
         super().__post_init__()
-        if isinstance(self.scale_rewards, bool):  # TRL's older boolean form
-            self.scale_rewards = "group" if self.scale_rewards else "none"
+        if isinstance(self.scale_rewards, bool) or self.scale_rewards in ("True", "False", "true", "false"):
+            # TRL's boolean form, as a bool or as a command-line string
+            self.scale_rewards = "group" if str(self.scale_rewards).lower() == "true" else "none"
         self.top_k = 0 if self.top_k is None else self.top_k
         self.min_p = 0.0 if self.min_p is None else self.min_p
         require(self, "advantage_estimator", self.advantage_estimator in ESTIMATORS, f"one of {ESTIMATORS}")
