@@ -13,6 +13,41 @@ if _STANDINS.exists():
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
+def pytest_collection_modifyitems(config, items):
+    """`cuda_sim` tests skip, with the reason, where nvcc or the GPU simulator is missing (tests/sim_harness.py)."""
+    sim_items = [item for item in items if item.get_closest_marker("cuda_sim")]
+    if not sim_items:
+        return
+    from tests import sim_harness
+
+    reason = sim_harness.unavailable_reason()
+    if reason:
+        for item in sim_items:
+            item.add_marker(pytest.mark.skip(reason=f"cuda_sim: {reason}"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    import sys
+
+    harness = sys.modules.get("tests.sim_harness")
+    if harness is not None and harness.summary():
+        terminalreporter.write_line(harness.summary())
+
+
+@pytest.fixture(scope="session")
+def cuda_sim():
+    """The harness module (tests/sim_harness.py) with every family's library built (in parallel, cached);
+    `cuda_sim.library("gae").call(...)`. The simulator workers end with the session."""
+    from tests import sim_harness
+
+    reason = sim_harness.unavailable_reason()
+    if reason:
+        pytest.skip(f"cuda_sim: {reason}")
+    sim_harness.build_all()
+    yield sim_harness
+    sim_harness.shutdown()
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Trainer tests run tiny models, which gain nothing from intra-op threads, while OpenMP threads on a
