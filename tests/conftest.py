@@ -26,6 +26,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"cuda_sim: {reason}"))
 
 
+def pytest_terminal_summary(terminalreporter):
+    import sys
+
+    harness = sys.modules.get("tests.sim_harness")
+    if harness is not None and harness.summary():
+        terminalreporter.write_line(harness.summary())
+
+
 @pytest.fixture(scope="session")
 def cuda_sim():
     """The harness module (tests/sim_harness.py) with every family's library built (in parallel, cached);

@@ -225,8 +225,12 @@ class SimLibrary:
         self.family, self.path = family, path
         self._proc = None
         self._scratch = None
+        self.calls = 0
+        self.cpu_seconds = 0.0  # of the worker processes, start-up included (what CI pays for)
+        self._cpu_before_start = 0.0
 
     def _start(self):
+        self._cpu_before_start = self.cpu_seconds
         prefix = simulator_prefix()
         env_dump = subprocess.run(["bash", "-c", 'source "$1/env.sh" && env -0', "_", prefix],
                                   capture_output=True, check=True).stdout.decode()
@@ -299,6 +303,8 @@ class SimLibrary:
         if reply[0] != "ok":
             raise SimulatorError(f"cuda_sim {self.family}: {symbol} raised in the worker:\n{reply[1]}")
         _, code, message, arrays = reply
+        self.calls += 1
+        self.cpu_seconds = self._cpu_before_start + _process_cpu_seconds(self._proc.pid)
         for view, result in zip(views, arrays):
             np.copyto(view, result)
         if check and code != 0:
@@ -319,7 +325,22 @@ class SimLibrary:
         self._scratch = None
 
 
+def _process_cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 _libraries: Dict[str, SimLibrary] = {}
+
+
+def summary() -> str:
+    """One line per family used: calls and simulator CPU seconds (for the test log)."""
+    return "\n".join(f"cuda_sim {name}: {lib.calls} calls, {lib.cpu_seconds:.1f} s simulator CPU"
+                     for name, lib in sorted(_libraries.items()))
 
 
 def library(family: str) -> SimLibrary:
@@ -331,7 +352,6 @@ def library(family: str) -> SimLibrary:
 
 @atexit.register
 def shutdown():
-    """Ends every worker and removes its scratch folder."""
+    """Ends every worker and removes its scratch folder (a later call starts a fresh worker)."""
     for lib in _libraries.values():
         lib.close()
-    _libraries.clear()

@@ -76,8 +76,18 @@ __device__ __forceinline__ uint32_t key_of(float v) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// No conversion between floating point and 64-bit integers appears below: the GPU simulator the CI runs these
+// kernels on (tests/sim_harness.py) returns 0 for every 64-bit integer -> float conversion and converts float ->
+// 64-bit integer through 32 bits. The forms used give bit-identical results on a GPU.
 __device__ __forceinline__ unsigned long long fixed_mass(float w) {
-  return static_cast<unsigned long long>(w * 4294967296.0f);  // w in [0, 1] -> 32.32 fixed point
+  // w in [0, 1] -> 32.32 fixed point; below 1, w * 2^32 < 2^32 fits 32 bits (truncation as before).
+  return w >= 1.f ? (1ull << 32) : static_cast<unsigned long long>(static_cast<uint32_t>(w * 4294967296.0f));
+}
+
+// Correctly rounded like a direct conversion: the high half times 2^32 is exact, the sum rounds once.
+__device__ __forceinline__ double to_double(unsigned long long v) {
+  return static_cast<double>(static_cast<uint32_t>(v >> 32)) * 4294967296.0 +
+         static_cast<double>(static_cast<uint32_t>(v));
 }
 
 // Calls f(i, logit as float) for this thread's elements of the row, in increasing i.
@@ -197,12 +207,12 @@ __device__ SelectResult radix_select(const T* row, int64_t V, bool vec_ok, float
     cub::BlockScan<Measure, kThreads>(sh.temp.scan).ExclusiveScan(own, before, Measure{0, 0}, AddMeasure(), total);
     if (threadIdx.x == 0) {
       sh.found_bin = -1;
-      sh.target = (level == 0 && target_fraction > 0) ? target_fraction * static_cast<double>(total.mass) : target;
+      sh.target = (level == 0 && target_fraction > 0) ? target_fraction * to_double(total.mass) : target;
     }
     __syncthreads();
     const double goal = sh.target;
     auto measure = [&](const Measure& x) {
-      return static_cast<double>(by_mass ? x.mass : x.count);
+      return to_double(by_mass ? x.mass : x.count);
     };
     Measure cum = AddMeasure()(above, before);
     if (measure(cum) < goal && measure(AddMeasure()(cum, own)) >= goal) {
@@ -304,12 +314,13 @@ __global__ void __launch_bounds__(kThreads)
   unsigned long long kept_fixed = 0;
   const bool k_on = top_k > 0 && top_k < V;
   if (k_on) {
-    const SelectResult r = radix_select(x, V, vec_ok, t, m, 0u, false, static_cast<double>(top_k), 0.0, sh);
+    const double k = to_double(static_cast<unsigned long long>(top_k));  // top_k >= 0 (settings_ok)
+    const SelectResult r = radix_select(x, V, vec_ok, t, m, 0u, false, k, 0.0, sh);
     tau = r.key;
     kept_fixed = r.mass_ge;
   }
   if (top_p < 1.0) {
-    const SelectResult r = k_on ? radix_select(x, V, vec_ok, t, m, tau, true, top_p * static_cast<double>(kept_fixed), 0.0, sh)
+    const SelectResult r = k_on ? radix_select(x, V, vec_ok, t, m, tau, true, top_p * to_double(kept_fixed), 0.0, sh)
                                 : radix_select(x, V, vec_ok, t, m, tau, true, 0.0, top_p, sh);
     tau = r.key > tau ? r.key : tau;
   }
