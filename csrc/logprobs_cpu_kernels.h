@@ -17,7 +17,8 @@
 // (d lp / dx = onehot - p;  d H / dx_j = -p_j (log p_j + H);  dx/dz = 1/T). One read, one write.
 //
 // -inf logits (masked vocabulary) are safe: x - m is clamped at kClampLow (exp of it is exactly 0 in
-// the accumulation type) before it multiplies anything, so 0 * -inf never happens.
+// the accumulation type) before it multiplies anything, so 0 * -inf never happens. A NaN (or +inf)
+// logit makes its row's log-prob, entropy, lse and whole gradient NaN (the CUDA kernels do the same).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -219,6 +220,10 @@ void backward_row(const scalar_t* z, scalar_t* dz, int64_t V, int64_t label, acc
       ga = vexp(lpa) * v_c0;
       gb = vexp(lpb) * v_c0;
     }
+    // A NaN logit or lse gives a NaN gradient, as in the scalar tail (and on CUDA): exp_u20's range
+    // reduction does not carry NaN through, so put it back.
+    ga = Vec::blendv(ga, lpa, lpa.isnan());
+    gb = Vec::blendv(gb, lpb, lpb.isnan());
     Io<scalar_t>::store2(dz + i, ga, gb);
   }
   for (; i < V; ++i) {

@@ -124,6 +124,24 @@ def test_label_on_a_masked_entry_gives_minus_inf_and_finite_grad():
     assert torch.isfinite(x.grad).all() and torch.all(x.grad[:, 3] == 0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("with_entropy_grad", [False, True])
+def test_nan_logit_makes_its_row_nan(dtype, inplace, with_entropy_grad):
+    """A NaN logit (first entry, vectorised middle, scalar tail) makes its row's log-prob, entropy and every
+    gradient entry NaN, like the CUDA kernels (tests/test_logprobs_sim.py); the other rows stay finite."""
+    logits, labels = _inputs((5, 333), dtype, ignore_p=0.0)
+    logits[0, 0] = logits[1, 100] = logits[2, 332] = float("nan")
+    lp, ent = gather_logprobs(logits, labels, return_entropy=True)
+    assert lp[:3].isnan().all() and ent[:3].isnan().all()
+    assert torch.isfinite(lp[3:]).all() and torch.isfinite(ent[3:]).all()
+    leaf = logits.clone().requires_grad_()
+    out = gather_logprobs(leaf * 1, labels, return_entropy=with_entropy_grad, inplace_backward=inplace)
+    (out[0].sum() + 0.5 * out[1].sum() if with_entropy_grad else out.sum()).backward()
+    assert leaf.grad[:3].isnan().all(), f"non-NaN gradient entries in NaN rows: {(~leaf.grad[:3].isnan()).sum()}"
+    assert torch.isfinite(leaf.grad[3:]).all()
+
+
 def _grads(logits, labels, temperature, which, inplace, gen_seed=3):
     """Our gradient and the float64 oracle's for loss = sum(a * logprobs) + sum(b * entropy)."""
     g = torch.Generator().manual_seed(gen_seed)
