@@ -140,7 +140,8 @@ def test_sanitizer_drivers_pass_under_the_simulator(tmp_path):
         cwd = tmp_path / f"run_{family}"  # the simulator writes files into its working folder
         cwd.mkdir()
         proc = subprocess.run([os.path.join(prefix, "bin", "gpusim-run"), str(tmp_path / family), "--quick"],
-                              cwd=str(cwd), capture_output=True, text=True, timeout=900)
+                              cwd=str(cwd), capture_output=True, text=True, timeout=900,
+                              env=dict(os.environ, GPUSIM_PREFIX=prefix))
         output = proc.stdout[-2000:] + proc.stderr[-2000:]
         assert proc.returncode == 0 and f"{family} driver: PASS" in proc.stdout, output
 
