@@ -11,7 +11,13 @@ DEMO_ARGS ?=
 STAMP := $(VENV)/.rlhf_ext-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install test test-all demo bench bench-full clean
+# `make gpu-check` runs on a CUDA machine's own python (with a CUDA torch), not the CPU venv: the venv's python
+# only where one exists. Without a GPU it exits at once with code 2 and a one-line message. GPU_CHECK_ARGS: e.g.
+# --out DIR, --budget SECONDS, --steps tests,bench, --skip-build (see scripts/gpu_check.py).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+
+.PHONY: install test test-all demo bench bench-full gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +45,9 @@ bench: install
 
 bench-full: install
 	$(PY) -m pytest benchmarks --benchmark-columns=median,iqr,rounds
+
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info rlhf_ext/*.so

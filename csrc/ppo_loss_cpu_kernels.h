@@ -42,7 +42,7 @@ RLHF_PPO_TARGET PolicyRowSums<acc_t> policy_row_forward(const TokenPtrs<scalar_t
     clip_high += valid ? tok.clipped_high : acc_t(0);
     dual += valid ? tok.dual_capped : acc_t(0);
     approx_kl += valid ? acc_t(0.5) * (tok.log_ratio * tok.log_ratio) : acc_t(0);
-    approx_kl_k3 += valid ? (tok.ratio - acc_t(1)) - tok.log_ratio : acc_t(0);
+    approx_kl_k3 += valid ? ppo::k3_terms(tok.log_ratio).k3 : acc_t(0);
     ratio_sum += valid ? tok.ratio : acc_t(0);
     const acc_t r = valid ? tok.ratio : acc_t(0);
     ratio_max = r > ratio_max ? r : ratio_max;

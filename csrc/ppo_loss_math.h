@@ -85,6 +85,40 @@ RLHF_PPO_HD float ppo_exp(float x) {
 
 RLHF_PPO_HD double ppo_exp(double x) { return exp(x); }
 
+// k3 = exp(e) - 1 - e and expm1(e) = exp(e) - 1, without cancellation. (exp(e) - e) - 1, and even
+// expm1(e) - e, lose about log2(2 / |e|) bits for small |e| (all of float's near |e| = 1e-7), so for |e| <= 1
+// both come from the series (exp(e) - 1 - e) / e^2 = sum_j e^j / (j + 2)!, in Horner form
+// 1/2 (1 + e/3 (1 + e/4 (...))), through j = 10 for float and j = 18 for double (truncation below 2e-10 and
+// 1e-19 relative). Above |e| = 1, exp(e) - 1 - e loses at most ~2 bits. Both branches are computed and one is
+// selected, so the token loops stay branch-free; NaN takes the exp branch and propagates.
+template <typename acc_t>
+struct K3Terms {
+  acc_t k3, expm1;
+};
+
+// 1 + e/k (1 + e/(k + 1) (... (1 + e/kLast))), unrolled at compile time (a plain loop could keep g++ from
+// vectorising the token loops around it).
+template <int k, int kLast, typename acc_t>
+RLHF_PPO_HD acc_t k3_horner(acc_t e) {
+  if constexpr (k > kLast) {
+    return acc_t(1);
+  } else {
+    return acc_t(1) + e * k3_horner<k + 1, kLast>(e) * (acc_t(1) / acc_t(k));
+  }
+}
+
+template <typename acc_t>
+RLHF_PPO_HD K3Terms<acc_t> k3_terms(acc_t e) {
+  constexpr int kLast = sizeof(acc_t) == 4 ? 12 : 20;  // the last series term is e^(kLast - 2) / kLast!
+  const acc_t series = e * e * (acc_t(0.5) * k3_horner<3, kLast>(e));
+  const acc_t em1 = ppo_exp(e) - acc_t(1);
+  const bool small = e >= acc_t(-1) && e <= acc_t(1);
+  K3Terms<acc_t> out;
+  out.k3 = small ? series : em1 - e;
+  out.expm1 = small ? e + series : em1;
+  return out;
+}
+
 // NaN passes through (both comparisons are false), as with torch.clamp.
 template <typename acc_t>
 RLHF_PPO_HD acc_t clampv(acc_t x, acc_t lo, acc_t hi) {
@@ -164,7 +198,7 @@ struct KlToken {
 };
 
 // k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 with -d = ref - logprob clamped to +-M (the only
-// estimator that exponentiates, so the only one clamped).
+// estimator that exponentiates, so the only one clamped), through k3_terms (no cancellation).
 template <int kEstimator, typename acc_t>
 RLHF_PPO_HD KlToken<acc_t> kl_token(acc_t logprob, acc_t ref_logprob, acc_t max_lr) {
   KlToken<acc_t> out;
@@ -178,10 +212,10 @@ RLHF_PPO_HD KlToken<acc_t> kl_token(acc_t logprob, acc_t ref_logprob, acc_t max_
   } else {
     const acc_t raw = ref_logprob - logprob;
     const acc_t e = clampv(raw, -max_lr, max_lr);
-    const acc_t ex = ppo_exp(e);
-    out.kl = (ex - e) - acc_t(1);
+    const K3Terms<acc_t> k3 = k3_terms(e);
+    out.kl = k3.k3;
     const acc_t in = (raw >= -max_lr && raw <= max_lr) ? acc_t(1) : acc_t(0);
-    out.dkl = -(ex - acc_t(1)) * in;
+    out.dkl = -k3.expm1 * in;
   }
   return out;
 }

@@ -196,8 +196,8 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, 
       out_t* op = out.data_ptr<out_t>();
       at::parallel_for(0, numel, kBlock, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const acc_t keep = mp[i] ? acc_t(1) : acc_t(0);
-          op[i] = static_cast<out_t>(keep * ((static_cast<acc_t>(xp[i]) - mean) * inv_std + add_back));
+          // Selected, not multiplied by a 0/1 mask: 0 * inf is NaN, and the contract is 0 outside the mask.
+          op[i] = mp[i] ? static_cast<out_t>((static_cast<acc_t>(xp[i]) - mean) * inv_std + add_back) : out_t(0);
         }
       });
     });

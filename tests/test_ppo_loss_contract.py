@@ -43,6 +43,53 @@ def test_kl_penalty_matches_reference(estimator, dtype):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=1e-6)
 
 
+def _k3_float64(e):
+    """exp(e) - 1 - e in float64 from its series (exact to rounding for |e| <= 1e-3; no cancellation)."""
+    return e * e * (1 / 2 + e * (1 / 6 + e * (1 / 24 + e * (1 / 120 + e / 720))))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_k3_small_differences_keep_float32_precision(sign):
+    # (exp(e) - e) - 1 and even expm1(e) - e in float32 lose most digits for small |e| (2 / |e| cancellation).
+    e = sign * torch.tensor([1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6], dtype=torch.float32)
+    logprobs = torch.zeros_like(e)  # ref - logprobs == e exactly in float32
+    want = _k3_float64(e.double())
+    grad_want = -torch.expm1(e.double())  # d k3 / d logprobs
+    lp = logprobs.clone().requires_grad_()
+    got = kl_penalty(lp, e, "k3")
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    got.sum().backward()
+    torch.testing.assert_close(lp.grad.double(), grad_want, rtol=1e-6, atol=0)
+    ref_lp = logprobs.clone().requires_grad_()
+    ref = kl_penalty_reference(ref_lp, e, "k3")
+    torch.testing.assert_close(ref.double(), want, rtol=1e-6, atol=0)
+    ref.sum().backward()
+    torch.testing.assert_close(ref_lp.grad.double(), grad_want, rtol=1e-6, atol=0)
+    # The same estimator inside the fused loss (KL term) and its approxkl_k3 statistic (of the old/new ratio).
+    mask = torch.ones_like(e, dtype=torch.bool)[None]
+    out = ppo_loss(logprobs[None], -e[None], torch.zeros_like(e)[None], mask, ref_logprobs=e[None],
+                   kl_estimator="k3", kl_coef=1.0)
+    torch.testing.assert_close(out.kl.double(), want.mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.stats["approxkl_k3"].double(), want.mean(), rtol=1e-6, atol=0)
+    expect = ppo_loss_reference(logprobs[None], -e[None], torch.zeros_like(e)[None], mask, ref_logprobs=e[None],
+                                kl_estimator="k3", kl_coef=1.0)
+    torch.testing.assert_close(expect.kl.double(), want.mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(expect.stats["approxkl_k3"].double(), want.mean(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("e", [-20.0, -3.0, -1.0, -0.7, -0.2, 0.2, 0.7, 1.0, 3.0, 20.0])
+def test_k3_matches_float64_across_the_range(e):
+    # Both sides of the small-|e| switch, float32 and float64 inputs.
+    for dtype, rtol in ((torch.float32, 2e-6), (torch.float64, 1e-13)):
+        ref = torch.tensor([e], dtype=dtype)
+        lp = torch.zeros(1, dtype=dtype, requires_grad=True)
+        got = kl_penalty(lp, ref, "k3")
+        e64 = torch.tensor([e], dtype=torch.float64)
+        torch.testing.assert_close(got.double(), torch.expm1(e64) - e64, rtol=rtol, atol=0)
+        got.sum().backward()
+        torch.testing.assert_close(lp.grad.double(), -torch.expm1(e64), rtol=rtol, atol=0)
+
+
 def test_kl_penalty_equals_the_loss_kl_term():
     case = make_case(4, 30, seed=4, empty_rows=())
     case["mask"].fill_(True)

@@ -60,6 +60,28 @@ def test_metamorphic_masked_values_do_not_matter():
     torch.testing.assert_close(masked_var(y, mask), masked_var(x, mask), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_non_finite_outside_the_mask_gives_zero(bad, dtype):
+    # The contract is 0 outside the mask, whatever sits there (the CUDA kernel writes 0; `mask * y` gave NaN).
+    x, mask = _inputs(5, 300, dtype)
+    y = torch.where(mask, x, torch.full_like(x, bad))
+    for shift_mean in (True, False):
+        got = masked_whiten(y, mask, shift_mean=shift_mean)
+        ref = masked_whiten_reference(y, mask, shift_mean=shift_mean)
+        assert torch.all(got[~mask] == 0) and torch.all(ref[~mask] == 0)
+        torch.testing.assert_close(got, masked_whiten(x, mask, shift_mean=shift_mean), rtol=0, atol=0)
+        torch.testing.assert_close(ref, masked_whiten_reference(x, mask, shift_mean=shift_mean), rtol=0, atol=0)
+    torch.testing.assert_close(masked_mean_reference(y, mask), masked_mean_reference(x, mask), rtol=0, atol=0)
+    torch.testing.assert_close(masked_var_reference(y, mask), masked_var_reference(x, mask), rtol=0, atol=0)
+    torch.testing.assert_close(masked_mean(y, mask, dim=1), masked_mean(x, mask, dim=1), equal_nan=True)
+    a, b = y.double().requires_grad_(), x.double().requires_grad_()
+    w = torch.randn(x.shape, dtype=torch.float64)
+    (masked_whiten(a, mask) * w).sum().backward()
+    (masked_whiten(b, mask) * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
 def test_thread_count_does_not_change_result():
     x, mask = _inputs(64, 2000)
     threads = torch.get_num_threads()

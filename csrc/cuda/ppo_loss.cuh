@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads)
       stats[2] += tok.clipped_high;
       stats[3] += tok.dual_capped;
       stats[4] += acc_t(0.5) * (tok.log_ratio * tok.log_ratio);
-      stats[5] += (tok.ratio - acc_t(1)) - tok.log_ratio;
+      stats[5] += ppo::k3_terms(tok.log_ratio).k3;
       stats[6] += tok.ratio;
       ratio_max[0] = tok.ratio > ratio_max[0] ? tok.ratio : ratio_max[0];
       if (kKl != ppo::kNoKl) row[2] += ppo::kl_token<kKl, acc_t>(logprob, to_acc(x.ref_logprobs[i]), max_lr).kl;

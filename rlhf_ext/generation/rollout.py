@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from rlhf_ext.ops.sampling import sample
+from rlhf_ext.ops.sampling import prepare_settings, sample
 
 Setting = Union[int, float, torch.Tensor]
 
@@ -87,15 +87,42 @@ def _stop_ids(eos_token_id, stop_token_ids, device) -> torch.Tensor:
     return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
 
 
-def _forward_kwargs(model) -> dict:
-    """Ask for the last position's logits only, where the model's forward takes `logits_to_keep` (HF causal LMs;
-    PEFT wrappers pass it through **kwargs to their base model)."""
+def _accepts(model, name: str) -> bool:
+    """Whether the model's forward takes keyword `name`; PEFT wrappers pass **kwargs through to their base model."""
     params = inspect.signature(model.forward).parameters
-    accepts = "logits_to_keep" in params
-    if not accepts and hasattr(model, "get_base_model"):
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            accepts = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
-    return {"logits_to_keep": 1} if accepts else {}
+    if name in params:
+        return True
+    if hasattr(model, "get_base_model") and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return name in inspect.signature(model.get_base_model().forward).parameters
+    return False
+
+
+def _forward_kwargs(model) -> dict:
+    """Ask for the last position's logits only, where the model's forward takes `logits_to_keep` (HF causal LMs)."""
+    return {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+
+
+class _CacheArgs:
+    """How the KV cache and its write position are handed to the model's forward.
+
+    transformers >= 5 names the cache `cache` (`past_key_values` is deprecated, removed in 5.40) and keeps the
+    write position on the device inside the cache; older versions take `past_key_values` and `cache_position`.
+    Where `cache_position` is accepted it is always passed: without it those versions derive it from
+    `StaticCache.get_seq_length()`, which counts the non-zero keys of batch row 0 (wrong when row 0 is
+    left-padded) and reads it back to the host (a sync, which fails under CUDA-graph capture).
+    """
+
+    def __init__(self, model, kv_cache):
+        self.cache_name = "cache" if _accepts(model, "cache") else "past_key_values"
+        self.with_position = _accepts(model, "cache_position")
+        self.kv_cache = kv_cache
+
+    def __call__(self, cache_position: torch.Tensor) -> dict:
+        """Keyword arguments for a forward writing cache slots `cache_position` (L,) int64 on the model's device."""
+        kwargs = {self.cache_name: self.kv_cache, "use_cache": True}
+        if self.with_position:
+            kwargs["cache_position"] = cache_position
+        return kwargs
 
 
 def _last_value(output) -> torch.Tensor:
@@ -143,7 +170,7 @@ def generate(
         raise ValueError("model: expected a decoder-only causal LM, got an encoder-decoder model")
     _check_inputs(input_ids, attention_mask, max_new_tokens, pad_token_id, temperature, top_k, top_p, min_p)
     device = next(model.parameters()).device
-    if cuda_graph and (device.type != "cuda" or cache != "static"):
+    if cuda_graph and (not _can_capture(device) or cache != "static"):
         raise ValueError(f"cuda_graph=True needs a CUDA model and cache='static', got device {device} and cache={cache!r}")
     if cuda_graph and return_values:
         raise ValueError("cuda_graph=True does not support return_values=True")
@@ -151,16 +178,21 @@ def generate(
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
     stop_ids = _stop_ids(eos_token_id, stop_token_ids, device)
     B, P = input_ids.shape
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
 
     from transformers import DynamicCache, StaticCache
 
     kv_cache = (StaticCache(config=model.config, max_cache_len=P + max_new_tokens) if cache == "static"
                 else DynamicCache(config=model.config))
     extra = _forward_kwargs(model)
+    cache_args = _CacheArgs(model, kv_cache)
+    # Scalars stay Python numbers and per-row tensors move to the device once, here: nothing in the decode step
+    # reads a value back to the host or copies from pageable memory (neither is allowed in a captured graph).
+    sampling = prepare_settings(B, device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    sampling["generator"] = generator
     position_ids = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)  # (B, P)
+    cache_position = torch.arange(P, device=device)  # (P,) the cache slots the prompt fills
     output = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                   past_key_values=kv_cache, use_cache=True, **extra)
+                   **cache_args(cache_position), **extra)
     logits = output.logits[:, -1, :]  # (B, V)
 
     response = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -170,7 +202,8 @@ def generate(
     full_mask = torch.cat([prompt_mask, torch.ones((B, max_new_tokens), dtype=torch.long, device=device)], dim=1)
     next_position = position_ids[:, -1:] + 1  # (B, 1)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    stepper = _GraphStepper(model, kv_cache, prompt_mask, max_new_tokens, sampling, extra) if cuda_graph else None
+    cache_position = cache_position[-1:] + 1  # (1,) the slot the next decode step writes
+    stepper = _GraphStepper(model, cache_args, prompt_mask, max_new_tokens, sampling, extra) if cuda_graph else None
 
     steps = 0
     for t in range(max_new_tokens):
@@ -189,9 +222,10 @@ def generate(
             stepper.step(tokens, next_position, t)
         else:
             output = model(input_ids=tokens[:, None], attention_mask=full_mask[:, : P + t + 1],
-                           position_ids=next_position, past_key_values=kv_cache, use_cache=True, **extra)
+                           position_ids=next_position, **cache_args(cache_position), **extra)
             logits = output.logits[:, -1, :]
         next_position = next_position + 1
+        cache_position = cache_position + 1
 
     response, response_mask, logprobs = response[:, :steps], response_mask[:, :steps], logprobs[:, :steps]
     return Rollout(
@@ -206,46 +240,59 @@ def generate(
     )
 
 
+def _can_capture(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _capture(fn, generator):
+    """Capture `fn()` (reading only static buffers) in a CUDA graph; returns (graph, fn's outputs). The outputs
+    are the graph's static output tensors: each replay overwrites them. Nothing runs until the first replay."""
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
 class _GraphStepper:
     """Decode steps on CUDA with a StaticCache, replayed from one captured CUDA graph.
 
-    The graph reads the fed tokens, positions and a 4-d additive attention mask (B, 1, 1, P + max_new_tokens)
-    from static buffers, which are updated outside it; the static cache's write position is a device tensor
-    and the sampler's Philox seed/offset come from the generator's graph-safe state, so every replay writes the
-    next cache slot and draws fresh tokens. The first decode step runs eagerly (it is the warm-up), the second
-    is captured, and every later step replays. return_values is not supported here.
+    The graph reads the fed tokens and positions (B, 1), the cache slot `cache_position` (1,) and a 4-d additive
+    attention mask (B, 1, 1, P + max_new_tokens) from static buffers, all updated outside it by device-side
+    writes (no host sync); the sampler's settings are Python numbers or device tensors and its Philox seed/offset
+    come from the generator's graph-safe state, so every replay writes the next cache slot and draws fresh
+    tokens. The first decode step runs eagerly (it is the warm-up), the second is captured, and every later step
+    replays. return_values is not supported here.
     """
 
-    def __init__(self, model, kv_cache, prompt_mask, max_new_tokens, sampling, extra):
+    def __init__(self, model, cache_args, prompt_mask, max_new_tokens, sampling, extra):
         B, P = prompt_mask.shape
         dtype = next(model.parameters()).dtype
-        self.model, self.kv_cache, self.sampling, self.extra, self.P = model, kv_cache, sampling, extra, P
-        self.tokens = torch.zeros((B, 1), dtype=torch.long, device=prompt_mask.device)
-        self.positions = torch.zeros((B, 1), dtype=torch.long, device=prompt_mask.device)
-        self.mask = torch.full((B, 1, 1, P + max_new_tokens), torch.finfo(dtype).min, dtype=dtype,
-                               device=prompt_mask.device)
+        device = prompt_mask.device
+        self.model, self.cache_args, self.sampling, self.extra, self.P = model, cache_args, sampling, extra, P
+        self.tokens = torch.zeros((B, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((B, 1), dtype=torch.long, device=device)
+        self.cache_position = torch.full((1,), P, dtype=torch.long, device=device)
+        self.mask = torch.full((B, 1, 1, P + max_new_tokens), torch.finfo(dtype).min, dtype=dtype, device=device)
         self.mask[:, 0, 0, :P].masked_fill_(prompt_mask.bool(), 0.0)
         self.graph = None
         self.sampled = None
 
     def _forward_and_sample(self):
         output = self.model(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.positions,
-                            past_key_values=self.kv_cache, use_cache=True, **self.extra)
+                            **self.cache_args(self.cache_position), **self.extra)
         return sample(output.logits[:, -1, :], **self.sampling)
 
     def step(self, tokens, positions, t):
         self.tokens.copy_(tokens[:, None])
         self.positions.copy_(positions)
+        self.cache_position.fill_(self.P + t)
         self.mask[:, 0, 0, self.P + t] = 0.0  # the slot this step writes
         if t == 0:
             self.sampled = self._forward_and_sample()
         elif self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            generator = self.sampling.get("generator")
-            if generator is not None:
-                self.graph.register_generator_state(generator)
-            with torch.cuda.graph(self.graph):
-                self.sampled = self._forward_and_sample()
+            self.graph, self.sampled = _capture(self._forward_and_sample, self.sampling.get("generator"))
             self.graph.replay()
         else:
             self.graph.replay()

@@ -137,7 +137,7 @@ def _kl_backward(ctx, grad):
         dd = d
     else:
         m = ctx.max_log_ratio
-        dd = (1 - torch.exp(torch.clamp(-d, -m, m))) * ((-d >= -m) & (-d <= m)).to(d.dtype)
+        dd = -torch.expm1(torch.clamp(-d, -m, m)) * ((-d >= -m) & (-d <= m)).to(d.dtype)  # expm1: no cancellation
     g = grad * dd
     return g.to(logprobs.dtype), (-g).to(ref_logprobs.dtype), None, None
 

@@ -38,17 +38,23 @@ def gae_reference(
     return advantages, returns
 
 
+# Masked positions are selected away (torch.where), never multiplied by 0: inf/NaN there must not leak (0 * inf
+# is NaN). Outputs are 0 outside the mask.
+def _masked(x: torch.Tensor, mask: torch.Tensor):
+    """(x as float32/float64 with 0 where mask is off, the mask as that float dtype)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.where(mask.bool(), x.to(dtype), torch.zeros((), dtype=dtype)), mask.to(dtype)
+
+
 def masked_mean_reference(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
-    m = mask.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    xf = x.to(m.dtype)
+    xf, m = _masked(x, mask)
     if dim is None:
-        return (xf * m).sum() / m.sum()
-    return (xf * m).sum(dim) / m.sum(dim)
+        return xf.sum() / m.sum()
+    return xf.sum(dim) / m.sum(dim)
 
 
 def masked_var_reference(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    m = mask.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    xf = x.to(m.dtype)
+    xf, m = _masked(x, mask)
     mean = masked_mean_reference(xf, mask)
     var = (((xf - mean) * m) ** 2).sum()
     n = m.sum()
@@ -58,14 +64,13 @@ def masked_var_reference(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = T
 def masked_whiten_reference(
     x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, unbiased: bool = True
 ) -> torch.Tensor:
-    m = mask.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    xf = x.to(m.dtype)
+    xf, m = _masked(x, mask)
     mean = masked_mean_reference(xf, mask)
     var = masked_var_reference(xf, mask, unbiased)
     y = (xf - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         y = y + mean
-    return y * m
+    return torch.where(mask.bool(), y, torch.zeros((), dtype=y.dtype))
 
 
 # ---- logprobs (issue 3) ----
@@ -146,6 +151,15 @@ def _ppo_dtype(*tensors) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def k3_reference(e: torch.Tensor) -> torch.Tensor:
+    """exp(e) - 1 - e, computed in float64 and returned in e's dtype. (exp(e) - e) - 1, and even expm1(e) - e,
+    cancel for small |e| (about log2(2 / |e|) bits lost: all of float32's near 1e-7), so below |e| = 1e-2 the
+    series e^2 (1/2 + e/6 + e^2/24 + ...) is used (truncation < 1e-16 relative there)."""
+    e64 = e.double()
+    series = e64 * e64 * (1 / 2 + e64 * (1 / 6 + e64 * (1 / 24 + e64 * (1 / 120 + e64 * (1 / 720 + e64 / 5040)))))
+    return torch.where(e64.abs() < 1e-2, series, torch.expm1(e64) - e64).to(e.dtype)
+
+
 def kl_penalty_reference(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1", *, max_log_ratio: float = 20.0
 ) -> torch.Tensor:
@@ -157,8 +171,7 @@ def kl_penalty_reference(
     if estimator == "k2":
         return 0.5 * (lp - ref) ** 2
     if estimator == "k3":
-        e = torch.clamp(ref - lp, -max_log_ratio, max_log_ratio)
-        return torch.exp(e) - e - 1
+        return k3_reference(torch.clamp(ref - lp, -max_log_ratio, max_log_ratio))
     raise ValueError(f"estimator: expected one of 'k1', 'k2', 'k3', got {estimator!r}")
 
 
@@ -253,7 +266,7 @@ def ppo_loss_reference(
             "clipfrac_high": token_mean(clipped & (ratio > high)),
             "dual_clipfrac": token_mean(dual_capped),
             "approxkl": token_mean(0.5 * log_ratio ** 2),
-            "approxkl_k3": token_mean((ratio - 1) - log_ratio),
+            "approxkl_k3": token_mean(k3_reference(log_ratio)),
             "ratio_mean": token_mean(ratio),
             "ratio_max": torch.where(m, ratio, zero).max() if m.numel() else zero,
             "value_clipfrac": token_mean(value_clipped),

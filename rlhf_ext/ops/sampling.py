@@ -57,12 +57,41 @@ def _split(value, name: str, batch: int, device, integral: bool):
 def _check_rows(name: str, t: Optional[torch.Tensor], ok, expected: str) -> None:
     # Per-row values are checked here on CUDA (the CPU kernel checks its own); skipped under graph capture,
     # where reading them back would be a synchronisation.
-    if t is None or t.device.type == "cpu" or torch.cuda.is_current_stream_capturing():
+    if t is None or t.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return
     bad = ~ok(t)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name}: expected values {expected}, got {t[row].item()} in row {row}")
+
+
+_SETTINGS = (
+    ("temperature", False, lambda t: torch.isfinite(t) & (t >= 0), ">= 0 and finite"),
+    ("top_k", True, lambda t: t >= 0, ">= 0 (0 = off)"),
+    ("top_p", False, lambda t: (t > 0) & (t <= 1), "in (0, 1] (1 = off)"),
+    ("min_p", False, lambda t: (t >= 0) & (t <= 1), "in [0, 1] (0 = off)"),
+)
+
+
+def prepare_settings(
+    batch: int,
+    device,
+    temperature: Union[Number, torch.Tensor] = 1.0,
+    top_k: Union[int, torch.Tensor] = 0,
+    top_p: Union[Number, torch.Tensor] = 1.0,
+    min_p: Union[Number, torch.Tensor] = 0.0,
+) -> dict:
+    """The settings of repeated `sample` calls on `[batch, V]` logits on `device`, checked once: a scalar (a
+    0-dim tensor too) becomes a Python number, a per-row tensor `[batch]` is moved to `device` once. `sample(
+    logits, **prepare_settings(...))` then reads nothing back to the host and copies nothing from pageable
+    memory, so it can run inside a captured CUDA graph (a decode step)."""
+    device = torch.device(device)
+    prepared = {}
+    for (name, integral, ok, expected), value in zip(_SETTINGS, (temperature, top_k, top_p, min_p)):
+        scalar, row = _split(value, name, batch, device, integral)
+        _check_rows(name, row, ok, expected)
+        prepared[name] = scalar if row is None else row
+    return prepared
 
 
 def sample(
@@ -90,10 +119,8 @@ def sample(
     k_val, k_row = _split(top_k, "top_k", B, device, integral=True)
     p_val, p_row = _split(top_p, "top_p", B, device, integral=False)
     m_val, m_row = _split(min_p, "min_p", B, device, integral=False)
-    _check_rows("temperature", t_row, lambda t: torch.isfinite(t) & (t >= 0), ">= 0 and finite")
-    _check_rows("top_k", k_row, lambda t: t >= 0, ">= 0 (0 = off)")
-    _check_rows("top_p", p_row, lambda t: (t > 0) & (t <= 1), "in (0, 1] (1 = off)")
-    _check_rows("min_p", m_row, lambda t: (t >= 0) & (t <= 1), "in [0, 1] (0 = off)")
+    for (name, _, ok, expected), row in zip(_SETTINGS, (t_row, k_row, p_row, m_row)):
+        _check_rows(name, row, ok, expected)
     tokens, logprobs, filtered = torch.ops.rlhf_ext.sample(
         logits.detach(), t_val, k_val, p_val, m_val, t_row, k_row, p_row, m_row, generator
     )

@@ -28,9 +28,9 @@ def _moments_setup(ctx, inputs, output):
 def _moments_backward(ctx, grad):
     x, mask, moments = ctx.saved_tensors
     count, mean = moments[0], moments[1]
-    m = mask.to(grad.dtype)
-    # d mean / dx = m / n ; d M2 / dx = 2 m (x - mean)  (the mean's own dependence cancels in M2)
-    grad_x = m * (grad[1] / count + 2.0 * grad[2] * (x.to(grad.dtype) - mean))
+    # d mean / dx = m / n ; d M2 / dx = 2 m (x - mean)  (the mean's own dependence cancels in M2). Masked
+    # positions are selected away, not multiplied by 0, so inf/NaN there gives a 0 gradient, not NaN.
+    grad_x = torch.where(mask, grad[1] / count + 2.0 * grad[2] * (x.to(grad.dtype) - mean), 0.0)
     return grad_x.to(x.dtype), None
 
 
@@ -47,7 +47,7 @@ def _whiten_backward(ctx, grad):
     # Never on the hot path (advantages carry no gradient), so plain torch ops are enough here.
     x, mask = ctx.saved_tensors
     m = mask.to(grad.dtype)
-    xf = x.to(grad.dtype)
+    xf = torch.where(mask, x.to(grad.dtype), 0.0)  # inf/NaN outside the mask must not reach the sums
     n = m.sum()
     mean = (xf * m).sum() / n
     centred = (xf - mean) * m
@@ -73,8 +73,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) 
     With `dim`, the per-slice mean (a masked sum divided by the count; slices with an empty mask give
     NaN, as torch's mean of nothing does)."""
     if dim is not None:
-        m = as_bool_mask(mask).to(out_float_dtype(x.dtype))
-        return (x.to(m.dtype) * m).sum(dim) / m.sum(dim)
+        keep = as_bool_mask(mask)
+        m = keep.to(out_float_dtype(x.dtype))
+        return torch.where(keep, x.to(m.dtype), 0.0).sum(dim) / m.sum(dim)
     return _moments(x, mask)[1]
 
 
