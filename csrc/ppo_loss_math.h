@@ -157,11 +157,13 @@ RLHF_PPO_HD ValueToken<acc_t> value_token(acc_t value, acc_t old_value, acc_t re
   // Computed whether or not clipping is on and selected at the end: no branch in the token loop.
   const bool clip_on = clip >= acc_t(0);
   const acc_t lo = old_value - clip, hi = old_value + clip;
-  const acc_t err2 = clampv(value, lo, hi) - ret;
+  // A NaN old value makes the bounds NaN; clampv would then pass `value` through and hide it (torch.clamp
+  // with NaN bounds gives NaN), so the NaN is carried explicitly.
+  const acc_t err2 = (old_value != old_value ? old_value : clampv(value, lo, hi)) - ret;
   const acc_t sq2 = err2 * err2;
   const acc_t share1 = max_share(sq1, sq2);
   const bool value_in = value >= lo && value <= hi;
-  out.loss = acc_t(0.5) * (clip_on && sq2 > sq1 ? sq2 : sq1);
+  out.loss = acc_t(0.5) * (clip_on && !(sq2 <= sq1) ? sq2 : sq1);  // NaN propagates, as torch.maximum
   out.clipped = clip_on && sq2 > sq1 ? acc_t(1) : acc_t(0);
   // Selected, not multiplied by 0/1, for the same reason as the policy gradient's clamp.
   const acc_t dclipped = value_in ? (acc_t(1) - share1) * err2 : acc_t(0);

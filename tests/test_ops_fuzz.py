@@ -160,7 +160,7 @@ def test_fuzz_masked_stats(data, shape, dtype, op, mask_shape_differs):
     if out is None:
         return
     expected = twin(**args, **kwargs)
-    scale = finite_scale(args["x"]) ** (2 if op.startswith("var") else 1) * 100
+    scale = min(finite_scale(args["x"]), 1e150) ** (2 if op.startswith("var") else 1) * 100
     # Whitening divides by the standard deviation: its error relative to the output grows with the ratio of the
     # values' magnitude to their spread, so it is compared relative to that ratio.
     if op.startswith("whiten"):
@@ -233,9 +233,12 @@ def test_fuzz_ppo_loss(data, B, T, dtype, mixed, with_values, with_ref, with_ent
     rtol = max(RTOL[t.dtype] for t in args.values() if t.is_floating_point()) * 10
     # Terms reach |A| * ratio and (v - R)^2 per token: absolute errors scale with the largest of them.
     ratio_max = expected.stats["ratio_max"].item()
-    scale = finite_scale(*args.values()) ** 2 * max(1.0, ratio_max if math.isfinite(ratio_max) else 1.0)
+    ratio_max = ratio_max if math.isfinite(ratio_max) else 1.0
+    scale = min(finite_scale(*args.values()), 1e150) ** 2 * max(1.0, ratio_max)
     for name in ("loss", "policy_loss", "value_loss", "kl", "entropy"):
         assert_matches(getattr(out, name), getattr(expected, name), rtol, scale, name)
+    if not torch.isfinite(expected.loss):
+        return  # a non-finite loss (matched above) stops training; its statistics and gradients carry no contract
     for key, value in out.stats.items():
         assert_matches(value, expected.stats[key], rtol, scale, f"stats[{key}]")
     for name, got, exp in zip(leaves, grads, expected_grads):

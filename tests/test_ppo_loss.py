@@ -201,6 +201,19 @@ def test_no_nan_gradient_outside_the_log_ratio_clamp():
     assert_grads_close(grads, ref_grads)
 
 
+def test_a_nan_old_value_is_not_hidden_by_the_value_clip():
+    # Found by tests/test_ops_fuzz.py: NaN clip bounds made the clamp pass the value through, so a NaN in
+    # old_values gave a finite, plausible value loss (torch.clamp with NaN bounds, the reference, gives NaN).
+    case = make_case(2, 5, seed=3, ref=False, entropy=False, empty_rows=())
+    case["mask"].fill_(True)
+    case["old_values"][1, 2] = float("nan")
+    out = ppo_loss(case["logprobs"], case["old_logprobs"], case["advantages"], case["mask"], values=case["values"],
+                   old_values=case["old_values"], returns=case["returns"])
+    ref = ppo_loss_reference(case["logprobs"], case["old_logprobs"], case["advantages"], case["mask"],
+                             values=case["values"], old_values=case["old_values"], returns=case["returns"])
+    assert ref.value_loss.isnan() and out.value_loss.isnan() and out.loss.isnan()
+
+
 def test_mixed_dtypes_are_upcast():
     case = make_case(3, 21, seed=8)
     mixed = dict(case, logprobs=case["logprobs"].bfloat16(), values=case["values"].half(),
