@@ -1,6 +1,13 @@
 // gather_logprobs CPU row kernels compiled for AVX2 + FMA (used when at::get_cpu_capability() says
 // AVX2 or better). The ISA is enabled with a pragma for this file only, after the prelude, so the
 // rest of the extension keeps the baseline ISA; see csrc/logprobs_cpu_isa_prelude.h.
+// No contraction of a * b - c into an FMA (this ISA has them): the forward and the backward must round
+// x = z / T the same way before subtracting lse, or |x| ~ 1e30 leaves a sub-ulp residue of ~1e22 that
+// exp() turns into an infinite gradient (or a positive log-prob). Before any include, so every function
+// of the file shares one setting and can be inlined.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include "logprobs_cpu_isa_prelude.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)

@@ -1,5 +1,12 @@
 // gather_logprobs CPU row kernels compiled for AVX-512 (F, BW, VL, DQ) + FMA (used when
 // at::get_cpu_capability() says AVX512). Same scheme as csrc/logprobs_cpu_avx2.cpp.
+// No contraction of a * b - c into an FMA (this ISA has them): the forward and the backward must round
+// x = z / T the same way before subtracting lse, or |x| ~ 1e30 leaves a sub-ulp residue of ~1e22 that
+// exp() turns into an infinite gradient (or a positive log-prob). Before any include, so every function
+// of the file shares one setting and can be inlined.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include "logprobs_cpu_isa_prelude.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)

@@ -119,7 +119,9 @@ RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, int64_t V, acc_t<scalar_t
     for (int64_t j = len; j < padded; ++j) buf[j] = neg_inf;  // padding contributes exp(-inf) = 0
     for (int64_t j = len / kStep * kStep; j < padded; j += W) cm0 = at::vec::maximum(cm0, Vec::loadu(buf + j));
     const Vec m_new = at::vec::maximum(m, at::vec::maximum(cm0, cm1));
-    const Vec shift = m - m_new;  // <= 0; exactly 0 while a lane has seen only -inf
+    // <= 0; exactly 0 while a lane has seen only -inf. Clamped where exp() is 0 anyway: from the initial
+    // lowest() to a max near the dtype's limit, m - m_new overflows to -inf, and s * shift = 0 * -inf = NaN.
+    const Vec shift = at::vec::maximum(m - m_new, v_clamp);
     const Vec scale = vexp(shift);
     if constexpr (kEntropy) w = scale * (w + s * shift);
     s = s * scale;
@@ -157,7 +159,7 @@ RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, int64_t V, acc_t<scalar_t
   for (int64_t l = 0; l < W; ++l) M = std::max(M, ml[l]);
   acc S = 0, Wsum = 0;
   for (int64_t l = 0; l < W; ++l) {
-    const acc shift = ml[l] - M;
+    const acc shift = std::max(ml[l] - M, clamp_low<acc>());  // clamped as above: lowest() - M may be -inf
     const acc f = std::exp(shift);
     S += sl[l] * f;
     if constexpr (kEntropy) Wsum += f * (wl[l] + sl[l] * shift);
@@ -210,8 +212,10 @@ void backward_row(const scalar_t* z, scalar_t* dz, int64_t V, int64_t label, acc
   for (; i + kStep <= V; i += kStep) {
     Vec a, b;
     Io<scalar_t>::load2(z + i, a, b);
-    const Vec lpa = at::vec::maximum(at::vec::fmsub(a, v_inv_t, v_lse), v_low);
-    const Vec lpb = at::vec::maximum(at::vec::fmsub(b, v_inv_t, v_lse), v_low);
+    // x = z / T rounded first, exactly as the forward rounded it before taking lse: a fused z * (1/T) - lse
+    // differs from it by up to half an ulp of x, which for |x| ~ 1e30 is ~1e23 and exp() turns into inf.
+    const Vec lpa = at::vec::maximum(a * v_inv_t - v_lse, v_low);
+    const Vec lpb = at::vec::maximum(b * v_inv_t - v_lse, v_low);
     Vec ga, gb;
     if constexpr (kEntropy) {
       ga = vexp(lpa) * at::vec::fmadd(v_c1, lpa, v_c0);

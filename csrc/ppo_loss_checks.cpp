@@ -1,6 +1,9 @@
 // Boundary checks of the ppo_loss / ppo_loss_backward / kl_penalty ops (CPU and CUDA share them).
 // Every message names the argument, what was expected and what came.
+#include <ATen/Dispatch.h>
+
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -166,12 +169,27 @@ std::pair<at::Tensor, at::Tensor> prepare_ppo_loss_grad(const at::Tensor& grad_o
   return {grad_out.to(out_dtype).contiguous(), out.to(out_dtype).contiguous()};
 }
 
+namespace {
+
+// grad (computed in the compute dtype) as `dtype`: finite values beyond dtype's range saturate at its
+// largest finite value instead of overflowing to inf, as the kernels do when they store in the input dtype.
+at::Tensor saturating_cast(const at::Tensor& grad, at::ScalarType dtype) {
+  if (grad.scalar_type() == dtype) return grad;
+  double max_finite = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "saturating_cast", [&] {
+    max_finite = static_cast<double>(std::numeric_limits<scalar_t>::max());
+  });
+  return at::where(grad.isinf(), grad, grad.clamp(-max_finite, max_finite)).to(dtype);
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cast_ppo_loss_grads(at::Tensor grad_logprobs, at::Tensor grad_values,
                                                                    at::Tensor grad_entropy, RLHF_PPO_LOSS_PARAMS) {
   auto absent = at::empty({0}, logprobs.options());
-  return {grad_logprobs.to(logprobs.scalar_type()),
-          grad_values.defined() ? grad_values.to(values->scalar_type()) : absent,
-          grad_entropy.defined() ? grad_entropy.to(entropy->scalar_type()) : absent};
+  return {saturating_cast(grad_logprobs, logprobs.scalar_type()),
+          grad_values.defined() ? saturating_cast(grad_values, values->scalar_type()) : absent,
+          grad_entropy.defined() ? saturating_cast(grad_entropy, entropy->scalar_type()) : absent};
 }
 
 std::pair<at::Tensor, at::Tensor> prepare_kl_penalty_inputs(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,

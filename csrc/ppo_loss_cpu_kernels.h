@@ -132,6 +132,8 @@ RLHF_PPO_TARGET void backward_rows(const TokenPtrs<scalar_t>& x, int64_t row_beg
                                    const ppo::Params& p, const GradScales& g) {
   const acc_t max_lr = p.max_log_ratio, lo = p.ratio_low, hi = p.ratio_high, dual_clip = p.dual_clip;
   const acc_t value_clip = static_cast<acc_t>(p.cliprange_value);
+  // Gradients are computed in acc_t; stored as float16 they saturate at 65504 rather than overflow to inf.
+  const acc_t grad_max = static_cast<acc_t>(std::numeric_limits<scalar_t>::max());
   for (int64_t b = row_begin; b < row_end; ++b) {
     const int64_t off = b * T;
     const uint8_t* m = x.mask + off;
@@ -151,7 +153,7 @@ RLHF_PPO_TARGET void backward_rows(const TokenPtrs<scalar_t>& x, int64_t row_beg
       if constexpr (kKl != ppo::kNoKl) {
         grad += w_kl * ppo::kl_token<kKl, acc_t>(logprob, static_cast<acc_t>(ref[t]), max_lr).dkl;
       }
-      d_lp[t] = static_cast<scalar_t>(m[t] ? grad : acc_t(0));
+      d_lp[t] = static_cast<scalar_t>(ppo::saturate(m[t] ? grad : acc_t(0), grad_max));
     }
     if (x.grad_values) {
       const acc_t w_value = static_cast<acc_t>(w * g.value);
@@ -161,14 +163,15 @@ RLHF_PPO_TARGET void backward_rows(const TokenPtrs<scalar_t>& x, int64_t row_beg
       for (int64_t t = 0; t < T; ++t) {
         const auto tok = ppo::value_token<acc_t>(static_cast<acc_t>(v[t]), static_cast<acc_t>(v_old[t]),
                                                  static_cast<acc_t>(ret[t]), value_clip);
-        d_v[t] = static_cast<scalar_t>(m[t] ? w_value * tok.dloss : acc_t(0));
+        d_v[t] = static_cast<scalar_t>(ppo::saturate(m[t] ? w_value * tok.dloss : acc_t(0), grad_max));
       }
     }
     if (x.grad_entropy) {
       const acc_t w_entropy = static_cast<acc_t>(w * g.entropy);
       scalar_t* d_ent = x.grad_entropy + off;
+      const acc_t d_entropy = ppo::saturate(w_entropy, grad_max);
 #pragma omp simd
-      for (int64_t t = 0; t < T; ++t) d_ent[t] = static_cast<scalar_t>(m[t] ? w_entropy : acc_t(0));
+      for (int64_t t = 0; t < T; ++t) d_ent[t] = static_cast<scalar_t>(m[t] ? d_entropy : acc_t(0));
     }
   }
 }

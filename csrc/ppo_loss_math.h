@@ -125,6 +125,14 @@ RLHF_PPO_HD acc_t clampv(acc_t x, acc_t lo, acc_t hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 
+// x limited to [-max_finite, max_finite] when it is finite: a gradient stored in a narrower dtype than it was
+// computed in (float16: 65504) saturates instead of overflowing to inf. Infinities and NaN pass through.
+template <typename acc_t>
+RLHF_PPO_HD acc_t saturate(acc_t x, acc_t max_finite) {
+  const acc_t inf = acc_t(INFINITY);
+  return (x > max_finite && x < inf) ? max_finite : ((x < -max_finite && x > -inf) ? -max_finite : x);
+}
+
 // Share of the gradient of maximum(a, b) that goes to a (torch: all, half on a tie, none).
 template <typename acc_t>
 RLHF_PPO_HD acc_t max_share(acc_t a, acc_t b) {
@@ -162,8 +170,9 @@ RLHF_PPO_HD PolicyToken<acc_t> policy_token(acc_t logprob, acc_t old_logprob, ac
   out.dual_capped = capped ? acc_t(1) : acc_t(0);
   out.loss = capped ? cap : pg;
   dpg_dratio = dual_on ? dpg_dratio * max_share(cap, pg) : dpg_dratio;  // minimum(cap, pg): pg's share
-  const acc_t lr_in = (raw >= -max_lr && raw <= max_lr) ? acc_t(1) : acc_t(0);
-  out.dloss = dpg_dratio * out.ratio * lr_in;
+  // Outside the clamp the gradient is 0, selected rather than multiplied (an infinite advantage times 0 is NaN).
+  const bool lr_in = raw >= -max_lr && raw <= max_lr;
+  out.dloss = lr_in ? dpg_dratio * out.ratio : acc_t(0);
   return out;
 }
 
@@ -182,13 +191,17 @@ RLHF_PPO_HD ValueToken<acc_t> value_token(acc_t value, acc_t old_value, acc_t re
   // Computed whether or not clipping is on and selected at the end: no branch in the token loop.
   const bool clip_on = clip >= acc_t(0);
   const acc_t lo = old_value - clip, hi = old_value + clip;
-  const acc_t err2 = clampv(value, lo, hi) - ret;
+  // A NaN old value makes the bounds NaN; clampv would then pass `value` through and hide it (torch.clamp
+  // with NaN bounds gives NaN), so the NaN is carried explicitly.
+  const acc_t err2 = (old_value != old_value ? old_value : clampv(value, lo, hi)) - ret;
   const acc_t sq2 = err2 * err2;
   const acc_t share1 = max_share(sq1, sq2);
-  const acc_t value_in = (value >= lo && value <= hi) ? acc_t(1) : acc_t(0);
-  out.loss = acc_t(0.5) * (clip_on && sq2 > sq1 ? sq2 : sq1);
+  const bool value_in = value >= lo && value <= hi;
+  out.loss = acc_t(0.5) * (clip_on && !(sq2 <= sq1) ? sq2 : sq1);  // NaN propagates, as torch.maximum
   out.clipped = clip_on && sq2 > sq1 ? acc_t(1) : acc_t(0);
-  out.dloss = clip_on ? share1 * err1 + (acc_t(1) - share1) * err2 * value_in : err1;
+  // Selected, not multiplied by 0/1, for the same reason as the policy gradient's clamp.
+  const acc_t dclipped = value_in ? (acc_t(1) - share1) * err2 : acc_t(0);
+  out.dloss = clip_on ? share1 * err1 + dclipped : err1;
   return out;
 }
 

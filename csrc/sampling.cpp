@@ -133,6 +133,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     });
   });
   for (int64_t b = 0; b < B; ++b) {
+    if (status[b] == 1 || status[b] == 2) {
+      // logits / temperature is NaN or +inf. If the row itself holds neither, the temperature is to blame: so
+      // small that the division overflows float32 (or, below float32's smallest value, divides by 0).
+      const auto row = logits_in[b];
+      const bool row_is_finite = !(row.isnan() | row.isposinf()).any().item<bool>();
+      TORCH_CHECK(!row_is_finite, "temperature: expected 0 (greedy) or a value large enough that logits / temperature ",
+                  "is finite in float32, got ", temps[b], " in row ", b);
+    }
     TORCH_CHECK(status[b] != 1, "logits: row ", b, " contains NaN (after dividing by temperature ", temps[b], ")");
     TORCH_CHECK(status[b] != 2, "logits: row ", b, " contains +inf (after dividing by temperature ", temps[b],
                 "); expected finite logits or -inf for banned tokens");

@@ -2,8 +2,9 @@
 //
 // masked_moments returns (count, mean, M2) in one pass over memory: the flattened input is cut into
 // fixed blocks (independent of the thread count, so results are bit-identical for any number of
-// threads); each block is summed, then its squared deviations are summed while it is still in cache,
-// and the blocks are merged in index order with Chan's parallel formula.
+// threads); each block's deviations from its first selected value are summed, then its squared deviations
+// from its mean while it is still in cache, and the blocks are merged in index order with Chan's parallel
+// formula.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -46,16 +47,31 @@ void merge(Moments& into, const Moments& other) {
   into.count = n;
 }
 
-// Loads up to kTile elements of x and mask as float32 (masked-out x become 0), so the reductions
+// Loads up to kTile elements of x and mask as float32 (masked-out x become `fill`), so the reductions
 // below run on plain float arrays with at::vec::Vectorized whatever the input dtype.
 constexpr int64_t kTile = 256;
 
 template <typename scalar_t>
-inline void load_tile(const scalar_t* x, const bool* m, int64_t n, float* xs, float* ms) {
+inline void load_tile(const scalar_t* x, const bool* m, int64_t n, float fill, float* xs, float* ms) {
   for (int64_t i = 0; i < n; ++i) {
     ms[i] = m[i] ? 1.f : 0.f;
-    xs[i] = m[i] ? static_cast<float>(x[i]) : 0.f;
+    xs[i] = m[i] ? static_cast<float>(x[i]) : fill;
   }
+}
+
+// Finds the block's first selected value (false when the mask selects nothing). Sums are taken of
+// deviations from it: a constant block then has exactly zero deviations, so its mean is exact and its M2
+// is 0 however large the values (a mean rounded while summing 1e30s leaves deviations of ~1e23 whose
+// squares overflow float32).
+template <typename scalar_t>
+inline bool first_selected(const scalar_t* x, const bool* m, int64_t n, scalar_t& pivot) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (m[i]) {
+      pivot = x[i];
+      return true;
+    }
+  }
+  return false;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -64,44 +80,48 @@ Moments block_moments(const scalar_t* x, const bool* m, int64_t n) {
   constexpr int64_t W = Vec::size();
   alignas(64) float xs[kTile];
   alignas(64) float ms[kTile];
-  // Pass 1 over the block (it stays in cache): masked sum and count.
+  scalar_t first{};
+  if (!first_selected(x, m, n, first)) return Moments{};
+  const float pivot = static_cast<float>(first);
+  const Vec vpivot(pivot);
+  // Pass 1 over the block (it stays in cache): masked sum of deviations from the pivot (masked-out
+  // positions hold the pivot itself, so they add exactly 0) and the count.
   acc_t sum = 0, count = 0;
   for (int64_t start = 0; start < n; start += kTile) {
     const int64_t len = std::min(kTile, n - start);
-    load_tile(x + start, m + start, len, xs, ms);
+    load_tile(x + start, m + start, len, pivot, xs, ms);
     Vec vsum(0.f), vcount(0.f);
     int64_t i = 0;
     for (; i + W <= len; i += W) {
-      vsum += Vec::loadu(xs + i);
+      vsum += Vec::loadu(xs + i) - vpivot;
       vcount += Vec::loadu(ms + i);
     }
     float tile_sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
     float tile_count = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vcount);
     for (; i < len; ++i) {
-      tile_sum += xs[i];
+      tile_sum += xs[i] - pivot;
       tile_count += ms[i];
     }
     sum += tile_sum;
     count += tile_count;
   }
   Moments out;
-  if (count == 0) return out;
-  const acc_t mean = sum / count;
+  const acc_t mean = static_cast<acc_t>(pivot) + sum / count;
   // Pass 2 over the same block: squared deviations from the block mean (masked-out terms are 0).
   acc_t m2 = 0;
   const Vec vmean(static_cast<float>(mean));
   for (int64_t start = 0; start < n; start += kTile) {
     const int64_t len = std::min(kTile, n - start);
-    load_tile(x + start, m + start, len, xs, ms);
+    load_tile(x + start, m + start, len, static_cast<float>(mean), xs, ms);
     Vec vm2(0.f);
     int64_t i = 0;
     for (; i + W <= len; i += W) {
-      const Vec d = (Vec::loadu(xs + i) - vmean) * Vec::loadu(ms + i);
+      const Vec d = Vec::loadu(xs + i) - vmean;
       vm2 += d * d;
     }
     float tile_m2 = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vm2);
     for (; i < len; ++i) {
-      const float d = (xs[i] - static_cast<float>(mean)) * ms[i];
+      const float d = xs[i] - static_cast<float>(mean);
       tile_m2 += d * d;
     }
     m2 += tile_m2;
@@ -115,14 +135,15 @@ Moments block_moments(const scalar_t* x, const bool* m, int64_t n) {
 // float64 inputs keep a float64 scalar path (they are the test oracle's precision, not a speed path).
 template <>
 Moments block_moments<double, double>(const double* x, const bool* m, int64_t n) {
+  double pivot = 0;
+  if (!first_selected(x, m, n, pivot)) return Moments{};
   double sum = 0, count = 0;
   for (int64_t i = 0; i < n; ++i) {
-    sum += m[i] ? x[i] : 0.0;
+    sum += m[i] ? x[i] - pivot : 0.0;
     count += m[i] ? 1.0 : 0.0;
   }
   Moments out;
-  if (count == 0) return out;
-  const double mean = sum / count;
+  const double mean = pivot + sum / count;
   double m2 = 0;
   for (int64_t i = 0; i < n; ++i) {
     const double d = m[i] ? x[i] - mean : 0.0;

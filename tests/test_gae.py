@@ -153,6 +153,22 @@ def test_gae_rejects_tensors_on_different_devices():
         gae(torch.randn(2, 5), meta_values, torch.ones(2, 5, dtype=torch.bool), 0.9, 0.9)
 
 
+def test_gae_names_a_list_argument():
+    rewards, mask = torch.randn(2, 5), torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(TypeError, match="rewards: expected a torch.Tensor, got list"):
+        gae(rewards.tolist(), torch.randn(2, 5), mask)
+    with pytest.raises(TypeError, match="values: expected a torch.Tensor or None, got list"):
+        gae(rewards, [[0.0] * 5] * 2, mask)
+    with pytest.raises(TypeError, match="last_values: expected a torch.Tensor or None, got list"):
+        gae(rewards, torch.randn(2, 5), mask, last_values=[0.0, 0.0])
+
+
+def test_gae_refuses_meta_tensors():
+    meta = dict(device="meta")
+    with pytest.raises(RuntimeError, match="rewards: expected a tensor on cpu or cuda .*got one on meta"):
+        gae(torch.randn(2, 5, **meta), torch.randn(2, 5, **meta), torch.ones(2, 5, dtype=torch.bool, **meta))
+
+
 @cuda_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

@@ -114,6 +114,36 @@ def test_extreme_logits_are_finite_and_accurate():
         assert lp[2] == 0 and ent[2] == 0
 
 
+@pytest.mark.parametrize("V", [7, 100])  # the scalar tail only, and the vectorised loop
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_huge_logits_give_log_probs_at_most_zero_and_finite_gradients(V, temperature):
+    # Found by tests/test_ops_fuzz.py: with a * b - c contracted into an FMA, the forward and the backward
+    # rounded z / T differently; at |z / T| ~ 1e30 the label's log-prob came out as +1.2e22 and the
+    # gradient as -inf. (Beyond ~1e4, float32's lse = max + log(sum) cannot resolve log(sum): the
+    # values are only as exact as an ulp of the max allows, but they stay valid log-probs.)
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(0))
+    logits[:, 2] = logits[:, 3] = 1e30
+    x = logits.clone().requires_grad_()
+    lp = gather_logprobs(x, torch.tensor([2, 3, 0]), temperature=temperature)
+    assert (lp <= 0).all() and torch.isfinite(lp[:2]).all()
+    lp[:2].sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype, value", [(torch.float64, 1e300), (torch.float32, 3e38), (torch.float32, -3e38)])
+@pytest.mark.parametrize("V", [1, 100])
+def test_logits_near_the_dtype_limit_give_a_finite_entropy(dtype, value, V):
+    # Found by tests/test_ops_fuzz.py: the running max starts at lowest(), and lowest() - 1e300 overflows to
+    # -inf in float64, so the entropy's rescaling computed 0 * -inf = NaN.
+    logits = torch.full((2, V), -5.0, dtype=dtype)
+    logits[:, 0] = value
+    lp, ent = gather_logprobs(logits, torch.zeros(2, dtype=torch.long), return_entropy=True)
+    ref_lp, ref_ent = gather_logprobs_reference(logits, torch.zeros(2, dtype=torch.long), return_entropy=True)
+    assert torch.isfinite(ent).all() and torch.isfinite(lp).all()
+    torch.testing.assert_close(ent, ref_ent)
+    torch.testing.assert_close(lp, ref_lp)
+
+
 def test_label_on_a_masked_entry_gives_minus_inf_and_finite_grad():
     logits = torch.randn(2, 10)
     logits[:, 3] = float("-inf")

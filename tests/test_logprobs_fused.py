@@ -115,6 +115,25 @@ def test_fused_linear_bad_inputs(kwargs, match):
         fused_linear_logprobs(**args)
 
 
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(hidden=torch.randn(4, 0), weight=torch.randn(50, 0)), ValueError,
+     r"hidden: expected a hidden size H = hidden.shape\[-1\] > 0, got shape \[4, 0\]"),
+    (dict(weight=torch.randn(50, 8, dtype=torch.bfloat16)), TypeError,
+     r"weight: expected dtype torch.float32 \(the dtype of hidden\), got torch.bfloat16"),
+    (dict(bias=torch.randn(50, dtype=torch.float64)), TypeError,
+     r"bias: expected dtype torch.float32 \(the dtype of hidden\), got torch.float64"),
+    (dict(hidden=torch.ones(4, 8, dtype=torch.bool), weight=torch.ones(50, 8, dtype=torch.bool)), TypeError,
+     r"hidden: expected a float32/bfloat16/float16/float64 tensor, got torch.bool"),
+    (dict(weight=torch.ones(50, 8, dtype=torch.bool)), TypeError,
+     r"weight: expected dtype torch.float32 \(the dtype of hidden\), got torch.bool"),
+])
+def test_fused_linear_bad_dtypes_and_sizes_are_named(kwargs, err, match):
+    args = dict(hidden=torch.randn(4, 8), weight=torch.randn(50, 8), labels=torch.zeros(4, dtype=torch.long), bias=None)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        fused_linear_logprobs(**args)
+
+
 # ---- HF helper ----
 
 V = 97

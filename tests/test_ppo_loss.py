@@ -162,6 +162,58 @@ def test_half_precision_inputs_compute_in_float32(dtype):
     assert_grads_close(grads, ref_grads, rtol=eps, atol=1e-7)
 
 
+@pytest.mark.parametrize("other_dtype", [torch.float16, torch.float32])
+def test_fp16_gradients_saturate_instead_of_overflowing(other_dtype):
+    # ratio = e^15 ~ 3.3e6 with A = -1 sits on the unclipped branch: d loss / d logprob = ratio / 2 ~ 1.6e6,
+    # finite in float32 (as is the loss) but beyond float16's 65504; so is vf_coef * (v - R) / 2 ~ 1.3e5.
+    # Gradients saturate at the largest finite float16 value instead of becoming inf.
+    fp16_max = torch.finfo(torch.float16).max
+    old = torch.tensor([[-20.0, -20.0, -1.0]])
+    case = dict(logprobs=torch.tensor([[-5.0, -35.0, float("nan")]]), old_logprobs=old,
+                advantages=torch.tensor([[-1.0, 1.0, 1.0]]), mask=torch.tensor([[True, True, False]]),
+                values=torch.tensor([[64992.0, 0.0, 0.0]]), old_values=torch.tensor([[64992.0, 0.0, 0.0]]),
+                returns=torch.tensor([[-64992.0, 0.0, 0.0]]))
+    half = {k: v.half() if k in ("logprobs", "values") else (v.to(other_dtype) if v.is_floating_point() else v)
+            for k, v in case.items()}
+    out, grads = run(ppo_loss, half, vf_coef=2.0)
+    full, full_grads = run(ppo_loss, {k: v.float() if v.is_floating_point() else v for k, v in half.items()},
+                           vf_coef=2.0)
+    assert torch.isfinite(full.loss) and torch.isfinite(out.loss)
+    assert full_grads["logprobs"][0, 0] > fp16_max and full_grads["values"][0, 0] > fp16_max  # the premise
+    assert grads["logprobs"].dtype == grads["values"].dtype == torch.float16
+    assert grads["logprobs"][0, 0].item() == fp16_max and grads["values"][0, 0].item() == fp16_max
+    assert grads["logprobs"][0, 2].item() == 0  # masked
+    ref, ref_grads = run(ppo_loss_reference, half, vf_coef=2.0)
+    assert_grads_close(grads, ref_grads, rtol=1e-3, atol=0)
+
+
+def test_no_nan_gradient_outside_the_log_ratio_clamp():
+    # Found by tests/test_ops_fuzz.py: outside the clamp the kernels multiplied by a 0/1 indicator, so an
+    # infinite advantage gave 0 * inf = NaN where torch's clamp (and the reference) select a zero gradient.
+    inf = float("inf")
+    case = dict(logprobs=torch.tensor([[1.8, -1.0]]), old_logprobs=torch.tensor([[inf, -1.2]]),
+                advantages=torch.tensor([[-inf, 1.0]]), mask=torch.ones(1, 2, dtype=torch.bool),
+                ref_logprobs=torch.tensor([[0.5, -1.1]]))
+    out, grads = run(ppo_loss, case, kl_coef=0.1, kl_estimator="k1")
+    ref, ref_grads = run(ppo_loss_reference, case, kl_coef=0.1, kl_estimator="k1")
+    assert torch.isfinite(grads["logprobs"]).all()
+    assert grads["logprobs"][0, 0].item() == pytest.approx(0.1 / 2)  # only the KL term's gradient is left
+    assert_grads_close(grads, ref_grads)
+
+
+def test_a_nan_old_value_is_not_hidden_by_the_value_clip():
+    # Found by tests/test_ops_fuzz.py: NaN clip bounds made the clamp pass the value through, so a NaN in
+    # old_values gave a finite, plausible value loss (torch.clamp with NaN bounds, the reference, gives NaN).
+    case = make_case(2, 5, seed=3, ref=False, entropy=False, empty_rows=())
+    case["mask"].fill_(True)
+    case["old_values"][1, 2] = float("nan")
+    out = ppo_loss(case["logprobs"], case["old_logprobs"], case["advantages"], case["mask"], values=case["values"],
+                   old_values=case["old_values"], returns=case["returns"])
+    ref = ppo_loss_reference(case["logprobs"], case["old_logprobs"], case["advantages"], case["mask"],
+                             values=case["values"], old_values=case["old_values"], returns=case["returns"])
+    assert ref.value_loss.isnan() and out.value_loss.isnan() and out.loss.isnan()
+
+
 def test_mixed_dtypes_are_upcast():
     case = make_case(3, 21, seed=8)
     mixed = dict(case, logprobs=case["logprobs"].bfloat16(), values=case["values"].half(),

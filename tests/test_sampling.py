@@ -221,6 +221,22 @@ def test_non_finite_rows_raise(value, match):
         sample(x, top_k=3)
 
 
+@pytest.mark.parametrize("top_k", [2**63, 10**30, -(2**63) - 1])
+def test_top_k_beyond_int64_is_named(top_k):
+    with pytest.raises(ValueError, match=r"top_k: expected an integer in \[0, 2\*\*63 - 1\] \(0 = off\), got"):
+        sample(torch.randn(3, 10), top_k=top_k)
+    tokens, _ = sample(torch.randn(3, 10), top_k=2**63 - 1)  # the largest valid value: top-k off
+    assert tokens.shape == (3,)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-46, torch.tensor([1.0, 1e-45, 1.0])])
+def test_overflowing_temperature_is_blamed_not_the_logits(temperature):
+    # logits / 1e-45 overflows float32 (1e-46 even rounds to 0): the logits are fine, the temperature is not.
+    row = 1 if isinstance(temperature, torch.Tensor) else 0
+    with pytest.raises((RuntimeError, ValueError), match=rf"^temperature: .*in row {row}"):
+        sample(torch.randn(3, 10), temperature)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", DTYPES)

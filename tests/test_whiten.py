@@ -107,6 +107,32 @@ def test_empty_mask_raises():
     torch.testing.assert_close(masked_whiten(x, single, unbiased=False), torch.zeros(3, 4))
 
 
+def test_masked_mean_of_an_empty_mask_raises():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="mask: selects no element"):
+        masked_mean(x, torch.zeros(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask: selects no element"):
+        masked_mean(x, torch.zeros(3, 4))  # a 0/1 float mask too
+    assert masked_mean(x[:, :0], torch.ones(3, 4, dtype=torch.bool)[:, :0], dim=1).isnan().all()  # per slice: NaN
+
+
+@pytest.mark.parametrize("dtype, value", [(torch.float32, 1e30), (torch.float32, -3e38), (torch.bfloat16, 1e30),
+                                          (torch.float16, 6e4), (torch.float64, 1e300)])
+@pytest.mark.parametrize("numel", [7, 1000, 20000])
+def test_constant_huge_values_have_zero_variance(dtype, value, numel):
+    # The deviations from the mean are exactly 0; a mean rounded during the summation used to leave
+    # deviations of ~1e23 whose squares overflow float32 (and ~1e284 for float64).
+    x = torch.full((numel,), value, dtype=dtype)
+    mask = torch.ones(numel, dtype=torch.bool)
+    mask[::3] = False
+    x[~mask] = float("nan")  # masked garbage stays out
+    assert masked_var(x, mask).item() == 0
+    assert masked_var(x, mask, unbiased=False).item() == 0
+    assert masked_mean(x, mask).item() == torch.tensor(value, dtype=dtype).to(masked_mean(x, mask).dtype).item()
+    assert (masked_whiten(x, mask)[mask] == 0).all()
+    assert masked_var_reference(x, mask).item() == 0
+
+
 def test_gradients_match_reference():
     x, mask = _inputs(3, 11, torch.float64)
     for shift_mean in (True, False):

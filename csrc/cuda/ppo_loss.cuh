@@ -40,6 +40,24 @@ __device__ __forceinline__ scalar_t from_acc(typename AccType<scalar_t>::type x)
 template <>
 __device__ __forceinline__ double from_acc<double>(double x) { return x; }
 
+// Largest finite value of the storage type, in the accumulation type: gradients saturate there when stored
+// (float16: 65504) instead of overflowing to inf, as on CPU (ppo::saturate).
+template <typename scalar_t>
+__device__ __forceinline__ typename AccType<scalar_t>::type max_finite();
+template <>
+__device__ __forceinline__ float max_finite<float>() { return 3.40282347e38f; }
+template <>
+__device__ __forceinline__ double max_finite<double>() { return 1.7976931348623157e308; }
+template <>
+__device__ __forceinline__ float max_finite<__half>() { return 65504.0f; }
+template <>
+__device__ __forceinline__ float max_finite<__nv_bfloat16>() { return 3.38953139e38f; }
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t store_grad(typename AccType<scalar_t>::type x) {
+  return from_acc<scalar_t>(ppo::saturate(x, max_finite<scalar_t>()));
+}
+
 // Row-major [B, T] inputs; optional ones are nullptr when absent.
 template <typename scalar_t>
 struct TokenArgs {
@@ -226,9 +244,9 @@ __global__ void __launch_bounds__(kThreads)
                                                   value_clip).dloss;
         }
       }
-      grad_logprobs[i] = from_acc<scalar_t>(d_lp);
-      if (grad_values) grad_values[i] = from_acc<scalar_t>(d_v);
-      if (grad_entropy) grad_entropy[i] = from_acc<scalar_t>(valid ? w_entropy : acc_t(0));
+      grad_logprobs[i] = store_grad<scalar_t>(d_lp);
+      if (grad_values) grad_values[i] = store_grad<scalar_t>(d_v);
+      if (grad_entropy) grad_entropy[i] = store_grad<scalar_t>(valid ? w_entropy : acc_t(0));
     }
     __syncthreads();  // row_weight is rewritten for the next row
   }

@@ -1,7 +1,7 @@
 // Masked moments and whitening on CUDA, deterministic and without host syncs:
-//   moments_partial_kernel: each block owns a fixed contiguous segment; it sums (count, sum) with a
-//     block reduction, then the squared deviations from its own segment mean (the segment is re-read
-//     from L2), and writes (count, mean, M2) for the segment;
+//   moments_partial_kernel: each block owns a fixed contiguous segment; it sums (count, deviations from the
+//     segment's first selected value) with block reductions, then the squared deviations from its own
+//     segment mean (the segment is re-read from L2), and writes (count, mean, M2) for the segment;
 //   moments_combine_kernel: one thread merges the segments in index order (Chan's formula), so the
 //     result does not depend on scheduling; stats stay on the device;
 //   whiten_kernel: elementwise, reading the stats from device memory.
@@ -25,20 +25,36 @@ __global__ void __launch_bounds__(kMomentThreads) moments_partial_kernel(const s
   using Reduce = cub::BlockReduce<double, kMomentThreads>;
   __shared__ typename Reduce::TempStorage storage;
   __shared__ double shared_mean;
+  __shared__ unsigned int shared_to_end;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kMomentSegment;
   const int64_t end = begin + kMomentSegment < numel ? begin + kMomentSegment : numel;
 
+  // Pivot: the segment's first selected value (as on CPU, csrc/whiten.cpp). Deviations from it are summed,
+  // so a constant segment has exactly zero deviations: an exact mean and M2 = 0 however large the values.
+  // The first index is found as the largest `kMomentSegment - index` over the threads' own first selected
+  // elements (0: none), with a shared-memory atomicMax (order-independent, so deterministic).
+  if (threadIdx.x == 0) shared_to_end = 0;
+  __syncthreads();
+  for (int64_t i = begin + threadIdx.x; i < end; i += kMomentThreads) {
+    if (mask[i]) {
+      atomicMax(&shared_to_end, static_cast<unsigned int>(kMomentSegment - (i - begin)));
+      break;
+    }
+  }
+  __syncthreads();
+  const unsigned int to_end = shared_to_end;
+  const double pivot = to_end > 0 ? load_as<double>(x[begin + kMomentSegment - to_end]) : 0.0;
   double count = 0, sum = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kMomentThreads) {
     if (mask[i]) {
       count += 1;
-      sum += load_as<double>(x[i]);
+      sum += load_as<double>(x[i]) - pivot;
     }
   }
   const double block_count = Reduce(storage).Sum(count);
   __syncthreads();
   const double block_sum = Reduce(storage).Sum(sum);
-  if (threadIdx.x == 0) shared_mean = block_count > 0 ? block_sum / block_count : 0.0;
+  if (threadIdx.x == 0) shared_mean = block_count > 0 ? pivot + block_sum / block_count : 0.0;
   __syncthreads();
   const double mean = shared_mean;
   double m2 = 0;
@@ -62,6 +78,10 @@ __global__ void moments_combine_kernel(const double* __restrict__ partials, int 
   for (int s = 0; s < num_segments; ++s) {
     const double nb = partials[3 * s], mb = partials[3 * s + 1], m2b = partials[3 * s + 2];
     if (nb == 0) continue;
+    if (n == 0) {  // the first segment is taken as is: delta^2 * 0 would be NaN once delta^2 overflows
+      n = nb, mean = mb, m2 = m2b;
+      continue;
+    }
     const double total = n + nb;
     const double delta = mb - mean;
     mean += delta * nb / total;

@@ -1,6 +1,11 @@
 """Small helpers shared by the op wrappers."""
 import torch
 
+# Device types with rlhf_ext kernels. Any other device (notably `meta`) would reach the fake
+# implementation, whose outputs are uninitialised, or a dispatcher error that names no argument.
+KERNEL_DEVICE_TYPES = ("cpu", "cuda")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
 
 def as_bool_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     """Accept bool or 0/1 masks of any dtype; the kernels take bool."""
@@ -14,11 +19,35 @@ def out_float_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_same_device(reference_name: str, reference: torch.Tensor, **others) -> None:
-    """Raise a clear error before dispatch when tensors live on different devices (dispatch would
-    otherwise pick one device's kernel, or a fake one for meta tensors)."""
+def check_tensor(name: str, value, optional: bool = False) -> None:
+    """TypeError naming the argument when `value` is not a tensor (a list, a number...)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+
+
+def check_float_dtype(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float32/bfloat16/float16/float64 tensor, got {tensor.dtype}")
+
+
+def check_devices(reference_name: str, reference: torch.Tensor, **others) -> None:
+    """Before dispatch: every tensor argument is a tensor (None skipped), all on `reference`'s device, and
+    that device has rlhf_ext kernels. Dispatch would otherwise pick one device's kernel for mixed devices,
+    or the fake (meta) implementation, which returns uninitialised memory."""
+    check_tensor(reference_name, reference)
+    for name, tensor in others.items():
+        check_tensor(name, tensor, optional=True)
+    if reference.device.type not in KERNEL_DEVICE_TYPES:
+        raise RuntimeError(
+            f"{reference_name}: expected a tensor on cpu or cuda (the devices with rlhf_ext kernels), "
+            f"got one on {reference.device}"
+        )
     for name, tensor in others.items():
         if tensor is not None and tensor.device != reference.device:
             raise RuntimeError(
-                f"{name}: expected a tensor on {reference.device} (the device of {reference_name}), got one on {tensor.device}"
+                f"{name}: expected a tensor on {reference.device} (the device of {reference_name}), "
+                f"got one on {tensor.device}"
             )

@@ -3,7 +3,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from rlhf_ext.ops._common import as_bool_mask, check_same_device, out_float_dtype
+from rlhf_ext.ops._common import as_bool_mask, check_devices, out_float_dtype
 
 
 @torch.library.register_fake("rlhf_ext::gae")
@@ -31,7 +31,7 @@ def gae(
     """
     if not isinstance(gamma, (int, float)) or not isinstance(lam, (int, float)):
         raise TypeError(f"gamma and lam: expected Python floats, got {type(gamma).__name__} and {type(lam).__name__}")
-    check_same_device("rewards", rewards, values=values, mask=mask, last_values=last_values)
+    check_devices("rewards", rewards, values=values, mask=mask, last_values=last_values)
     if last_values is not None:
         last_values = last_values.detach()
     return torch.ops.rlhf_ext.gae(

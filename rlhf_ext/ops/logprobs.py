@@ -8,7 +8,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from rlhf_ext.ops._common import check_same_device, out_float_dtype
+from rlhf_ext.ops._common import check_devices, check_float_dtype, out_float_dtype
 
 _Out = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,7 +94,7 @@ def gather_logprobs(
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
     labels = _check_common(labels, temperature, ignore_index)
-    check_same_device("logits", logits, labels=labels)
+    check_devices("logits", logits, labels=labels)
     if inplace_backward and logits.requires_grad and logits.is_leaf:
         raise ValueError(
             "inplace_backward=True writes the gradient into logits, but logits is a leaf tensor that requires "
@@ -202,12 +202,19 @@ def fused_linear_logprobs(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     labels = _check_common(labels, temperature, ignore_index)
-    check_same_device("hidden", hidden, weight=weight, labels=labels, bias=bias)
+    check_devices("hidden", hidden, weight=weight, labels=labels, bias=bias)
+    check_float_dtype("hidden", hidden)
+    for name, t in (("weight", weight), ("bias", bias)):
+        # F.linear would fail on mixed dtypes with a message naming neither argument.
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{name}: expected dtype {hidden.dtype} (the dtype of hidden), got {t.dtype}")
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"weight: expected shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1] if hidden.dim() else '?'}, "
             f"got {list(weight.shape)} (hidden: {list(hidden.shape)})"
         )
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden: expected a hidden size H = hidden.shape[-1] > 0, got shape {list(hidden.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight: expected a non-empty vocabulary (V > 0), got shape " f"{list(weight.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):

@@ -22,7 +22,10 @@ rows without a valid token are left out of the mean over rows. An entirely empty
 of 0 with zero gradients and all statistics 0 (never NaN).
 
 `loss = policy_loss + vf_coef·value_loss + kl_coef·kl - entropy_coef·entropy`. Gradients flow to
-`logprobs`, `values` and `entropy` only; the other tensors are targets (detached here).
+`logprobs`, `values` and `entropy` only; the other tensors are targets (detached here). They are
+computed in float32 (float64) and stored in each input's dtype; a finite gradient beyond that dtype's
+range (float16: 65504, reached at ratios near `max_log_ratio`) saturates at its largest finite value
+instead of overflowing to inf.
 
 Statistics (`stats`) are token means over the valid tokens whatever `loss_agg` is: `clipfrac`
 (the clipped branch is the larger one), `clipfrac_low` (clipped with r < 1 - cliprange, A < 0),
@@ -36,7 +39,7 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
-from rlhf_ext.ops._common import as_bool_mask
+from rlhf_ext.ops._common import as_bool_mask, check_devices, check_tensor
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -150,11 +153,6 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
 
 
-def _check_tensor(name: str, t) -> None:
-    if t is not None and not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-
-
 def ppo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -187,10 +185,10 @@ def ppo_loss(
     """
     _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     _check_choice("loss_agg", loss_agg, LOSS_AGGS)
-    for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
-                    ("values", values), ("old_values", old_values), ("returns", returns),
-                    ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
-        _check_tensor(name, t)
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
+        check_tensor(name, t)
+    check_devices("logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask, values=values,
+                  old_values=old_values, returns=returns, ref_logprobs=ref_logprobs, entropy=entropy)
     if values is not None and (old_values is None or returns is None):
         missing = "old_values" if old_values is None else "returns"
         raise ValueError(f"values: given without {missing}; the clipped value loss needs values, old_values "
@@ -208,7 +206,7 @@ def ppo_loss(
     if entropy_coef != 0 and entropy is None:
         raise ValueError(f"entropy_coef: is {entropy_coef} but entropy is None; the entropy bonus needs entropy")
 
-    if isinstance(logprobs, torch.Tensor) and logprobs.dim() == 2 and advantages.shape in (
+    if logprobs.dim() == 2 and advantages.shape in (
             (logprobs.shape[0],), (logprobs.shape[0], 1)):
         # GRPO's per-sequence advantages: broadcast over the tokens (a view; the kernel copies it once).
         advantages = advantages.reshape(-1, 1).expand_as(logprobs)
@@ -240,6 +238,7 @@ def kl_penalty(
     float64 inputs). With `d = logprobs - ref_logprobs`: `k1 = d`, `k2 = d²/2`,
     `k3 = exp(-d) + d - 1` with `-d` clamped to `±max_log_ratio` (as in `ppo_loss`)."""
     _check_choice("estimator", estimator, KL_ESTIMATORS)
+    check_devices("logprobs", logprobs, ref_logprobs=ref_logprobs)
     return torch.ops.rlhf_ext.kl_penalty(logprobs, ref_logprobs, estimator, float(max_log_ratio))
 
 

@@ -38,25 +38,28 @@ def gae_reference(
     return advantages, returns
 
 
-# Masked positions are selected away (torch.where), never multiplied by 0: inf/NaN there must not leak (0 * inf
-# is NaN). Outputs are 0 outside the mask.
-def _masked(x: torch.Tensor, mask: torch.Tensor):
-    """(x as float32/float64 with 0 where mask is off, the mask as that float dtype)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.where(mask.bool(), x.to(dtype), torch.zeros((), dtype=dtype)), mask.to(dtype)
+def _masked_float(x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x as float32 (float64 for float64) with masked-out positions selected to 0 (never multiplied:
+    inf * 0 there would be NaN), and the bool mask."""
+    m = mask.bool() if mask.dtype != torch.bool else mask
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return torch.where(m, xf, torch.zeros((), dtype=xf.dtype)), m
 
 
 def masked_mean_reference(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
-    xf, m = _masked(x, mask)
+    xf, m = _masked_float(x, mask)
     if dim is None:
-        return xf.sum() / m.sum()
-    return xf.sum(dim) / m.sum(dim)
+        # Summed as deviations from one selected value: a constant input then has an exact mean (a rounded
+        # one would leave deviations whose squares overflow in the variance).
+        pivot = xf[m][0] if bool(m.any()) else xf.new_zeros(())
+        return pivot + torch.where(m, xf - pivot, torch.zeros_like(xf)).sum() / m.sum()
+    return xf.sum(dim) / m.to(xf.dtype).sum(dim)
 
 
 def masked_var_reference(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    xf, m = _masked(x, mask)
-    mean = masked_mean_reference(xf, mask)
-    var = (((xf - mean) * m) ** 2).sum()
+    xf, m = _masked_float(x, mask)
+    mean = masked_mean_reference(xf, m)
+    var = torch.where(m, (xf - mean) ** 2, torch.zeros_like(xf)).sum()
     n = m.sum()
     return var / (n - 1) if unbiased else var / n
 
@@ -64,13 +67,13 @@ def masked_var_reference(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = T
 def masked_whiten_reference(
     x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, unbiased: bool = True
 ) -> torch.Tensor:
-    xf, m = _masked(x, mask)
-    mean = masked_mean_reference(xf, mask)
-    var = masked_var_reference(xf, mask, unbiased)
+    xf, m = _masked_float(x, mask)
+    mean = masked_mean_reference(xf, m)
+    var = masked_var_reference(xf, m, unbiased)
     y = (xf - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         y = y + mean
-    return torch.where(mask.bool(), y, torch.zeros((), dtype=y.dtype))
+    return torch.where(m, y, torch.zeros((), dtype=y.dtype))
 
 
 # ---- logprobs (issue 3) ----
@@ -160,6 +163,24 @@ def k3_reference(e: torch.Tensor) -> torch.Tensor:
     return torch.where(e64.abs() < 1e-2, series, torch.expm1(e64) - e64).to(e.dtype)
 
 
+class _SaturatingCast(torch.autograd.Function):
+    """`x.to(dtype)` whose backward saturates the gradient at the largest finite value of x's dtype instead of
+    overflowing to inf (a float16 log-prob's gradient can exceed 65504 where the float32 loss is finite), as
+    the fused kernels do; infinite gradients stay infinite."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = x.dtype
+        return x.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.dtype != ctx.dtype:
+            big = torch.finfo(ctx.dtype).max
+            grad = torch.where(grad.isinf(), grad, grad.clamp(-big, big))
+        return grad.to(ctx.dtype), None
+
+
 def kl_penalty_reference(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1", *, max_log_ratio: float = 20.0
 ) -> torch.Tensor:
@@ -226,7 +247,13 @@ def ppo_loss_reference(
     def token_mean(x):
         return torch.where(m, x.to(dt), torch.zeros((), dtype=dt)).sum() / n_tokens.clamp(min=1)
 
-    lp, old, adv = logprobs.to(dt), old_logprobs.to(dt), advantages.to(dt)
+    # Masked positions (padding, possibly inf/NaN) are replaced before any arithmetic, so that no 0 * inf
+    # reaches a value or a gradient (the kernels never read them).
+    def valid(t):
+        return torch.where(m, t, torch.zeros((), dtype=dt))
+
+    lp = valid(_SaturatingCast.apply(logprobs, dt))
+    old, adv = valid(old_logprobs.to(dt)), valid(advantages.to(dt))
     log_ratio = torch.clamp(lp - old, -max_log_ratio, max_log_ratio)
     ratio = torch.exp(log_ratio)
     low, high = 1 - cliprange, 1 + (cliprange if cliprange_high is None else cliprange_high)
@@ -244,7 +271,7 @@ def ppo_loss_reference(
 
     value_loss, value_clipped = zero, torch.zeros_like(m)
     if values is not None:
-        v, v_old, ret = values.to(dt), old_values.to(dt), returns.to(dt)
+        v, v_old, ret = valid(_SaturatingCast.apply(values, dt)), valid(old_values.to(dt)), valid(returns.to(dt))
         if cliprange_value is None:
             vf = 0.5 * (v - ret) ** 2
         else:
@@ -254,9 +281,9 @@ def ppo_loss_reference(
             value_clipped = vf2 > vf1
         value_loss = agg(vf)
 
-    kl = agg(kl_penalty_reference(lp, ref_logprobs, kl_estimator, max_log_ratio=max_log_ratio)) \
+    kl = agg(kl_penalty_reference(lp, valid(ref_logprobs.to(dt)), kl_estimator, max_log_ratio=max_log_ratio)) \
         if ref_logprobs is not None else zero
-    ent = agg(entropy.to(dt)) if entropy is not None else zero
+    ent = agg(valid(_SaturatingCast.apply(entropy, dt))) if entropy is not None else zero
     loss = policy_loss + vf_coef * value_loss + kl_coef * kl - entropy_coef * ent
 
     with torch.no_grad():

@@ -23,7 +23,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from rlhf_ext.ops._common import check_devices
+
 Number = Union[int, float]
+_INT64_MAX = 2**63 - 1
 
 
 @torch.library.register_fake("rlhf_ext::sample")
@@ -39,6 +42,9 @@ def _sample_fake(logits, temperature, top_k, top_p, min_p, row_temperature, row_
 def _split(value, name: str, batch: int, device, integral: bool):
     """A scalar setting stays a Python number; a tensor becomes the per-row override `[B]` on logits' device."""
     if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            raise RuntimeError(f"{name}: expected a tensor on {device} (the device of logits) or a Python number, "
+                               f"got one on {value.device}")
         if value.dim() == 0:
             value = value.item()
         else:
@@ -51,6 +57,9 @@ def _split(value, name: str, batch: int, device, integral: bool):
         raise TypeError(f"{name}: expected a Python number or a tensor, got {type(value).__name__}")
     if integral and not float(value).is_integer():
         raise TypeError(f"{name}: expected an integer, got {value!r}")
+    if integral and not -_INT64_MAX - 1 <= int(value) <= _INT64_MAX:
+        # The kernel takes an int64; a larger value would fail in the conversion without naming the argument.
+        raise ValueError(f"{name}: expected an integer in [0, 2**63 - 1] (0 = off), got {value!r}")
     return (int(value) if integral else float(value)), None
 
 
@@ -112,6 +121,7 @@ def sample(
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a torch.Tensor [B, V], got {type(logits).__name__}")
+    check_devices("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits: expected a 2-d tensor [B, V], got shape {tuple(logits.shape)}")
     B, device = logits.shape[0], logits.device
@@ -129,6 +139,12 @@ def sample(
         bad = tokens < 0
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
+            raw = logits[row]
+            if not bool((raw.isnan() | raw.isposinf()).any()) and bool((raw > float("-inf")).any()):
+                # The logits are fine: logits / temperature overflowed (as the CPU kernel reports it).
+                t = t_row[row].item() if t_row is not None else t_val
+                raise ValueError(f"temperature: expected 0 (greedy) or a value large enough that logits / temperature "
+                                 f"is finite in float32, got {t} in row {row}")
             raise ValueError(f"logits: row {row} contains NaN or +inf, or has no finite logit; nothing can be sampled")
     if return_filtered_logprobs:
         return tokens, logprobs, filtered

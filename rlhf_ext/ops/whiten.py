@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from rlhf_ext.ops._common import as_bool_mask, out_float_dtype
+from rlhf_ext.ops._common import as_bool_mask, check_devices, check_float_dtype, out_float_dtype
 
 
 @torch.library.register_fake("rlhf_ext::masked_moments")
@@ -64,15 +64,30 @@ def _whiten_backward(ctx, grad):
 torch.library.register_autograd("rlhf_ext::masked_whiten", _whiten_backward, setup_context=_whiten_setup)
 
 
-def _moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.ops.rlhf_ext.masked_moments(x, as_bool_mask(mask))
+def _moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """(count, mean, M2) from the fused kernel; raises if the mask selects nothing (or a single element
+    when `unbiased`). The count check reads one number back (skipped while compiling)."""
+    check_devices("x", x, mask=mask)
+    moments = torch.ops.rlhf_ext.masked_moments(x, as_bool_mask(mask))
+    count = int(moments[0].item()) if not torch.compiler.is_compiling() else None
+    if count is not None:
+        if count == 0:
+            raise ValueError("mask: selects no element (mask.sum() == 0); masked statistics are undefined")
+        if unbiased and count == 1:
+            raise ValueError(
+                "mask: selects a single element, so the unbiased variance is undefined; pass unbiased=False")
+    return moments
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
-    """Mean of `x` where `mask` is set. `dim=None`: a 0-dim float32 tensor from the fused kernel.
-    With `dim`, the per-slice mean (a masked sum divided by the count; slices with an empty mask give
-    NaN, as torch's mean of nothing does)."""
+    """Mean of `x` where `mask` is set. `dim=None`: a 0-dim float32 tensor from the fused kernel; raises
+    if the mask selects nothing. With `dim`, the per-slice mean (a masked sum divided by the count;
+    slices with an empty mask give NaN, as torch's mean of nothing does)."""
     if dim is not None:
+        check_devices("x", x, mask=mask)
+        check_float_dtype("x", x)  # as the fused kernel of the dim=None path checks
+        if mask.shape != x.shape:
+            raise ValueError(f"mask: expected shape {list(x.shape)} (the shape of x), got {list(mask.shape)}")
         keep = as_bool_mask(mask)
         m = keep.to(out_float_dtype(x.dtype))
         return torch.where(keep, x.to(m.dtype), 0.0).sum(dim) / m.sum(dim)
@@ -82,13 +97,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of `x` where `mask` is set (0-dim). Raises if the mask selects nothing, or one element
     with `unbiased=True`."""
-    moments = _moments(x, mask)
-    count = int(moments[0].item()) if not torch.compiler.is_compiling() else None
-    if count is not None:
-        if count == 0:
-            raise ValueError("mask: selects no element (mask.sum() == 0); masked statistics are undefined")
-        if unbiased and count == 1:
-            raise ValueError("mask: selects a single element, so the unbiased variance is undefined; pass unbiased=False")
+    moments = _moments(x, mask, unbiased)
     return moments[2] / (moments[0] - 1 if unbiased else moments[0])
 
 
@@ -97,6 +106,7 @@ def masked_whiten(
 ) -> torch.Tensor:
     """`(x - mean) / sqrt(var + eps)` with masked statistics; positions outside the mask are 0 in
     the output. With `shift_mean=False` the mean is added back (only the scale changes)."""
+    check_devices("x", x, mask=mask)
     return torch.ops.rlhf_ext.masked_whiten(x, as_bool_mask(mask), bool(shift_mean), bool(unbiased), float(eps))
 
 
