@@ -50,4 +50,4 @@ gpu-check:
 	$(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build *.egg-info rlhf_ext/*.so
+	rm -rf build *.egg-info rlhf_ext/*.so rlhf_ext/_build_record.py

@@ -98,11 +98,23 @@ def _venv(path):
     return os.path.join(path, "bin", "python")
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
+@pytest.fixture
+def sources(tmp_path):
+    """A copy per test: pip builds a local folder in place (build/, rlhf_ext/_build_record.py), so two builds
+    must never share one."""
     if shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")):
         pytest.skip("needs a git checkout of rlhf_ext (the tracked files are copied)")
-    return _copy_sources(str(tmp_path_factory.mktemp("src")))
+    return _copy_sources(str(tmp_path / "src"))
+
+
+def _cuda_home_env(env):
+    """torch finds the CUDA toolkit from CUDA_HOME, else from `which nvcc`'s grandparent folder, which is wrong
+    where nvcc is a symlink (/usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc: it would link against
+    /usr/local/lib). Point it at the real toolkit, as a user on such a machine sets CUDA_HOME."""
+    nvcc = shutil.which("nvcc")
+    if nvcc and "CUDA_HOME" not in env and "CUDA_PATH" not in env:
+        env["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return env
 
 
 def test_isolated_build_without_torch_stops_at_once_in_one_line(tmp_path, sources):
@@ -222,6 +234,7 @@ def test_build_against_the_newest_torch(tmp_path, sources):
     python = _venv(tmp_path / "venv")
     env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    _cuda_home_env(env)
     start = time.time()
     _run([python, "-m", "pip", "install", "-q", "--upgrade", "torch", "setuptools", "wheel", "ninja"], env=env)
     installed = time.time()
