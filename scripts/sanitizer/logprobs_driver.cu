@@ -22,8 +22,13 @@ void run(Checker& check, int64_t rows, int64_t V, int splits, bool with_entropy,
   T* dlogits = upload(logits);
   const int64_t* dlabels = upload(labels);
   float *out_lp = scratch<float>(rows), *out_ent = scratch<float>(rows), *out_lse = scratch<float>(rows);
-  float* workspace = splits > 1 ? scratch<float>(lp::forward_workspace_floats(rows, splits)) : nullptr;
-  const lp::RowLayout layout{rows, rows * stride, stride};
+  float* workspace = splits > 1 ? scratch<float>(lp::forward_workspace_size(rows, splits)) : nullptr;
+  const int64_t lead_sizes[1] = {rows}, lead_strides[1] = {stride};
+  lp::RowLayout layout;
+  if (!rlhf_ext::cuda::make_row_layout(1, lead_sizes, lead_strides, layout)) {
+    check.close("row layout", 1.0, 0.0, 0.0);  // one level always fits: a failure here is a header bug
+    return;
+  }
   lp::ForwardParams<T> fwd{dlogits, layout, rows, V, dlabels, out_lp, out_ent, out_lse,
                            1.0f / temperature, -100, with_entropy};
   CK(lp::launch_forward<T>(fwd, splits, workspace, 0));
