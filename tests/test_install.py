@@ -109,11 +109,16 @@ def sources(tmp_path):
 
 def _cuda_home_env(env):
     """torch finds the CUDA toolkit from CUDA_HOME, else from `which nvcc`'s grandparent folder, which is wrong
-    where nvcc is a symlink (/usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc: it would link against
-    /usr/local/lib). Point it at the real toolkit, as a user on such a machine sets CUDA_HOME."""
+    where nvcc on PATH is a wrapper or a symlink (here /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc:
+    torch would link against /usr/local/lib, `cannot find -lcudart`). Point it at a real toolkit (one with
+    lib64/libcudart.so), as a user on such a machine sets CUDA_HOME."""
     nvcc = shutil.which("nvcc")
-    if nvcc and "CUDA_HOME" not in env and "CUDA_PATH" not in env:
-        env["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if nvcc is None or "CUDA_HOME" in env or "CUDA_PATH" in env:
+        return env
+    for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if os.path.exists(os.path.join(home, "lib64", "libcudart.so")):
+            env["CUDA_HOME"] = home
+            break
     return env
 
 
