@@ -17,7 +17,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 GPU_CHECK_ARGS ?=
 
-.PHONY: install test test-all demo bench bench-full gpu-check clean
+.PHONY: install lint format test test-all demo bench bench-full gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,16 @@ $(STAMP): $(PY) $(SOURCES)
 
 install: $(STAMP)
 
-test: install
+# ruff (format + check, line length 120: pyproject.toml) over the whole repo; `make format` rewrites in place.
+lint: install
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: install lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 	RLHF_EXT_BENCH_QUICK=1 $(PY) -m pytest -q benchmarks --benchmark-disable -p no:cacheprovider
 

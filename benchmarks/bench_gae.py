@@ -1,4 +1,5 @@
 """GAE: the fused kernel against the Python reverse loop over time that TRL/veRL/OpenRLHF use."""
+
 import pytest
 import torch
 

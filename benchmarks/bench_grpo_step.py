@@ -10,6 +10,7 @@ Full size (the issue's): the ~20M-parameter Llama of bench_ppo_step (V=32000), 8
     pytest benchmarks/bench_grpo_step.py           # pytest-benchmark; the speedup is printed at the end
 RLHF_EXT_BENCH_QUICK=1 (make test) shrinks everything to a smoke run.
 """
+
 import argparse
 import copy
 import functools
@@ -36,11 +37,23 @@ def prepare_ours(tok, policy, rows, size, device):
     from rlhf_ext import GRPOConfig, GRPOTrainer
 
     G = size["generations"]
-    args = GRPOConfig(output_dir="/tmp/rlhf_ext_bench_grpo", use_cpu=device == "cpu", disable_tqdm=True, report_to="none",
-                      per_device_train_batch_size=size["batch"] * G, num_generations=G, max_completion_length=size["new_tokens"],
-                      max_prompt_length=None, temperature=COMMON["temperature"], beta=COMMON["beta"],
-                      epsilon=COMMON["epsilon"], learning_rate=COMMON["lr"], save_strategy="no", fused_linear_logprobs=True,
-                      max_steps=1)
+    args = GRPOConfig(
+        output_dir="/tmp/rlhf_ext_bench_grpo",
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        report_to="none",
+        per_device_train_batch_size=size["batch"] * G,
+        num_generations=G,
+        max_completion_length=size["new_tokens"],
+        max_prompt_length=None,
+        temperature=COMMON["temperature"],
+        beta=COMMON["beta"],
+        epsilon=COMMON["epsilon"],
+        learning_rate=COMMON["lr"],
+        save_strategy="no",
+        fused_linear_logprobs=True,
+        max_steps=1,
+    )
     trainer = GRPOTrainer(policy, [even_fraction], args=args, train_dataset=rows, processing_class=tok)
     trainer.create_optimizer_and_scheduler([trainer.policy], 1)
     batch = trainer.train_dataset[[i for i in range(len(rows)) for _ in range(G)]]
@@ -52,7 +65,11 @@ def prepare_ours(tok, policy, rows, size, device):
         start = time.perf_counter()
         trainer.update(buffer, 0)
         sync(device)
-        return {"rollout": metrics["time/rollout"], "scoring": metrics["time/scoring"], "update": time.perf_counter() - start}
+        return {
+            "rollout": metrics["time/rollout"],
+            "scoring": metrics["time/scoring"],
+            "update": time.perf_counter() - start,
+        }
 
     return step
 
@@ -75,9 +92,17 @@ def eager_step(policy, ref, optimizer, prompt_ids, prompt_mask, tok, G, size, de
     t0 = time.perf_counter()
     with torch.no_grad():
         policy.eval()
-        seq = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
-                              temperature=c["temperature"], max_new_tokens=size["new_tokens"], pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id)
+        seq = policy.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=c["temperature"],
+            max_new_tokens=size["new_tokens"],
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         sync(device)
         t1 = time.perf_counter()
         completion = seq[:, P:]
@@ -128,8 +153,10 @@ def run(size: dict, device: str) -> dict:
 
 def report(size, results, device):
     params = sum(p.numel() for p in _world(tuple(size.items()), device)[1].parameters())
-    print(f"GRPO step on {device}: Llama {params / 1e6:.1f}M params, V={size['vocab']}, {size['batch']} prompts x "
-          f"{size['generations']} generations, {size['new_tokens']} new tokens, beta={COMMON['beta']}")
+    print(
+        f"GRPO step on {device}: Llama {params / 1e6:.1f}M params, V={size['vocab']}, {size['batch']} prompts x "
+        f"{size['generations']} generations, {size['new_tokens']} new tokens, beta={COMMON['beta']}"
+    )
     print_phase_table(results)
 
 
@@ -145,8 +172,12 @@ def test_grpo_step(benchmark, impl):
         torch.manual_seed(0)
         return PREPARE[impl](tok, copy.deepcopy(policy), rows, SIZE, DEVICE)
 
-    benchmark_phases(benchmark, f"grpo_step {DEVICE} V={SIZE['vocab']} {SIZE['batch']}x{SIZE['generations']} "
-                     f"new={SIZE['new_tokens']}", impl, make_step)
+    benchmark_phases(
+        benchmark,
+        f"grpo_step {DEVICE} V={SIZE['vocab']} {SIZE['batch']}x{SIZE['generations']} new={SIZE['new_tokens']}",
+        impl,
+        make_step,
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Large tensors are mmapped and unmapped on free, so what is released returns to t
 V = 128256 runs with RLHF_EXT_BENCH_ROWS_128K rows (default 2048: at 8192 rows the eager baselines
 need 10-17 GB, more than a shared runner has); V = 32000 runs at N = 8192.
 """
+
 import gc
 import os
 
@@ -110,8 +111,11 @@ def test_peak_memory_forward(capsys, impl, N, V):
         extra = peak_extra_bytes(lambda: fn(logits, labels))
     if extra is None:
         pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
-    _report(capsys, f"\npeak memory, forward fp32 N={N} V={V}: {impl:<12} {extra / 2**20:9.1f} MiB "
-                     f"(the logits themselves: {N * V * 4 / 2**20:.1f} MiB)")
+    _report(
+        capsys,
+        f"\npeak memory, forward fp32 N={N} V={V}: {impl:<12} {extra / 2**20:9.1f} MiB "
+        f"(the logits themselves: {N * V * 4 / 2**20:.1f} MiB)",
+    )
 
 
 def _linear_inputs(N, H, V):
@@ -152,5 +156,8 @@ def test_fused_linear_peak_memory(capsys, impl):
     extra = peak_extra_bytes(_linear_fn(impl, hidden, weight, labels))
     if extra is None:
         pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
-    _report(capsys, f"\npeak memory, fused_linear fwd+bwd fp32 N={N} H={H} V={V}: {impl:<15} "
-                     f"{extra / 2**20:9.1f} MiB (one [N, V] fp32: {N * V * 4 / 2**20:.1f} MiB)")
+    _report(
+        capsys,
+        f"\npeak memory, fused_linear fwd+bwd fp32 N={N} H={H} V={V}: {impl:<15} "
+        f"{extra / 2**20:9.1f} MiB (one [N, V] fp32: {N * V * 4 / 2**20:.1f} MiB)",
+    )

@@ -1,6 +1,7 @@
 """PPO loss forward + backward: the fused kernels against the eager composition frameworks write
 (value, KL and entropy terms on, statistics computed too). `eager_item` adds the `.item()` calls that
 frameworks make to log the statistics (a host sync each on GPU); `eager` leaves them on the device."""
+
 import pytest
 import torch
 
@@ -13,8 +14,22 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 COEFS = dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, kl_coef=0.05, entropy_coef=0.01)
 
 
-def eager_ppo_loss(logprobs, old_logprobs, advantages, mask, values, old_values, returns, ref_logprobs, entropy,
-                   cliprange, cliprange_value, vf_coef, kl_coef, entropy_coef):
+def eager_ppo_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    values,
+    old_values,
+    returns,
+    ref_logprobs,
+    entropy,
+    cliprange,
+    cliprange_value,
+    vf_coef,
+    kl_coef,
+    entropy_coef,
+):
     """The loss as TRL / OpenRLHF write it: float mask products, masked means, k3 KL, then stats."""
     m = mask.float()
     n = m.sum()
@@ -37,9 +52,12 @@ def eager_ppo_loss(logprobs, old_logprobs, advantages, mask, values, old_values,
     loss = policy_loss + vf_coef * value_loss + kl_coef * kl - entropy_coef * mean_entropy
     with torch.no_grad():
         stats = {
-            "policy_loss": policy_loss, "value_loss": value_loss, "kl": kl, "entropy": mean_entropy,
+            "policy_loss": policy_loss,
+            "value_loss": value_loss,
+            "kl": kl,
+            "entropy": mean_entropy,
             "clipfrac": masked_mean((pg_losses2 > pg_losses1).float()),
-            "approxkl": masked_mean(0.5 * log_ratio ** 2),
+            "approxkl": masked_mean(0.5 * log_ratio**2),
             "approxkl_k3": masked_mean((ratio - 1) - log_ratio),
             "ratio_mean": masked_mean(ratio),
             "ratio_max": torch.where(mask, ratio, 0.0).max(),
@@ -53,10 +71,14 @@ def _inputs(B, T, device):
     old = -3 * torch.rand(B, T, generator=g)
     old_values = torch.randn(B, T, generator=g)
     tensors = {
-        "logprobs": old + 0.2 * torch.randn(B, T, generator=g), "old_logprobs": old,
-        "advantages": torch.randn(B, T, generator=g), "mask": torch.rand(B, T, generator=g) > 0.1,
-        "values": old_values + 0.1 * torch.randn(B, T, generator=g), "old_values": old_values,
-        "returns": torch.randn(B, T, generator=g), "ref_logprobs": old + 0.1 * torch.randn(B, T, generator=g),
+        "logprobs": old + 0.2 * torch.randn(B, T, generator=g),
+        "old_logprobs": old,
+        "advantages": torch.randn(B, T, generator=g),
+        "mask": torch.rand(B, T, generator=g) > 0.1,
+        "values": old_values + 0.1 * torch.randn(B, T, generator=g),
+        "old_values": old_values,
+        "returns": torch.randn(B, T, generator=g),
+        "ref_logprobs": old + 0.1 * torch.randn(B, T, generator=g),
         "entropy": 3 * torch.rand(B, T, generator=g),
     }
     tensors = {k: v.to(device) for k, v in tensors.items()}
@@ -84,12 +106,29 @@ def test_ppo_loss_fwd_bwd(benchmark, impl, B, T, device):
         return out.stats
 
     def eager(with_item):
-        loss, stats = eager_ppo_loss(*(x[k] for k in ("logprobs", "old_logprobs", "advantages", "mask", "values",
-                                                      "old_values", "returns", "ref_logprobs", "entropy")), **COEFS)
+        loss, stats = eager_ppo_loss(
+            *(
+                x[k]
+                for k in (
+                    "logprobs",
+                    "old_logprobs",
+                    "advantages",
+                    "mask",
+                    "values",
+                    "old_values",
+                    "returns",
+                    "ref_logprobs",
+                    "entropy",
+                )
+            ),
+            **COEFS,
+        )
         loss.backward()
         return {k: v.item() for k, v in stats.items()} if with_item else stats
 
-    fn = {"fused": fused, "reference": reference, "eager": lambda: eager(False), "eager_item": lambda: eager(True)}[impl]
+    fn = {"fused": fused, "reference": reference, "eager": lambda: eager(False), "eager_item": lambda: eager(True)}[
+        impl
+    ]
     benchmark.group = f"ppo_loss fwd+bwd {device} B={B} T={T}"
     benchmark.extra_info["role"] = impl
 

@@ -9,6 +9,7 @@ Full size (the issue's): a ~20M-parameter Llama (V=32000), batch 32, 128 new tok
 `--reduced` is a quick CPU check (smaller model, batch 8, 32 tokens); RLHF_EXT_BENCH_QUICK=1 (make test)
 shrinks everything to a smoke run.
 """
+
 import argparse
 import copy
 import functools
@@ -26,7 +27,9 @@ from rlhf_ext.ops.reference import gae_reference, masked_whiten_reference
 FULL = dict(vocab=32000, hidden=384, layers=6, heads=6, batch=32, prompt=32, new_tokens=128, epochs=1, mini_batches=2)
 REDUCED = dict(vocab=32000, hidden=128, layers=2, heads=4, batch=8, prompt=16, new_tokens=32, epochs=1, mini_batches=2)
 QUICK = dict(vocab=512, hidden=32, layers=1, heads=2, batch=4, prompt=8, new_tokens=8, epochs=1, mini_batches=2)
-COMMON = dict(temperature=1.0, kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, lr=1e-5)
+COMMON = dict(
+    temperature=1.0, kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, lr=1e-5
+)
 
 
 def build(size: dict, device):
@@ -34,10 +37,19 @@ def build(size: dict, device):
     from rlhf_ext.models.tiny import build_tokenizer, tiny_causal_lm, tiny_sequence_classifier
 
     words = [f"w{i}" for i in range(size["vocab"] - 7)]  # + 7 special tokens = V
-    tok = build_tokenizer([" ".join(words[i : i + 64]) for i in range(0, len(words), 64)], vocab_size=size["vocab"],
-                          kind="wordlevel", chat_template=False)
-    kw = dict(tokenizer=tok, hidden_size=size["hidden"], num_layers=size["layers"], num_heads=size["heads"],
-              max_position_embeddings=size["prompt"] + size["new_tokens"] + 8)
+    tok = build_tokenizer(
+        [" ".join(words[i : i + 64]) for i in range(0, len(words), 64)],
+        vocab_size=size["vocab"],
+        kind="wordlevel",
+        chat_template=False,
+    )
+    kw = dict(
+        tokenizer=tok,
+        hidden_size=size["hidden"],
+        num_layers=size["layers"],
+        num_heads=size["heads"],
+        max_position_embeddings=size["prompt"] + size["new_tokens"] + 8,
+    )
     return tok, tiny_causal_lm("llama", **kw).to(device), tiny_sequence_classifier("llama", seed=1, **kw).to(device)
 
 
@@ -54,12 +66,25 @@ def prepare_ours(tok, policy, rm, rows, size, device):
     """The trainer's own step (make_experience: rollout + scoring; ppo_update), built outside the timing."""
     from rlhf_ext import PPOConfig, PPOTrainer
 
-    args = PPOConfig(output_dir="/tmp/rlhf_ext_bench", use_cpu=device == "cpu", disable_tqdm=True, report_to="none",
-                     per_device_train_batch_size=size["batch"] // size["mini_batches"],
-                     gradient_accumulation_steps=size["mini_batches"], num_mini_batches=size["mini_batches"],
-                     num_ppo_epochs=size["epochs"], response_length=size["new_tokens"], temperature=COMMON["temperature"],
-                     kl_coef=COMMON["kl_coef"], learning_rate=COMMON["lr"], stop_token=None, save_strategy="no",
-                     num_sample_generations=0, fused_linear_logprobs=True, max_steps=1)
+    args = PPOConfig(
+        output_dir="/tmp/rlhf_ext_bench",
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        report_to="none",
+        per_device_train_batch_size=size["batch"] // size["mini_batches"],
+        gradient_accumulation_steps=size["mini_batches"],
+        num_mini_batches=size["mini_batches"],
+        num_ppo_epochs=size["epochs"],
+        response_length=size["new_tokens"],
+        temperature=COMMON["temperature"],
+        kl_coef=COMMON["kl_coef"],
+        learning_rate=COMMON["lr"],
+        stop_token=None,
+        save_strategy="no",
+        num_sample_generations=0,
+        fused_linear_logprobs=True,
+        max_steps=1,
+    )
     trainer = PPOTrainer(args, tok, policy, reward_model=rm, train_dataset=rows)
     trainer.create_optimizer_and_scheduler([trainer.policy, trainer.critic], 1)
     batch = trainer.train_dataset[list(range(len(rows)))]
@@ -96,8 +121,9 @@ def prepare_eager(tok, policy, rm, rows, size, device):
     params = list(policy.parameters()) + list(critic.parameters())
     optimizer = torch.optim.AdamW(params, lr=COMMON["lr"])
     prompt_ids, prompt_mask = pad([r["input_ids"] for r in rows], tok.pad_token_id, "left", device)
-    return functools.partial(eager_step, policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_mask, tok,
-                             len(rows), size, device)
+    return functools.partial(
+        eager_step, policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_mask, tok, len(rows), size, device
+    )
 
 
 def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_mask, tok, batch, size, device):
@@ -107,9 +133,17 @@ def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_ma
     t0 = time.perf_counter()
     with torch.no_grad():
         policy.eval()
-        seq = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
-                              temperature=c["temperature"], max_new_tokens=size["new_tokens"],
-                              min_new_tokens=size["new_tokens"], pad_token_id=tok.pad_token_id)
+        seq = policy.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=c["temperature"],
+            max_new_tokens=size["new_tokens"],
+            min_new_tokens=size["new_tokens"],
+            pad_token_id=tok.pad_token_id,
+        )
         sync(device)
         t1 = time.perf_counter()
         mask = torch.ones_like(seq[:, P:], dtype=torch.float32)
@@ -135,7 +169,9 @@ def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_ma
             new_lp, entropy = _logprobs_eager(policy, seq[idx], attn[idx], P, c["temperature"])
             new_values = _values(critic, seq[idx], attn[idx], P)
             ratio = torch.exp(new_lp - old_lp[idx])
-            pg = torch.max(-advantages[idx] * ratio, -advantages[idx] * ratio.clamp(1 - c["cliprange"], 1 + c["cliprange"]))
+            pg = torch.max(
+                -advantages[idx] * ratio, -advantages[idx] * ratio.clamp(1 - c["cliprange"], 1 + c["cliprange"])
+            )
             v_clipped = values[idx] + (new_values - values[idx]).clamp(-c["cliprange_value"], c["cliprange_value"])
             vf = 0.5 * torch.max((new_values - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2)
             m = mask[idx]
@@ -171,8 +207,10 @@ def run(size: dict, device: str) -> dict:
 
 def report(size, results, device):
     params = sum(p.numel() for p in _world(tuple(size.items()), device)[1].parameters())
-    print(f"PPO step on {device}: Llama {params / 1e6:.1f}M params, V={size['vocab']}, batch {size['batch']}, "
-          f"{size['new_tokens']} new tokens, {size['epochs']} epoch x {size['mini_batches']} minibatches")
+    print(
+        f"PPO step on {device}: Llama {params / 1e6:.1f}M params, V={size['vocab']}, batch {size['batch']}, "
+        f"{size['new_tokens']} new tokens, {size['epochs']} epoch x {size['mini_batches']} minibatches"
+    )
     print_phase_table(results)
 
 
@@ -188,8 +226,9 @@ def test_ppo_step(benchmark, impl):
         torch.manual_seed(0)
         return PREPARE[impl](tok, copy.deepcopy(policy), copy.deepcopy(rm), rows, SIZE, DEVICE)
 
-    benchmark_phases(benchmark, f"ppo_step {DEVICE} V={SIZE['vocab']} B={SIZE['batch']} new={SIZE['new_tokens']}",
-                     impl, make_step)
+    benchmark_phases(
+        benchmark, f"ppo_step {DEVICE} V={SIZE['vocab']} B={SIZE['batch']} new={SIZE['new_tokens']}", impl, make_step
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ line times the model alone (prefill + the 127 KV-cached decode forwards with an 
 Run `pytest benchmarks/bench_rollout.py` (one round each; ratios printed at the end) or
 `python benchmarks/bench_rollout.py`.
 """
+
 import time
 
 import pytest
@@ -21,9 +22,18 @@ SETTINGS = {"top_k 50 + top_p 0.9": dict(top_k=50, top_p=0.9), "plain": dict(top
 
 def build():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=int(HIDDEN * 2.6875),
-                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=PROMPT + NEW + 8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=int(HIDDEN * 2.6875),
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=PROMPT + NEW + 8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.generation_config.eos_token_id = None  # never stop early: both sides produce B * NEW tokens
     ids = torch.randint(3, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
@@ -36,14 +46,30 @@ def runners(model, ids, mask, setting):
     kw = SETTINGS[setting]
 
     def ours():
-        out = generate(model, ids, mask, max_new_tokens=NEW, temperature=1.0, pad_token_id=0,
-                       generator=torch.Generator().manual_seed(0), **kw)
+        out = generate(
+            model,
+            ids,
+            mask,
+            max_new_tokens=NEW,
+            temperature=1.0,
+            pad_token_id=0,
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        )
         assert out.response_ids.shape[1] == NEW
         return out
 
     def hf():
-        out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, max_new_tokens=NEW,
-                             min_new_tokens=NEW, pad_token_id=0, **kw)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            pad_token_id=0,
+            **kw,
+        )
         assert out.shape[1] == PROMPT + NEW
         return out
 
@@ -61,8 +87,13 @@ def forward_only(model, ids, mask):
     nxt = pos[:, -1:] + 1
     for t in range(NEW - 1):
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(input_ids=tok, attention_mask=full[:, : PROMPT + t + 1], position_ids=nxt + t,
-                    past_key_values=cache, logits_to_keep=1)
+        out = model(
+            input_ids=tok,
+            attention_mask=full[:, : PROMPT + t + 1],
+            position_ids=nxt + t,
+            past_key_values=cache,
+            logits_to_keep=1,
+        )
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -89,8 +120,10 @@ def main():
         torch.set_num_threads(args.threads)
     model, ids, mask = build()
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Llama {params:.1f}M params, "
-          f"B={BATCH} P={PROMPT} new={NEW} V={VOCAB}; best of {args.repeat} interleaved runs")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; Llama {params:.1f}M params, "
+        f"B={BATCH} P={PROMPT} new={NEW} V={VOCAB}; best of {args.repeat} interleaved runs"
+    )
 
     def best_rate(fns):
         best = {name: 0.0 for name in fns}
@@ -107,8 +140,10 @@ def main():
         print(f"model forward only (greedy argmax): {ceiling:8.0f} tokens/s")
         for setting in SETTINGS:
             rates = best_rate(runners(model, ids, mask, setting))
-            print(f"{setting:<22} fused engine {rates['fused']:8.0f} tokens/s   HF generate {rates['hf_generate']:8.0f} "
-                  f"tokens/s   ratio {rates['fused'] / rates['hf_generate']:5.2f}x")
+            print(
+                f"{setting:<22} fused engine {rates['fused']:8.0f} tokens/s   HF generate {rates['hf_generate']:8.0f} "
+                f"tokens/s   ratio {rates['fused'] / rates['hf_generate']:5.2f}x"
+            )
 
 
 if __name__ == "__main__":

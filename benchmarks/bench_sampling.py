@@ -4,6 +4,7 @@ Logits are N(0, 1) * 4, which gives a peaked, LLM-like distribution (the top-p 0
 tokens); `top_p 0.9 flat` uses N(0, 1) logits, whose top-p set is most of the vocabulary (the op's worst case).
 Run `pytest benchmarks/bench_sampling.py` (ratios printed at the end) or `python benchmarks/bench_sampling.py`.
 """
+
 import time
 
 import pytest
@@ -80,4 +81,6 @@ if __name__ == "__main__":
         for setting in SETTINGS:
             fns = _case(B, V, setting, "cpu")
             fused, base = _median_ms(fns["fused"], 5), _median_ms(fns["hf_sort_multinomial"], 3)
-            print(f"B={B} V={V:<7} {setting:<22} fused {fused:8.2f} ms  hf {base:9.2f} ms  speedup {base / fused:6.1f}x")
+            print(
+                f"B={B} V={V:<7} {setting:<22} fused {fused:8.2f} ms  hf {base:9.2f} ms  speedup {base / fused:6.1f}x"
+            )

@@ -1,4 +1,5 @@
 """Masked whitening: the fused two-kernel path against the composed masked mean / var / whiten."""
+
 import pytest
 import torch
 

@@ -8,10 +8,9 @@ is printed, so every speed figure is a ratio measured in the same run.
 that way (with --benchmark-disable, each function once) so they cannot rot, while the real sweeps
 run with `make bench-full` / `pytest benchmarks`.
 """
+
 import os
 import sys
-
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -35,6 +34,7 @@ def sync(device) -> None:
 
 def synced(fn, device):
     """`fn` followed by a device sync: the callable a kernel benchmark times."""
+
     def run():
         out = fn()
         sync(device)
@@ -85,8 +85,10 @@ def pytest_terminal_summary(terminalreporter, config):
             continue
         for role, median in sorted(roles.items()):
             if role != "fused":
-                lines.append(f"{group:<48} {role:<28} fused {fused * 1e3:9.3f} ms   {role} {median * 1e3:9.3f} ms   "
-                             f"speedup {median / fused:7.1f}x")
+                lines.append(
+                    f"{group:<48} {role:<28} fused {fused * 1e3:9.3f} ms   {role} {median * 1e3:9.3f} ms   "
+                    f"speedup {median / fused:7.1f}x"
+                )
     if lines:
         terminalreporter.write_sep("=", "rlhf_ext speedups (baseline median / fused median, same run)")
         for line in lines:

@@ -12,6 +12,7 @@ Timings are CUDA-event medians after warm-up. A baseline that does not fit in GP
 is measured on a slice of rows and scaled linearly; the figure says so (`baseline_scaled_from`).
 `python benchmarks/gpu_figures.py --json out.json [--quick]` (needs a CUDA GPU and the CUDA build).
 """
+
 import argparse
 import json
 import os
@@ -25,8 +26,16 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # Peak HBM bandwidth (GB/s) by device name, for when the driver does not report clock and bus width.
-SPEC_BANDWIDTH_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0,
-                      "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0}
+SPEC_BANDWIDTH_GBS = {
+    "H200": 4800.0,
+    "H100 SXM": 3350.0,
+    "H100 NVL": 3900.0,
+    "H100 PCIe": 2000.0,
+    "H100": 3350.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100 80GB PCIe": 1935.0,
+    "A100": 1555.0,
+}
 
 
 def cuda_time_us(fn, warmup: int = 2, reps: int = 10) -> float:
@@ -97,6 +106,7 @@ def logprobs_figures(N: int, V: int, peak_gbs: float) -> list:
         def run():
             x.grad = None
             (fn(x, lab) * weights[: x.shape[0]]).sum().backward()
+
         return run
 
     fwd = cuda_time_us(lambda: gather_logprobs(logits, labels))
@@ -106,18 +116,30 @@ def logprobs_figures(N: int, V: int, peak_gbs: float) -> list:
     # Least traffic: the forward reads the logits once; the backward reads them again and writes the gradient.
     shape = f"N={N} V={V} bf16"
     fwd_gbs, both_gbs = elem_bytes / (fwd * 1e-6) / 1e9, 3 * elem_bytes / (both * 1e-6) / 1e9
-    base_fwd, rows_fwd = baseline_us(lambda n: (lambda: gather_logprobs_eager(logits[:n], labels[:n])), N)
+    base_fwd, rows_fwd = baseline_us(lambda n: lambda: gather_logprobs_eager(logits[:n], labels[:n]), N)
     base_both, rows_both = baseline_us(
-        lambda n: fwd_bwd(gather_logprobs_eager, logits[:n].detach().requires_grad_(), labels[:n]), N)
+        lambda n: fwd_bwd(gather_logprobs_eager, logits[:n].detach().requires_grad_(), labels[:n]), N
+    )
     del leaf
     torch.cuda.empty_cache()
     out = []
-    for name, us, gbs, base, rows in (("logprobs fwd", fwd, fwd_gbs, base_fwd, rows_fwd),
-                                      ("logprobs fwd+bwd", both, both_gbs, base_both, rows_both)):
+    for name, us, gbs, base, rows in (
+        ("logprobs fwd", fwd, fwd_gbs, base_fwd, rows_fwd),
+        ("logprobs fwd+bwd", both, both_gbs, base_both, rows_both),
+    ):
         scaled = base * N / rows if base else None
-        out.append(figure(name, shape, us, scaled, "gather_logprobs_eager", achieved_gbs=gbs,
-                          hbm_share=gbs / peak_gbs if peak_gbs == peak_gbs else None,
-                          baseline_scaled_from=None if rows == N else rows))
+        out.append(
+            figure(
+                name,
+                shape,
+                us,
+                scaled,
+                "gather_logprobs_eager",
+                achieved_gbs=gbs,
+                hbm_share=gbs / peak_gbs if peak_gbs == peak_gbs else None,
+                baseline_scaled_from=None if rows == N else rows,
+            )
+        )
     return out
 
 
@@ -130,8 +152,15 @@ def sampler_figures(B: int, V: int) -> list:
         logits = (torch.randn(B, V, device="cuda") * 4).to(dtype)
         fused = cuda_time_us(lambda: sample(logits, 1.0, top_k=50, top_p=0.9))
         base = cuda_time_us(lambda: sample_reference(logits, 1.0, top_k=50, top_p=0.9), reps=5)
-        out.append(figure("sampler top-k 50 / top-p 0.9", f"B={B} V={V} {str(dtype)[6:]}", fused, base,
-                          "sample_reference (sort + multinomial)"))
+        out.append(
+            figure(
+                "sampler top-k 50 / top-p 0.9",
+                f"B={B} V={V} {str(dtype)[6:]}",
+                fused,
+                base,
+                "sample_reference (sort + multinomial)",
+            )
+        )
     return out
 
 
@@ -154,12 +183,21 @@ def gae_ppo_figures(B: int, T: int) -> list:
         leaves = {k: (v.detach().requires_grad_() if k in grads and backward else v) for k, v in tensors.items()}
 
         def call():
-            loss = fn(leaves["logprobs"], leaves["old_logprobs"],
-                      leaves["advantages"], leaves["mask"], values=leaves["values"], old_values=leaves["old_values"],
-                      returns=leaves["returns"], ref_logprobs=leaves["ref_logprobs"], entropy=leaves["entropy"],
-                      **coefs).loss
+            loss = fn(
+                leaves["logprobs"],
+                leaves["old_logprobs"],
+                leaves["advantages"],
+                leaves["mask"],
+                values=leaves["values"],
+                old_values=leaves["old_values"],
+                returns=leaves["returns"],
+                ref_logprobs=leaves["ref_logprobs"],
+                entropy=leaves["entropy"],
+                **coefs,
+            ).loss
             if backward:
                 loss.backward()
+
         return call
 
     for backward, name in ((False, "ppo_loss fwd"), (True, "ppo_loss fwd+bwd")):
@@ -179,10 +217,19 @@ def rollout_figures(quick: bool) -> list:
     kw = dict(max_new_tokens=new, temperature=1.0, top_k=50, top_p=0.9, pad_token_id=0)
     engines = {
         "generate, dynamic cache": lambda: generate(model, ids, mask, **kw),
-        "generate, static cache + CUDA graph": lambda: generate(model, ids, mask, cache="static", cuda_graph=True,
-                                                                **kw),
-        "HF generate": lambda: model.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=new,
-                                              min_new_tokens=new, pad_token_id=0, top_k=50, top_p=0.9),
+        "generate, static cache + CUDA graph": lambda: generate(
+            model, ids, mask, cache="static", cuda_graph=True, **kw
+        ),
+        "HF generate": lambda: model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+            top_k=50,
+            top_p=0.9,
+        ),
     }
     rates = {}
     with torch.no_grad():
@@ -196,12 +243,16 @@ def rollout_figures(quick: bool) -> list:
                 torch.cuda.synchronize()
                 best = max(best, B * new / (time.perf_counter() - start))
             rates[name] = best
-    shape = (f"Llama {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, B={B} "
-             f"P={ids.shape[1]} new={new} V={bench_rollout.VOCAB} fp32, top-k 50 / top-p 0.9")
+    shape = (
+        f"Llama {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, B={B} "
+        f"P={ids.shape[1]} new={new} V={bench_rollout.VOCAB} fp32, top-k 50 / top-p 0.9"
+    )
     hf = rates["HF generate"]
-    return [figure(f"rollout: {name}", shape, None, None, "HF generate", tokens_per_s=rate,
-                   speedup_vs_hf=rate / hf) for name, rate in rates.items() if name != "HF generate"] + [
-        figure("rollout: HF generate", shape, None, None, "HF generate", tokens_per_s=hf, speedup_vs_hf=1.0)]
+    return [
+        figure(f"rollout: {name}", shape, None, None, "HF generate", tokens_per_s=rate, speedup_vs_hf=rate / hf)
+        for name, rate in rates.items()
+        if name != "HF generate"
+    ] + [figure("rollout: HF generate", shape, None, None, "HF generate", tokens_per_s=hf, speedup_vs_hf=1.0)]
 
 
 def collect(quick: bool = False) -> dict:
@@ -210,13 +261,23 @@ def collect(quick: bool = False) -> dict:
 
     props = torch.cuda.get_device_properties(0)
     peak, peak_source = peak_bandwidth_gbs()
-    machine = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-               "cuda": torch.version.cuda, "peak_hbm_gbs": peak, "peak_hbm_source": peak_source,
-               "copy_gbs": copy_bandwidth_gbs(0.5 if quick else 4.0)}
+    machine = {
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "peak_hbm_gbs": peak,
+        "peak_hbm_source": peak_source,
+        "copy_gbs": copy_bandwidth_gbs(0.5 if quick else 4.0),
+    }
     N, V, B_s, B, T = (1024, 128256, 16, 8, 512) if quick else (65536, 128256, 256, 64, 4096)
     figures, errors = [], {}
-    for name, fn in (("logprobs", lambda: logprobs_figures(N, V, peak)), ("sampler", lambda: sampler_figures(B_s, V)),
-                     ("gae/ppo_loss", lambda: gae_ppo_figures(B, T)), ("rollout", lambda: rollout_figures(quick))):
+    for name, fn in (
+        ("logprobs", lambda: logprobs_figures(N, V, peak)),
+        ("sampler", lambda: sampler_figures(B_s, V)),
+        ("gae/ppo_loss", lambda: gae_ppo_figures(B, T)),
+        ("rollout", lambda: rollout_figures(quick)),
+    ):
         try:
             figures += fn()
         except Exception as exc:  # one family failing must not hide the others' figures

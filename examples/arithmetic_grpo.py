@@ -12,6 +12,7 @@ split three ways: labelled examples for SFT, prompts without answers for GRPO (t
 the completion, no label needed), and held-out problems for the accuracy reported before and after GRPO
 (greedy decoding). Everything is seeded; the numbers printed at the end are the point of the example.
 """
+
 import argparse
 import os
 import random
@@ -53,8 +54,9 @@ def build_tokenizer_and_model(seed: int):
 
     corpus = [spaced("0123456789+=")] * 4
     tok = build_tokenizer(corpus, vocab_size=64, kind="wordlevel", chat_template=False)
-    model = tiny_causal_lm("llama", tokenizer=tok, seed=seed, hidden_size=64, num_layers=2, num_heads=4,
-                           max_position_embeddings=32)
+    model = tiny_causal_lm(
+        "llama", tokenizer=tok, seed=seed, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=32
+    )
     return tok, model
 
 
@@ -76,10 +78,13 @@ def accuracy(model, tok, pairs) -> float:
     model.eval()
     prompts = [prompt_of(a, b) for a, b in pairs]
     ids, mask = pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id, "left")
-    rollout = generate(model, ids, mask, max_new_tokens=4, top_k=1, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+    rollout = generate(
+        model, ids, mask, max_new_tokens=4, top_k=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     lengths = rollout.response_mask.sum(1).tolist()
-    texts = tok.batch_decode([row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths)], skip_special_tokens=True)
+    texts = tok.batch_decode(
+        [row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths)], skip_special_tokens=True
+    )
     return sum(correct_sum(prompts, texts)) / len(pairs)
 
 
@@ -98,25 +103,50 @@ def main(mode: str = "full", seed: int = 0, output_dir=None) -> dict:
     common = dict(use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no", seed=seed, logging_steps=10)
     start = time.time()
 
-    sft = SFTTrainer(model, args=SFTConfig(output_dir=os.path.join(output_dir, "sft"), max_steps=s["sft_steps"],
-                                           per_device_train_batch_size=32, learning_rate=3e-3, lr_scheduler_type="constant",
-                                           **common),
-                     train_dataset=[{"prompt": prompt_of(a, b), "completion": " " + answer_of(a, b)} for a, b in sft_pairs],
-                     processing_class=tok)
+    sft = SFTTrainer(
+        model,
+        args=SFTConfig(
+            output_dir=os.path.join(output_dir, "sft"),
+            max_steps=s["sft_steps"],
+            per_device_train_batch_size=32,
+            learning_rate=3e-3,
+            lr_scheduler_type="constant",
+            **common,
+        ),
+        train_dataset=[{"prompt": prompt_of(a, b), "completion": " " + answer_of(a, b)} for a, b in sft_pairs],
+        processing_class=tok,
+    )
     sft.train()
     before = accuracy(sft.model, tok, held_out)
     print(f"after SFT ({s['sft_steps']} steps): held-out accuracy {before:.1%}")
 
-    args = GRPOConfig(output_dir=os.path.join(output_dir, "grpo"), max_steps=s["grpo_steps"], num_generations=NUM_GENERATIONS,
-                      per_device_train_batch_size=s["prompts"] * NUM_GENERATIONS, max_completion_length=4,
-                      learning_rate=s["grpo_lr"], num_iterations=s["num_iterations"], lr_scheduler_type="constant", beta=0.0, temperature=1.0, **common)
-    grpo = GRPOTrainer(sft.model, [correct_sum], args=args, train_dataset=[{"prompt": prompt_of(a, b)} for a, b in rl_pairs],
-                       processing_class=tok)
+    args = GRPOConfig(
+        output_dir=os.path.join(output_dir, "grpo"),
+        max_steps=s["grpo_steps"],
+        num_generations=NUM_GENERATIONS,
+        per_device_train_batch_size=s["prompts"] * NUM_GENERATIONS,
+        max_completion_length=4,
+        learning_rate=s["grpo_lr"],
+        num_iterations=s["num_iterations"],
+        lr_scheduler_type="constant",
+        beta=0.0,
+        temperature=1.0,
+        **common,
+    )
+    grpo = GRPOTrainer(
+        sft.model,
+        [correct_sum],
+        args=args,
+        train_dataset=[{"prompt": prompt_of(a, b)} for a, b in rl_pairs],
+        processing_class=tok,
+    )
     logs = grpo.train().log_history
     after = accuracy(grpo.policy, tok, held_out)
-    print(f"after GRPO ({s['grpo_steps']} steps, rule reward, {s['prompts']} prompts x {NUM_GENERATIONS}): "
-          f"held-out accuracy {after:.1%}   (train reward {logs[0]['reward']:.2f} -> {logs[-1]['reward']:.2f}; "
-          f"{time.time() - start:.0f} s)")
+    print(
+        f"after GRPO ({s['grpo_steps']} steps, rule reward, {s['prompts']} prompts x {NUM_GENERATIONS}): "
+        f"held-out accuracy {after:.1%}   (train reward {logs[0]['reward']:.2f} -> {logs[-1]['reward']:.2f}; "
+        f"{time.time() - start:.0f} s)"
+    )
     return {"before": before, "after": after, "reward_first": logs[0]["reward"], "reward_last": logs[-1]["reward"]}
 
 

@@ -1,7 +1,8 @@
 """GRPO on several processes: data parallel or FSDP-sharded, launched by torchrun or accelerate.
 
 A tiny Llama (built locally, nothing downloaded) learns to emit tokens of a fixed target set (ids 7-99,
-about a quarter of a random policy's samples) under a rule reward. The same script runs in one process or many; what the launcher's environment says decides:
+about a quarter of a random policy's samples) under a rule reward. The same script runs in one process or many;
+what the launcher's environment says decides:
 
     python examples/multi_process_grpo.py                                  # one process
     torchrun --nproc_per_node 2 examples/multi_process_grpo.py             # data parallel (gloo on CPU)
@@ -12,6 +13,7 @@ Rank 0 prints the mean reward of the first and last steps and the share of the p
 (1.0 data parallel, about 1/N under FSDP), and saves the policy (full HF weights) to --output_dir.
 One process, seed 0, 10 steps: reward 0.27 -> 0.93; 2 processes (DDP or FSDP), 8 prompts a step: 0.25 -> 0.71.
 """
+
 import argparse
 import json
 import os
@@ -49,18 +51,33 @@ def main(argv=None) -> dict:
     model = tiny_causal_lm("llama", tokenizer=tok)
     prompts = [{"prompt": " ".join(line.split(" ")[:2])} for line in default_corpus(256, seed=1)[:128]]
     args = GRPOConfig(
-        output_dir=opts.output_dir, use_cpu=not torch.cuda.is_available(), max_steps=opts.max_steps, seed=0,
-        num_generations=4, per_device_train_batch_size=4 * opts.prompts_per_process, max_completion_length=8,
-        learning_rate=5e-2, beta=0.02, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        output_dir=opts.output_dir,
+        use_cpu=not torch.cuda.is_available(),
+        max_steps=opts.max_steps,
+        seed=0,
+        num_generations=4,
+        per_device_train_batch_size=4 * opts.prompts_per_process,
+        max_completion_length=8,
+        learning_rate=5e-2,
+        beta=0.02,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
     )
     trainer = GRPOTrainer(model, target_token_reward, args=args, train_dataset=prompts, processing_class=tok)
     state = trainer.train()
     trainer.save_model(opts.output_dir)
     fraction = held_fraction(trainer.policy)
-    summary = {"processes": trainer.dist.world_size, "fsdp": trainer.fsdp is not None and trainer.dist.enabled,
-               "bf16": trainer.args.bf16,
-               "held_fraction": fraction, "first_reward": state.log_history[0]["reward"],
-               "last_reward": state.log_history[-1]["reward"]}
+    summary = {
+        "processes": trainer.dist.world_size,
+        "fsdp": trainer.fsdp is not None and trainer.dist.enabled,
+        "bf16": trainer.args.bf16,
+        "held_fraction": fraction,
+        "first_reward": state.log_history[0]["reward"],
+        "last_reward": state.log_history[-1]["reward"],
+    }
     if trainer.dist.is_main:
         print(json.dumps(summary))
         with open(os.path.join(opts.output_dir, "summary.json"), "w") as fh:

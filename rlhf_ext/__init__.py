@@ -3,6 +3,7 @@
 `import rlhf_ext` loads the compiled core (registering `torch.ops.rlhf_ext.*`) and the public ops.
 Trainers are imported lazily, so kernel users do not pay for importing transformers.
 """
+
 from rlhf_ext._loader import load_compiled
 
 _C = load_compiled()

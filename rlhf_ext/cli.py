@@ -1,6 +1,7 @@
 """`rlhf-ext` command line. Each subcommand lives in its own module under rlhf_ext/commands/ with
 `register(subparsers)`, which adds its parser and sets `func`; modules are imported only when listed
 here, so `rlhf-ext env` stays fast."""
+
 import argparse
 import importlib
 import sys
@@ -19,7 +20,9 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf-ext", description="RLHF for Hugging Face Transformers with fused kernels.")
+    parser = argparse.ArgumentParser(
+        prog="rlhf-ext", description="RLHF for Hugging Face Transformers with fused kernels."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for module in COMMANDS.values():

@@ -18,6 +18,7 @@ Exit codes: 0 every step passed; 1 a step failed or timed out (the report says w
 can run here (no CUDA GPU, a torch without CUDA, or no nvcc): one line says why and what it would have done.
 A step the machine cannot host (e.g. compute-sanitizer refusing the device) is reported as skipped, with why.
 """
+
 import argparse
 import glob
 import json
@@ -34,12 +35,16 @@ SANITIZER_TOOLS = ("memcheck", "racecheck")
 UNAVAILABLE_MODULES = ("datasets", "fastapi")
 EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
 STEP_CAPS_S = {"build": 300, "tests": 150, "sanitizer": 150, "bench": 240}
-PLAN = ("build the CUDA extension for this GPU's architecture, run `pytest -m cuda`, run compute-sanitizer "
-        "(memcheck, racecheck) over a driver of each kernel family, time the GPU benchmarks against their eager "
-        "baselines and write report.md / report.json")
+PLAN = (
+    "build the CUDA extension for this GPU's architecture, run `pytest -m cuda`, run compute-sanitizer "
+    "(memcheck, racecheck) over a driver of each kernel family, time the GPU benchmarks against their eager "
+    "baselines and write report.md / report.json"
+)
 # Runs pytest with the modules the GPU machines do not have made unimportable (a None entry in sys.modules).
-BLOCK_AND_RUN_PYTEST = ("import sys; [sys.modules.__setitem__(m, None) for m in sys.argv[1].split(',')]; "
-                        "import pytest; sys.exit(pytest.main(sys.argv[2:]))")
+BLOCK_AND_RUN_PYTEST = (
+    "import sys; [sys.modules.__setitem__(m, None) for m in sys.argv[1].split(',')]; "
+    "import pytest; sys.exit(pytest.main(sys.argv[2:]))"
+)
 
 
 def find_tool(name: str):
@@ -87,16 +92,38 @@ def cuda_test_files(root: str = ROOT) -> list:
 
 
 def pytest_command(python: str, files, *args) -> list:
-    return [python, "-c", BLOCK_AND_RUN_PYTEST, ",".join(UNAVAILABLE_MODULES), "-m", "cuda", "-p",
-            "no:cacheprovider", *args, *files]
+    return [
+        python,
+        "-c",
+        BLOCK_AND_RUN_PYTEST,
+        ",".join(UNAVAILABLE_MODULES),
+        "-m",
+        "cuda",
+        "-p",
+        "no:cacheprovider",
+        *args,
+        *files,
+    ]
 
 
 def nvcc_command(nvcc: str, family: str, arch: str, output: str) -> list:
     """Build one sanitizer driver for `arch` ("9.0") with line info, so reports point at source lines."""
     sm = arch.replace(".", "")
-    return [nvcc, "-std=c++17", "-O2", "-lineinfo", "-gencode", f"arch=compute_{sm},code=sm_{sm}",
-            "-I", os.path.join(ROOT, "csrc", "cuda"), "-I", os.path.join(ROOT, "scripts", "sanitizer"),
-            os.path.join(ROOT, "scripts", "sanitizer", f"{family}_driver.cu"), "-o", output]
+    return [
+        nvcc,
+        "-std=c++17",
+        "-O2",
+        "-lineinfo",
+        "-gencode",
+        f"arch=compute_{sm},code=sm_{sm}",
+        "-I",
+        os.path.join(ROOT, "csrc", "cuda"),
+        "-I",
+        os.path.join(ROOT, "scripts", "sanitizer"),
+        os.path.join(ROOT, "scripts", "sanitizer", f"{family}_driver.cu"),
+        "-o",
+        output,
+    ]
 
 
 def sanitizer_command(sanitizer: str, tool: str, binary: str) -> list:
@@ -110,8 +137,9 @@ def run_logged(cmd, log_path: str, timeout: float, env=None, cwd=ROOT) -> dict:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         try:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                timeout=max(1.0, timeout)).returncode
+            rc = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, timeout=max(1.0, timeout)
+            ).returncode
             timed_out = False
         except subprocess.TimeoutExpired:
             rc, timed_out = None, True
@@ -147,8 +175,9 @@ def sanitizer_step(arch: str, out_dir: str, timeout: float) -> dict:
             log = os.path.join(out_dir, f"{tool}_{family}.log")
             outcome = run_logged(sanitizer_command(sanitizer, tool, binary), log, deadline - time.monotonic())
             refused = "Device not supported" in outcome["tail"] and outcome["rc"] != 0
-            results[f"{tool} {family}"] = step_result(outcome, log, "compute-sanitizer refused this device"
-                                                      if refused else None)
+            results[f"{tool} {family}"] = step_result(
+                outcome, log, "compute-sanitizer refused this device" if refused else None
+            )
         return results
 
     with ThreadPoolExecutor(max_workers=len(FAMILIES)) as pool:
@@ -171,16 +200,20 @@ def render_markdown(results: dict) -> str:
     machine = results.get("machine", {})
     lines = ["# rlhf_ext GPU check", ""]
     if machine:
-        lines += [f"Device: {machine.get('device', '?')} ({machine.get('sms', '?')} SMs), torch {machine.get('torch')}"
-                  f" / CUDA {machine.get('cuda')}, built for {results.get('arch', '?')}. Peak HBM "
-                  f"{fmt(machine.get('peak_hbm_gbs'), ' GB/s', 0)} ({machine.get('peak_hbm_source', '?')}); "
-                  f"device-to-device copy reached {fmt(machine.get('copy_gbs'), ' GB/s', 0)}.", ""]
+        lines += [
+            f"Device: {machine.get('device', '?')} ({machine.get('sms', '?')} SMs), torch {machine.get('torch')}"
+            f" / CUDA {machine.get('cuda')}, built for {results.get('arch', '?')}. Peak HBM "
+            f"{fmt(machine.get('peak_hbm_gbs'), ' GB/s', 0)} ({machine.get('peak_hbm_source', '?')}); "
+            f"device-to-device copy reached {fmt(machine.get('copy_gbs'), ' GB/s', 0)}.",
+            "",
+        ]
     lines += ["| step | status | seconds | note |", "| --- | --- | --- | --- |"]
     for name, step in results.get("steps", {}).items():
         lines.append(f"| {name} | {step['status']} | {fmt(step.get('seconds'))} | {step.get('why') or ''} |")
         for run_name, run in step.get("runs", {}).items():
-            lines.append(f"| &nbsp;&nbsp;{run_name} | {run['status']} | {fmt(run.get('seconds'))} | "
-                         f"{run.get('why') or ''} |")
+            lines.append(
+                f"| &nbsp;&nbsp;{run_name} | {run['status']} | {fmt(run.get('seconds'))} | {run.get('why') or ''} |"
+            )
     figures = results.get("figures", [])
     if figures:
         lines += ["", "| figure | shape | fused | baseline | speedup | note |", "| --- | --- | --- | --- | --- | --- |"]
@@ -193,8 +226,10 @@ def render_markdown(results: dict) -> str:
             if f.get("baseline_scaled_from"):
                 notes.append(f"baseline timed on {f['baseline_scaled_from']} rows (memory), scaled linearly")
             baseline = f"{f.get('baseline', '')}: {fmt(f.get('baseline_us'), ' µs')}"
-            lines.append(f"| {f['name']} | {f['shape']} | {fmt(f.get('fused_us'), ' µs')} | {baseline} | "
-                         f"{fmt(f.get('speedup'), 'x', 2)} | {'; '.join(notes)} |")
+            lines.append(
+                f"| {f['name']} | {f['shape']} | {fmt(f.get('fused_us'), ' µs')} | {baseline} | "
+                f"{fmt(f.get('speedup'), 'x', 2)} | {'; '.join(notes)} |"
+            )
     for name, error in results.get("figure_errors", {}).items():
         lines.append(f"\nFigures of {name} not measured: {error}")
     return "\n".join(lines) + "\n"
@@ -234,9 +269,14 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     arch = gpu_arch()
     cores = str(os.cpu_count() or 16)
-    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=cores, RLHF_EXT_FORCE_CUDA="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        TORCH_CUDA_ARCH_LIST=arch,
+        MAX_JOBS=cores,
+        RLHF_EXT_FORCE_CUDA="1",
+        PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PYTHONUNBUFFERED="1",
+    )
     results = {"arch": arch, "steps": {}, "figures": [], "figure_errors": {}, "plan": PLAN}
 
     def remaining(step):
@@ -264,8 +304,9 @@ def main(argv=None) -> int:
             if os.path.exists(figures_json):
                 with open(figures_json) as f:
                     measured = json.load(f)
-                results.update(machine=measured["machine"], figures=measured["figures"],
-                               figure_errors=measured["errors"])
+                results.update(
+                    machine=measured["machine"], figures=measured["figures"], figure_errors=measured["errors"]
+                )
         print(f"gpu-check: {step} {results['steps'][step]['status']}", flush=True)
     md_path, json_path = write_report(results, args.out)
     print(open(md_path).read())

@@ -1,4 +1,5 @@
 """Shared fixtures: a tokenizer trained locally and tiny Llama / GPT-2 / Qwen2 models (rlhf_ext.models.tiny)."""
+
 import copy
 import importlib.util
 import pathlib

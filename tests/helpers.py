@@ -1,4 +1,5 @@
 """Shared test utilities: devices, dtype tolerances, error matching."""
+
 import pytest
 import torch
 

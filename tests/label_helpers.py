@@ -1,4 +1,5 @@
 """Shared helpers of the tests/test_label_*.py files: tiny local models, pairs files, a server process."""
+
 import contextlib
 import json
 import os
@@ -38,9 +39,12 @@ def word_tokenizer(folder):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     corpus = [" ".join(FILLER + [MARKER, "Q:", "A:", "B:", "Best:", "A", "B", "say", "hello"])] * 4
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     fast.save_pretrained(folder)
     return fast
 
@@ -49,10 +53,19 @@ def tiny_llama(tokenizer, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -93,11 +106,14 @@ def _train_steps(model, tokenizer, optimizer, rng, answer_ids, steps):
         texts, targets = [], []
         for _ in range(48):
             prompt, first, second, answer = judge_example(rng, rng.choice(["A", "B", None]))
-            texts.append(JUDGE_TEMPLATE.replace("{prompt}", prompt).replace("{response_a}", first)
-                         .replace("{response_b}", second))
+            texts.append(
+                JUDGE_TEMPLATE.replace("{prompt}", prompt)
+                .replace("{response_a}", first)
+                .replace("{response_b}", second)
+            )
             targets.append(answer_ids[answer])
         input_ids = torch.tensor([tokenizer(t)["input_ids"] for t in texts])  # (48, 14): fixed length
-        logits = model(input_ids=input_ids).logits[:, -1]                      # (48, V)
+        logits = model(input_ids=input_ids).logits[:, -1]  # (48, V)
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
         optimizer.zero_grad()
         loss.backward()
@@ -118,10 +134,25 @@ def label_server(pairs, db, *, k=1, lifetime_s=120, extra=()):
     import httpx
 
     port = free_port()
-    argv = ["label", "serve", "--pairs", str(pairs), "--db", str(db), "--host", "127.0.0.1", "--port", str(port),
-            "--k", str(k), *extra]
-    code = ("import os, sys, threading; threading.Timer(%d, os._exit, (3,)).start(); "
-            "from rlhf_ext.cli import main; sys.exit(main(%r))" % (lifetime_s, argv))
+    argv = [
+        "label",
+        "serve",
+        "--pairs",
+        str(pairs),
+        "--db",
+        str(db),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--k",
+        str(k),
+        *extra,
+    ]
+    code = (
+        f"import os, sys, threading; threading.Timer({lifetime_s:d}, os._exit, (3,)).start(); "
+        f"from rlhf_ext.cli import main; sys.exit(main({argv!r}))"
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

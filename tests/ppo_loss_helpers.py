@@ -1,15 +1,28 @@
 """Shared inputs and comparisons of the ppo_loss tests (tests/test_ppo_loss*.py)."""
+
 import torch
 
 LOSS_AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 OPTIONAL = ("values", "old_values", "returns", "ref_logprobs", "entropy")
 GRAD_LEAVES = ("logprobs", "values", "entropy")
-STAT_KEYS = ["clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approxkl", "approxkl_k3", "ratio_mean",
-             "ratio_max", "value_clipfrac", "num_tokens", "num_seqs"]
+STAT_KEYS = [
+    "clipfrac",
+    "clipfrac_low",
+    "clipfrac_high",
+    "dual_clipfrac",
+    "approxkl",
+    "approxkl_k3",
+    "ratio_mean",
+    "ratio_max",
+    "value_clipfrac",
+    "num_tokens",
+    "num_seqs",
+]
 
 
-def make_case(B, T, *, seed, spread=0.5, holes=0.25, empty_rows=(1,), values=True, ref=True, entropy=True,
-              extreme=False):
+def make_case(
+    B, T, *, seed, spread=0.5, holes=0.25, empty_rows=(1,), values=True, ref=True, entropy=True, extreme=False
+):
     """Per-token tensors [B, T] in float32. spread: std of logprobs - old_logprobs (0.5 puts a good share
     of ratios outside [0.8, 1.2]); extreme: log-prob differences uniform in ±50 and advantages ±100."""
     g = torch.Generator().manual_seed(seed)
@@ -29,8 +42,9 @@ def make_case(B, T, *, seed, spread=0.5, holes=0.25, empty_rows=(1,), values=Tru
         case["values"] = case["old_values"] + 0.4 * torch.randn(B, T, generator=g)
         case["returns"] = torch.randn(B, T, generator=g)
     if ref:
-        case["ref_logprobs"] = case["logprobs"] + ((100 * torch.rand(B, T, generator=g) - 50) if extreme
-                                                   else 0.3 * torch.randn(B, T, generator=g))
+        case["ref_logprobs"] = case["logprobs"] + (
+            (100 * torch.rand(B, T, generator=g) - 50) if extreme else 0.3 * torch.randn(B, T, generator=g)
+        )
     if entropy:
         case["entropy"] = 3 * torch.rand(B, T, generator=g)
     return case
@@ -40,8 +54,9 @@ def run(fn, case, dtype=None, **kwargs):
     """Calls fn on fresh leaves (cast to dtype if given); returns (output, grads of loss by leaf name)."""
     t = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v.clone()) for k, v in case.items()}
     leaves = {k: t[k].requires_grad_() for k in GRAD_LEAVES if k in t}
-    out = fn(t["logprobs"], t["old_logprobs"], t["advantages"], t["mask"],
-             **{k: t[k] for k in OPTIONAL if k in t}, **kwargs)
+    out = fn(
+        t["logprobs"], t["old_logprobs"], t["advantages"], t["mask"], **{k: t[k] for k in OPTIONAL if k in t}, **kwargs
+    )
     grads = torch.autograd.grad(out.loss, list(leaves.values()))
     return out, dict(zip(leaves, grads))
 
@@ -51,12 +66,14 @@ def assert_outputs_close(out, ref, rtol=1e-5, atol=1e-6):
         a, b = getattr(out, name), getattr(ref, name)
         torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
     for key in STAT_KEYS:
-        torch.testing.assert_close(out.stats[key].double(), ref.stats[key].double(), rtol=rtol, atol=atol,
-                                   msg=lambda m: f"stats[{key}]: {m}")
+        torch.testing.assert_close(
+            out.stats[key].double(), ref.stats[key].double(), rtol=rtol, atol=atol, msg=lambda m: f"stats[{key}]: {m}"
+        )
 
 
 def assert_grads_close(grads, ref_grads, rtol=1e-5, atol=1e-7):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
-        torch.testing.assert_close(grads[name].double(), ref_grads[name].double(), rtol=rtol, atol=atol,
-                                   msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            grads[name].double(), ref_grads[name].double(), rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}"
+        )

@@ -21,6 +21,7 @@ Where the simulator comes from: $GPUSIM_PREFIX (what `eval "$(bash ../shared/gpu
 else ../shared/gpusim/setup.sh next to the repository, run here. `unavailable_reason()` says why the tests
 must skip (no nvcc, no simulator) or returns None.
 """
+
 import atexit
 import glob
 import hashlib
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -45,8 +46,20 @@ SHARED_GPUSIM = os.path.normpath(os.path.join(REPO, "..", "shared", "gpusim"))
 CACHE = os.environ.get("RLHF_EXT_SIM_CACHE") or os.path.join(REPO, "build", "cuda_sim")
 TIMEOUT = float(os.environ.get("RLHF_EXT_SIM_TIMEOUT", "600"))
 # compute_75 PTX only: the simulator ignores SASS, and sm_80+ PTX has bf16 conversions it cannot parse.
-NVCC_FLAGS = ["-std=c++17", "-cudart", "shared", "-gencode", "arch=compute_75,code=compute_75",
-              "-Xcompiler", "-fPIC", "-shared", "-I", os.path.join(REPO, "csrc", "cuda"), "-I", SIM_SOURCES]
+NVCC_FLAGS = [
+    "-std=c++17",
+    "-cudart",
+    "shared",
+    "-gencode",
+    "arch=compute_75,code=compute_75",
+    "-Xcompiler",
+    "-fPIC",
+    "-shared",
+    "-I",
+    os.path.join(REPO, "csrc", "cuda"),
+    "-I",
+    SIM_SOURCES,
+]
 
 # The simulator traces instructions of the thread whose uid matches these (0 = every thread): its option
 # -gpgpu_ptx_inst_debug_to_file is an OPT_BOOL stored in an int, so it reads as on, and the env default 0 records
@@ -68,7 +81,7 @@ class CudaError(RuntimeError):
         self.code = code
 
 
-def families() -> List[str]:
+def families() -> list[str]:
     """Op families that have a harness library (tests/cuda_sim/<family>_sim.cu)."""
     return sorted(os.path.basename(p)[: -len("_sim.cu")] for p in glob.glob(os.path.join(SIM_SOURCES, "*_sim.cu")))
 
@@ -81,7 +94,7 @@ def nvcc_path() -> Optional[str]:
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
-_prefix_cache: Dict[str, tuple] = {}
+_prefix_cache: dict[str, tuple] = {}
 
 
 def _find_simulator():
@@ -101,8 +114,9 @@ def _find_simulator():
         else:
             reason = f"{setup} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-500:]}"
     else:
-        reason = (f"no GPU simulator: set GPUSIM_PREFIX (eval \"$(bash ../shared/gpusim/setup.sh)\") or provide "
-                  f"{SHARED_GPUSIM}")
+        reason = (
+            f'no GPU simulator: set GPUSIM_PREFIX (eval "$(bash ../shared/gpusim/setup.sh)") or provide {SHARED_GPUSIM}'
+        )
     _prefix_cache["result"] = (prefix, reason)
     return prefix, reason
 
@@ -176,7 +190,7 @@ def build(family: str) -> str:
     return target
 
 
-def build_all(names: Optional[List[str]] = None) -> Dict[str, str]:
+def build_all(names: Optional[list[str]] = None) -> dict[str, str]:
     """Builds every family's library (two nvcc at a time: CI has 2 cores) -> {family: path}."""
     names = families() if names is None else names
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
@@ -232,8 +246,9 @@ class SimLibrary:
     def _start(self):
         self._cpu_before_start = self.cpu_seconds
         prefix = simulator_prefix()
-        env_dump = subprocess.run(["bash", "-c", 'source "$1/env.sh" && env -0', "_", prefix],
-                                  capture_output=True, check=True).stdout.decode()
+        env_dump = subprocess.run(
+            ["bash", "-c", 'source "$1/env.sh" && env -0', "_", prefix], capture_output=True, check=True
+        ).stdout.decode()
         env = dict(item.split("=", 1) for item in env_dump.split("\0") if "=" in item)
         self._scratch = tempfile.mkdtemp(prefix=f"rlhf-ext-sim-{self.family}-")
         for name in os.listdir(env["GPUSIM_CONFIG_DIR"]):
@@ -241,10 +256,18 @@ class SimLibrary:
         with open(os.path.join(self._scratch, "gpgpusim.config"), "a") as config:
             config.write(QUIET_CONFIG)
         env.update(QUIET_ENV)
-        env.update(GPUSIM_PREFIX=prefix, PYTORCH_BIN=self.path,  # the binary the simulator reads the PTX of
-                   GPUSIM_WORKER_LOG=os.path.join(self._scratch, "simulator.log"))
-        self._proc = subprocess.Popen([sys.executable, os.path.join(SIM_SOURCES, "worker.py"), self.path],
-                                      cwd=self._scratch, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        env.update(
+            GPUSIM_PREFIX=prefix,
+            PYTORCH_BIN=self.path,  # the binary the simulator reads the PTX of
+            GPUSIM_WORKER_LOG=os.path.join(self._scratch, "simulator.log"),
+        )
+        self._proc = subprocess.Popen(
+            [sys.executable, os.path.join(SIM_SOURCES, "worker.py"), self.path],
+            cwd=self._scratch,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         reply = self._receive("start-up")
         if reply[0] != "ready":
             self._fail("start-up", f"worker could not load {self.path}:\n{reply[1]}")
@@ -262,8 +285,9 @@ class SimLibrary:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()  # hung: nothing left to wait for
         self.close(keep_scratch=True)
-        error = SimulatorError(f"cuda_sim {self.family}: {why} during {what}; simulator log {scratch}/simulator.log "
-                               f"ends with:\n{tail}")
+        error = SimulatorError(
+            f"cuda_sim {self.family}: {why} during {what}; simulator log {scratch}/simulator.log ends with:\n{tail}"
+        )
         error.scratch = scratch  # kept for a look; the caller may remove it
         raise error
 
@@ -334,13 +358,15 @@ def _process_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-_libraries: Dict[str, SimLibrary] = {}
+_libraries: dict[str, SimLibrary] = {}
 
 
 def summary() -> str:
     """One line per family used: calls and simulator CPU seconds (for the test log)."""
-    return "\n".join(f"cuda_sim {name}: {lib.calls} calls, {lib.cpu_seconds:.1f} s simulator CPU"
-                     for name, lib in sorted(_libraries.items()))
+    return "\n".join(
+        f"cuda_sim {name}: {lib.calls} calls, {lib.cpu_seconds:.1f} s simulator CPU"
+        for name, lib in sorted(_libraries.items())
+    )
 
 
 def library(family: str) -> SimLibrary:

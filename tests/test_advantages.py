@@ -1,4 +1,5 @@
 """Critic-free advantage estimators against plain Python loops."""
+
 import math
 import statistics
 

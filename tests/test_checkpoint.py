@@ -42,13 +42,34 @@ class Recorder(TrainerCallback):
 
 
 def ppo(make_lm, tokenizer, rows, output_dir, callbacks=None, **overrides):
-    settings = dict(max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=2,
-                    num_ppo_epochs=2, response_length=5, learning_rate=3e-3, temperature=1.0, save_steps=2,
-                    num_sample_generations=0, logging_steps=1,
-                    target_kl=0.05, kl_horizon=50, output_dir=output_dir, use_cpu=True, disable_tqdm=True, seed=0)
+    settings = dict(
+        max_steps=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_mini_batches=2,
+        num_ppo_epochs=2,
+        response_length=5,
+        learning_rate=3e-3,
+        temperature=1.0,
+        save_steps=2,
+        num_sample_generations=0,
+        logging_steps=1,
+        target_kl=0.05,
+        kl_horizon=50,
+        output_dir=output_dir,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     settings.update(overrides)
-    return PPOTrainer(PPOConfig(**settings), tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=rows,
-                      callbacks=callbacks)
+    return PPOTrainer(
+        PPOConfig(**settings),
+        tokenizer,
+        make_lm(),
+        reward_funcs=[target_fraction],
+        train_dataset=rows,
+        callbacks=callbacks,
+    )
 
 
 def weights(trainer):
@@ -91,8 +112,9 @@ def test_ppo_resume_is_exact(uninterrupted, make_lm, tiny_tokenizer, prompt_rows
     assert drop_timing(metrics(out)) == drop_timing(full_metrics)
 
 
-def test_crash_between_write_and_rename_keeps_last_checkpoint(uninterrupted, make_lm, tiny_tokenizer, prompt_rows,
-                                                              tmp_path, monkeypatch):
+def test_crash_between_write_and_rename_keeps_last_checkpoint(
+    uninterrupted, make_lm, tiny_tokenizer, prompt_rows, tmp_path, monkeypatch
+):
     full_weights = uninterrupted[0]
     out = str(tmp_path)
     real_publish = ckpt._publish
@@ -128,8 +150,17 @@ def test_sft_resume_is_exact(make_lm, tiny_tokenizer, corpus, tmp_path):
     rows = [{"text": t} for t in corpus[:32]]
 
     def run(out, callbacks=None, resume=None):
-        args = SFTConfig(output_dir=out, max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                         learning_rate=1e-3, save_steps=2, use_cpu=True, disable_tqdm=True, warmup_ratio=0.5)
+        args = SFTConfig(
+            output_dir=out,
+            max_steps=4,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            learning_rate=1e-3,
+            save_steps=2,
+            use_cpu=True,
+            disable_tqdm=True,
+            warmup_ratio=0.5,
+        )
         trainer = SFTTrainer(make_lm(), args, train_dataset=rows, processing_class=tiny_tokenizer, callbacks=callbacks)
         trainer.train(resume_from_checkpoint=resume)
         return {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -146,6 +177,7 @@ def test_save_atomic_failure_and_rotation(tmp_path):
         def fill(folder):
             with open(os.path.join(folder, "data.txt"), "w") as fh:
                 fh.write(tag)
+
         return fill
 
     def broken(folder):
@@ -171,8 +203,9 @@ def test_resume_errors(make_lm, tiny_tokenizer, prompt_rows, tmp_path):
 
 def test_tensorboard_logging(make_lm, tiny_tokenizer, prompt_rows, tmp_path):
     pytest.importorskip("tensorboard")
-    trainer = ppo(make_lm, tiny_tokenizer, prompt_rows, str(tmp_path), max_steps=1, save_strategy="no",
-                  report_to="tensorboard")
+    trainer = ppo(
+        make_lm, tiny_tokenizer, prompt_rows, str(tmp_path), max_steps=1, save_strategy="no", report_to="tensorboard"
+    )
     trainer.train()
     files = os.listdir(tmp_path / "runs")
     assert any(f.startswith("events.out.tfevents") for f in files)

@@ -1,5 +1,6 @@
 """Checkpoint manifests: written last, verified on resume; a damaged newest checkpoint is skipped with a warning
 naming what is wrong and the newest valid one is resumed exactly; every load error names its file."""
+
 import hashlib
 import json
 import logging
@@ -17,11 +18,20 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def sft(make_lm, tokenizer, corpus, out, **overrides):
-    settings = dict(output_dir=out, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3, save_steps=2,
-                    use_cpu=True, disable_tqdm=True, seed=0)
+    settings = dict(
+        output_dir=out,
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        save_steps=2,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     settings.update(overrides)
-    return SFTTrainer(make_lm(), SFTConfig(**settings), train_dataset=[{"text": t} for t in corpus[:32]],
-                      processing_class=tokenizer)
+    return SFTTrainer(
+        make_lm(), SFTConfig(**settings), train_dataset=[{"text": t} for t in corpus[:32]], processing_class=tokenizer
+    )
 
 
 def state(trainer):
@@ -73,8 +83,9 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
-def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(case, full_run, make_lm, tiny_tokenizer, corpus,
-                                                                   tmp_path, caplog):
+def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(
+    case, full_run, make_lm, tiny_tokenizer, corpus, tmp_path, caplog
+):
     name, damage, problem = DAMAGE[case]
     out = str(tmp_path / "out")
     shutil.copytree(full_run[0], out)
@@ -131,8 +142,10 @@ def test_checkpoint_without_manifest_still_resumes(full_run, make_lm, tiny_token
     assert all(torch.equal(state(trainer)[k], full[k]) for k in full)
 
 
-@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_extra.json",
-                                  "trainer_state.json", "model.safetensors"])
+@pytest.mark.parametrize(
+    "name",
+    ["optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_extra.json", "trainer_state.json", "model.safetensors"],
+)
 def test_load_errors_name_the_file(name, full_run, make_lm, tiny_tokenizer, corpus, tmp_path):
     """A damaged file in a checkpoint without a manifest (nothing to verify against) fails naming that file."""
     out = str(tmp_path / "out")

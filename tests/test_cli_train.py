@@ -42,10 +42,19 @@ def write_config(path, **values):
 
 def test_train_sft_from_yaml_with_overrides(workspace, tmp_path):
     out = tmp_path / "sft"
-    config = write_config(tmp_path / "sft.yaml", model_name_or_path=str(workspace / "policy"),
-                          dataset_name=str(workspace / "text.jsonl"), output_dir=str(out), max_steps=5,
-                          per_device_train_batch_size=4, learning_rate="1e-3", use_cpu=True, disable_tqdm=True,
-                          save_strategy="no", logging_steps=1)
+    config = write_config(
+        tmp_path / "sft.yaml",
+        model_name_or_path=str(workspace / "policy"),
+        dataset_name=str(workspace / "text.jsonl"),
+        output_dir=str(out),
+        max_steps=5,
+        per_device_train_batch_size=4,
+        learning_rate="1e-3",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+    )
     assert main(["train", "sft", "--config", config, "--max_steps", "2", "--learning_rate=2e-3"]) == 0
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2]  # the override won over the file
@@ -55,14 +64,25 @@ def test_train_sft_from_yaml_with_overrides(workspace, tmp_path):
 
 def test_train_reward_and_ppo(workspace, tmp_path):
     common = dict(use_cpu=True, disable_tqdm=True, save_strategy="no", max_steps=1, per_device_train_batch_size=4)
-    rm_config = write_config(tmp_path / "rm.yaml", model_name_or_path=str(workspace / "rm"),
-                             dataset_name=str(workspace / "pairs.jsonl"), output_dir=str(tmp_path / "rm"), **common)
+    rm_config = write_config(
+        tmp_path / "rm.yaml",
+        model_name_or_path=str(workspace / "rm"),
+        dataset_name=str(workspace / "pairs.jsonl"),
+        output_dir=str(tmp_path / "rm"),
+        **common,
+    )
     assert main(["train", "reward", "--config", rm_config]) == 0
     ppo_config = write_config(
-        tmp_path / "ppo.yaml", model_name_or_path=str(workspace / "policy"), reward_model_path=str(tmp_path / "rm"),
-        reward_funcs=[f"{workspace / 'my_rewards.py'}:short"], reward_weights=[1.0, 0.5],
-        dataset_name=str(workspace / "prompts.jsonl"), output_dir=str(tmp_path / "ppo"), response_length=4,
-        num_sample_generations=0, **common,
+        tmp_path / "ppo.yaml",
+        model_name_or_path=str(workspace / "policy"),
+        reward_model_path=str(tmp_path / "rm"),
+        reward_funcs=[f"{workspace / 'my_rewards.py'}:short"],
+        reward_weights=[1.0, 0.5],
+        dataset_name=str(workspace / "prompts.jsonl"),
+        output_dir=str(tmp_path / "ppo"),
+        response_length=4,
+        num_sample_generations=0,
+        **common,
     )
     assert main(["train", "ppo", "--config", ppo_config, "--num_ppo_epochs", "1", "--kl_estimator", "k3"]) == 0
     record = json.loads(open(tmp_path / "ppo" / "metrics.jsonl").readline())
@@ -83,8 +103,13 @@ def test_help(capsys):
 
 
 def test_bad_configs_are_named(workspace, tmp_path, capsys):
-    config = write_config(tmp_path / "bad.yaml", model_name_or_path=str(workspace / "policy"),
-                          dataset_name=str(workspace / "text.jsonl"), output_dir=str(tmp_path / "o"), use_cpu=True)
+    config = write_config(
+        tmp_path / "bad.yaml",
+        model_name_or_path=str(workspace / "policy"),
+        dataset_name=str(workspace / "text.jsonl"),
+        output_dir=str(tmp_path / "o"),
+        use_cpu=True,
+    )
     assert main(["train", "sft", "--config", config, "--learnin_rate", "1"]) == 2
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
     assert main(["train", "sft", "--config", config, "--max_steps", "two"]) == 2

@@ -3,6 +3,7 @@
   and sm_90 as C++17, and as C++20 (what torch's cpp_extension passes nvcc from torch 2.13 on; PTX only);
 - every thin torch binding csrc/cuda/<name>.cu against the CUDA headers the CPU torch wheel ships, as
   C++20 like the real build (a compile check only: the object is not linked here)."""
+
 import glob
 import os
 import shutil
@@ -15,7 +16,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADERS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")))
 BINDINGS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None)
+NVCC = shutil.which("nvcc") or (
+    os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
+)
 
 pytestmark = pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC), reason="nvcc not found (set CUDA_HOME)")
 
@@ -32,8 +35,18 @@ def _header_cmd(header, workdir, std):
     unit = os.path.join(workdir, f"{os.path.basename(header)}.{std}.cu")
     with open(unit, "w") as f:
         f.write(f'#include "{os.path.basename(header)}"\n')
-    return [NVCC, f"-std={std}", "-c", "-DRLHF_EXT_HEADER_SELFTEST", "-I", os.path.dirname(header),
-            *STANDARDS[std], unit, "-o", unit + ".o"]
+    return [
+        NVCC,
+        f"-std={std}",
+        "-c",
+        "-DRLHF_EXT_HEADER_SELFTEST",
+        "-I",
+        os.path.dirname(header),
+        *STANDARDS[std],
+        unit,
+        "-o",
+        unit + ".o",
+    ]
 
 
 def _binding_cmd(binding, workdir):
@@ -41,9 +54,21 @@ def _binding_cmd(binding, workdir):
 
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     # c10's generated CUDA macro header only exists in CUDA builds of torch; the flag skips it.
-    return [NVCC, "-std=c++20", "-c", "-x", "cu", "-DRLHF_EXT_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-            *includes, "-gencode", "arch=compute_90,code=compute_90", binding,
-            "-o", os.path.join(workdir, os.path.basename(binding) + ".o")]
+    return [
+        NVCC,
+        "-std=c++20",
+        "-c",
+        "-x",
+        "cu",
+        "-DRLHF_EXT_WITH_CUDA",
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        *includes,
+        "-gencode",
+        "arch=compute_90,code=compute_90",
+        binding,
+        "-o",
+        os.path.join(workdir, os.path.basename(binding) + ".o"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +79,9 @@ def compiled(tmp_path_factory):
     jobs = {(h, std): _header_cmd(h, workdir, std) for h in headers for std in STANDARDS}
     jobs.update({b: _binding_cmd(b, workdir) for b in BINDINGS})
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
-        results = dict(zip(jobs, pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs.values())))
+        results = dict(
+            zip(jobs, pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs.values()))
+        )
     return {path: (jobs[path], proc) for path, proc in results.items()}
 
 
@@ -86,8 +113,11 @@ def test_header_check_fails_on_broken_header(tmp_path):
     bad.write_text("#pragma once\n__global__ void k(float* x) { x[0] = undefined_symbol; }\n")
     unit = tmp_path / "unit.cu"
     unit.write_text('#include "bad.cuh"\n')
-    proc = subprocess.run([NVCC, "-std=c++17", "-c", "-I", str(tmp_path), str(unit), "-o", str(tmp_path / "u.o")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [NVCC, "-std=c++17", "-c", "-I", str(tmp_path), str(unit), "-o", str(tmp_path / "u.o")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
 
 

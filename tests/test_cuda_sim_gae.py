@@ -1,6 +1,7 @@
 """csrc/cuda/gae.cuh's launch_gae run on the GPU simulator (tests/sim_harness.py), against the float64 oracle
 (reference.gae_reference) and the CPU kernel: every dtype, rows longer than one 1024-step scan chunk, holes,
 empty and right-padded rows, a bootstrap value, ±1e4 and non-finite inputs."""
+
 import math
 
 import pytest
@@ -21,8 +22,19 @@ def sim_gae(cuda_sim, rewards, values, mask, gamma, lam, last_values=None):
     adv = torch.full((B, T), float("nan"), dtype=acc)
     ret = torch.full((B, T), float("nan"), dtype=acc)
     last = last_values.to(acc).contiguous() if last_values is not None else None
-    cuda_sim.library("gae").call(f"sim_gae_{SUFFIX[rewards.dtype]}", rewards.contiguous(), values.contiguous(),
-                                 mask.contiguous(), last, adv, ret, B, T, float(gamma), float(lam))
+    cuda_sim.library("gae").call(
+        f"sim_gae_{SUFFIX[rewards.dtype]}",
+        rewards.contiguous(),
+        values.contiguous(),
+        mask.contiguous(),
+        last,
+        adv,
+        ret,
+        B,
+        T,
+        float(gamma),
+        float(lam),
+    )
     return adv, ret
 
 
@@ -34,13 +46,14 @@ def _inputs(B, T, dtype, seed, scale=1.0):
     mask[:, 5:9] = False  # a run of holes
     if B > 2:
         mask[1] = False  # no valid token
-        mask[2, T // 2:] = False  # right padding
+        mask[2, T // 2 :] = False  # right padding
     return rewards, values, mask
 
 
 def _check(adv, ret, rewards, values, mask, gamma, lam, last_values=None):
-    ref_adv, ref_ret = gae_reference(rewards.double(), values.double(), mask, gamma, lam,
-                                     last_values.double() if last_values is not None else None)
+    ref_adv, ref_ret = gae_reference(
+        rewards.double(), values.double(), mask, gamma, lam, last_values.double() if last_values is not None else None
+    )
     cpu_adv, cpu_ret = gae(rewards, values, mask, gamma, lam, last_values)
     assert adv.dtype == cpu_adv.dtype
     if adv.dtype == torch.float64:
@@ -63,9 +76,14 @@ def test_gae_every_dtype(cuda_sim, dtype):
     _check(adv, ret, rewards, values, mask, 0.99, 0.95, last)
 
 
-@pytest.mark.parametrize("B, T, gamma, lam", [(2, 2500, 0.99, 0.95),  # three 1024-step chunks
-                                              (3, 1024, 1.0, 1.0),    # exactly one chunk, no discount
-                                              (1, 1, 0.9, 0.8)])
+@pytest.mark.parametrize(
+    "B, T, gamma, lam",
+    [
+        (2, 2500, 0.99, 0.95),  # three 1024-step chunks
+        (3, 1024, 1.0, 1.0),  # exactly one chunk, no discount
+        (1, 1, 0.9, 0.8),
+    ],
+)
 def test_gae_shapes_and_chunks(cuda_sim, B, T, gamma, lam):
     rewards, values, mask = _inputs(B, T, torch.float32, seed=B * T)
     if T > 1024:

@@ -1,5 +1,6 @@
 """The simulator harness itself (tests/sim_harness.py): results come back, and every way a call can go wrong
 ends in a readable failure rather than a hang or a silent pass."""
+
 import os
 import re
 import shutil

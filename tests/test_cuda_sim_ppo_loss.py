@@ -2,6 +2,7 @@
 backward kernel and kl_penalty, against reference.ppo_loss_reference / kl_penalty_reference (autograd for the
 gradients) and the CPU kernels (torch.ops.rlhf_ext.ppo_loss / ppo_loss_backward / kl_penalty), for every dtype,
 KL estimator and loss aggregation, with holes, empty rows, extreme log-ratios and non-finite padding."""
+
 import pytest
 import torch
 
@@ -15,18 +16,40 @@ SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", to
 KL = {"k1": 1, "k2": 2, "k3": 3}
 AGG = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
 TOKEN_KEYS = ("logprobs", "old_logprobs", "advantages", "ref_logprobs", "values", "old_values", "returns", "entropy")
-DEFAULTS = dict(cliprange=0.2, cliprange_high=None, dual_clip=None, cliprange_value=0.2, vf_coef=0.1, kl_coef=0.0,
-                kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", loss_agg_norm=None, max_log_ratio=20.0)
+DEFAULTS = dict(
+    cliprange=0.2,
+    cliprange_high=None,
+    dual_clip=None,
+    cliprange_value=0.2,
+    vf_coef=0.1,
+    kl_coef=0.0,
+    kl_estimator="k3",
+    entropy_coef=0.0,
+    loss_agg="token-mean",
+    loss_agg_norm=None,
+    max_log_ratio=20.0,
+)
 
 
 def _params(T, has_ref, kw):
     """ppo::Params as the 11 doubles of the harness (what csrc/ppo_loss_checks.cpp fills in)."""
     high = kw["cliprange"] if kw["cliprange_high"] is None else kw["cliprange_high"]
-    return torch.tensor([
-        1 - kw["cliprange"], 1 + high, kw["dual_clip"] or 0.0,
-        -1.0 if kw["cliprange_value"] is None else kw["cliprange_value"], kw["vf_coef"], kw["kl_coef"],
-        kw["entropy_coef"], float(T) if kw["loss_agg_norm"] is None else kw["loss_agg_norm"], kw["max_log_ratio"],
-        float(KL[kw["kl_estimator"]] if has_ref else 0), float(AGG[kw["loss_agg"]])], dtype=torch.float64)
+    return torch.tensor(
+        [
+            1 - kw["cliprange"],
+            1 + high,
+            kw["dual_clip"] or 0.0,
+            -1.0 if kw["cliprange_value"] is None else kw["cliprange_value"],
+            kw["vf_coef"],
+            kw["kl_coef"],
+            kw["entropy_coef"],
+            float(T) if kw["loss_agg_norm"] is None else kw["loss_agg_norm"],
+            kw["max_log_ratio"],
+            float(KL[kw["kl_estimator"]] if has_ref else 0),
+            float(AGG[kw["loss_agg"]]),
+        ],
+        dtype=torch.float64,
+    )
 
 
 def sim_ppo_loss(cuda_sim, case, grad_outs, **kwargs):
@@ -48,20 +71,48 @@ def sim_ppo_loss(cuda_sim, case, grad_outs, **kwargs):
     lib.call(f"sim_ppo_loss_forward_{SUFFIX[dtype]}", *tokens, mask, B, T, params, workspace, out)
     all_grads = []
     for grad_out in grad_outs:
-        grads = [torch.full((B, T), float("nan"), dtype=dtype) if case.get(k) is not None or k == "logprobs"
-                 else None for k in ("logprobs", "values", "entropy")]
-        lib.call(f"sim_ppo_loss_backward_{SUFFIX[dtype]}", *tokens, mask, B, T, params,
-                 grad_out.to(acc).contiguous(), out.clone(), *grads)
+        grads = [
+            torch.full((B, T), float("nan"), dtype=dtype) if case.get(k) is not None or k == "logprobs" else None
+            for k in ("logprobs", "values", "entropy")
+        ]
+        lib.call(
+            f"sim_ppo_loss_backward_{SUFFIX[dtype]}",
+            *tokens,
+            mask,
+            B,
+            T,
+            params,
+            grad_out.to(acc).contiguous(),
+            out.clone(),
+            *grads,
+        )
         all_grads.append(tuple(grads))
     return out, all_grads
 
 
 def _op_args(case, kw):
-    return (case["logprobs"], case["old_logprobs"], case["advantages"], case["mask"], case.get("values"),
-            case.get("old_values"), case.get("returns"), case.get("ref_logprobs"), case.get("entropy"),
-            kw["cliprange"], kw["cliprange_high"], kw["dual_clip"], kw["cliprange_value"], kw["vf_coef"],
-            kw["kl_coef"], kw["kl_estimator"], kw["entropy_coef"], kw["loss_agg"], kw["loss_agg_norm"],
-            kw["max_log_ratio"])
+    return (
+        case["logprobs"],
+        case["old_logprobs"],
+        case["advantages"],
+        case["mask"],
+        case.get("values"),
+        case.get("old_values"),
+        case.get("returns"),
+        case.get("ref_logprobs"),
+        case.get("entropy"),
+        kw["cliprange"],
+        kw["cliprange_high"],
+        kw["dual_clip"],
+        kw["cliprange_value"],
+        kw["vf_coef"],
+        kw["kl_coef"],
+        kw["kl_estimator"],
+        kw["entropy_coef"],
+        kw["loss_agg"],
+        kw["loss_agg_norm"],
+        kw["max_log_ratio"],
+    )
 
 
 def _check(cuda_sim, case, dtype, **kwargs):
@@ -84,8 +135,9 @@ def _check(cuda_sim, case, dtype, **kwargs):
         cpu_grads = torch.ops.rlhf_ext.ppo_loss_backward(grad_out.to(out.dtype), cpu_out, *_op_args(case, kw))
         for name, g, c in zip(("logprobs", "values", "entropy"), sim_grads, cpu_grads):
             if g is not None:
-                torch.testing.assert_close(g.double(), c.double(), rtol=rtol, atol=atol,
-                                           msg=lambda m: f"grad {name}: {m}")
+                torch.testing.assert_close(
+                    g.double(), c.double(), rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}"
+                )
 
     # The reference in float64 (the oracle): values, statistics, and the gradients by autograd.
     # Masked positions are zeroed for it: the contract says their content does not matter, while autograd
@@ -93,34 +145,50 @@ def _check(cuda_sim, case, dtype, **kwargs):
     clean = {k: torch.where(case["mask"], v.double(), 0.0) if v.is_floating_point() else v for k, v in case.items()}
     leaves = {k: clean[k].requires_grad_() for k in ("logprobs", "values", "entropy") if k in clean}
     ref_in = {k: leaves.get(k, v) for k, v in clean.items()}
-    ref = ppo_loss_reference(ref_in["logprobs"], ref_in["old_logprobs"], ref_in["advantages"], ref_in["mask"],
-                             **{k: ref_in[k] for k in OPTIONAL if k in ref_in}, **kw)
+    ref = ppo_loss_reference(
+        ref_in["logprobs"],
+        ref_in["old_logprobs"],
+        ref_in["advantages"],
+        ref_in["mask"],
+        **{k: ref_in[k] for k in OPTIONAL if k in ref_in},
+        **kw,
+    )
     got = dict(zip(_OUT_NAMES, out.double()))
     rtol, atol = (1e-10, 1e-12) if tight else (2e-5, 2e-6)
     for name in ("loss", "policy_loss", "value_loss", "kl", "entropy"):
-        torch.testing.assert_close(got[name], getattr(ref, name).double(), rtol=rtol, atol=atol,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got[name], getattr(ref, name).double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}"
+        )
     for key in STAT_KEYS:
-        torch.testing.assert_close(got[key], ref.stats[key].double(), rtol=rtol, atol=atol,
-                                   msg=lambda m: f"stats[{key}]: {m}")
+        torch.testing.assert_close(
+            got[key], ref.stats[key].double(), rtol=rtol, atol=atol, msg=lambda m: f"stats[{key}]: {m}"
+        )
     ref_grads = torch.autograd.grad(ref.loss, list(leaves.values()))
     for (name, leaf_grad), g in zip(zip(leaves, ref_grads), [x for x in grads if x is not None]):
         # bf16/fp16 gradients are stored in the input dtype: one rounding of it
         eps = torch.finfo(dtype).eps if dtype in (torch.bfloat16, torch.float16) else 0.0
-        torch.testing.assert_close(g.double(), leaf_grad, rtol=max(rtol, eps), atol=max(atol, eps * 1e-2),
-                                   msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            g.double(), leaf_grad, rtol=max(rtol, eps), atol=max(atol, eps * 1e-2), msg=lambda m: f"grad {name}: {m}"
+        )
     return out, grads
 
 
-@pytest.mark.parametrize("dtype, settings", [
-    (torch.float32, dict(kl_estimator="k3", loss_agg="token-mean", kl_coef=0.1)),
-    (torch.float32, dict(kl_estimator="k1", loss_agg="seq-mean-token-mean", dual_clip=3.0, entropy_coef=0.01)),
-    (torch.float32, dict(kl_estimator="k2", loss_agg="seq-mean-token-sum", cliprange_high=0.28, cliprange_value=None)),
-    (torch.float32, dict(loss_agg="seq-mean-token-sum-norm", loss_agg_norm=16.0, kl_coef=0.05)),
-    (torch.float64, dict(kl_estimator="k3", loss_agg="seq-mean-token-mean", kl_coef=0.1, dual_clip=2.0)),
-    (torch.bfloat16, dict(kl_estimator="k3", loss_agg="token-mean", kl_coef=0.1, entropy_coef=0.01)),
-    (torch.float16, dict(kl_estimator="k2", loss_agg="seq-mean-token-mean", kl_coef=0.1)),
-], ids=lambda x: str(x) if isinstance(x, torch.dtype) else "-".join(f"{k}={v}" for k, v in x.items()))
+@pytest.mark.parametrize(
+    "dtype, settings",
+    [
+        (torch.float32, dict(kl_estimator="k3", loss_agg="token-mean", kl_coef=0.1)),
+        (torch.float32, dict(kl_estimator="k1", loss_agg="seq-mean-token-mean", dual_clip=3.0, entropy_coef=0.01)),
+        (
+            torch.float32,
+            dict(kl_estimator="k2", loss_agg="seq-mean-token-sum", cliprange_high=0.28, cliprange_value=None),
+        ),
+        (torch.float32, dict(loss_agg="seq-mean-token-sum-norm", loss_agg_norm=16.0, kl_coef=0.05)),
+        (torch.float64, dict(kl_estimator="k3", loss_agg="seq-mean-token-mean", kl_coef=0.1, dual_clip=2.0)),
+        (torch.bfloat16, dict(kl_estimator="k3", loss_agg="token-mean", kl_coef=0.1, entropy_coef=0.01)),
+        (torch.float16, dict(kl_estimator="k2", loss_agg="seq-mean-token-mean", kl_coef=0.1)),
+    ],
+    ids=lambda x: str(x) if isinstance(x, torch.dtype) else "-".join(f"{k}={v}" for k, v in x.items()),
+)
 def test_forward_backward_match_reference_and_cpu(cuda_sim, dtype, settings):
     """9 x 37 (T is not a multiple of 32), 25% holes, an empty row."""
     _check(cuda_sim, make_case(9, 37, seed=3, empty_rows=(1, 6)), dtype, **settings)
@@ -140,8 +208,14 @@ def test_extreme_log_ratios_and_nonfinite_padding(cuda_sim):
     case["values"] = case["values"] * 1e4
     case["returns"] = case["returns"] * 1e4
     holes = ~case["mask"]
-    for key, value in (("logprobs", -float("inf")), ("old_logprobs", float("nan")), ("advantages", float("inf")),
-                       ("values", float("nan")), ("ref_logprobs", float("nan")), ("entropy", float("inf"))):
+    for key, value in (
+        ("logprobs", -float("inf")),
+        ("old_logprobs", float("nan")),
+        ("advantages", float("inf")),
+        ("values", float("nan")),
+        ("ref_logprobs", float("nan")),
+        ("entropy", float("inf")),
+    ):
         case[key] = torch.where(holes, torch.tensor(value), case[key])
     out, grads = _check(cuda_sim, case, torch.float32, kl_coef=0.1, entropy_coef=0.01, max_log_ratio=10.0)
     assert torch.isfinite(out).all()
@@ -158,8 +232,15 @@ def test_empty_mask_gives_zeros(cuda_sim):
 def sim_kl_penalty(cuda_sim, logprobs, ref, estimator, max_log_ratio=20.0):
     acc = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     out = torch.full(logprobs.shape, float("nan"), dtype=acc)
-    cuda_sim.library("ppo_loss").call(f"sim_kl_penalty_{SUFFIX[logprobs.dtype]}", logprobs.contiguous(),
-                                      ref.contiguous(), logprobs.numel(), KL[estimator], float(max_log_ratio), out)
+    cuda_sim.library("ppo_loss").call(
+        f"sim_kl_penalty_{SUFFIX[logprobs.dtype]}",
+        logprobs.contiguous(),
+        ref.contiguous(),
+        logprobs.numel(),
+        KL[estimator],
+        float(max_log_ratio),
+        out,
+    )
     return out
 
 

@@ -6,6 +6,7 @@ token exactly: each test checks every sampled row against it, which covers membe
 seed/offset handling and the tie rules at once. A chi-square test on the simulator's own draws (as many rows as
 its speed allows) and on 200k draws of the replica checks the distribution itself.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -19,15 +20,28 @@ NAN = float("nan")
 _M32 = np.uint64(0xFFFFFFFF)
 
 
-def sim_sample(cuda_sim, logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0, rows=None,
-               device_seed=None, offset_intragraph=0, first=0, row_stride=None):
+def sim_sample(
+    cuda_sim,
+    logits,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    seed=0,
+    offset=0,
+    rows=None,
+    device_seed=None,
+    offset_intragraph=0,
+    first=0,
+    row_stride=None,
+):
     """launch_sample over logits [B, V] -> (tokens, logprobs, filtered_logprobs). rows: per-row setting arrays
     {"temperature", "top_k", "top_p", "min_p"}. first / row_stride place the rows in a larger flat buffer."""
     B, V = logits.shape
     row_stride = V if row_stride is None else row_stride
     flat = torch.zeros(first + max(B - 1, 0) * row_stride + V, dtype=logits.dtype)
     for b in range(B):
-        flat[first + b * row_stride: first + b * row_stride + V] = logits[b]
+        flat[first + b * row_stride : first + b * row_stride + V] = logits[b]
     rows = rows or {}
     per_row = [rows.get("temperature"), rows.get("top_k"), rows.get("top_p"), rows.get("min_p")]
     kinds = [torch.float32, torch.int64, torch.float64, torch.float32]
@@ -37,8 +51,25 @@ def sim_sample(cuda_sim, logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
     filtered = torch.full((B,), NAN)
     dev_seed = None if device_seed is None else torch.tensor(device_seed, dtype=torch.int64)
     cuda_sim.library("sampling").call(
-        f"sim_sample_{SUFFIX[logits.dtype]}", flat, first, B, V, row_stride, *per_row, float(temperature), int(top_k),
-        float(top_p), float(min_p), seed, offset, dev_seed, offset_intragraph, tokens, logprobs, filtered)
+        f"sim_sample_{SUFFIX[logits.dtype]}",
+        flat,
+        first,
+        B,
+        V,
+        row_stride,
+        *per_row,
+        float(temperature),
+        int(top_k),
+        float(top_p),
+        float(min_p),
+        seed,
+        offset,
+        dev_seed,
+        offset_intragraph,
+        tokens,
+        logprobs,
+        filtered,
+    )
     return tokens, logprobs, filtered
 
 
@@ -60,16 +91,17 @@ def _row_setting(value, rows, name, b):
     return rows[name][b] if rows and rows.get(name) is not None else value
 
 
-def expected_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0, rows=None,
-                    first_row=0):
+def expected_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0, rows=None, first_row=0):
     """The host replica of the kernel's draw: argmax over the reference's kept set of z_i - log(-log(u_i)).
     Row b of logits was row first_row + b of the launch (the Philox counter holds the launch's row)."""
     B, V = logits.shape
     out = np.empty(B, np.int64)
     for b in range(B):
-        t, k, p, m = (_row_setting(v, rows, n, b) for v, n in ((temperature, "temperature"), (top_k, "top_k"),
-                                                              (top_p, "top_p"), (min_p, "min_p")))
-        x = logits[b:b + 1].float()
+        t, k, p, m = (
+            _row_setting(v, rows, n, b)
+            for v, n in ((temperature, "temperature"), (top_k, "top_k"), (top_p, "top_p"), (min_p, "min_p"))
+        )
+        x = logits[b : b + 1].float()
         if t == 0:
             out[b] = int(x.argmax())
             continue
@@ -83,21 +115,37 @@ def expected_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed
 
 def _check_logprobs(logits, tokens, logprobs, filtered, temperature, top_k, top_p, min_p, rows=None):
     for b in range(logits.shape[0]):
-        t, k, p, m = (_row_setting(v, rows, n, b) for v, n in ((temperature, "temperature"), (top_k, "top_k"),
-                                                              (top_p, "top_p"), (min_p, "min_p")))
+        t, k, p, m = (
+            _row_setting(v, rows, n, b)
+            for v, n in ((temperature, "temperature"), (top_k, "top_k"), (top_p, "top_p"), (min_p, "min_p"))
+        )
         z = logits[b].double() / (float(t) if t > 0 else 1.0)
         assert abs(logprobs[b].item() - torch.log_softmax(z, -1)[tokens[b]].item()) < 2e-5, f"row {b}: logprob"
-        want = 0.0 if t == 0 else filtered_probs_reference(logits[b:b + 1], float(t), int(k), float(p), float(m))[
-            0, tokens[b]].log().item()
+        want = (
+            0.0
+            if t == 0
+            else filtered_probs_reference(logits[b : b + 1], float(t), int(k), float(p), float(m))[0, tokens[b]]
+            .log()
+            .item()
+        )
         assert abs(filtered[b].item() - want) < 2e-5, f"row {b}: filtered logprob {filtered[b].item()} != {want}"
 
 
 def _settings_rows(V):
     """One row per setting: greedy, temperatures, top-k (1, 5, = V, > V), top-p (0.9, 1), min-p, combined."""
     table = [  # temperature, top_k, top_p, min_p
-        (0.0, 0, 1.0, 0.0), (1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.5, 1, 1.0, 0.0), (1.0, 5, 1.0, 0.0),
-        (1.0, V, 1.0, 0.0), (1.0, V + 7, 1.0, 0.0), (1.0, 0, 0.9, 0.0), (1.2, 0, 1.0, 0.0), (1.0, 0, 1.0, 0.1),
-        (0.8, 50, 0.9, 0.02), (3.0, 0, 0.5, 0.0),
+        (0.0, 0, 1.0, 0.0),
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 0, 1.0, 0.0),
+        (1.5, 1, 1.0, 0.0),
+        (1.0, 5, 1.0, 0.0),
+        (1.0, V, 1.0, 0.0),
+        (1.0, V + 7, 1.0, 0.0),
+        (1.0, 0, 0.9, 0.0),
+        (1.2, 0, 1.0, 0.0),
+        (1.0, 0, 1.0, 0.1),
+        (0.8, 50, 0.9, 0.02),
+        (3.0, 0, 0.5, 0.0),
     ]
     cols = list(zip(*table))
     return {"temperature": list(cols[0]), "top_k": list(cols[1]), "top_p": list(cols[2]), "min_p": list(cols[3])}
@@ -109,7 +157,7 @@ def test_every_setting_per_row_matches_the_host_replica(cuda_sim, dtype):
     V = 203
     rows = _settings_rows(V)
     g = torch.Generator().manual_seed(11)
-    logits = (torch.randn(len(rows["top_k"]), V, generator=g) * 3)
+    logits = torch.randn(len(rows["top_k"]), V, generator=g) * 3
     logits[torch.rand(logits.shape, generator=g) < 0.1] = float("-inf")
     logits = logits.to(dtype)
     tokens, logprobs, filtered = sim_sample(cuda_sim, logits, rows=rows, seed=1234, offset=8, row_stride=208)
@@ -126,8 +174,16 @@ def test_scalar_settings_unaligned_rows_and_ties(cuda_sim):
         tokens, logprobs, filtered = sim_sample(cuda_sim, logits, seed=5, first=first, row_stride=13, **settings)
         assert torch.equal(tokens, expected_tokens(logits, seed=5, **settings))
         assert set(tokens.tolist()) <= {0, 1, 2, 3}
-        _check_logprobs(logits, tokens, logprobs, filtered, settings.get("temperature", 1.0),
-                        settings.get("top_k", 0), settings.get("top_p", 1.0), 0.0)
+        _check_logprobs(
+            logits,
+            tokens,
+            logprobs,
+            filtered,
+            settings.get("temperature", 1.0),
+            settings.get("top_k", 0),
+            settings.get("top_p", 1.0),
+            0.0,
+        )
     tied_max = torch.tensor([[1.0, 5.0, 5.0, 2.0, 5.0]]).repeat(10, 1)
     tokens, _, _ = sim_sample(cuda_sim, tied_max, top_k=1, seed=9)
     assert torch.equal(tokens, expected_tokens(tied_max, top_k=1, seed=9))
@@ -155,8 +211,12 @@ def test_non_finite_extreme_rows_and_bad_settings(cuda_sim):
     assert tokens[3] == 21 and tokens[5] == V - 1
     assert int(tokens[4]) % 2 == 0 or int(tokens[4]) == 10
     _check_logprobs(logits[3:], tokens[3:], logprobs[3:], filtered[3:], 1.0, 0, 0.9, 0.0)
-    bad = {"temperature": [-1.0, float("inf"), 1.0, 1.0, 1.0, 1.0, 1.0], "top_k": [0, 0, -1, 0, 0, 0, 0],
-           "top_p": [1.0, 1.0, 1.0, 0.0, 1.5, 1.0, 1.0], "min_p": [0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0]}
+    bad = {
+        "temperature": [-1.0, float("inf"), 1.0, 1.0, 1.0, 1.0, 1.0],
+        "top_k": [0, 0, -1, 0, 0, 0, 0],
+        "top_p": [1.0, 1.0, 1.0, 0.0, 1.5, 1.0, 1.0],
+        "min_p": [0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0],
+    }
     tokens, logprobs, _ = sim_sample(cuda_sim, torch.randn(7, 16), rows=bad)
     assert tokens[:6].tolist() == [-1] * 6 and torch.isnan(logprobs[:6]).all() and tokens[6] >= 0
 
@@ -204,8 +264,9 @@ def test_distribution_of_the_replicated_draw():
     """200k draws of the host replica (the same draw as the kernel, checked above) against the softmax."""
     n, t = 200_000, 1.3
     z = (DIST_LOGITS / t).numpy().astype(np.float64)
-    u = (philox_x(np.tile(np.arange(6), n), np.repeat(np.arange(n), 6), 3, 99).astype(np.float64) + 0.5) \
-        * 2.3283064365386963e-10
+    u = (
+        philox_x(np.tile(np.arange(6), n), np.repeat(np.arange(n), 6), 3, 99).astype(np.float64) + 0.5
+    ) * 2.3283064365386963e-10
     tokens = np.argmax((z[None, :] - np.log(-np.log(u)).reshape(n, 6)), axis=1)
     counts = torch.from_numpy(np.bincount(tokens, minlength=6)).double()
     probs = torch.softmax(DIST_LOGITS.double() / t, -1)

@@ -1,6 +1,7 @@
 """csrc/cuda/whiten.cuh on the GPU simulator (tests/sim_harness.py): the moments partial kernel (one block per
 16384-element segment) and the combine kernel, and the whiten kernel, against a float64 oracle, the reference
 (reference.masked_whiten_reference) and the CPU kernels, for every dtype."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,8 +28,17 @@ def sim_moments(cuda_sim, x, mask):
 
 def sim_whiten(cuda_sim, x, mask, moments, shift_mean=True, unbiased=True, eps=1e-8):
     out = torch.full(x.shape, float("nan"), dtype=moments.dtype)
-    cuda_sim.library("whiten").call(f"sim_masked_whiten_{SUFFIX[x.dtype]}", x.contiguous(), mask.contiguous(),
-                                    moments, x.numel(), int(shift_mean), int(unbiased), float(eps), out)
+    cuda_sim.library("whiten").call(
+        f"sim_masked_whiten_{SUFFIX[x.dtype]}",
+        x.contiguous(),
+        mask.contiguous(),
+        moments,
+        x.numel(),
+        int(shift_mean),
+        int(unbiased),
+        float(eps),
+        out,
+    )
     return out
 
 
@@ -43,7 +53,7 @@ def _case(numel, dtype, seed, loc=0.0, scale=1.0):
     x = (loc + scale * torch.randn(numel, generator=g)).to(dtype)
     mask = torch.rand(numel, generator=g) > 0.3
     if numel > 2 * SEGMENT:
-        mask[SEGMENT:2 * SEGMENT] = False  # a segment without a valid element (skipped by the combine)
+        mask[SEGMENT : 2 * SEGMENT] = False  # a segment without a valid element (skipped by the combine)
     return x, mask
 
 
@@ -70,7 +80,8 @@ def test_moments_large_offset_and_nonfinite_outside_mask(cuda_sim):
     positions are never read."""
     x, mask = _case(SEGMENT + 999, torch.float32, seed=2, loc=1e4)
     x[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(int((~mask).sum()) // 3 + 1)[
-        : int((~mask).sum())]
+        : int((~mask).sum())
+    ]
     moments, _ = sim_moments(cuda_sim, x, mask)
     _assert_moments(moments, _oracle(x, mask), torch.float32)
     assert abs(moments[2].item() / mask.sum().item() - 1.0) < 0.05  # the unit variance survived

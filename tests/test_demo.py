@@ -1,5 +1,6 @@
 """`rlhf-ext demo`: the end-to-end test of the product. `--quick` runs every stage (SFT, pairs, reward
 model, PPO, evaluation) at a reduced size; the full demo, with its targets, is marked slow."""
+
 import json
 import math
 

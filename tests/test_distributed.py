@@ -1,6 +1,7 @@
 """Two CPU processes on gloo, data parallel (DDP-style) and fully sharded (FSDP as an accelerate config asks
 for it): GRPO and PPO weights after N steps match a one-process run with the same global batch, and a
 checkpoint written mid generation round by the two-process run resumes to the same weights."""
+
 import os
 import socket
 import time
@@ -17,10 +18,29 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 WORLD = 2
 # Same global batch either way: 2 processes x per_device rows, or 1 process x 2 * per_device rows. Sampling is
 # keyed by global row, so equal generation chunks make the two runs draw the same completions.
-GRPO = dict(num_generations=4, max_completion_length=6, learning_rate=1e-2, beta=0.05, num_iterations=2,
-            generation_chunk_size=8, lr_scheduler_type="constant", logging_steps=1, save_strategy="steps", save_steps=3)
-PPO = dict(num_mini_batches=1, num_ppo_epochs=2, response_length=5, learning_rate=1e-2, stop_token=None,
-           local_rollout_forward_batch_size=4, lr_scheduler_type="constant", save_strategy="no", num_sample_generations=0)
+GRPO = dict(
+    num_generations=4,
+    max_completion_length=6,
+    learning_rate=1e-2,
+    beta=0.05,
+    num_iterations=2,
+    generation_chunk_size=8,
+    lr_scheduler_type="constant",
+    logging_steps=1,
+    save_strategy="steps",
+    save_steps=3,
+)
+PPO = dict(
+    num_mini_batches=1,
+    num_ppo_epochs=2,
+    response_length=5,
+    learning_rate=1e-2,
+    stop_token=None,
+    local_rollout_forward_batch_size=4,
+    lr_scheduler_type="constant",
+    save_strategy="no",
+    num_sample_generations=0,
+)
 
 
 def _models():
@@ -41,10 +61,25 @@ def run_grpo(out, per_device, max_steps, resume=None, eval_rows=None, lora=False
     from rlhf_ext import GRPOConfig, GRPOTrainer
 
     tok, model, rows = _models()
-    args = GRPOConfig(output_dir=out, use_cpu=True, disable_tqdm=True, report_to="none", seed=0, max_steps=max_steps,
-                      per_device_train_batch_size=per_device, **{**GRPO, **overrides})
-    trainer = GRPOTrainer(model, [target_fraction], args=args, train_dataset=rows, processing_class=tok,
-                          eval_dataset=rows[:eval_rows] if eval_rows else None, peft_config=lora_config() if lora else None)
+    args = GRPOConfig(
+        output_dir=out,
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+        seed=0,
+        max_steps=max_steps,
+        per_device_train_batch_size=per_device,
+        **{**GRPO, **overrides},
+    )
+    trainer = GRPOTrainer(
+        model,
+        [target_fraction],
+        args=args,
+        train_dataset=rows,
+        processing_class=tok,
+        eval_dataset=rows[:eval_rows] if eval_rows else None,
+        peft_config=lora_config() if lora else None,
+    )
     state = trainer.train(resume_from_checkpoint=resume)
     return trainer, state
 
@@ -53,10 +88,24 @@ def run_ppo(out, per_device, max_steps, eval_rows=None, **overrides):
     from rlhf_ext import PPOConfig, PPOTrainer
 
     tok, model, rows = _models()
-    args = PPOConfig(output_dir=out, use_cpu=True, disable_tqdm=True, report_to="none", seed=0, max_steps=max_steps,
-                     per_device_train_batch_size=per_device, **{**PPO, **overrides})
-    trainer = PPOTrainer(args, tok, model, reward_funcs=[target_fraction], train_dataset=rows,
-                         eval_dataset=rows[:eval_rows] if eval_rows else None)
+    args = PPOConfig(
+        output_dir=out,
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+        seed=0,
+        max_steps=max_steps,
+        per_device_train_batch_size=per_device,
+        **{**PPO, **overrides},
+    )
+    trainer = PPOTrainer(
+        args,
+        tok,
+        model,
+        reward_funcs=[target_fraction],
+        train_dataset=rows,
+        eval_dataset=rows[:eval_rows] if eval_rows else None,
+    )
     return trainer, trainer.train()
 
 
@@ -81,15 +130,31 @@ def local_fraction(module) -> float:
 
 # FSDP as `accelerate launch --config_file` asks for it: GRPO with FULL_SHARD (weights resharded after forward),
 # PPO with SHARD_GRAD_OP; both with accelerate's default TRANSFORMER_BASED_WRAP on the model's decoder layers.
-FSDP_ENV = {"grpo": dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="true",
-                         FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP"),
-            "ppo": dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="1", FSDP_SHARDING_STRATEGY="SHARD_GRAD_OP",
-                        FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP")}
+FSDP_ENV = {
+    "grpo": dict(
+        ACCELERATE_USE_FSDP="true",
+        FSDP_VERSION="2",
+        FSDP_RESHARD_AFTER_FORWARD="true",
+        FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
+    ),
+    "ppo": dict(
+        ACCELERATE_USE_FSDP="true",
+        FSDP_VERSION="1",
+        FSDP_SHARDING_STRATEGY="SHARD_GRAD_OP",
+        FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
+    ),
+}
 
 
 def _worker(rank, port, folder, mode):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(WORLD),
+    )
     torch.set_num_threads(1)
     fsdp = mode == "fsdp"
 
@@ -104,22 +169,49 @@ def _worker(rank, port, folder, mode):
         # Work whose collectives could fall out of step under FSDP: evaluation over 3 prompts split unevenly
         # (ranks sample different numbers of chunks and tokens), PPO's eval and samples (every rank gathers,
         # rank 0 writes), and the shared critic (a replicated value head next to the sharded policy).
-        _, grpo_eval = run_grpo(os.path.join(folder, "grpo_eval"), 8, 1, eval_rows=3, eval_strategy="steps",
-                                eval_steps=1, per_device_eval_batch_size=4, num_iterations=1)
-        _, ppo_eval = run_ppo(os.path.join(folder, "ppo_eval"), 4, 1, eval_rows=3, eval_strategy="steps", eval_steps=1,
-                              shared_critic=True, num_sample_generations=1, per_device_eval_batch_size=2)
+        _, grpo_eval = run_grpo(
+            os.path.join(folder, "grpo_eval"),
+            8,
+            1,
+            eval_rows=3,
+            eval_strategy="steps",
+            eval_steps=1,
+            per_device_eval_batch_size=4,
+            num_iterations=1,
+        )
+        _, ppo_eval = run_ppo(
+            os.path.join(folder, "ppo_eval"),
+            4,
+            1,
+            eval_rows=3,
+            eval_strategy="steps",
+            eval_steps=1,
+            shared_critic=True,
+            num_sample_generations=1,
+            per_device_eval_batch_size=2,
+        )
         # LoRA under FSDP: the frozen base is sharded with the adapter, the reference is the adapter switched off.
         lora, _ = run_grpo(os.path.join(folder, "lora"), 8, 4, lora=True)
-        lora_resumed, _ = run_grpo(os.path.join(folder, "lora"), 8, 4, lora=True,
-                                   resume=os.path.join(folder, "lora", "checkpoint-3"))
+        lora_resumed, _ = run_grpo(
+            os.path.join(folder, "lora"), 8, 4, lora=True, resume=os.path.join(folder, "lora", "checkpoint-3")
+        )
         lora.save_model(os.path.join(folder, "lora_merged"), merge_adapter=True)
-        extra = {"grpo_eval": grpo_eval.log_history, "ppo_eval": ppo_eval.log_history,
-                 "lora": full_weights(lora, lora.policy), "lora_resumed": full_weights(lora_resumed, lora_resumed.policy),
-                 "lora_fraction": local_fraction(lora.policy)}
-    result = {**extra, "grpo": full_weights(grpo, grpo.policy), "resumed": full_weights(resumed, resumed.policy),
-              "ppo": full_weights(ppo, ppo.policy), "ppo_critic": full_weights(ppo, ppo.critic),
-              "grpo_logs": state.log_history,
-              "fractions": [local_fraction(m) for m in (grpo.policy, grpo.ref_model, ppo.policy, ppo.critic, ppo.ref_model)]}
+        extra = {
+            "grpo_eval": grpo_eval.log_history,
+            "ppo_eval": ppo_eval.log_history,
+            "lora": full_weights(lora, lora.policy),
+            "lora_resumed": full_weights(lora_resumed, lora_resumed.policy),
+            "lora_fraction": local_fraction(lora.policy),
+        }
+    result = {
+        **extra,
+        "grpo": full_weights(grpo, grpo.policy),
+        "resumed": full_weights(resumed, resumed.policy),
+        "ppo": full_weights(ppo, ppo.policy),
+        "ppo_critic": full_weights(ppo, ppo.critic),
+        "grpo_logs": state.log_history,
+        "fractions": [local_fraction(m) for m in (grpo.policy, grpo.ref_model, ppo.policy, ppo.critic, ppo.ref_model)],
+    }
     if rank == 0:
         torch.save(result, os.path.join(folder, "result.pt"))
     torch.distributed.barrier()  # leave together, with the process group torn down (see examples/multi_process_grpo.py)
@@ -149,13 +241,20 @@ def one_process(tmp_path_factory):
     ppo, _ = run_ppo(str(folder / "ppo"), 8, 2)
     lora, _ = run_grpo(str(folder / "lora"), 16, 4, lora=True)
     _, start, _ = _models()
-    return {"grpo": weights(grpo.policy), "grpo_logs": state.log_history, "ppo": weights(ppo.policy),
-            "ppo_critic": weights(ppo.critic), "start": weights(start), "lora": weights(lora.policy)}
+    return {
+        "grpo": weights(grpo.policy),
+        "grpo_logs": state.log_history,
+        "ppo": weights(ppo.policy),
+        "ppo_critic": weights(ppo.critic),
+        "start": weights(start),
+        "lora": weights(lora.policy),
+    }
 
 
 def run_two_processes(folder, mode: str) -> dict:
-    context = mp.start_processes(_worker, args=(_free_port(), str(folder), mode), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(_free_port(), str(folder), mode), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.time() + 300
     while not context.join(timeout=5):
         if time.time() > deadline:
@@ -202,7 +301,11 @@ def check_lora(one: dict, two: dict, start: dict, folder):
     adapter = [k for k in one if "lora_" in k]
     assert adapter and max(float((one[k] - two["lora"][k]).abs().max()) for k in one) < 5e-5
     assert max(float(one[k].abs().max()) for k in adapter if "lora_B" in k) > 1e-3  # the adapter trained
-    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in two["lora"].items() if "lora_" not in k}
+    base = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in two["lora"].items()
+        if "lora_" not in k
+    }
     assert all(torch.equal(base[k], start[k]) for k in start)  # the base (and so the reference) never moved
     for k, v in two["lora"].items():
         torch.testing.assert_close(two["lora_resumed"][k], v, rtol=0, atol=0)

@@ -1,5 +1,6 @@
 """The arithmetic GRPO example in its quick mode: SFT -> GRPO with the rule reward -> held-out accuracy, end to
 end (the full run, `python examples/arithmetic_grpo.py`, is what shows the gain)."""
+
 import importlib.util
 import pathlib
 

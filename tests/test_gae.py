@@ -1,4 +1,5 @@
 """GAE: the fused kernel against the Python reverse loop (float64 oracle)."""
+
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from rlhf_ext.ops import gae
 from rlhf_ext.ops.reference import gae_reference
-from tests.helpers import DEVICES, cuda_only
+from tests.helpers import cuda_only
 
 
 def _inputs(B, T, dtype=torch.float32, hole_p=0.2, seed=0, device="cpu"):
@@ -16,7 +17,7 @@ def _inputs(B, T, dtype=torch.float32, hole_p=0.2, seed=0, device="cpu"):
     mask = torch.rand(B, T, generator=g) > hole_p
     if B > 2:
         mask[1] = False  # a row with no valid token
-        mask[2, T // 2:] = False  # a right-padded row
+        mask[2, T // 2 :] = False  # a right-padded row
     return rewards.to(device), values.to(device), mask.to(device)
 
 
@@ -24,8 +25,9 @@ def _check(B, T, gamma, lam, dtype, device="cpu", last_values=False):
     rewards, values, mask = _inputs(B, T, dtype, device=device)
     lv = torch.randn(B, device=device) if last_values else None
     adv, ret = gae(rewards, values, mask, gamma, lam, lv)
-    ref_adv, ref_ret = gae_reference(rewards.double(), values.double(), mask, gamma, lam,
-                                     lv.double() if lv is not None else None)
+    ref_adv, ref_ret = gae_reference(
+        rewards.double(), values.double(), mask, gamma, lam, lv.double() if lv is not None else None
+    )
     assert adv.dtype == torch.float32 and ret.dtype == torch.float32
     # float32 accumulation over at most T terms of size O(1/(1-gamma*lam)): bound the absolute error
     # by a few ulps of the largest partial sum.
@@ -140,8 +142,14 @@ def test_gae_torch_compile_fullgraph():
     ],
 )
 def test_gae_bad_inputs(kwargs, match):
-    args = dict(rewards=torch.randn(2, 5), values=torch.randn(2, 5), mask=torch.ones(2, 5, dtype=torch.bool),
-                gamma=0.99, lam=0.95, last_values=None)
+    args = dict(
+        rewards=torch.randn(2, 5),
+        values=torch.randn(2, 5),
+        mask=torch.ones(2, 5, dtype=torch.bool),
+        gamma=0.99,
+        lam=0.95,
+        last_values=None,
+    )
     args.update(kwargs)
     with pytest.raises(RuntimeError, match=match):
         gae(**args)
@@ -149,7 +157,9 @@ def test_gae_bad_inputs(kwargs, match):
 
 def test_gae_rejects_tensors_on_different_devices():
     meta_values = torch.randn(2, 5, device="meta")
-    with pytest.raises(RuntimeError, match="values: expected a tensor on cpu \\(the device of rewards\\), got one on meta"):
+    with pytest.raises(
+        RuntimeError, match="values: expected a tensor on cpu \\(the device of rewards\\), got one on meta"
+    ):
         gae(torch.randn(2, 5), meta_values, torch.ones(2, 5, dtype=torch.bool), 0.9, 0.9)
 
 

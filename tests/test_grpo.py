@@ -1,4 +1,5 @@
 """GRPOTrainer / RLOOTrainer / REINFORCE++ on tiny real models."""
+
 import json
 import math
 import os
@@ -15,15 +16,38 @@ from tests.test_ppo import eos_biased, target_fraction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TRL_METRICS = ["reward", "reward_std", "rewards/low_fraction/mean", "rewards/low_fraction/std", "frac_reward_zero_std",
-               "completions/mean_length", "completions/min_length", "completions/max_length", "completions/clipped_ratio",
-               "completions/mean_terminated_length", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
-               "clip_ratio/region_mean", "loss", "grad_norm", "learning_rate"]
+TRL_METRICS = [
+    "reward",
+    "reward_std",
+    "rewards/low_fraction/mean",
+    "rewards/low_fraction/std",
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "completions/min_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+    "completions/mean_terminated_length",
+    "kl",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "loss",
+    "grad_norm",
+    "learning_rate",
+]
 
 
 def grpo_args(cpu_args, cls=GRPOConfig, **overrides):
-    base = dict(max_steps=2, per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
-                learning_rate=1e-3, save_strategy="no", logging_steps=1)
+    base = dict(
+        max_steps=2,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        learning_rate=1e-3,
+        save_strategy="no",
+        logging_steps=1,
+    )
     base.update(overrides)
     return cls(**base, **cpu_args)
 
@@ -47,14 +71,25 @@ def low_fraction(prompts, completions, completion_ids, **columns):
 def low_mass(model, tokenizer, rows):
     ids, mask = pad([tokenizer(r["prompt"])["input_ids"] for r in rows], tokenizer.pad_token_id, "left")
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[
+            :, -1
+        ]
     return float(logits.softmax(-1)[:, LOW].sum(-1).mean())
 
 
 def test_grpo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
-    args = grpo_args(cpu_args, max_steps=10, per_device_train_batch_size=16, learning_rate=5e-2, beta=0.02,
-                     lr_scheduler_type="constant", max_completion_length=8)
-    trainer = GRPOTrainer(make_lm(), [low_fraction], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer)
+    args = grpo_args(
+        cpu_args,
+        max_steps=10,
+        per_device_train_batch_size=16,
+        learning_rate=5e-2,
+        beta=0.02,
+        lr_scheduler_type="constant",
+        max_completion_length=8,
+    )
+    trainer = GRPOTrainer(
+        make_lm(), [low_fraction], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
+    )
     before = low_mass(trainer.policy, tiny_tokenizer, prompt_rows)
     logs = trainer.train().log_history
     after = low_mass(trainer.policy, tiny_tokenizer, prompt_rows)
@@ -71,14 +106,26 @@ def test_grpo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cp
 def test_loss_types_match_trl_formulas(loss_type, make_lm, tiny_tokenizer, prompt_rows, cpu_args):
     """The gradient of one optimizer step (2 micro-batches, some rows masked as truncated, ratios away from 1)
     equals the gradient of TRL's loss for that loss_type written out in plain PyTorch over the whole batch."""
-    args = grpo_args(cpu_args, loss_type=loss_type, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                     beta=0.1, epsilon_high=0.28, mask_truncated_completions=True, max_completion_length=10)
+    args = grpo_args(
+        cpu_args,
+        loss_type=loss_type,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        beta=0.1,
+        epsilon_high=0.28,
+        mask_truncated_completions=True,
+        max_completion_length=10,
+    )
     policy = eos_biased(make_lm(), tiny_tokenizer, bias=3.0)
-    trainer = GRPOTrainer(policy, [length_reward], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer)
+    trainer = GRPOTrainer(
+        policy, [length_reward], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
+    )
     buf, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
     assert buf.finished.any() and (~buf.finished).any()
     noise = torch.randn(buf.mask.shape, generator=torch.Generator().manual_seed(0))
-    buf.old_logprobs = (trainer.policy_logprobs(buf.ids, buf.attn, buf.P).detach() + 0.3 * noise) * (buf.lengths[:, None] > torch.arange(buf.mask.shape[1]))
+    buf.old_logprobs = (trainer.policy_logprobs(buf.ids, buf.attn, buf.P).detach() + 0.3 * noise) * (
+        buf.lengths[:, None] > torch.arange(buf.mask.shape[1])
+    )
 
     grads = {}
     trainer.clip_and_step = lambda params: grads.update({id(p): p.grad.clone() for p in params}) or 0.0
@@ -125,8 +172,9 @@ def test_reward_functions_returning_none(make_lm, tiny_tokenizer, prompt_rows, c
     args = grpo_args(cpu_args, reward_weights=[1.0, 0.5, 2.0], max_completion_length=10, scale_rewards=True)
     assert args.scale_rewards == "group"
     policy = eos_biased(make_lm(), tiny_tokenizer, bias=3.0)
-    trainer = GRPOTrainer(policy, [only_long, only_short, never], args=args, train_dataset=prompt_rows,
-                          processing_class=tiny_tokenizer)
+    trainer = GRPOTrainer(
+        policy, [only_long, only_short, never], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
+    )
     buf, metrics = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
     lengths = buf.lengths.tolist()
     assert min(lengths) <= 4 < max(lengths)
@@ -142,7 +190,9 @@ def test_reward_functions_returning_none(make_lm, tiny_tokenizer, prompt_rows, c
 def test_rloo_folds_sequence_kl_into_the_reward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
     args = grpo_args(cpu_args, cls=RLOOConfig, num_generations=4, beta=0.5)
     assert args.advantage_estimator == "rloo"
-    trainer = RLOOTrainer(make_lm(), target_fraction, args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer)
+    trainer = RLOOTrainer(
+        make_lm(), target_fraction, args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
+    )
     trainer.policy.lm_head.weight.data.add_(0.05)  # move the policy away from the reference: KL > 0
     buf, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
     response = (buf.lengths[:, None] > torch.arange(buf.mask.shape[1])).float()
@@ -157,8 +207,13 @@ def test_rloo_folds_sequence_kl_into_the_reward(make_lm, tiny_tokenizer, prompt_
 @pytest.mark.parametrize("estimator", ["reinforce_pp", "reinforce_pp_baseline"])
 def test_reinforce_pp_whitens_token_returns_over_the_batch(estimator, make_lm, tiny_tokenizer, prompt_rows, cpu_args):
     args = grpo_args(cpu_args, advantage_estimator=estimator, beta=0.2, max_completion_length=10)
-    trainer = GRPOTrainer(eos_biased(make_lm(), tiny_tokenizer, bias=3.0), [length_reward], args=args,
-                          train_dataset=prompt_rows, processing_class=tiny_tokenizer)
+    trainer = GRPOTrainer(
+        eos_biased(make_lm(), tiny_tokenizer, bias=3.0),
+        [length_reward],
+        args=args,
+        train_dataset=prompt_rows,
+        processing_class=tiny_tokenizer,
+    )
     trainer.policy.lm_head.weight.data.add_(0.05)
     buf, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
     mask = (buf.lengths[:, None] > torch.arange(buf.mask.shape[1])).float()
@@ -173,11 +228,20 @@ def test_reinforce_pp_whitens_token_returns_over_the_batch(estimator, make_lm, t
 
 def test_mid_round_checkpoint_resumes_exactly(make_lm, tiny_tokenizer, prompt_rows, cpu_args, tmp_path):
     """num_iterations=2: step 1 ends mid generation round, so its checkpoint carries the round's samples."""
+
     def run(output_dir, max_steps, resume=None, save_steps=500):
-        args = grpo_args({**cpu_args, "output_dir": str(output_dir)}, max_steps=max_steps, num_iterations=2, beta=0.05,
-                         save_strategy="steps", save_steps=save_steps, lr_scheduler_type="constant")
-        trainer = GRPOTrainer(make_lm(), [target_fraction], args=args, train_dataset=prompt_rows,
-                              processing_class=tiny_tokenizer)
+        args = grpo_args(
+            {**cpu_args, "output_dir": str(output_dir)},
+            max_steps=max_steps,
+            num_iterations=2,
+            beta=0.05,
+            save_strategy="steps",
+            save_steps=save_steps,
+            lr_scheduler_type="constant",
+        )
+        trainer = GRPOTrainer(
+            make_lm(), [target_fraction], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
+        )
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
@@ -190,10 +254,23 @@ def test_mid_round_checkpoint_resumes_exactly(make_lm, tiny_tokenizer, prompt_ro
 
 
 def test_log_completions_and_eval(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
-    args = grpo_args(cpu_args, max_steps=1, log_completions=True, num_completions_to_print=2, eval_strategy="steps",
-                     eval_steps=1, per_device_eval_batch_size=8)
-    trainer = GRPOTrainer(make_lm(), [target_fraction], args=args, train_dataset=prompt_rows, eval_dataset=prompt_rows[:3],
-                          processing_class=tiny_tokenizer)
+    args = grpo_args(
+        cpu_args,
+        max_steps=1,
+        log_completions=True,
+        num_completions_to_print=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=8,
+    )
+    trainer = GRPOTrainer(
+        make_lm(),
+        [target_fraction],
+        args=args,
+        train_dataset=prompt_rows,
+        eval_dataset=prompt_rows[:3],
+        processing_class=tiny_tokenizer,
+    )
     logs = trainer.train().log_history
     assert any("eval_reward" in h and "eval_completions/mean_length" in h for h in logs)
     lines = [json.loads(line) for line in open(os.path.join(args.output_dir, "completions.jsonl"))]
@@ -205,25 +282,39 @@ def wrong_length(prompts, completions, **columns):
 
 
 def test_bad_inputs_give_clear_errors(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
-    trainer = GRPOTrainer(make_lm(), [wrong_length], args=grpo_args(cpu_args), train_dataset=prompt_rows,
-                          processing_class=tiny_tokenizer)
+    trainer = GRPOTrainer(
+        make_lm(), [wrong_length], args=grpo_args(cpu_args), train_dataset=prompt_rows, processing_class=tiny_tokenizer
+    )
     with pytest.raises(ValueError, match="reward function 'wrong_length': returned 9 rewards for 8 completions"):
         trainer.train()
-    with pytest.raises(ValueError, match=r"num_generations: 4 does not divide the generation batch of 6 .*one of \[2, 3, 6\]"):
+    with pytest.raises(
+        ValueError, match=r"num_generations: 4 does not divide the generation batch of 6 .*one of \[2, 3, 6\]"
+    ):
         grpo_args(cpu_args, per_device_train_batch_size=6)
     with pytest.raises(ValueError, match="use_vllm: True is not supported"):
         grpo_args(cpu_args, use_vllm=True)
     with pytest.raises(ValueError, match="importance_sampling_level"):
         grpo_args(cpu_args, importance_sampling_level="sequence")
-    for field, value in (("loss_type", "ppo"), ("scale_rewards", "rows"), ("num_generations", 1), ("epsilon", 0.0),
-                         ("advantage_estimator", "gae"), ("steps_per_generation", 3)):
+    for field, value in (
+        ("loss_type", "ppo"),
+        ("scale_rewards", "rows"),
+        ("num_generations", 1),
+        ("epsilon", 0.0),
+        ("advantage_estimator", "gae"),
+        ("steps_per_generation", 3),
+    ):
         with pytest.raises(ValueError, match=f"GRPOConfig.{field}"):
             grpo_args(cpu_args, gradient_accumulation_steps=2, per_device_train_batch_size=4, **{field: value})
     with pytest.raises(ValueError, match="reward_funcs: required"):
         GRPOTrainer(make_lm(), [], args=grpo_args(cpu_args), train_dataset=prompt_rows, processing_class=tiny_tokenizer)
     with pytest.raises(ValueError, match="'prompt' column"):
-        GRPOTrainer(make_lm(), [length_reward], args=grpo_args(cpu_args), train_dataset=[{"text": "x"}],
-                    processing_class=tiny_tokenizer)
+        GRPOTrainer(
+            make_lm(),
+            [length_reward],
+            args=grpo_args(cpu_args),
+            train_dataset=[{"text": "x"}],
+            processing_class=tiny_tokenizer,
+        )
 
 
 def test_cli_trains_grpo_with_lora(make_lm, tiny_tokenizer, prompt_rows, tmp_path):
@@ -238,11 +329,44 @@ def test_cli_trains_grpo_with_lora(make_lm, tiny_tokenizer, prompt_rows, tmp_pat
         "    return [sum(t < 100 for t in ids) / len(ids) for ids in completion_ids]\n"
     )
     out = tmp_path / "out"
-    assert main(["train", "grpo", "--model_name_or_path", str(tmp_path / "policy"), "--dataset_name",
-                 str(tmp_path / "prompts.jsonl"), "--reward_funcs", f"{tmp_path / 'my_rewards.py'}:count_low",
-                 "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4",
-                 "--max_completion_length", "4", "--use_cpu", "--disable_tqdm", "--save_strategy", "no", "--logging_steps", "1",
-                 "--beta", "0.1", "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "grpo",
+                "--model_name_or_path",
+                str(tmp_path / "policy"),
+                "--dataset_name",
+                str(tmp_path / "prompts.jsonl"),
+                "--reward_funcs",
+                f"{tmp_path / 'my_rewards.py'}:count_low",
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "8",
+                "--num_generations",
+                "4",
+                "--max_completion_length",
+                "4",
+                "--use_cpu",
+                "--disable_tqdm",
+                "--save_strategy",
+                "no",
+                "--logging_steps",
+                "1",
+                "--beta",
+                "0.1",
+                "--use_peft",
+                "--lora_r",
+                "4",
+                "--lora_target_modules",
+                "q_proj,v_proj",
+            ]
+        )
+        == 0
+    )
     assert os.path.exists(out / "adapter_config.json")
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2] and "rewards/count_low/mean" in records[0] and "kl" in records[0]

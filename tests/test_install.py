@@ -144,8 +144,17 @@ def _cxx17_syntax_check(source):
     from torch.utils.cpp_extension import include_paths
 
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-fopenmp", "-w", "-DTORCH_EXTENSION_NAME=_C",
-           "-DTORCH_API_INCLUDE_EXTENSION_H", *includes, source]
+    cmd = [
+        "g++",
+        "-std=c++17",
+        "-fsyntax-only",
+        "-fopenmp",
+        "-w",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        *includes,
+        source,
+    ]
     return source, subprocess.run(cmd, capture_output=True, text=True)
 
 

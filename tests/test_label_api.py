@@ -1,5 +1,6 @@
 """The labelling web app's API through FastAPI's TestClient: serving order and k, votes and their
 canonical mapping, idempotency, validation, tokens, and completions that hold HTML/JS."""
+
 import random
 import sqlite3
 
@@ -25,8 +26,13 @@ def make_client(tmp_path, n_items=4, k=1, seed=0, lease_seconds=600.0, host="127
 
 
 def vote(client, item_id, labeller, choice, vote_id=None, **extra):
-    body = {"vote_id": vote_id or f"v-{labeller}-{item_id}".replace(" ", "_"), "item_id": item_id,
-            "labeller": labeller, "choice": choice, **extra}
+    body = {
+        "vote_id": vote_id or f"v-{labeller}-{item_id}".replace(" ", "_"),
+        "item_id": item_id,
+        "labeller": labeller,
+        "choice": choice,
+        **extra,
+    }
     return client.post("/api/vote", json=body)
 
 
@@ -42,8 +48,12 @@ def test_serve_vote_and_canonical_choice(tmp_path):
         # "A" is whatever was shown first: stored as completion_b's win when the order was swapped
         assert vote(client, item["id"], "ann", "A", rating=5, note="fine").status_code == 201
         stored = store.votes("human")[-1]
-        assert (stored["choice"], stored["swapped"], stored["rating"], stored["note"]) == \
-            ("b" if swapped else "a", int(swapped), 5, "fine")
+        assert (stored["choice"], stored["swapped"], stored["rating"], stored["note"]) == (
+            "b" if swapped else "a",
+            int(swapped),
+            5,
+            "fine",
+        )
     assert any(swaps) and not all(swaps), "display order must be randomised per item"
     body = client.post("/api/next", json={"labeller": "ann"}).json()
     assert body["item"] is None and body["progress"]["done"] == 12 and body["progress"]["remaining"] == 0
@@ -108,20 +118,23 @@ def test_vote_refusals(tmp_path):
     assert not_served.status_code == 409 and "not served" in not_served.json()["error"]
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"choice": "C"}, "choice"),
-    ({"choice": "a"}, "choice"),
-    ({"rating": 0}, "rating"),
-    ({"rating": 8}, "rating"),
-    ({"rating": "3"}, "rating"),
-    ({"rating": 3.5}, "rating"),
-    ({"note": "x" * 2001}, "note"),
-    ({"labeller": "<b>ann</b>"}, "labeller"),
-    ({"labeller": ""}, "labeller"),
-    ({"vote_id": "short"}, "vote_id"),
-    ({"item_id": "x" * 201}, "item_id"),
-    ({"extra": 1}, "extra"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"choice": "C"}, "choice"),
+        ({"choice": "a"}, "choice"),
+        ({"rating": 0}, "rating"),
+        ({"rating": 8}, "rating"),
+        ({"rating": "3"}, "rating"),
+        ({"rating": 3.5}, "rating"),
+        ({"note": "x" * 2001}, "note"),
+        ({"labeller": "<b>ann</b>"}, "labeller"),
+        ({"labeller": ""}, "labeller"),
+        ({"vote_id": "short"}, "vote_id"),
+        ({"item_id": "x" * 201}, "item_id"),
+        ({"extra": 1}, "extra"),
+    ],
+)
 def test_invalid_votes_get_a_clear_422(tmp_path, change, field):
     client, store = make_client(tmp_path)
     client.post("/api/next", json={"labeller": "ann"})
@@ -214,8 +227,10 @@ def test_load_pairs_errors_name_the_line(tmp_path):
     bad.write_text('{"prompt": "p", "completion_a": "a", "completion_b": "b"}\n{"prompt": "p", "completion_a": 3}\n')
     with pytest.raises(ValueError, match="line 2: expected a string field 'completion_a'"):
         load_pairs(bad)
-    bad.write_text('{"id": 1, "prompt": "p", "completion_a": "a", "completion_b": "b"}\n'
-                   '{"id": "1", "prompt": "q", "completion_a": "a", "completion_b": "b"}\n')
+    bad.write_text(
+        '{"id": 1, "prompt": "p", "completion_a": "a", "completion_b": "b"}\n'
+        '{"id": "1", "prompt": "q", "completion_a": "a", "completion_b": "b"}\n'
+    )
     with pytest.raises(ValueError, match="line 2: duplicate id '1'"):
         load_pairs(bad)
     bad.write_text("not json\n")

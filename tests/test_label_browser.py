@@ -2,6 +2,7 @@
 with the mouse and the keyboard against `rlhf-ext label serve` on 127.0.0.1, and the database is
 checked. The setup installs chromium with tests/setup_browser.sh when it is missing (root + apt only);
 the test skips, saying why, where that is impossible."""
+
 import os
 import re
 import sqlite3
@@ -10,16 +11,26 @@ import subprocess
 import pytest
 
 pytest.importorskip("uvicorn", reason="needs the 'label' extra: pip install 'rlhf_ext[label]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install playwright "
-                                                            "(the 'dev' extra); the browser itself is Debian's chromium")
+sync_api = pytest.importorskip(
+    "playwright.sync_api",
+    reason="needs playwright: pip install playwright (the 'dev' extra); the browser itself is Debian's chromium",
+)
 
 from tests.label_helpers import REPO_ROOT, label_server, write_pairs  # noqa: E402
 
 expect = sync_api.expect
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TOKEN = "browser-test-token"
 INJECTION = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script><b>bold?</b>'
 ITEMS = [
@@ -35,8 +46,9 @@ def chromium_path():
     if not os.path.exists(CHROMIUM):
         subprocess.run(["bash", os.path.join(REPO_ROOT, "tests", "setup_browser.sh")], check=False, timeout=600)
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing and tests/setup_browser.sh could not install it "
-                    "(it needs root and apt-get)")
+        pytest.skip(
+            f"{CHROMIUM} is missing and tests/setup_browser.sh could not install it (it needs root and apt-get)"
+        )
     return CHROMIUM
 
 
@@ -51,8 +63,10 @@ def wait_for_new_prompt(page, old_prompt):
 
 
 def shown(page):
-    return {key: page.text_content(sel) for key, sel in
-            (("prompt", "#prompt"), ("a", "#completion-a"), ("b", "#completion-b"))}
+    return {
+        key: page.text_content(sel)
+        for key, sel in (("prompt", "#prompt"), ("a", "#completion-a"), ("b", "#completion-b"))
+    }
 
 
 def test_label_three_items_with_mouse_and_keyboard(tmp_path, chromium_path):
@@ -100,8 +114,9 @@ def test_label_three_items_with_mouse_and_keyboard(tmp_path, chromium_path):
             browser.close()
 
         with sqlite3.connect(db) as conn:
-            rows = conn.execute("SELECT item_id, labeller, choice, swapped, rating, note FROM votes "
-                                "ORDER BY created_at").fetchall()
+            rows = conn.execute(
+                "SELECT item_id, labeller, choice, swapped, rating, note FROM votes ORDER BY created_at"
+            ).fetchall()
     assert [r[0] for r in rows] == ["inj", "two", "three"]
     assert all(r[1] == "Ann Example" for r in rows)
     # canonical choices follow from what was on screen: the side clicked and which completion was there
@@ -112,4 +127,3 @@ def test_label_three_items_with_mouse_and_keyboard(tmp_path, chromium_path):
     assert rows[1][2] == ("a" if second["a"] == texts["two"][0] else "b")
     assert rows[1][4:] == (None, "2 t s")
     assert rows[2][2] == "tie"
-

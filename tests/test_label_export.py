@@ -1,4 +1,5 @@
 """Export aggregation and agreement statistics against cases computed by hand."""
+
 import json
 import random
 
@@ -10,22 +11,25 @@ from rlhf_ext.label.store import FeedbackStore
 
 # item -> canonical human votes by labeller u1..u4 (None: that labeller skipped it)
 HUMAN = {
-    "i1": ["a", "a", "a", None],        # a, agreement 1, margin 1
-    "i2": ["a", "a", "b", None],        # a, agreement 2/3, margin 1/3
-    "i3": ["b", "tie", "b", "a"],       # b, agreement 1/2, margin 1/4
-    "i4": ["a", "b", None, None],       # draw -> tie, agreement 1/2
-    "i5": ["tie", "tie", "a", None],    # tie, agreement 2/3
-    "i6": [None, None, None, None],     # only skips: no votes
-    "i7": ["b", None, None, None],      # b, agreement 1, margin 1
-    "i8": [],                           # never served
+    "i1": ["a", "a", "a", None],  # a, agreement 1, margin 1
+    "i2": ["a", "a", "b", None],  # a, agreement 2/3, margin 1/3
+    "i3": ["b", "tie", "b", "a"],  # b, agreement 1/2, margin 1/4
+    "i4": ["a", "b", None, None],  # draw -> tie, agreement 1/2
+    "i5": ["tie", "tie", "a", None],  # tie, agreement 2/3
+    "i6": [None, None, None, None],  # only skips: no votes
+    "i7": ["b", None, None, None],  # b, agreement 1, margin 1
+    "i8": [],  # never served
 }
 AI = {"i1": "a", "i2": "b", "i3": "b", "i4": "a", "i5": "tie", "i7": "b", "i8": "a"}
 ITEMS = [{"id": i, "prompt": f"P{i}", "completion_a": f"A{i}", "completion_b": f"B{i}"} for i in HUMAN]
 
 
 def human_votes():
-    return [{"item_id": item, "labeller": f"u{n + 1}", "choice": choice or "skip"}
-            for item, choices in HUMAN.items() for n, choice in enumerate(choices)]
+    return [
+        {"item_id": item, "labeller": f"u{n + 1}", "choice": choice or "skip"}
+        for item, choices in HUMAN.items()
+        for n, choice in enumerate(choices)
+    ]
 
 
 def ai_votes():
@@ -56,8 +60,14 @@ def test_default_export_drops_ties_and_low_agreement():
 def test_ties_kept_marked_as_ties_with_margin_zero():
     rows, counts = aggregate(ITEMS, human_votes(), min_agreement=0.5, ties="keep")
     got = {p: (r["chosen"], r["margin"], r["tie"]) for p, r in by_prompt(rows).items()}
-    assert got == {"Pi1": ("Ai1", 1.0, False), "Pi2": ("Ai2", pytest.approx(1 / 3), False), "Pi3": ("Bi3", 0.25, False),
-                   "Pi4": ("Ai4", 0.0, True), "Pi5": ("Ai5", 0.0, True), "Pi7": ("Bi7", 1.0, False)}
+    assert got == {
+        "Pi1": ("Ai1", 1.0, False),
+        "Pi2": ("Ai2", pytest.approx(1 / 3), False),
+        "Pi3": ("Bi3", 0.25, False),
+        "Pi4": ("Ai4", 0.0, True),
+        "Pi5": ("Ai5", 0.0, True),
+        "Pi7": ("Bi7", 1.0, False),
+    }
     assert counts["ties_kept"] == 2
     rows, _ = aggregate(ITEMS, human_votes(), min_agreement=0.5)
     assert all("tie" not in r for r in rows)  # ties dropped: the plain TRL columns
@@ -71,7 +81,13 @@ def test_min_votes_and_sources():
     assert counts["too_few_votes"] == 2  # i4 and i7
     rows, _ = aggregate(ITEMS, ai_votes())
     assert {p: r["chosen"] for p, r in by_prompt(rows).items()} == {
-        "Pi1": "Ai1", "Pi2": "Bi2", "Pi3": "Bi3", "Pi4": "Ai4", "Pi7": "Bi7", "Pi8": "Ai8"}
+        "Pi1": "Ai1",
+        "Pi2": "Bi2",
+        "Pi3": "Bi3",
+        "Pi4": "Ai4",
+        "Pi7": "Bi7",
+        "Pi8": "Ai8",
+    }
     rows, _ = aggregate(ITEMS, human_votes() + ai_votes())
     assert "Pi2" not in by_prompt(rows)  # a a b + AI b: a draw, so a tie
 
@@ -128,8 +144,12 @@ def test_export_command_end_to_end(tmp_path, capsys):
     # pe = (2*2 + 2*3 + 2*1) / 36 = 1/3, kappa = (2/3 - 1/3) / (2/3) = 0.5
     assert "Cohen's kappa, human majority vs AI: 0.500 over 6 items (observed agreement 0.667)" in printed
 
-    assert main(["label", "export", "--db", str(tmp_path / "fb.sqlite"), "--out", str(out), "--source", "ai",
-                 "--with-meta"]) == 0
+    assert (
+        main(
+            ["label", "export", "--db", str(tmp_path / "fb.sqlite"), "--out", str(out), "--source", "ai", "--with-meta"]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6
     for row in rows:

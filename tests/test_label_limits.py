@@ -1,6 +1,7 @@
 """The labelling tools refuse what is not theirs and bound what one request costs: marked databases (foreign
 SQLite files and non-SQLite files are refused by name), pairs files checked line by line, request bodies
 capped at 64 KiB, bounded validation replies, and no state change from a GET or a cross-site form."""
+
 import json
 import sqlite3
 
@@ -10,8 +11,13 @@ pytest.importorskip("fastapi", reason="the web app needs the 'label' extra: pip 
 
 from rlhf_ext.cli import main  # noqa: E402
 from rlhf_ext.label import app as label_app  # noqa: E402
-from rlhf_ext.label.store import (APPLICATION_ID, SCHEMA_VERSION, FeedbackStore, NotAFeedbackDatabase,  # noqa: E402
-                                  load_pairs)
+from rlhf_ext.label.store import (
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    FeedbackStore,
+    NotAFeedbackDatabase,  # noqa: E402
+    load_pairs,
+)
 from tests.label_helpers import write_pairs  # noqa: E402
 from tests.test_label_api import make_client, vote  # noqa: E402
 
@@ -69,11 +75,14 @@ def test_feedback_database_from_before_the_marks_is_adopted(tmp_path):
         assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
 
 
-@pytest.mark.parametrize("row, fragment", [
-    (("x", "p", "", "b"), "line 2: 'completion_a' is empty"),
-    (("x", "p", "a", "  "), "line 2: 'completion_b' is empty"),
-    (("x", "p", "same", "same"), "line 2: 'completion_a' and 'completion_b' are identical"),
-])
+@pytest.mark.parametrize(
+    "row, fragment",
+    [
+        (("x", "p", "", "b"), "line 2: 'completion_a' is empty"),
+        (("x", "p", "a", "  "), "line 2: 'completion_b' is empty"),
+        (("x", "p", "same", "same"), "line 2: 'completion_a' and 'completion_b' are identical"),
+    ],
+)
 def test_pairs_refuse_empty_and_identical_completions(row, fragment, tmp_path, capsys):
     path = write_pairs(tmp_path / "pairs.jsonl", [("ok", "p", "a", "b"), row])
     with pytest.raises(ValueError, match=fragment):
@@ -84,8 +93,10 @@ def test_pairs_refuse_empty_and_identical_completions(row, fragment, tmp_path, c
 
 def test_pairs_name_the_line_of_non_utf8_bytes(tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"
-    path.write_bytes(b'{"prompt": "p", "completion_a": "a", "completion_b": "b"}\n'
-                     b'{"prompt": "p\xe9", "completion_a": "a", "completion_b": "c"}\n')
+    path.write_bytes(
+        b'{"prompt": "p", "completion_a": "a", "completion_b": "b"}\n'
+        b'{"prompt": "p\xe9", "completion_a": "a", "completion_b": "c"}\n'
+    )
     code = main(["label", "serve", "--pairs", str(path), "--db", str(tmp_path / "fb.sqlite")])
     assert_one_line_exit_2(code, capsys, "pairs.jsonl, line 2: not UTF-8 text (byte 0xe9")
 
@@ -115,8 +126,13 @@ def test_streamed_body_without_content_length_is_cut_off(tmp_path):
 
 def test_validation_replies_are_bounded(tmp_path):
     client, store = make_client(tmp_path)
-    body = {"vote_id": "vote-0001", "item_id": "item0", "labeller": "ann", "choice": "A",
-            **{f"extra_{i}_" + "x" * 20: i for i in range(1500)}}  # ~50 KB, under the body limit
+    body = {
+        "vote_id": "vote-0001",
+        "item_id": "item0",
+        "labeller": "ann",
+        "choice": "A",
+        **{f"extra_{i}_" + "x" * 20: i for i in range(1500)},
+    }  # ~50 KB, under the body limit
     assert len(json.dumps(body)) < label_app.MAX_BODY
     response = client.post("/api/vote", json=body)
     assert response.status_code == 422
@@ -127,8 +143,9 @@ def test_validation_replies_are_bounded(tmp_path):
 def test_next_is_not_served_to_a_get_or_a_cross_site_form(tmp_path):
     client, store = make_client(tmp_path)
     assert client.get("/api/next", params={"labeller": "ann"}).status_code == 405  # e.g. an <img src=...>
-    form = client.post("/api/next", content="labeller=ann",
-                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    form = client.post(
+        "/api/next", content="labeller=ann", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert form.status_code == 422
     plain = client.post("/api/next", content='{"labeller": "ann"}', headers={"Content-Type": "text/plain"})
     assert plain.status_code == 422

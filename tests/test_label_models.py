@@ -1,5 +1,6 @@
 """`label judge` on a tiny Llama trained here to have a known preference and a known position bias, and
 `label pairs` on a tiny local checkpoint. Tokenizers are trained locally; nothing comes from a hub."""
+
 import json
 import random
 import sqlite3
@@ -11,8 +12,15 @@ from rlhf_ext.cli import main
 from rlhf_ext.label._hf import load_causal_lm
 from rlhf_ext.label.judge import answer_logprobs, check_template, fill, judge_pairs
 from rlhf_ext.label.store import load_pairs
-from tests.label_helpers import (JUDGE_TEMPLATE, MARKER, judge_example, tiny_llama, train_marker_judge,
-                                  word_tokenizer, write_pairs)
+from tests.label_helpers import (
+    JUDGE_TEMPLATE,
+    MARKER,
+    judge_example,
+    tiny_llama,
+    train_marker_judge,
+    word_tokenizer,
+    write_pairs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +85,28 @@ def test_template_filling_is_literal():
 
 def test_judge_command_writes_ai_votes(judge_dir, tmp_path, capsys):
     items = marker_items(n_each=2, seed=11)
-    pairs = write_pairs(tmp_path / "pairs.jsonl", [(i["id"], i["prompt"], i["completion_a"], i["completion_b"])
-                                                   for i in items])
+    pairs = write_pairs(
+        tmp_path / "pairs.jsonl", [(i["id"], i["prompt"], i["completion_a"], i["completion_b"]) for i in items]
+    )
     template = tmp_path / "template.txt"
     template.write_text(JUDGE_TEMPLATE)
     db = tmp_path / "fb.sqlite"
-    argv = ["label", "judge", "--pairs", str(pairs), "--judge", str(judge_dir), "--db", str(db),
-            "--template", str(template), "--device", "cpu", "--tie-band", "0.1"]
+    argv = [
+        "label",
+        "judge",
+        "--pairs",
+        str(pairs),
+        "--judge",
+        str(judge_dir),
+        "--db",
+        str(db),
+        "--template",
+        str(template),
+        "--device",
+        "cpu",
+        "--tie-band",
+        "0.1",
+    ]
     assert main(argv) == 0
     assert "judged 6 pairs (a 2, b 2, tie 2)" in capsys.readouterr().out
     with sqlite3.connect(db) as conn:
@@ -117,16 +140,41 @@ def have_rollout_engine():
     return True
 
 
-@pytest.mark.skipif(not have_rollout_engine(), reason="rlhf_ext.generation.generate (the rollout engine) is not "
-                                                       "in this build yet; `label pairs` samples with it")
+@pytest.mark.skipif(
+    not have_rollout_engine(),
+    reason="rlhf_ext.generation.generate (the rollout engine) is not in this build yet; `label pairs` samples with it",
+)
 def test_pairs_command_samples_reproducible_pairs(policy_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Q: w1 w2", "Q: w3", "say hello w4 w5"]))
     outs = []
     for run in range(2):
         out = tmp_path / f"pairs{run}.jsonl"
-        assert main(["label", "pairs", "--model", str(policy_dir), "--prompts", str(prompts), "--out", str(out),
-                     "--n", "3", "--max-new-tokens", "5", "--seed", "4", "--batch-size", "2", "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "label",
+                    "pairs",
+                    "--model",
+                    str(policy_dir),
+                    "--prompts",
+                    str(prompts),
+                    "--out",
+                    str(out),
+                    "--n",
+                    "3",
+                    "--max-new-tokens",
+                    "5",
+                    "--seed",
+                    "4",
+                    "--batch-size",
+                    "2",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         outs.append(out.read_text())
     assert outs[0] == outs[1], "the same seed must give the same pairs"
     rows = [json.loads(line) for line in outs[0].splitlines()]
@@ -138,22 +186,83 @@ def test_pairs_command_samples_reproducible_pairs(policy_dir, tmp_path, capsys):
         assert all(len(c.split()) <= 5 for c in (row["completion_a"], row["completion_b"]))
     assert f"{len(rows)} pairs from 3 prompts x 3 samples" in capsys.readouterr().out
     other = tmp_path / "other.jsonl"
-    main(["label", "pairs", "--model", str(policy_dir), "--prompts", str(prompts), "--out", str(other),
-          "--n", "3", "--max-new-tokens", "5", "--seed", "5", "--device", "cpu"])
+    main(
+        [
+            "label",
+            "pairs",
+            "--model",
+            str(policy_dir),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(other),
+            "--n",
+            "3",
+            "--max-new-tokens",
+            "5",
+            "--seed",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
     assert other.read_text() != outs[0]
 
 
 def test_pairs_command_errors(policy_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"text": "no prompt key"}\n')
-    assert main(["label", "pairs", "--model", str(policy_dir), "--prompts", str(prompts),
-                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert (
+        main(
+            [
+                "label",
+                "pairs",
+                "--model",
+                str(policy_dir),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "expected an object with a string 'prompt'" in capsys.readouterr().err
     prompts.write_text('{"prompt": "w1"}\n')
-    assert main(["label", "pairs", "--model", str(tmp_path / "nowhere"), "--prompts", str(prompts),
-                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert (
+        main(
+            [
+                "label",
+                "pairs",
+                "--model",
+                str(tmp_path / "nowhere"),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "not a folder" in capsys.readouterr().err
     if have_rollout_engine():
-        assert main(["label", "pairs", "--model", str(policy_dir), "--prompts", str(prompts),
-                     "--out", str(tmp_path / "o.jsonl"), "--n", "1", "--device", "cpu"]) == 2
+        assert (
+            main(
+                [
+                    "label",
+                    "pairs",
+                    "--model",
+                    str(policy_dir),
+                    "--prompts",
+                    str(prompts),
+                    "--out",
+                    str(tmp_path / "o.jsonl"),
+                    "--n",
+                    "1",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 2
+        )
         assert "n must be at least 2" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The real server (`rlhf-ext label serve` under uvicorn, 127.0.0.1, a free port) under concurrent
 voters, and killed with SIGKILL in the middle of a burst: no acknowledged vote may be lost. Request
 loops are bounded in count and time, and the server process ends by itself after two minutes."""
+
 import sqlite3
 import threading
 import time
@@ -45,8 +46,9 @@ def run_voters(base, stop=None, deadline_s=90):
     acked, errors = [], []
     stop = stop or threading.Event()
     deadline = time.monotonic() + deadline_s
-    threads = [threading.Thread(target=voter, args=(base, f"voter{i}", acked, errors, stop, deadline))
-               for i in range(N_VOTERS)]
+    threads = [
+        threading.Thread(target=voter, args=(base, f"voter{i}", acked, errors, stop, deadline)) for i in range(N_VOTERS)
+    ]
     for t in threads:
         t.start()
     return threads, acked, errors

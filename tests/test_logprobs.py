@@ -6,6 +6,7 @@ dtype: 1e-5 (a few ulps of a logsumexp over up to 128256 terms). Gradients are w
 dtype, so they get that dtype's rounding: float32 1e-5 relative, bfloat16 8e-3 (2 ulps of 2^-8),
 float16 1e-3 (2 ulps of 2^-11), plus a 1e-6 absolute floor; float64 is exact to 1e-10.
 """
+
 import os
 import subprocess
 import sys
@@ -44,8 +45,17 @@ def _oracle(logits, labels, temperature=1.0, ignore_index=-100, chunk=512):
     """float64 (logprobs, entropy), a block of rows at a time to bound the oracle's own memory."""
     V = logits.shape[-1]
     flat, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
-    parts = [gather_logprobs_reference(flat[i:i + chunk], flat_labels[i:i + chunk], temperature, ignore_index,
-                                       return_entropy=True, dtype=torch.float64) for i in range(0, flat.shape[0], chunk)]
+    parts = [
+        gather_logprobs_reference(
+            flat[i : i + chunk],
+            flat_labels[i : i + chunk],
+            temperature,
+            ignore_index,
+            return_entropy=True,
+            dtype=torch.float64,
+        )
+        for i in range(0, flat.shape[0], chunk)
+    ]
     lp = torch.cat([p[0] for p in parts]).reshape(labels.shape)
     ent = torch.cat([p[1] for p in parts]).reshape(labels.shape)
     return lp, ent
@@ -78,12 +88,15 @@ def test_values_temperatures(temperature, dtype):
     _check_values(logits, labels, temperature)
 
 
-@pytest.mark.parametrize("shape, dtype", [
-    ((3, 423, 32000), torch.float32),
-    ((2, 9, 50257), torch.bfloat16),
-    ((2, 3, 128256), torch.float32),
-    ((1, 4, 128256), torch.float16),
-])
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((3, 423, 32000), torch.float32),
+        ((2, 9, 50257), torch.bfloat16),
+        ((2, 3, 128256), torch.float32),
+        ((1, 4, 128256), torch.float16),
+    ],
+)
 def test_values_vocab_sized_shapes(shape, dtype):
     logits, labels = _inputs(shape, dtype)
     _check_values(logits, labels, temperature=0.7)
@@ -182,8 +195,9 @@ def _grads(logits, labels, temperature, which, inplace, gen_seed=3):
     loss.backward()
     ref = logits.detach().double().requires_grad_()
     rlp, rent = gather_logprobs_reference(ref, labels, temperature, return_entropy=True, dtype=torch.float64)
-    rloss = {"logprobs": (rlp * a).sum(), "entropy": (rent * b).sum(),
-             "both": (rlp * a).sum() + (rent * b).sum()}[which]
+    rloss = {"logprobs": (rlp * a).sum(), "entropy": (rent * b).sum(), "both": (rlp * a).sum() + (rent * b).sum()}[
+        which
+    ]
     rloss.backward()
     return leaf.grad, ref.grad
 
@@ -281,15 +295,19 @@ def test_gradcheck_float64():
 
 def test_opcheck():
     logits, labels = _inputs((3, 5, 37))
-    for args in [(logits, labels, 1.0, -100, True, False), (logits.bfloat16(), labels, 0.7, -100, False, True),
-                 (logits[:, :-1], labels[:, :-1], 1.0, -100, True, False)]:
+    for args in [
+        (logits, labels, 1.0, -100, True, False),
+        (logits.bfloat16(), labels, 0.7, -100, False, True),
+        (logits[:, :-1], labels[:, :-1], 1.0, -100, True, False),
+    ]:
         torch.library.opcheck(torch.ops.rlhf_ext.logprobs_forward, args)
     lp, ent, lse = torch.ops.rlhf_ext.logprobs_forward(logits, labels, 0.7, -100, True, False)
     g = torch.randn(3, 5)
     for gl, gh in [(g, g * 0.5), (g, None), (None, g)]:
         torch.library.opcheck(torch.ops.rlhf_ext.logprobs_backward, (gl, gh, logits, labels, lse, ent, 0.7, -100))
-        torch.library.opcheck(torch.ops.rlhf_ext.logprobs_backward_inplace,
-                              (gl, gh, logits.clone(), labels, lse, ent, 0.7, -100))
+        torch.library.opcheck(
+            torch.ops.rlhf_ext.logprobs_backward_inplace, (gl, gh, logits.clone(), labels, lse, ent, 0.7, -100)
+        )
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -348,19 +366,37 @@ def test_every_cpu_isa_kernel(isa):
     assert proc.stdout.split() == ["ok", isa.upper()]
 
 
-@pytest.mark.parametrize("kwargs, err, match", [
-    (dict(labels=torch.zeros(3, 4, dtype=torch.long)), RuntimeError, r"labels: expected shape \[3\] \(logits.shape\[:-1\]\)"),
-    (dict(labels=torch.zeros(3)), TypeError, "labels: expected an integer tensor of token ids, got dtype torch.float32"),
-    (dict(logits=torch.randn(3, 0)), RuntimeError, r"logits: expected a non-empty vocabulary dimension \(V > 0\)"),
-    (dict(labels=torch.tensor([0, 5, 1])), RuntimeError, r"labels: expected values in \[0, 5\).*got 5 at flat position 1"),
-    (dict(labels=torch.tensor([0, -1, 1])), RuntimeError, r"labels: expected values in \[0, 5\).*got -1"),
-    (dict(temperature=0.0), RuntimeError, "temperature: expected a finite value > 0, got 0"),
-    (dict(temperature=float("nan")), RuntimeError, "temperature: expected a finite value > 0"),
-    (dict(logits=torch.ones(3, 5, dtype=torch.long)), RuntimeError, "logits: expected a float32/bfloat16/float16"),
-    (dict(logits=torch.tensor(1.0), labels=torch.tensor(0)), RuntimeError, "logits: expected a tensor of shape"),
-    (dict(labels=torch.zeros(3, dtype=torch.long, device="meta")), RuntimeError,
-     r"labels: expected a tensor on cpu \(the device of logits\), got one on meta"),
-])
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (
+            dict(labels=torch.zeros(3, 4, dtype=torch.long)),
+            RuntimeError,
+            r"labels: expected shape \[3\] \(logits.shape\[:-1\]\)",
+        ),
+        (
+            dict(labels=torch.zeros(3)),
+            TypeError,
+            "labels: expected an integer tensor of token ids, got dtype torch.float32",
+        ),
+        (dict(logits=torch.randn(3, 0)), RuntimeError, r"logits: expected a non-empty vocabulary dimension \(V > 0\)"),
+        (
+            dict(labels=torch.tensor([0, 5, 1])),
+            RuntimeError,
+            r"labels: expected values in \[0, 5\).*got 5 at flat position 1",
+        ),
+        (dict(labels=torch.tensor([0, -1, 1])), RuntimeError, r"labels: expected values in \[0, 5\).*got -1"),
+        (dict(temperature=0.0), RuntimeError, "temperature: expected a finite value > 0, got 0"),
+        (dict(temperature=float("nan")), RuntimeError, "temperature: expected a finite value > 0"),
+        (dict(logits=torch.ones(3, 5, dtype=torch.long)), RuntimeError, "logits: expected a float32/bfloat16/float16"),
+        (dict(logits=torch.tensor(1.0), labels=torch.tensor(0)), RuntimeError, "logits: expected a tensor of shape"),
+        (
+            dict(labels=torch.zeros(3, dtype=torch.long, device="meta")),
+            RuntimeError,
+            r"labels: expected a tensor on cpu \(the device of logits\), got one on meta",
+        ),
+    ],
+)
 def test_bad_inputs(kwargs, err, match):
     args = dict(logits=torch.randn(3, 5), labels=torch.tensor([0, 1, 4]), temperature=1.0)
     args.update(kwargs)

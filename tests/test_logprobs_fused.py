@@ -4,6 +4,7 @@ Tolerances: float32 paths are compared with a float64 oracle at 1e-5 (float32 ma
 accumulation); in bfloat16 the chunk logits are themselves rounded to bfloat16 by the matmul, so the
 oracle starts from the same bfloat16 logits and the gradients (written in bfloat16, summed over
 chunks in float32) get 2e-2 relative (a few bfloat16 ulps after a K-term matmul)."""
+
 import pytest
 import torch
 
@@ -35,12 +36,26 @@ def _loss(lp, ent, seed=1):
 def test_fused_linear_values_and_grads_float32(chunk_size, bias):
     hidden, weight, b, labels = _fused_inputs(bias=bias)
     params = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
-    lp, ent = fused_linear_logprobs(params[0], params[1], labels, params[2] if bias else None, temperature=0.7,
-                                    return_entropy=True, chunk_size=chunk_size)
+    lp, ent = fused_linear_logprobs(
+        params[0],
+        params[1],
+        labels,
+        params[2] if bias else None,
+        temperature=0.7,
+        return_entropy=True,
+        chunk_size=chunk_size,
+    )
     _loss(lp, ent).backward()
     ref_params = [t.double().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
-    rlp, rent = fused_linear_logprobs_reference(ref_params[0], ref_params[1], labels, ref_params[2] if bias else None,
-                                                0.7, return_entropy=True, dtype=torch.float64)
+    rlp, rent = fused_linear_logprobs_reference(
+        ref_params[0],
+        ref_params[1],
+        labels,
+        ref_params[2] if bias else None,
+        0.7,
+        return_entropy=True,
+        dtype=torch.float64,
+    )
     _loss(rlp, rent).backward()
     assert lp.shape == ent.shape == labels.shape and lp.dtype == torch.float32
     torch.testing.assert_close(lp.double(), rlp, rtol=1e-5, atol=1e-5)
@@ -79,8 +94,9 @@ def test_fused_linear_chunking_does_not_change_results():
     outs = [fused_linear_logprobs(hidden, weight, labels, b, chunk_size=c) for c in (1, 10, 96, 97, 500)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(outs[0], gather_logprobs(torch.nn.functional.linear(hidden, weight, b), labels),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        outs[0], gather_logprobs(torch.nn.functional.linear(hidden, weight, b), labels), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_fused_linear_frozen_weight_and_no_grad():
@@ -101,13 +117,16 @@ def test_default_chunk_rows():
     assert _default_chunk_rows(100000, 4096, 128256) == 4096
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(weight=torch.randn(50, 7)), r"weight: expected shape \[V, H\] with H = hidden.shape\[-1\] = 8"),
-    (dict(labels=torch.zeros(5, dtype=torch.long)), r"labels: expected shape \[4\] \(hidden.shape\[:-1\]\)"),
-    (dict(bias=torch.randn(49)), r"bias: expected shape \[50\]"),
-    (dict(chunk_size=0), "chunk_size: expected a positive int or None"),
-    (dict(weight=torch.randn(0, 8), bias=None), r"weight: expected a non-empty vocabulary"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(weight=torch.randn(50, 7)), r"weight: expected shape \[V, H\] with H = hidden.shape\[-1\] = 8"),
+        (dict(labels=torch.zeros(5, dtype=torch.long)), r"labels: expected shape \[4\] \(hidden.shape\[:-1\]\)"),
+        (dict(bias=torch.randn(49)), r"bias: expected shape \[50\]"),
+        (dict(chunk_size=0), "chunk_size: expected a positive int or None"),
+        (dict(weight=torch.randn(0, 8), bias=None), r"weight: expected a non-empty vocabulary"),
+    ],
+)
 def test_fused_linear_bad_inputs(kwargs, match):
     args = dict(hidden=torch.randn(4, 8), weight=torch.randn(50, 8), labels=torch.zeros(4, dtype=torch.long), bias=None)
     args.update(kwargs)
@@ -115,18 +134,36 @@ def test_fused_linear_bad_inputs(kwargs, match):
         fused_linear_logprobs(**args)
 
 
-@pytest.mark.parametrize("kwargs, err, match", [
-    (dict(hidden=torch.randn(4, 0), weight=torch.randn(50, 0)), ValueError,
-     r"hidden: expected a hidden size H = hidden.shape\[-1\] > 0, got shape \[4, 0\]"),
-    (dict(weight=torch.randn(50, 8, dtype=torch.bfloat16)), TypeError,
-     r"weight: expected dtype torch.float32 \(the dtype of hidden\), got torch.bfloat16"),
-    (dict(bias=torch.randn(50, dtype=torch.float64)), TypeError,
-     r"bias: expected dtype torch.float32 \(the dtype of hidden\), got torch.float64"),
-    (dict(hidden=torch.ones(4, 8, dtype=torch.bool), weight=torch.ones(50, 8, dtype=torch.bool)), TypeError,
-     r"hidden: expected a float32/bfloat16/float16/float64 tensor, got torch.bool"),
-    (dict(weight=torch.ones(50, 8, dtype=torch.bool)), TypeError,
-     r"weight: expected dtype torch.float32 \(the dtype of hidden\), got torch.bool"),
-])
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (
+            dict(hidden=torch.randn(4, 0), weight=torch.randn(50, 0)),
+            ValueError,
+            r"hidden: expected a hidden size H = hidden.shape\[-1\] > 0, got shape \[4, 0\]",
+        ),
+        (
+            dict(weight=torch.randn(50, 8, dtype=torch.bfloat16)),
+            TypeError,
+            r"weight: expected dtype torch.float32 \(the dtype of hidden\), got torch.bfloat16",
+        ),
+        (
+            dict(bias=torch.randn(50, dtype=torch.float64)),
+            TypeError,
+            r"bias: expected dtype torch.float32 \(the dtype of hidden\), got torch.float64",
+        ),
+        (
+            dict(hidden=torch.ones(4, 8, dtype=torch.bool), weight=torch.ones(50, 8, dtype=torch.bool)),
+            TypeError,
+            r"hidden: expected a float32/bfloat16/float16/float64 tensor, got torch.bool",
+        ),
+        (
+            dict(weight=torch.ones(50, 8, dtype=torch.bool)),
+            TypeError,
+            r"weight: expected dtype torch.float32 \(the dtype of hidden\), got torch.bool",
+        ),
+    ],
+)
 def test_fused_linear_bad_dtypes_and_sizes_are_named(kwargs, err, match):
     args = dict(hidden=torch.randn(4, 8), weight=torch.randn(50, 8), labels=torch.zeros(4, dtype=torch.long), bias=None)
     args.update(kwargs)
@@ -141,20 +178,34 @@ V = 97
 
 def _tiny(kind):
     torch.manual_seed(0)
-    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if kind == "llama_bias":  # untied lm_head with a bias
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False))
         model.lm_head = torch.nn.Linear(32, V, bias=True)
     elif kind == "gpt2":  # tied embeddings, learned absolute positions
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4,
-                                                                      n_positions=64, bos_token_id=1, eos_token_id=2))
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+            )
+        )
     elif kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
     elif kind == "cohere":  # logits * logit_scale
         model = transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.5))
     elif kind == "gemma2":  # final tanh softcap
-        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0))
+        model = transformers.Gemma2ForCausalLM(
+            transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0)
+        )
     return model.eval()
 
 
@@ -171,7 +222,7 @@ def _batch(B=3, L=12, pads=(0, 2, 4), seed=0):
 def _naive(model, ids, mask, start, temperature=1.0):
     """Full [B, L, V] logits from the model, float64 log-softmax: the computation the helper avoids."""
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-    logp = torch.log_softmax(logits[:, start - 1:-1].double() / temperature, -1)
+    logp = torch.log_softmax(logits[:, start - 1 : -1].double() / temperature, -1)
     lp = logp.gather(-1, ids[:, start:, None]).squeeze(-1)
     return lp, -(logp.exp() * logp).sum(-1)
 
@@ -181,8 +232,9 @@ def _naive(model, ids, mask, start, temperature=1.0):
 def test_sequence_logprobs_matches_full_logits(kind, fused):
     model = _tiny(kind)
     ids, mask = _batch()
-    lp, ent = sequence_logprobs(model, ids, mask, 5, temperature=0.8, return_entropy=True, fused_linear=fused,
-                                chunk_size=4)
+    lp, ent = sequence_logprobs(
+        model, ids, mask, 5, temperature=0.8, return_entropy=True, fused_linear=fused, chunk_size=4
+    )
     rlp, rent = _naive(model, ids, mask, 5, temperature=0.8)
     assert lp.shape == (3, 7) and lp.dtype == torch.float32
     torch.testing.assert_close(lp.double(), rlp, rtol=1e-5, atol=2e-5)
@@ -218,8 +270,9 @@ def test_softcap_model_unfused_matches_and_fused_refuses():
 @pytest.mark.parametrize("fused", [False, True])
 def test_peft_lora_model(fused):
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(_tiny("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                                  init_lora_weights=False))
+    model = peft.get_peft_model(
+        _tiny("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     ids, mask = _batch()
     lp = sequence_logprobs(model, ids, mask, 5, fused_linear=fused)
     rlp, _ = _naive(model, ids, mask, 5)

@@ -9,6 +9,7 @@ Rows at +-1e4: the float32 product x / T is rounded (ulp(1.4e4) ~ 1e-3) before t
 differently on each device (fused or not), so their values and gradients get 2e-3 absolute, as
 test_logprobs.test_gradients_at_extremes.
 """
+
 import pytest
 import torch
 
@@ -33,8 +34,15 @@ def _layout(storage, view, table):
     offset = view.storage_offset() - storage.storage_offset()
     sizes = torch.tensor(view.shape[:-1], dtype=torch.int64)
     strides = torch.tensor(view.stride()[:-1], dtype=torch.int64)
-    return (storage, storage.numel(), offset, len(view.shape) - 1, sizes, strides,
-            _row_offsets(view) if table else None)
+    return (
+        storage,
+        storage.numel(),
+        offset,
+        len(view.shape) - 1,
+        sizes,
+        strides,
+        _row_offsets(view) if table else None,
+    )
 
 
 def _row_offsets(view):
@@ -46,26 +54,55 @@ def _row_offsets(view):
     return offsets.reshape(-1).contiguous()
 
 
-def sim_forward(sim, storage, view, labels, temperature=1.0, ignore_index=-100, with_entropy=True, splits=0,
-                table=False):
+def sim_forward(
+    sim, storage, view, labels, temperature=1.0, ignore_index=-100, with_entropy=True, splits=0, table=False
+):
     """launch_forward on the simulator -> (logprobs, entropy, lse) shaped like labels."""
     acc = _acc(view.dtype)
     out = [torch.full(labels.shape, SENTINEL, dtype=acc) for _ in range(3)]
-    sim.library("logprobs").call(f"sim_logprobs_forward_{SUFFIX[view.dtype]}", *_layout(storage, view, table),
-                                 labels.contiguous(), *out, view.shape[-1], float(temperature), ignore_index,
-                                 int(with_entropy), splits)
+    sim.library("logprobs").call(
+        f"sim_logprobs_forward_{SUFFIX[view.dtype]}",
+        *_layout(storage, view, table),
+        labels.contiguous(),
+        *out,
+        view.shape[-1],
+        float(temperature),
+        ignore_index,
+        int(with_entropy),
+        splits,
+    )
     return tuple(out)
 
 
-def sim_backward(sim, storage, view, labels, lse, entropy, grad_logprobs, grad_entropy, temperature=1.0,
-                 ignore_index=-100, inplace=False, table=False):
+def sim_backward(
+    sim,
+    storage,
+    view,
+    labels,
+    lse,
+    entropy,
+    grad_logprobs,
+    grad_entropy,
+    temperature=1.0,
+    ignore_index=-100,
+    inplace=False,
+    table=False,
+):
     """launch_backward on the simulator -> the gradient shaped like view. In place, `storage` itself is updated."""
     grad = None if inplace else torch.full(view.shape, SENTINEL, dtype=view.dtype)
     sim.library("logprobs").call(
-        f"sim_logprobs_backward_{SUFFIX[view.dtype]}", *_layout(storage, view, table), grad, labels.contiguous(),
+        f"sim_logprobs_backward_{SUFFIX[view.dtype]}",
+        *_layout(storage, view, table),
+        grad,
+        labels.contiguous(),
         None if grad_logprobs is None else grad_logprobs.contiguous(),
-        None if grad_entropy is None else grad_entropy.contiguous(), lse.contiguous(), entropy.contiguous(),
-        view.shape[-1], float(temperature), ignore_index)
+        None if grad_entropy is None else grad_entropy.contiguous(),
+        lse.contiguous(),
+        entropy.contiguous(),
+        view.shape[-1],
+        float(temperature),
+        ignore_index,
+    )
     if inplace:
         return storage.as_strided(view.shape, view.stride(), view.storage_offset())
     return grad
@@ -77,8 +114,10 @@ def cpu_forward(view, labels, temperature=1.0, ignore_index=-100, with_entropy=T
 
 def _assert_same_nans(got, want):
     differ = (got.isnan() != want.isnan()).nonzero()
-    assert differ.numel() == 0, f"NaN differs at {differ.shape[0]} entries, first {differ[:5].tolist()}: " \
-                                f"got {got[tuple(differ[0])]}, expected {want[tuple(differ[0])]}"
+    assert differ.numel() == 0, (
+        f"NaN differs at {differ.shape[0]} entries, first {differ[:5].tolist()}: "
+        f"got {got[tuple(differ[0])]}, expected {want[tuple(differ[0])]}"
+    )
 
 
 def _close(got, want, **tol):
@@ -126,7 +165,7 @@ def test_forward_matches_cpu_and_oracle(cuda_sim, dtype):
         finite[extreme] = False
         normal = torch.tensor([r not in extreme for r in range(12)])
         tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-        for splits in ((0, 3) if V > 100 else (0, 2)):
+        for splits in (0, 3) if V > 100 else (0, 2):
             lp, ent, lse = sim_forward(cuda_sim, storage, view, labels, 0.7, splits=splits)
             assert lp.dtype == _acc(dtype)
             for got, w in zip((lp, ent, lse), want):
@@ -135,8 +174,9 @@ def test_forward_matches_cpu_and_oracle(cuda_sim, dtype):
             torch.testing.assert_close(lp[finite].double(), ref_lp[finite], **tol)
             torch.testing.assert_close(ent[finite].double(), ref_ent[finite], **tol)
             assert lp[8] == ent[8] == lse[8] == 0  # the ignored row, NaN inside
-            lp_only, zero_ent, lse_only = sim_forward(cuda_sim, storage, view, labels, 0.7, with_entropy=False,
-                                                      splits=splits)
+            lp_only, zero_ent, lse_only = sim_forward(
+                cuda_sim, storage, view, labels, 0.7, with_entropy=False, splits=splits
+            )
             assert torch.equal(lp_only.nan_to_num(), lp.nan_to_num()) and torch.all(zero_ent == 0)
             assert torch.equal(lse_only.nan_to_num(), lse.nan_to_num())
 
@@ -251,8 +291,9 @@ def test_any_leading_layout_in_place(cuda_sim, dtype):
         outside = torch.ones(storage.shape, dtype=torch.bool)
         outside.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(False)
         before = storage.clone()
-        got_inplace = sim_backward(cuda_sim, storage, view, labels, want[2], want[1], a, b, 1.3, inplace=True,
-                                   table=table)
+        got_inplace = sim_backward(
+            cuda_sim, storage, view, labels, want[2], want[1], a, b, 1.3, inplace=True, table=table
+        )
         torch.testing.assert_close(got_inplace, want_grad, **tol, msg=lambda m: f"{name} in place: {m}")
         assert torch.equal(storage[outside], before[outside]), f"{name}: the in-place backward wrote outside the view"
 
@@ -265,8 +306,9 @@ def test_row_layout_levels_fall_back_to_a_table_beyond_six(cuda_sim):
         sim_forward(cuda_sim, storage, seven, labels, table=False)
 
 
-@pytest.mark.parametrize("dtype, V", [(torch.float32, 8209), (torch.bfloat16, 16411), (torch.float64, 4099),
-                                      (torch.float16, 1001)], ids=str)
+@pytest.mark.parametrize(
+    "dtype, V", [(torch.float32, 8209), (torch.bfloat16, 16411), (torch.float64, 4099), (torch.float16, 1001)], ids=str
+)
 def test_row_bits_do_not_depend_on_batch(cuda_sim, dtype, V):
     """The same row computed alone and inside batches of 2, 3 and 4 rows (at the last position, so at every
     16-byte phase: V is odd) gives bit-identical log-prob, entropy, lse and gradient; V is past one split

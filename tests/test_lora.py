@@ -1,5 +1,6 @@
 """LoRA through peft_config: only adapter weights train, the reference is the base model with the adapter
 disabled (no second copy), save_model writes the adapter or the merged model, checkpoints resume."""
+
 import os
 
 import pytest
@@ -11,8 +12,8 @@ from rlhf_ext.models.logprobs import sequence_logprobs
 from tests.test_grpo import grpo_args, rows_for
 from tests.test_ppo import ppo_args, target_fraction
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def lora(**kwargs):
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], **kwargs)
@@ -33,8 +34,13 @@ def test_sft_lora_trains_only_the_adapter_and_saves_or_merges_it(make_lm, tiny_t
 
     original = make_lm()
     args = SFTConfig(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no", **cpu_args)
-    trainer = SFTTrainer(make_lm(), args=args, train_dataset=[{"text": t} for t in corpus[:16]],
-                         processing_class=tiny_tokenizer, peft_config=lora())
+    trainer = SFTTrainer(
+        make_lm(),
+        args=args,
+        train_dataset=[{"text": t} for t in corpus[:16]],
+        processing_class=tiny_tokenizer,
+        peft_config=lora(),
+    )
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     frozen = base_weights(trainer.model)
@@ -60,12 +66,18 @@ def test_reward_lora_trains_adapter_and_score_head(make_rm, tiny_tokenizer, cpu_
     from peft import PeftModel
 
     pairs = [{"prompt": "the movie", "chosen": " was great", "rejected": " was awful"}] * 8
-    args = RewardConfig(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no", logging_steps=1,
-                        **cpu_args)
+    args = RewardConfig(
+        max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no", logging_steps=1, **cpu_args
+    )
     with pytest.raises(ValueError, match="task_type='SEQ_CLS'"):
         RewardTrainer(make_rm(), args=args, train_dataset=pairs, processing_class=tiny_tokenizer, peft_config=lora())
-    trainer = RewardTrainer(make_rm(), args=args, train_dataset=pairs, processing_class=tiny_tokenizer,
-                            peft_config=lora(task_type="SEQ_CLS"))
+    trainer = RewardTrainer(
+        make_rm(),
+        args=args,
+        train_dataset=pairs,
+        processing_class=tiny_tokenizer,
+        peft_config=lora(task_type="SEQ_CLS"),
+    )
     frozen = {k: v for k, v in base_weights(trainer.model).items() if "score" not in k}
     logs = trainer.train().log_history
     assert logs[-1]["accuracy"] == 1.0
@@ -81,8 +93,14 @@ def test_reward_lora_trains_adapter_and_score_head(make_rm, tiny_tokenizer, cpu_
 def test_grpo_lora_reference_is_the_base_model_and_stays_fixed(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
     original = make_lm()
     args = grpo_args(cpu_args, beta=0.1, learning_rate=3e-2, max_steps=2)
-    trainer = GRPOTrainer(make_lm(), [target_fraction], args=args, train_dataset=prompt_rows,
-                          processing_class=tiny_tokenizer, peft_config=lora())
+    trainer = GRPOTrainer(
+        make_lm(),
+        [target_fraction],
+        args=args,
+        train_dataset=prompt_rows,
+        processing_class=tiny_tokenizer,
+        peft_config=lora(),
+    )
     assert trainer.ref_model is None  # no second copy of the weights
     buf, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
     ref_before = trainer.reference_logprobs(buf.ids, buf.attn, buf.P)
@@ -97,10 +115,22 @@ def test_grpo_lora_reference_is_the_base_model_and_stays_fixed(make_lm, tiny_tok
 @pytest.mark.parametrize("shared_critic", [False, True])
 def test_ppo_lora_checkpoint_resumes(shared_critic, make_lm, tiny_tokenizer, prompt_rows, cpu_args, tmp_path):
     def run(output_dir, max_steps, resume=None):
-        args = ppo_args({**cpu_args, "output_dir": str(output_dir)}, max_steps=max_steps, save_strategy="steps",
-                        save_steps=1, lr_scheduler_type="constant", shared_critic=shared_critic)
-        trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows,
-                             peft_config=lora())
+        args = ppo_args(
+            {**cpu_args, "output_dir": str(output_dir)},
+            max_steps=max_steps,
+            save_strategy="steps",
+            save_steps=1,
+            lr_scheduler_type="constant",
+            shared_critic=shared_critic,
+        )
+        trainer = PPOTrainer(
+            args,
+            tiny_tokenizer,
+            make_lm(),
+            reward_funcs=[target_fraction],
+            train_dataset=prompt_rows,
+            peft_config=lora(),
+        )
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 

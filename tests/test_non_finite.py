@@ -1,6 +1,7 @@
 """Non-finite values never train silently: data is refused at load, and every trainer stops on a non-finite
 gradient norm or loss with an error naming the step and the quantity, before the optimizer step (so the
 weights stay those of the last good step) and before any checkpoint with non-finite weights is written."""
+
 import os
 
 import pytest
@@ -48,8 +49,13 @@ def test_sft_stops_on_non_finite_gradient_norm(make_lm, tiny_tokenizer, corpus, 
     args = SFTConfig(max_steps=5, per_device_train_batch_size=4, save_steps=1, learning_rate=1e-3, **cpu_args)
     model = make_lm()
     poison = PoisonGradientsAfter(model.get_input_embeddings().weight, 2)
-    trainer = SFTTrainer(model, args, train_dataset=[{"text": t} for t in corpus[:16]], processing_class=tiny_tokenizer,
-                         callbacks=[poison])
+    trainer = SFTTrainer(
+        model,
+        args,
+        train_dataset=[{"text": t} for t in corpus[:16]],
+        processing_class=tiny_tokenizer,
+        callbacks=[poison],
+    )
     assert_stops_at_step_3(trainer, model, args.output_dir)
 
 
@@ -63,13 +69,26 @@ def test_reward_stops_on_non_finite_gradient_norm(make_rm, tiny_tokenizer, cpu_a
 
 
 def test_ppo_stops_on_non_finite_gradient_norm(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
-    args = PPOConfig(max_steps=5, per_device_train_batch_size=4, num_mini_batches=1, num_ppo_epochs=1,
-                     response_length=4, save_steps=1, num_sample_generations=0, **cpu_args)
+    args = PPOConfig(
+        max_steps=5,
+        per_device_train_batch_size=4,
+        num_mini_batches=1,
+        num_ppo_epochs=1,
+        response_length=4,
+        save_steps=1,
+        num_sample_generations=0,
+        **cpu_args,
+    )
     model = make_lm()
     poison = PoisonGradientsAfter(model.get_input_embeddings().weight, 2)
-    trainer = PPOTrainer(args=args, processing_class=tiny_tokenizer, model=model,
-                         reward_funcs=[lambda prompts, completions, **kw: [1.0] * len(completions)],
-                         train_dataset=prompt_rows[:16], callbacks=[poison])
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tiny_tokenizer,
+        model=model,
+        reward_funcs=[lambda prompts, completions, **kw: [1.0] * len(completions)],
+        train_dataset=prompt_rows[:16],
+        callbacks=[poison],
+    )
     with pytest.raises(NonFiniteError, match=r"step 3: the gradient norm is nan .*checkpoint-2"):
         trainer.train()
     assert checkpoints(args.output_dir) == ["checkpoint-1", "checkpoint-2"]
@@ -77,12 +96,19 @@ def test_ppo_stops_on_non_finite_gradient_norm(make_lm, tiny_tokenizer, prompt_r
 
 
 def test_grpo_stops_on_non_finite_gradient_norm(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
-    args = GRPOConfig(max_steps=5, per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
-                      save_steps=1, **cpu_args)
+    args = GRPOConfig(
+        max_steps=5, per_device_train_batch_size=4, num_generations=2, max_completion_length=4, save_steps=1, **cpu_args
+    )
     model = make_lm()
     poison = PoisonGradientsAfter(model.get_input_embeddings().weight, 2)
-    trainer = GRPOTrainer(model, [lambda prompts, completions, **kw: [float(len(c)) for c in completions]], args=args,
-                          train_dataset=prompt_rows[:16], processing_class=tiny_tokenizer, callbacks=[poison])
+    trainer = GRPOTrainer(
+        model,
+        [lambda prompts, completions, **kw: [float(len(c)) for c in completions]],
+        args=args,
+        train_dataset=prompt_rows[:16],
+        processing_class=tiny_tokenizer,
+        callbacks=[poison],
+    )
     with pytest.raises(NonFiniteError, match=r"step 3: the gradient norm is nan .*checkpoint-2"):
         trainer.train()
     assert checkpoints(args.output_dir) == ["checkpoint-1", "checkpoint-2"]
@@ -139,8 +165,21 @@ def test_cli_reward_with_nan_margin_exits_2_without_saving(tmp_path, make_rm, ti
         for i in range(4):
             margin = "NaN" if i else "1.0"
             fh.write(f'{{"chosen": "a", "rejected": "b", "margin": {margin}}}\n')
-    code = main(["train", "reward", "--model_name_or_path", str(tmp_path / "rm"), "--dataset_name",
-                 str(tmp_path / "prefs.jsonl"), "--output_dir", str(tmp_path / "out"), "--use_cpu", "--max_steps", "1"])
+    code = main(
+        [
+            "train",
+            "reward",
+            "--model_name_or_path",
+            str(tmp_path / "rm"),
+            "--dataset_name",
+            str(tmp_path / "prefs.jsonl"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--use_cpu",
+            "--max_steps",
+            "1",
+        ]
+    )
     assert code == 2
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
@@ -163,9 +202,28 @@ def test_cli_divergence_is_one_line_and_exit_1(tmp_path, make_lm, tiny_tokenizer
         fh.writelines(f'{{"text": "{line}"}}\n' for line in corpus[:8])
     out = tmp_path / "out"
     capsys.readouterr()  # the set-up's own progress bars
-    code = main(["train", "sft", "--model_name_or_path", str(tmp_path / "policy"), "--dataset_name",
-                 str(tmp_path / "text.jsonl"), "--output_dir", str(out), "--use_cpu", "--disable_tqdm", "--max_steps",
-                 "4", "--per_device_train_batch_size", "4", "--learning_rate", "1e30", "--save_steps", "1"])
+    code = main(
+        [
+            "train",
+            "sft",
+            "--model_name_or_path",
+            str(tmp_path / "policy"),
+            "--dataset_name",
+            str(tmp_path / "text.jsonl"),
+            "--output_dir",
+            str(out),
+            "--use_cpu",
+            "--disable_tqdm",
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e30",
+            "--save_steps",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "step 2: the gradient norm is" in err and "checkpoint-1" in err
@@ -179,8 +237,10 @@ def test_non_finite_values_in_other_formats_name_the_row(tmp_path, ext):
     rows = [{"chosen": "a", "rejected": "b", "margin": m} for m in (0.5, 1.0, float("inf"))]
     path = tmp_path / f"prefs.{ext}"
     if ext == "json":
-        path.write_text('[{"chosen": "a", "rejected": "b", "margin": 0.5}, {"chosen": "a", "rejected": "b", '
-                        '"margin": 1.0}, {"chosen": "a", "rejected": "b", "margin": Infinity}]')
+        path.write_text(
+            '[{"chosen": "a", "rejected": "b", "margin": 0.5}, {"chosen": "a", "rejected": "b", '
+            '"margin": 1.0}, {"chosen": "a", "rejected": "b", "margin": Infinity}]'
+        )
     else:
         getattr(datasets.Dataset.from_list(rows), f"to_{ext}")(str(path))
     with pytest.raises(ValueError, match=rf"prefs.{ext}, row 2: column 'margin' is inf"):

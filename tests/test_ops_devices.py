@@ -1,6 +1,7 @@
 """Every public op refuses tensors on a device without rlhf_ext kernels (meta) and tensors on mixed devices,
 naming the argument, before dispatch: a meta tensor would otherwise reach the fake implementation and
 return uninitialised memory, and mixed devices would run one device's kernel on the other's data."""
+
 import pytest
 import torch
 
@@ -13,25 +14,52 @@ def _calls():
     g = torch.Generator().manual_seed(0)
     B, T, V, H = 2, 5, 7, 3
     mask = torch.ones(B, T, dtype=torch.bool)
-    per_token = {k: torch.randn(B, T, generator=g) for k in
-                 ("logprobs", "old_logprobs", "advantages", "values", "old_values", "returns", "ref_logprobs",
-                  "entropy")}
+    per_token = {
+        k: torch.randn(B, T, generator=g)
+        for k in (
+            "logprobs",
+            "old_logprobs",
+            "advantages",
+            "values",
+            "old_values",
+            "returns",
+            "ref_logprobs",
+            "entropy",
+        )
+    }
     labels = torch.randint(0, V, (B,), generator=g)
     return [
         ("ppo_loss", lambda a: ops.ppo_loss(**a, kl_coef=0.1, entropy_coef=0.01), dict(per_token, mask=mask)),
-        ("kl_penalty", lambda a: ops.kl_penalty(**a, estimator="k3"),
-         {k: per_token[k] for k in ("logprobs", "ref_logprobs")}),
+        (
+            "kl_penalty",
+            lambda a: ops.kl_penalty(**a, estimator="k3"),
+            {k: per_token[k] for k in ("logprobs", "ref_logprobs")},
+        ),
         ("masked_mean", lambda a: ops.masked_mean(**a), dict(x=per_token["values"], mask=mask)),
         ("masked_mean(dim)", lambda a: ops.masked_mean(**a, dim=1), dict(x=per_token["values"], mask=mask)),
         ("masked_var", lambda a: ops.masked_var(**a), dict(x=per_token["values"], mask=mask)),
         ("masked_whiten", lambda a: ops.masked_whiten(**a), dict(x=per_token["values"], mask=mask)),
-        ("gae", lambda a: ops.gae(**a, gamma=0.9, lam=0.9),
-         dict(rewards=per_token["values"], values=per_token["returns"], mask=mask, last_values=torch.zeros(B))),
+        (
+            "gae",
+            lambda a: ops.gae(**a, gamma=0.9, lam=0.9),
+            dict(rewards=per_token["values"], values=per_token["returns"], mask=mask, last_values=torch.zeros(B)),
+        ),
         ("gather_logprobs", lambda a: ops.gather_logprobs(**a), dict(logits=torch.randn(B, V), labels=labels)),
-        ("fused_linear_logprobs", lambda a: ops.fused_linear_logprobs(**a),
-         dict(hidden=torch.randn(B, H), weight=torch.randn(V, H), labels=labels, bias=torch.randn(V))),
-        ("sample", lambda a: ops.sample(**a), dict(logits=torch.randn(B, V), temperature=torch.ones(B),
-                                                    top_k=torch.full((B,), 3), top_p=torch.full((B,), 0.9))),
+        (
+            "fused_linear_logprobs",
+            lambda a: ops.fused_linear_logprobs(**a),
+            dict(hidden=torch.randn(B, H), weight=torch.randn(V, H), labels=labels, bias=torch.randn(V)),
+        ),
+        (
+            "sample",
+            lambda a: ops.sample(**a),
+            dict(
+                logits=torch.randn(B, V),
+                temperature=torch.ones(B),
+                top_k=torch.full((B,), 3),
+                top_p=torch.full((B,), 0.9),
+            ),
+        ),
     ]
 
 

@@ -8,11 +8,11 @@ a differing result fails. Derandomized with a bounded number of examples so CI i
 RLHF_EXT_FUZZ_EXAMPLES=2000 RLHF_EXT_FUZZ_RANDOM=1 explore further by hand (RLHF_EXT_FUZZ_SHRINK=1 minimises
 a failing example).
 """
+
 import math
 import os
 import re
 
-import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -21,8 +21,11 @@ from rlhf_ext import ops
 from rlhf_ext.ops import reference as ref
 
 FUZZ = settings(
-    max_examples=int(os.environ.get("RLHF_EXT_FUZZ_EXAMPLES", 60)), deadline=None, database=None,
-    derandomize=os.environ.get("RLHF_EXT_FUZZ_RANDOM") != "1", print_blob=True,
+    max_examples=int(os.environ.get("RLHF_EXT_FUZZ_EXAMPLES", 60)),
+    deadline=None,
+    database=None,
+    derandomize=os.environ.get("RLHF_EXT_FUZZ_RANDOM") != "1",
+    print_blob=True,
     # Shrinking a failure can take minutes; the failing example is printed either way.
     phases=[Phase.explicit, Phase.reuse, Phase.generate]
     + ([Phase.shrink] if os.environ.get("RLHF_EXT_FUZZ_SHRINK") else []),
@@ -51,8 +54,9 @@ def tensors(draw, shape, dtype, special=True, scale=1.0, layouts=True):
         flat = values.view(-1)
         huge = HUGE.get(dtype, 1e30)
         for _ in range(draw(st.integers(0, 3))):
-            flat[draw(st.integers(0, numel - 1))] = draw(st.sampled_from(
-                [math.inf, -math.inf, math.nan, huge, -huge, 0.0]))
+            flat[draw(st.integers(0, numel - 1))] = draw(
+                st.sampled_from([math.inf, -math.inf, math.nan, huge, -huge, 0.0])
+            )
     t = values.to(dtype)
     layout = draw(st.sampled_from(["contiguous", "transposed", "strided", "expanded"])) if layouts else "contiguous"
     if layout == "transposed" and t.dim() >= 2:
@@ -104,8 +108,9 @@ def assert_matches(got, expected, rtol, scale=1.0, what="output"):
     finite = torch.isfinite(expected)
     bad = torch.isfinite(got) != finite
     assert not bad.any(), f"{what}: finite where the reference is not, or back: {got[bad][:5]} vs {expected[bad][:5]}"
-    torch.testing.assert_close(got[finite], expected[finite], rtol=rtol, atol=rtol * scale,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got[finite], expected[finite], rtol=rtol, atol=rtol * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def finite_scale(*ts):
@@ -118,14 +123,24 @@ def finite_scale(*ts):
 
 
 @FUZZ
-@given(data=st.data(), B=st.integers(0, 4), T=st.integers(0, 9), dtype=any_dtypes,
-       gamma=st.sampled_from([0.0, 0.5, 0.99, 1.0, math.nan, 1.5]), lam=st.sampled_from([0.0, 0.95, 1.0, -0.1]),
-       bootstrap=st.booleans(), values_dtype_differs=st.integers(0, 5))
+@given(
+    data=st.data(),
+    B=st.integers(0, 4),
+    T=st.integers(0, 9),
+    dtype=any_dtypes,
+    gamma=st.sampled_from([0.0, 0.5, 0.99, 1.0, math.nan, 1.5]),
+    lam=st.sampled_from([0.0, 0.95, 1.0, -0.1]),
+    bootstrap=st.booleans(),
+    values_dtype_differs=st.integers(0, 5),
+)
 def test_fuzz_gae(data, B, T, dtype, gamma, lam, bootstrap, values_dtype_differs):
     values_dtype = data.draw(any_dtypes) if values_dtype_differs == 0 else dtype
-    args = dict(rewards=data.draw(tensors((B, T), dtype)), values=data.draw(tensors((B, T), values_dtype)),
-                mask=data.draw(masks((B, T))),
-                last_values=data.draw(tensors((B,), dtype)) if bootstrap else None)
+    args = dict(
+        rewards=data.draw(tensors((B, T), dtype)),
+        values=data.draw(tensors((B, T), values_dtype)),
+        mask=data.draw(masks((B, T))),
+        last_values=data.draw(tensors((B,), dtype)) if bootstrap else None,
+    )
     args = maybe_meta(data.draw, args)
     out = call(lambda: ops.gae(**args, gamma=gamma, lam=lam), set(args) | {"gamma", "lam"})
     if out is None:
@@ -141,9 +156,13 @@ def test_fuzz_gae(data, B, T, dtype, gamma, lam, bootstrap, values_dtype_differs
 
 
 @FUZZ
-@given(data=st.data(), shape=st.sampled_from([(0,), (1,), (7,), (3, 5), (2, 9), (4, 1), (3, 0), (1, 300)]),
-       dtype=any_dtypes, op=st.sampled_from(["mean", "mean_dim", "var", "var_biased", "whiten", "whiten_noshift"]),
-       mask_shape_differs=st.integers(0, 9))
+@given(
+    data=st.data(),
+    shape=st.sampled_from([(0,), (1,), (7,), (3, 5), (2, 9), (4, 1), (3, 0), (1, 300)]),
+    dtype=any_dtypes,
+    op=st.sampled_from(["mean", "mean_dim", "var", "var_biased", "whiten", "whiten_noshift"]),
+    mask_shape_differs=st.integers(0, 9),
+)
 def test_fuzz_masked_stats(data, shape, dtype, op, mask_shape_differs):
     mask_shape = (shape[0] + 1,) + shape[1:] if mask_shape_differs == 0 else shape
     args = maybe_meta(data.draw, dict(x=data.draw(tensors(shape, dtype)), mask=data.draw(masks(mask_shape))))
@@ -173,15 +192,27 @@ def test_fuzz_masked_stats(data, shape, dtype, op, mask_shape_differs):
 
 
 @FUZZ
-@given(data=st.data(), shape=st.sampled_from([(0,), (5,), (2, 3), (3, 0), (2, 9), (1, 2, 3)]), dtype=any_dtypes,
-       mixed=st.integers(0, 4), estimator=st.sampled_from(["k1", "k2", "k3", "k3", "low_var_kl"]),
-       max_log_ratio=st.sampled_from([20.0, 20.0, 0.5, 100.0, math.nan]))
+@given(
+    data=st.data(),
+    shape=st.sampled_from([(0,), (5,), (2, 3), (3, 0), (2, 9), (1, 2, 3)]),
+    dtype=any_dtypes,
+    mixed=st.integers(0, 4),
+    estimator=st.sampled_from(["k1", "k2", "k3", "k3", "low_var_kl"]),
+    max_log_ratio=st.sampled_from([20.0, 20.0, 0.5, 100.0, math.nan]),
+)
 def test_fuzz_kl_penalty(data, shape, dtype, mixed, estimator, max_log_ratio):
     ref_dtype = data.draw(float_dtypes) if mixed == 0 else dtype
-    args = maybe_meta(data.draw, dict(logprobs=data.draw(tensors(shape, dtype, scale=5.0)),
-                                      ref_logprobs=data.draw(tensors(shape, ref_dtype, scale=5.0))))
-    out = call(lambda: ops.kl_penalty(**args, estimator=estimator, max_log_ratio=max_log_ratio),
-               set(args) | {"estimator", "max_log_ratio"})
+    args = maybe_meta(
+        data.draw,
+        dict(
+            logprobs=data.draw(tensors(shape, dtype, scale=5.0)),
+            ref_logprobs=data.draw(tensors(shape, ref_dtype, scale=5.0)),
+        ),
+    )
+    out = call(
+        lambda: ops.kl_penalty(**args, estimator=estimator, max_log_ratio=max_log_ratio),
+        set(args) | {"estimator", "max_log_ratio"},
+    )
     if out is None:
         return
     expected = ref.kl_penalty_reference(**args, estimator=estimator, max_log_ratio=max_log_ratio)
@@ -193,34 +224,72 @@ PPO_TENSORS = ("values", "old_values", "returns", "ref_logprobs", "entropy")
 
 
 @FUZZ
-@given(data=st.data(), B=st.integers(0, 3), T=st.integers(0, 7), dtype=any_dtypes, mixed=st.integers(0, 5),
-       with_values=st.booleans(), with_ref=st.booleans(), with_entropy=st.booleans(),
-       per_sequence_advantages=st.integers(0, 4),
-       loss_agg=st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                 "seq-mean-token-sum-norm"]),
-       kl_estimator=st.sampled_from(["k1", "k2", "k3"]), dual_clip=st.sampled_from([None, None, 3.0, 0.5]),
-       cliprange=st.sampled_from([0.2, 0.2, 0.0, 1.5]), cliprange_value=st.sampled_from([0.2, None]),
-       max_log_ratio=st.sampled_from([20.0, 20.0, 5.0, 1e3]))
-def test_fuzz_ppo_loss(data, B, T, dtype, mixed, with_values, with_ref, with_entropy, per_sequence_advantages,
-                       loss_agg, kl_estimator, dual_clip, cliprange, cliprange_value, max_log_ratio):
+@given(
+    data=st.data(),
+    B=st.integers(0, 3),
+    T=st.integers(0, 7),
+    dtype=any_dtypes,
+    mixed=st.integers(0, 5),
+    with_values=st.booleans(),
+    with_ref=st.booleans(),
+    with_entropy=st.booleans(),
+    per_sequence_advantages=st.integers(0, 4),
+    loss_agg=st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]),
+    kl_estimator=st.sampled_from(["k1", "k2", "k3"]),
+    dual_clip=st.sampled_from([None, None, 3.0, 0.5]),
+    cliprange=st.sampled_from([0.2, 0.2, 0.0, 1.5]),
+    cliprange_value=st.sampled_from([0.2, None]),
+    max_log_ratio=st.sampled_from([20.0, 20.0, 5.0, 1e3]),
+)
+def test_fuzz_ppo_loss(
+    data,
+    B,
+    T,
+    dtype,
+    mixed,
+    with_values,
+    with_ref,
+    with_entropy,
+    per_sequence_advantages,
+    loss_agg,
+    kl_estimator,
+    dual_clip,
+    cliprange,
+    cliprange_value,
+    max_log_ratio,
+):
     def draw_dtype():
         return data.draw(any_dtypes) if mixed == 0 else dtype
 
-    args = dict(logprobs=data.draw(tensors((B, T), dtype, scale=3.0)),
-                old_logprobs=data.draw(tensors((B, T), draw_dtype(), scale=3.0)),
-                advantages=data.draw(tensors((B,) if per_sequence_advantages == 0 else (B, T), draw_dtype())),
-                mask=data.draw(masks((B, T))))
-    present = dict(values=with_values, old_values=with_values, returns=with_values, ref_logprobs=with_ref,
-                   entropy=with_entropy)
+    args = dict(
+        logprobs=data.draw(tensors((B, T), dtype, scale=3.0)),
+        old_logprobs=data.draw(tensors((B, T), draw_dtype(), scale=3.0)),
+        advantages=data.draw(tensors((B,) if per_sequence_advantages == 0 else (B, T), draw_dtype())),
+        mask=data.draw(masks((B, T))),
+    )
+    present = dict(
+        values=with_values, old_values=with_values, returns=with_values, ref_logprobs=with_ref, entropy=with_entropy
+    )
     for name in PPO_TENSORS:
         if present[name]:
             args[name] = data.draw(tensors((B, T), draw_dtype()))
     args = maybe_meta(data.draw, args)
-    leaves = {k: args[k].detach().clone().requires_grad_() for k in ("logprobs", "values", "entropy")
-              if k in args and args[k].is_floating_point() and args[k].device.type == "cpu"}
-    kwargs = dict(loss_agg=loss_agg, kl_estimator=kl_estimator, dual_clip=dual_clip, cliprange=cliprange,
-                  cliprange_value=cliprange_value, max_log_ratio=max_log_ratio, vf_coef=0.5,
-                  kl_coef=0.1 if with_ref else 0.0, entropy_coef=0.01 if with_entropy else 0.0)
+    leaves = {
+        k: args[k].detach().clone().requires_grad_()
+        for k in ("logprobs", "values", "entropy")
+        if k in args and args[k].is_floating_point() and args[k].device.type == "cpu"
+    }
+    kwargs = dict(
+        loss_agg=loss_agg,
+        kl_estimator=kl_estimator,
+        dual_clip=dual_clip,
+        cliprange=cliprange,
+        cliprange_value=cliprange_value,
+        max_log_ratio=max_log_ratio,
+        vf_coef=0.5,
+        kl_coef=0.1 if with_ref else 0.0,
+        entropy_coef=0.01 if with_entropy else 0.0,
+    )
     out = call(lambda: ops.ppo_loss(**dict(args, **leaves), **kwargs), set(args) | set(kwargs))
     if out is None:
         return
@@ -250,10 +319,15 @@ def test_fuzz_ppo_loss(data, B, T, dtype, mixed, with_values, with_ref, with_ent
 
 
 @FUZZ
-@given(data=st.data(), rows=st.sampled_from([(0,), (1,), (3,), (2, 3), (5,)]), V=st.integers(0, 9),
-       dtype=any_dtypes, temperature=st.sampled_from([1.0, 1.0, 0.7, 2.5, 0.0, -1.0, math.nan]),
-       label_kind=st.sampled_from(["valid", "valid", "ignored", "out_of_range", "int32"]),
-       return_entropy=st.booleans())
+@given(
+    data=st.data(),
+    rows=st.sampled_from([(0,), (1,), (3,), (2, 3), (5,)]),
+    V=st.integers(0, 9),
+    dtype=any_dtypes,
+    temperature=st.sampled_from([1.0, 1.0, 0.7, 2.5, 0.0, -1.0, math.nan]),
+    label_kind=st.sampled_from(["valid", "valid", "ignored", "out_of_range", "int32"]),
+    return_entropy=st.booleans(),
+)
 def test_fuzz_gather_logprobs(data, rows, V, dtype, temperature, label_kind, return_entropy):
     logits = data.draw(tensors(rows + (V,), dtype, scale=4.0))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
@@ -265,15 +339,21 @@ def test_fuzz_gather_logprobs(data, rows, V, dtype, temperature, label_kind, ret
     elif label_kind == "int32":
         labels = labels.int()
     args = maybe_meta(data.draw, dict(logits=logits, labels=labels))
-    leaf = args["logits"].detach().clone().requires_grad_() if args["logits"].is_floating_point() and \
-        args["logits"].device.type == "cpu" else args["logits"]
-    out = call(lambda: ops.gather_logprobs(leaf, args["labels"], temperature=temperature,
-                                           return_entropy=return_entropy), set(args) | {"temperature"})
+    leaf = (
+        args["logits"].detach().clone().requires_grad_()
+        if args["logits"].is_floating_point() and args["logits"].device.type == "cpu"
+        else args["logits"]
+    )
+    out = call(
+        lambda: ops.gather_logprobs(leaf, args["labels"], temperature=temperature, return_entropy=return_entropy),
+        set(args) | {"temperature"},
+    )
     if out is None:
         return
     twin_leaf = leaf.detach().clone().requires_grad_()
-    expected = ref.gather_logprobs_reference(twin_leaf, args["labels"], temperature=temperature,
-                                             return_entropy=return_entropy)
+    expected = ref.gather_logprobs_reference(
+        twin_leaf, args["labels"], temperature=temperature, return_entropy=return_entropy
+    )
     outs, exps = (out, expected) if return_entropy else ((out,), (expected,))
     scale = finite_scale(args["logits"]) / temperature
     for name, got, exp in zip(("logprobs", "entropy"), outs, exps):
@@ -290,22 +370,38 @@ def test_fuzz_gather_logprobs(data, rows, V, dtype, temperature, label_kind, ret
 
 
 @FUZZ
-@given(data=st.data(), rows=st.sampled_from([(0,), (1,), (4,), (2, 3)]), H=st.integers(0, 5), V=st.integers(0, 7),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), weight_dtype_differs=st.integers(0, 6),
-       with_bias=st.booleans(), chunk_size=st.sampled_from([None, 1, 3, 0]), return_entropy=st.booleans())
-def test_fuzz_fused_linear_logprobs(data, rows, H, V, dtype, weight_dtype_differs, with_bias, chunk_size,
-                                    return_entropy):
+@given(
+    data=st.data(),
+    rows=st.sampled_from([(0,), (1,), (4,), (2, 3)]),
+    H=st.integers(0, 5),
+    V=st.integers(0, 7),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    weight_dtype_differs=st.integers(0, 6),
+    with_bias=st.booleans(),
+    chunk_size=st.sampled_from([None, 1, 3, 0]),
+    return_entropy=st.booleans(),
+)
+def test_fuzz_fused_linear_logprobs(
+    data, rows, H, V, dtype, weight_dtype_differs, with_bias, chunk_size, return_entropy
+):
     weight_dtype = data.draw(any_dtypes) if weight_dtype_differs == 0 else dtype
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
-    args = dict(hidden=data.draw(tensors(rows + (H,), dtype, special=False)),
-                weight=data.draw(tensors((V, H), weight_dtype, special=False)),
-                labels=torch.randint(0, max(V, 1), rows, generator=gen),
-                bias=data.draw(tensors((V,), weight_dtype, special=False)) if with_bias else None)
+    args = dict(
+        hidden=data.draw(tensors(rows + (H,), dtype, special=False)),
+        weight=data.draw(tensors((V, H), weight_dtype, special=False)),
+        labels=torch.randint(0, max(V, 1), rows, generator=gen),
+        bias=data.draw(tensors((V,), weight_dtype, special=False)) if with_bias else None,
+    )
     args = maybe_meta(data.draw, args)
-    leaves = {k: args[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")
-              if args[k] is not None and args[k].is_floating_point() and args[k].device.type == "cpu"}
-    out = call(lambda: ops.fused_linear_logprobs(**dict(args, **leaves), chunk_size=chunk_size,
-                                                 return_entropy=return_entropy), set(args) | {"chunk_size"})
+    leaves = {
+        k: args[k].detach().clone().requires_grad_()
+        for k in ("hidden", "weight", "bias")
+        if args[k] is not None and args[k].is_floating_point() and args[k].device.type == "cpu"
+    }
+    out = call(
+        lambda: ops.fused_linear_logprobs(**dict(args, **leaves), chunk_size=chunk_size, return_entropy=return_entropy),
+        set(args) | {"chunk_size"},
+    )
     if out is None:
         return
     twins = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
@@ -326,22 +422,32 @@ def test_fuzz_fused_linear_logprobs(data, rows, H, V, dtype, weight_dtype_differ
 
 
 @FUZZ
-@given(data=st.data(), B=st.integers(0, 4), V=st.integers(0, 9), dtype=any_dtypes,
-       temperature=st.sampled_from([1.0, 0.0, 0.6, 1e-45, -1.0, "rows"]),
-       top_k=st.sampled_from([0, 0, 1, 3, 2**63, -1, "rows"]), top_p=st.sampled_from([1.0, 1.0, 0.5, 0.0, "rows"]),
-       min_p=st.sampled_from([0.0, 0.0, 0.2, 1.5]), special=st.booleans())
+@given(
+    data=st.data(),
+    B=st.integers(0, 4),
+    V=st.integers(0, 9),
+    dtype=any_dtypes,
+    temperature=st.sampled_from([1.0, 0.0, 0.6, 1e-45, -1.0, "rows"]),
+    top_k=st.sampled_from([0, 0, 1, 3, 2**63, -1, "rows"]),
+    top_p=st.sampled_from([1.0, 1.0, 0.5, 0.0, "rows"]),
+    min_p=st.sampled_from([0.0, 0.0, 0.2, 1.5]),
+    special=st.booleans(),
+)
 def test_fuzz_sample(data, B, V, dtype, temperature, top_k, top_p, min_p, special):
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     logits = data.draw(tensors((B, V), dtype, special=special, scale=3.0))
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     for name, value in settings.items():
         if value == "rows":  # per-row settings [B]
-            settings[name] = {"temperature": torch.rand(B, generator=gen) * 2,
-                              "top_k": torch.randint(0, 4, (B,), generator=gen),
-                              "top_p": torch.rand(B, generator=gen) * 0.9 + 0.1}[name]
+            settings[name] = {
+                "temperature": torch.rand(B, generator=gen) * 2,
+                "top_k": torch.randint(0, 4, (B,), generator=gen),
+                "top_p": torch.rand(B, generator=gen) * 0.9 + 0.1,
+            }[name]
     args = maybe_meta(data.draw, dict(logits=logits, **settings))
-    out = call(lambda: ops.sample(**args, min_p=min_p, generator=gen, return_filtered_logprobs=True),
-               set(args) | {"min_p"})
+    out = call(
+        lambda: ops.sample(**args, min_p=min_p, generator=gen, return_filtered_logprobs=True), set(args) | {"min_p"}
+    )
     if out is None:
         return
     tokens, logprobs, filtered = out

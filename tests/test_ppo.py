@@ -37,9 +37,19 @@ def eos_biased(model, tokenizer, bias=4.0):
 
 def ppo_args(cpu_args, **overrides):
     # a step: 4 x 2 = 8 prompts (16 with per_device_train_batch_size=8) in 2 minibatches
-    base = dict(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=2,
-                num_ppo_epochs=2, response_length=6, learning_rate=1e-3, temperature=1.0, save_strategy="no",
-                num_sample_generations=0, logging_steps=1)
+    base = dict(
+        max_steps=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_mini_batches=2,
+        num_ppo_epochs=2,
+        response_length=6,
+        learning_rate=1e-3,
+        temperature=1.0,
+        save_strategy="no",
+        num_sample_generations=0,
+        logging_steps=1,
+    )
     base.update(overrides)
     return PPOConfig(**base, **cpu_args)
 
@@ -47,13 +57,22 @@ def ppo_args(cpu_args, **overrides):
 def target_mass(model, tokenizer, rows):
     ids, mask = pad([tokenizer(r["prompt"])["input_ids"] for r in rows], tokenizer.pad_token_id, "left")
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[
+            :, -1
+        ]
     return float(logits.softmax(-1)[:, TARGET].sum(-1).mean())
 
 
 def test_ppo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
-    args = ppo_args(cpu_args, max_steps=10, per_device_train_batch_size=8, num_ppo_epochs=4, learning_rate=1e-2,
-                    lr_scheduler_type="constant", kl_coef=0.01)
+    args = ppo_args(
+        cpu_args,
+        max_steps=10,
+        per_device_train_batch_size=8,
+        num_ppo_epochs=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        kl_coef=0.01,
+    )
     trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows)
     before = target_mass(trainer.policy, tiny_tokenizer, prompt_rows)
     state = trainer.train()
@@ -66,10 +85,26 @@ def test_ppo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu
     scores = [h["objective/scores"] for h in logs]
     assert sum(scores[-3:]) > 2 * sum(scores[:3]), scores
     assert logs[-1]["objective/kl"] > 0 and logs[-1]["episode"] == 10 * args.batch_size
-    names = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
-             "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
-             "val/clipfrac_avg", "val/vf_explained_var", "val/num_eos_tokens", "val/ratio", "time/rollout",
-             "time/update", "tokens_per_second", "lr", "episode"]
+    names = [
+        "objective/kl",
+        "objective/entropy",
+        "objective/non_score_reward",
+        "objective/rlhf_reward",
+        "objective/scores",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+        "val/vf_explained_var",
+        "val/num_eos_tokens",
+        "val/ratio",
+        "time/rollout",
+        "time/update",
+        "tokens_per_second",
+        "lr",
+        "episode",
+    ]
     assert set(names) <= set(logs[0])
     assert all(math.isfinite(logs[-1][n]) for n in names)
 
@@ -107,10 +142,19 @@ def test_assemble_rewards_places_score_at_last_real_token():
 
 def test_reward_model_critic_and_weights(make_lm, make_rm, tiny_tokenizer, prompt_rows, cpu_args):
     rm = make_rm(seed=3)
-    args = ppo_args(cpu_args, reward_weights=[1.0, 0.5], target_kl=0.01, kl_horizon=100, whiten_rewards=True,
-                    missing_eos_penalty=1.0, normalize_rewards=True, reward_clip=3.0)
-    trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_model=rm, reward_funcs=[target_fraction],
-                         train_dataset=prompt_rows)
+    args = ppo_args(
+        cpu_args,
+        reward_weights=[1.0, 0.5],
+        target_kl=0.01,
+        kl_horizon=100,
+        whiten_rewards=True,
+        missing_eos_penalty=1.0,
+        normalize_rewards=True,
+        reward_clip=3.0,
+    )
+    trainer = PPOTrainer(
+        args, tiny_tokenizer, make_lm(), reward_model=rm, reward_funcs=[target_fraction], train_dataset=prompt_rows
+    )
     # the critic starts as a copy of the reward model, which stays frozen
     for a, b in zip(trainer.critic.parameters(), rm.parameters()):
         assert torch.equal(a, b) and a is not b and a.requires_grad and not b.requires_grad
@@ -128,8 +172,14 @@ def test_shared_critic_and_reencoded_reward_model(make_lm, tiny_tokenizer, promp
     other_tok = build_tokenizer(kind="wordlevel")  # a different vocabulary: completions are re-encoded
     rm = tiny_sequence_classifier("gpt2", tokenizer=other_tok)
     args = ppo_args(cpu_args, shared_critic=True, save_strategy="steps", save_steps=2)
-    trainer = PPOTrainer(args, tiny_tokenizer, make_lm("qwen2"), reward_model=rm, reward_processing_class=other_tok,
-                         train_dataset=prompt_rows)
+    trainer = PPOTrainer(
+        args,
+        tiny_tokenizer,
+        make_lm("qwen2"),
+        reward_model=rm,
+        reward_processing_class=other_tok,
+        train_dataset=prompt_rows,
+    )
     assert trainer.reward_sources.reward_tokenizers[0] is other_tok
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
@@ -140,10 +190,15 @@ def test_shared_critic_and_reencoded_reward_model(make_lm, tiny_tokenizer, promp
 def test_separate_critic_from_policy_and_saving(make_lm, tiny_tokenizer, prompt_rows, cpu_args, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    args = ppo_args(cpu_args, max_steps=1, early_stop_kl=1e-9, eval_strategy="steps", eval_steps=1,
-                    eval_on_start=False)
-    trainer = PPOTrainer(args, tiny_tokenizer, make_lm("gpt2"), reward_funcs=target_fraction,
-                         train_dataset=prompt_rows, eval_dataset=prompt_rows[:4])
+    args = ppo_args(cpu_args, max_steps=1, early_stop_kl=1e-9, eval_strategy="steps", eval_steps=1, eval_on_start=False)
+    trainer = PPOTrainer(
+        args,
+        tiny_tokenizer,
+        make_lm("gpt2"),
+        reward_funcs=target_fraction,
+        train_dataset=prompt_rows,
+        eval_dataset=prompt_rows[:4],
+    )
     state = trainer.train()
     assert state.log_history[0]["policy/early_stopped"] == 1.0
     assert any("eval/scores" in h for h in state.log_history)
@@ -155,8 +210,14 @@ def test_separate_critic_from_policy_and_saving(make_lm, tiny_tokenizer, prompt_
 
 def test_samples_file(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
     args = ppo_args(cpu_args, num_sample_generations=2)
-    trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows,
-                         eval_dataset=prompt_rows[:3])
+    trainer = PPOTrainer(
+        args,
+        tiny_tokenizer,
+        make_lm(),
+        reward_funcs=[target_fraction],
+        train_dataset=prompt_rows,
+        eval_dataset=prompt_rows[:3],
+    )
     trainer.train()
     lines = [json.loads(line) for line in open(os.path.join(args.output_dir, "samples.jsonl"))]
     assert [r["step"] for r in lines] == [1, 1, 1, 2, 2, 2]
@@ -180,8 +241,14 @@ def test_ppo_bad_inputs(make_lm, make_rm, tiny_tokenizer, prompt_rows, cpu_args)
     with pytest.raises(ValueError, match="reward model, reward functions, or both"):
         PPOTrainer(args, tiny_tokenizer, make_lm(), train_dataset=prompt_rows)
     with pytest.raises(ValueError, match="reward_weights: expected 2"):
-        PPOTrainer(ppo_args(cpu_args, reward_weights=[1.0]), tiny_tokenizer, make_lm(), reward_model=make_rm(),
-                   reward_funcs=[length_reward], train_dataset=prompt_rows)
+        PPOTrainer(
+            ppo_args(cpu_args, reward_weights=[1.0]),
+            tiny_tokenizer,
+            make_lm(),
+            reward_model=make_rm(),
+            reward_funcs=[length_reward],
+            train_dataset=prompt_rows,
+        )
     small_rm = tiny_sequence_classifier("llama", vocab_size=50)
     with pytest.raises(ValueError, match="reward_processing_class"):
         PPOTrainer(args, tiny_tokenizer, make_lm(), reward_model=small_rm, train_dataset=prompt_rows)
@@ -189,13 +256,25 @@ def test_ppo_bad_inputs(make_lm, make_rm, tiny_tokenizer, prompt_rows, cpu_args)
         trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[func], train_dataset=prompt_rows)
         with pytest.raises(ValueError, match=message):
             trainer.train()
-    for field, value in (("cliprange", 1.5), ("kl_estimator", "k9"), ("num_mini_batches", 0), ("temperature", 0.0),
-                         ("gamma", 1.5), ("stop_token", "eot")):
+    for field, value in (
+        ("cliprange", 1.5),
+        ("kl_estimator", "k9"),
+        ("num_mini_batches", 0),
+        ("temperature", 0.0),
+        ("gamma", 1.5),
+        ("stop_token", "eot"),
+    ):
         with pytest.raises(ValueError, match=f"PPOConfig.{field}"):
             ppo_args(cpu_args, **{field: value})
     with pytest.raises(ValueError, match="value_model: must be None"):
-        PPOTrainer(ppo_args(cpu_args, shared_critic=True), tiny_tokenizer, make_lm(), reward_funcs=[length_reward],
-                   value_model=make_rm(), train_dataset=prompt_rows)
+        PPOTrainer(
+            ppo_args(cpu_args, shared_critic=True),
+            tiny_tokenizer,
+            make_lm(),
+            reward_funcs=[length_reward],
+            value_model=make_rm(),
+            train_dataset=prompt_rows,
+        )
 
 
 def test_bf16_autocast_and_gradient_checkpointing(make_lm, tiny_tokenizer, prompt_rows, cpu_args):

@@ -3,6 +3,7 @@
 The oracle is the reference evaluated in float64 on the same input values, so the tolerances below
 only have to cover the kernel's float32 arithmetic (bf16/fp16 gradients: one rounding to that dtype).
 """
+
 import os
 import subprocess
 import sys
@@ -16,8 +17,15 @@ from hypothesis import strategies as st
 import rlhf_ext  # noqa: F401
 from rlhf_ext.ops import ppo_loss
 from rlhf_ext.ops.reference import ppo_loss_reference
-from tests.ppo_loss_helpers import (GRAD_LEAVES, LOSS_AGGS, STAT_KEYS, assert_grads_close, assert_outputs_close,
-                                  make_case, run)
+from tests.ppo_loss_helpers import (
+    GRAD_LEAVES,
+    LOSS_AGGS,
+    STAT_KEYS,
+    assert_grads_close,
+    assert_outputs_close,
+    make_case,
+    run,
+)
 
 CLIP_MODES = {
     "plain": {},
@@ -32,8 +40,15 @@ CLIP_MODES = {
 @pytest.mark.parametrize("with_values,with_entropy", [(True, True), (False, False), (True, False), (False, True)])
 def test_matches_reference_grid(loss_agg, kl_estimator, clip_mode, with_values, with_entropy):
     seed = zlib.crc32(repr((loss_agg, kl_estimator, clip_mode, with_values, with_entropy)).encode()) % 10_000
-    case = make_case(6, 37, seed=seed, values=with_values, ref=kl_estimator is not None, entropy=with_entropy,
-                     spread=0.8 if clip_mode == "dual-clip" else 0.5)
+    case = make_case(
+        6,
+        37,
+        seed=seed,
+        values=with_values,
+        ref=kl_estimator is not None,
+        entropy=with_entropy,
+        spread=0.8 if clip_mode == "dual-clip" else 0.5,
+    )
     kwargs = dict(CLIP_MODES[clip_mode], loss_agg=loss_agg, vf_coef=0.3)
     if kl_estimator is not None:
         kwargs.update(kl_coef=0.07, kl_estimator=kl_estimator)
@@ -52,17 +67,39 @@ def test_matches_reference_grid(loss_agg, kl_estimator, clip_mode, with_values, 
 
 # Derandomized (the same 40 examples every run) so CI cannot flake; PPO_HYPOTHESIS_RANDOM=1 and
 # PPO_HYPOTHESIS_EXAMPLES=500 explore further by hand.
-@settings(max_examples=int(os.environ.get("PPO_HYPOTHESIS_EXAMPLES", 40)), deadline=None,
-          derandomize=os.environ.get("PPO_HYPOTHESIS_RANDOM") != "1")
-@given(B=st.integers(1, 9), T=st.integers(1, 70), seed=st.integers(0, 2**16), loss_agg=st.sampled_from(LOSS_AGGS),
-       kl=st.sampled_from([None, "k1", "k2", "k3"]), values=st.booleans(), entropy=st.booleans(),
-       dual_clip=st.sampled_from([None, 1.5, 3.0]), cliprange_high=st.sampled_from([None, 0.28]),
-       holes=st.sampled_from([0.0, 0.3, 0.9]), spread=st.sampled_from([0.05, 0.5, 3.0]))
+@settings(
+    max_examples=int(os.environ.get("PPO_HYPOTHESIS_EXAMPLES", 40)),
+    deadline=None,
+    derandomize=os.environ.get("PPO_HYPOTHESIS_RANDOM") != "1",
+)
+@given(
+    B=st.integers(1, 9),
+    T=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+    loss_agg=st.sampled_from(LOSS_AGGS),
+    kl=st.sampled_from([None, "k1", "k2", "k3"]),
+    values=st.booleans(),
+    entropy=st.booleans(),
+    dual_clip=st.sampled_from([None, 1.5, 3.0]),
+    cliprange_high=st.sampled_from([None, 0.28]),
+    holes=st.sampled_from([0.0, 0.3, 0.9]),
+    spread=st.sampled_from([0.05, 0.5, 3.0]),
+)
 def test_matches_reference_random(B, T, seed, loss_agg, kl, values, entropy, dual_clip, cliprange_high, holes, spread):
-    case = make_case(B, T, seed=seed, values=values, ref=kl is not None, entropy=entropy, holes=holes, spread=spread,
-                     empty_rows=(seed % (B + 1),))
-    kwargs = dict(loss_agg=loss_agg, dual_clip=dual_clip, cliprange_high=cliprange_high,
-                  entropy_coef=0.01 if entropy else 0.0)
+    case = make_case(
+        B,
+        T,
+        seed=seed,
+        values=values,
+        ref=kl is not None,
+        entropy=entropy,
+        holes=holes,
+        spread=spread,
+        empty_rows=(seed % (B + 1),),
+    )
+    kwargs = dict(
+        loss_agg=loss_agg, dual_clip=dual_clip, cliprange_high=cliprange_high, entropy_coef=0.01 if entropy else 0.0
+    )
     if kl is not None:
         kwargs.update(kl_coef=0.1, kl_estimator=kl)
     out, grads = run(ppo_loss, case, **kwargs)
@@ -90,7 +127,7 @@ def test_extreme_log_ratios_stay_finite(kl_estimator, loss_agg):
 def test_garbage_under_the_mask_is_ignored():
     case = make_case(4, 50, seed=3)
     dirty = {k: v.clone() for k, v in case.items()}
-    for k, v in dirty.items():
+    for v in dirty.values():
         if v.is_floating_point():
             v[~case["mask"]] = float("nan")
             v[~case["mask"] & (torch.arange(50) % 2 == 0)] = float("inf")
@@ -169,15 +206,23 @@ def test_fp16_gradients_saturate_instead_of_overflowing(other_dtype):
     # Gradients saturate at the largest finite float16 value instead of becoming inf.
     fp16_max = torch.finfo(torch.float16).max
     old = torch.tensor([[-20.0, -20.0, -1.0]])
-    case = dict(logprobs=torch.tensor([[-5.0, -35.0, float("nan")]]), old_logprobs=old,
-                advantages=torch.tensor([[-1.0, 1.0, 1.0]]), mask=torch.tensor([[True, True, False]]),
-                values=torch.tensor([[64992.0, 0.0, 0.0]]), old_values=torch.tensor([[64992.0, 0.0, 0.0]]),
-                returns=torch.tensor([[-64992.0, 0.0, 0.0]]))
-    half = {k: v.half() if k in ("logprobs", "values") else (v.to(other_dtype) if v.is_floating_point() else v)
-            for k, v in case.items()}
+    case = dict(
+        logprobs=torch.tensor([[-5.0, -35.0, float("nan")]]),
+        old_logprobs=old,
+        advantages=torch.tensor([[-1.0, 1.0, 1.0]]),
+        mask=torch.tensor([[True, True, False]]),
+        values=torch.tensor([[64992.0, 0.0, 0.0]]),
+        old_values=torch.tensor([[64992.0, 0.0, 0.0]]),
+        returns=torch.tensor([[-64992.0, 0.0, 0.0]]),
+    )
+    half = {
+        k: v.half() if k in ("logprobs", "values") else (v.to(other_dtype) if v.is_floating_point() else v)
+        for k, v in case.items()
+    }
     out, grads = run(ppo_loss, half, vf_coef=2.0)
-    full, full_grads = run(ppo_loss, {k: v.float() if v.is_floating_point() else v for k, v in half.items()},
-                           vf_coef=2.0)
+    full, full_grads = run(
+        ppo_loss, {k: v.float() if v.is_floating_point() else v for k, v in half.items()}, vf_coef=2.0
+    )
     assert torch.isfinite(full.loss) and torch.isfinite(out.loss)
     assert full_grads["logprobs"][0, 0] > fp16_max and full_grads["values"][0, 0] > fp16_max  # the premise
     assert grads["logprobs"].dtype == grads["values"].dtype == torch.float16
@@ -191,9 +236,13 @@ def test_no_nan_gradient_outside_the_log_ratio_clamp():
     # Found by tests/test_ops_fuzz.py: outside the clamp the kernels multiplied by a 0/1 indicator, so an
     # infinite advantage gave 0 * inf = NaN where torch's clamp (and the reference) select a zero gradient.
     inf = float("inf")
-    case = dict(logprobs=torch.tensor([[1.8, -1.0]]), old_logprobs=torch.tensor([[inf, -1.2]]),
-                advantages=torch.tensor([[-inf, 1.0]]), mask=torch.ones(1, 2, dtype=torch.bool),
-                ref_logprobs=torch.tensor([[0.5, -1.1]]))
+    case = dict(
+        logprobs=torch.tensor([[1.8, -1.0]]),
+        old_logprobs=torch.tensor([[inf, -1.2]]),
+        advantages=torch.tensor([[-inf, 1.0]]),
+        mask=torch.ones(1, 2, dtype=torch.bool),
+        ref_logprobs=torch.tensor([[0.5, -1.1]]),
+    )
     out, grads = run(ppo_loss, case, kl_coef=0.1, kl_estimator="k1")
     ref, ref_grads = run(ppo_loss_reference, case, kl_coef=0.1, kl_estimator="k1")
     assert torch.isfinite(grads["logprobs"]).all()
@@ -207,17 +256,32 @@ def test_a_nan_old_value_is_not_hidden_by_the_value_clip():
     case = make_case(2, 5, seed=3, ref=False, entropy=False, empty_rows=())
     case["mask"].fill_(True)
     case["old_values"][1, 2] = float("nan")
-    out = ppo_loss(case["logprobs"], case["old_logprobs"], case["advantages"], case["mask"], values=case["values"],
-                   old_values=case["old_values"], returns=case["returns"])
-    ref = ppo_loss_reference(case["logprobs"], case["old_logprobs"], case["advantages"], case["mask"],
-                             values=case["values"], old_values=case["old_values"], returns=case["returns"])
+    out = ppo_loss(
+        case["logprobs"],
+        case["old_logprobs"],
+        case["advantages"],
+        case["mask"],
+        values=case["values"],
+        old_values=case["old_values"],
+        returns=case["returns"],
+    )
+    ref = ppo_loss_reference(
+        case["logprobs"],
+        case["old_logprobs"],
+        case["advantages"],
+        case["mask"],
+        values=case["values"],
+        old_values=case["old_values"],
+        returns=case["returns"],
+    )
     assert ref.value_loss.isnan() and out.value_loss.isnan() and out.loss.isnan()
 
 
 def test_mixed_dtypes_are_upcast():
     case = make_case(3, 21, seed=8)
-    mixed = dict(case, logprobs=case["logprobs"].bfloat16(), values=case["values"].half(),
-                 returns=case["returns"].double())
+    mixed = dict(
+        case, logprobs=case["logprobs"].bfloat16(), values=case["values"].half(), returns=case["returns"].double()
+    )
     out, grads = run(ppo_loss, mixed, kl_coef=0.1)
     assert out.loss.dtype == torch.float64  # float64 among the inputs: float64 compute
     assert grads["logprobs"].dtype == torch.bfloat16 and grads["values"].dtype == torch.float16
@@ -235,8 +299,16 @@ def test_float64_matches_tightly_and_gradcheck():
 
     def loss_of(logprobs, values, entropy):
         rest = {k: case[k] for k in ("old_values", "returns", "ref_logprobs")}
-        return ppo_loss(logprobs, case["old_logprobs"], case["advantages"], case["mask"], values=values,
-                        entropy=entropy, **rest, **kwargs).loss
+        return ppo_loss(
+            logprobs,
+            case["old_logprobs"],
+            case["advantages"],
+            case["mask"],
+            values=values,
+            entropy=entropy,
+            **rest,
+            **kwargs,
+        ).loss
 
     leaves = [case[k].clone().requires_grad_() for k in GRAD_LEAVES]
     assert torch.autograd.gradcheck(loss_of, leaves)
@@ -281,8 +353,12 @@ def test_instruction_set_variants_agree(tmp_path, capability):
     case = make_case(9, 300, seed=12)
     torch.save(case, tmp_path / "case.pt")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "case.pt"), str(tmp_path / "out.pt")],
-                   check=True, env=env, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "case.pt"), str(tmp_path / "out.pt")],
+        check=True,
+        env=env,
+        timeout=120,
+    )
     other = torch.load(tmp_path / "out.pt")
     out, grads = run(ppo_loss, case, kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
     torch.testing.assert_close(other["loss"], out.loss.detach(), rtol=1e-6, atol=1e-7)

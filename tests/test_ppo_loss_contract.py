@@ -1,4 +1,5 @@
 """ppo_loss / kl_penalty as ops: kl_penalty numerics, opcheck, torch.compile, bad inputs, CUDA."""
+
 import pytest
 import torch
 
@@ -9,15 +10,36 @@ from tests.helpers import cuda_only
 from tests.ppo_loss_helpers import LOSS_AGGS, STAT_KEYS, assert_grads_close, assert_outputs_close, make_case, run
 
 
-
 def op_args(case, **overrides):
     """Positional arguments of torch.ops.rlhf_ext.ppo_loss for a make_case() dict."""
-    scalars = dict(cliprange=0.2, cliprange_high=None, dual_clip=None, cliprange_value=0.2, vf_coef=0.1,
-                   kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", loss_agg_norm=None,
-                   max_log_ratio=20.0)
+    scalars = dict(
+        cliprange=0.2,
+        cliprange_high=None,
+        dual_clip=None,
+        cliprange_value=0.2,
+        vf_coef=0.1,
+        kl_coef=0.0,
+        kl_estimator="k3",
+        entropy_coef=0.0,
+        loss_agg="token-mean",
+        loss_agg_norm=None,
+        max_log_ratio=20.0,
+    )
     scalars.update(overrides)
-    tensors = [case.get(k) for k in ("logprobs", "old_logprobs", "advantages", "mask", "values", "old_values",
-                                     "returns", "ref_logprobs", "entropy")]
+    tensors = [
+        case.get(k)
+        for k in (
+            "logprobs",
+            "old_logprobs",
+            "advantages",
+            "mask",
+            "values",
+            "old_values",
+            "returns",
+            "ref_logprobs",
+            "entropy",
+        )
+    ]
     return tuple(tensors) + tuple(scalars.values())
 
 
@@ -26,7 +48,7 @@ def op_args(case, **overrides):
 def test_kl_penalty_matches_reference(estimator, dtype):
     g = torch.Generator().manual_seed(0)
     logprobs = (-5 * torch.rand(7, 45, generator=g)).to(dtype)
-    ref = (logprobs.float() + torch.cat([torch.randn(7, 40, generator=g), 60 * torch.randn(7, 5, generator=g)], 1))
+    ref = logprobs.float() + torch.cat([torch.randn(7, 40, generator=g), 60 * torch.randn(7, 5, generator=g)], 1)
     ref = ref.to(dtype)  # some differences far beyond the ±20 clamp
     lp_leaf, ref_leaf = logprobs.clone().requires_grad_(), ref.clone().requires_grad_()
     out = kl_penalty(lp_leaf, ref_leaf, estimator)
@@ -67,12 +89,14 @@ def test_k3_small_differences_keep_float32_precision(sign):
     torch.testing.assert_close(ref_lp.grad.double(), grad_want, rtol=1e-6, atol=0)
     # The same estimator inside the fused loss (KL term) and its approxkl_k3 statistic (of the old/new ratio).
     mask = torch.ones_like(e, dtype=torch.bool)[None]
-    out = ppo_loss(logprobs[None], -e[None], torch.zeros_like(e)[None], mask, ref_logprobs=e[None],
-                   kl_estimator="k3", kl_coef=1.0)
+    out = ppo_loss(
+        logprobs[None], -e[None], torch.zeros_like(e)[None], mask, ref_logprobs=e[None], kl_estimator="k3", kl_coef=1.0
+    )
     torch.testing.assert_close(out.kl.double(), want.mean(), rtol=1e-6, atol=0)
     torch.testing.assert_close(out.stats["approxkl_k3"].double(), want.mean(), rtol=1e-6, atol=0)
-    expect = ppo_loss_reference(logprobs[None], -e[None], torch.zeros_like(e)[None], mask, ref_logprobs=e[None],
-                                kl_estimator="k3", kl_coef=1.0)
+    expect = ppo_loss_reference(
+        logprobs[None], -e[None], torch.zeros_like(e)[None], mask, ref_logprobs=e[None], kl_estimator="k3", kl_coef=1.0
+    )
     torch.testing.assert_close(expect.kl.double(), want.mean(), rtol=1e-6, atol=0)
     torch.testing.assert_close(expect.stats["approxkl_k3"].double(), want.mean(), rtol=1e-6, atol=0)
 
@@ -94,22 +118,31 @@ def test_kl_penalty_equals_the_loss_kl_term():
     case = make_case(4, 30, seed=4, empty_rows=())
     case["mask"].fill_(True)
     for estimator in ("k1", "k2", "k3"):
-        out = ppo_loss(case["logprobs"], case["old_logprobs"], case["advantages"], case["mask"],
-                       ref_logprobs=case["ref_logprobs"], kl_estimator=estimator)
+        out = ppo_loss(
+            case["logprobs"],
+            case["old_logprobs"],
+            case["advantages"],
+            case["mask"],
+            ref_logprobs=case["ref_logprobs"],
+            kl_estimator=estimator,
+        )
         per_token = kl_penalty(case["logprobs"], case["ref_logprobs"], estimator)
         torch.testing.assert_close(out.kl, per_token.mean(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("variant", ["all-terms", "policy-only", "seq-mean-dual"])
 def test_opcheck(variant):
-    case = make_case(3, 8, seed=6, values=variant != "policy-only", ref=variant != "policy-only",
-                     entropy=variant == "all-terms")
+    case = make_case(
+        3, 8, seed=6, values=variant != "policy-only", ref=variant != "policy-only", entropy=variant == "all-terms"
+    )
     for k in ("logprobs", "values", "entropy"):
         if k in case:
             case[k].requires_grad_()
-    overrides = {"all-terms": dict(kl_coef=0.1, entropy_coef=0.01, kl_estimator="k2"),
-                 "policy-only": dict(cliprange_value=None),
-                 "seq-mean-dual": dict(dual_clip=3.0, loss_agg="seq-mean-token-sum-norm", loss_agg_norm=5.0)}[variant]
+    overrides = {
+        "all-terms": dict(kl_coef=0.1, entropy_coef=0.01, kl_estimator="k2"),
+        "policy-only": dict(cliprange_value=None),
+        "seq-mean-dual": dict(dual_clip=3.0, loss_agg="seq-mean-token-sum-norm", loss_agg_norm=5.0),
+    }[variant]
     torch.library.opcheck(torch.ops.rlhf_ext.ppo_loss.default, op_args(case, **overrides))
 
 
@@ -127,9 +160,18 @@ def test_torch_compile_fullgraph():
     kwargs = dict(kl_coef=0.1, entropy_coef=0.01, loss_agg="seq-mean-token-mean")
 
     def step(logprobs, values, entropy):
-        out = ppo_loss(logprobs, case["old_logprobs"], case["advantages"], case["mask"], values=values,
-                       old_values=case["old_values"], returns=case["returns"], ref_logprobs=case["ref_logprobs"],
-                       entropy=entropy, **kwargs)
+        out = ppo_loss(
+            logprobs,
+            case["old_logprobs"],
+            case["advantages"],
+            case["mask"],
+            values=values,
+            old_values=case["old_values"],
+            returns=case["returns"],
+            ref_logprobs=case["ref_logprobs"],
+            entropy=entropy,
+            **kwargs,
+        )
         return out.loss, out.stats["clipfrac"], kl_penalty(logprobs, case["ref_logprobs"], "k3")
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -227,16 +269,24 @@ def test_cuda_matches_cpu(loss_agg, dtype):
     kwargs = dict(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0, loss_agg=loss_agg, cliprange_high=0.28)
     gpu_case = {k: v.cuda() for k, v in case.items()}
     out, grads = run(ppo_loss, gpu_case, dtype=dtype, **kwargs)
-    ref, ref_grads = run(ppo_loss_reference, {k: (v.to(dtype) if v.is_floating_point() else v)
-                                              for k, v in case.items()}, dtype=torch.float64, **kwargs)
+    ref, ref_grads = run(
+        ppo_loss_reference,
+        {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in case.items()},
+        dtype=torch.float64,
+        **kwargs,
+    )
     assert out.loss.device.type == "cuda" and all(v.device.type == "cuda" for v in out.stats.values())
     # __expf (fast math) is a few ulp off expf; the sums run in a different order than on the CPU.
     assert_outputs_close(out, ref, rtol=2e-5, atol=1e-5)
     eps = torch.finfo(dtype).eps if dtype != torch.float32 else 2e-5
     assert_grads_close({k: v.cpu() for k, v in grads.items()}, ref_grads, rtol=eps, atol=1e-7)
     for estimator in ("k1", "k2", "k3"):
-        torch.testing.assert_close(kl_penalty(gpu_case["logprobs"], gpu_case["ref_logprobs"], estimator).cpu(),
-                                   kl_penalty(case["logprobs"], case["ref_logprobs"], estimator), rtol=2e-5, atol=1e-5)
+        torch.testing.assert_close(
+            kl_penalty(gpu_case["logprobs"], gpu_case["ref_logprobs"], estimator).cpu(),
+            kl_penalty(case["logprobs"], case["ref_logprobs"], estimator),
+            rtol=2e-5,
+            atol=1e-5,
+        )
 
 
 @cuda_only

@@ -22,19 +22,34 @@ def pairs(n, seed=0, chat=False):
         chosen, rejected = f" was {rng.choice(GOOD)}", f" was {rng.choice(BAD)}"
         if chat:
             prompt = [{"role": "user", "content": f"how was {subject}?"}]
-            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-                         "rejected": [{"role": "assistant", "content": rejected}]})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
         else:
             rows.append({"prompt": subject, "chosen": chosen, "rejected": rejected, "margin": 0.5})
     return rows
 
 
 def test_reward_model_learns_preferences(make_rm, tiny_tokenizer, cpu_args):
-    args = RewardConfig(max_steps=16, per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=3e-3,
-                        logging_steps=8, save_strategy="no", eval_strategy="steps", eval_steps=16,
-                        center_rewards_coefficient=0.01, **cpu_args)
-    trainer = RewardTrainer(make_rm("gpt2"), args, train_dataset=pairs(128), eval_dataset=pairs(32, seed=1),
-                            processing_class=tiny_tokenizer)
+    args = RewardConfig(
+        max_steps=16,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        logging_steps=8,
+        save_strategy="no",
+        eval_strategy="steps",
+        eval_steps=16,
+        center_rewards_coefficient=0.01,
+        **cpu_args,
+    )
+    trainer = RewardTrainer(
+        make_rm("gpt2"), args, train_dataset=pairs(128), eval_dataset=pairs(32, seed=1), processing_class=tiny_tokenizer
+    )
     state = trainer.train()
     train_logs = [h for h in state.log_history if "loss" in h]
     assert {"accuracy", "margin", "mean_reward", "grad_norm", "learning_rate"} <= set(train_logs[0])
@@ -86,14 +101,18 @@ def test_tied_pairs_pull_rewards_together(make_rm, tiny_tokenizer, cpu_args):
     """Ties exported by `rlhf-ext label export --ties keep` teach equal rewards, not a preference: trained on
     the same pairs marked tied, the model's chosen-rejected gap shrinks towards 0 (as a preference would grow it)."""
     rows = [{**r, "margin": 0.0, "tie": True} for r in pairs(32)]
-    args = RewardConfig(max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=1,
-                        save_strategy="no", **cpu_args)
+    args = RewardConfig(
+        max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=1, save_strategy="no", **cpu_args
+    )
     model = make_rm("gpt2")
     trainer = RewardTrainer(model, args, train_dataset=rows, processing_class=tiny_tokenizer)
     # start from a model that prefers "chosen" clearly, as one trained on these pairs as preferences does
-    preferred = RewardTrainer(make_rm("gpt2"), RewardConfig(max_steps=12, per_device_train_batch_size=8,
-                              learning_rate=3e-3, save_strategy="no", **cpu_args), train_dataset=pairs(32),
-                              processing_class=tiny_tokenizer)
+    preferred = RewardTrainer(
+        make_rm("gpt2"),
+        RewardConfig(max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3, save_strategy="no", **cpu_args),
+        train_dataset=pairs(32),
+        processing_class=tiny_tokenizer,
+    )
     preferred.train()
     trainer.model.load_state_dict(preferred.model.state_dict())
     before = trainer.evaluate(eval_dataset=rows)["eval_tie_gap"]
@@ -108,14 +127,20 @@ def test_tie_column_checks(make_rm, tiny_tokenizer, cpu_args):
     with pytest.raises(ValueError, match="tied pair must have margin 0"):
         RewardTrainer(make_rm(), args, train_dataset=[{**pairs(1)[0], "tie": True}], processing_class=tiny_tokenizer)
     with pytest.raises(ValueError, match="'tie' column must be a boolean"):
-        RewardTrainer(make_rm(), args, train_dataset=[{**pairs(1)[0], "margin": 0.0, "tie": "yes"}],
-                      processing_class=tiny_tokenizer)
+        RewardTrainer(
+            make_rm(),
+            args,
+            train_dataset=[{**pairs(1)[0], "margin": 0.0, "tie": "yes"}],
+            processing_class=tiny_tokenizer,
+        )
 
 
 def test_score_is_read_at_last_real_token_whatever_the_padding(make_rm, tiny_tokenizer):
     model = make_rm().eval()
     seqs = [tiny_tokenizer("the movie was great</s>")["input_ids"], tiny_tokenizer("bad</s>")["input_ids"]]
-    alone = torch.stack([sequence_scores(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0] for s in seqs])
+    alone = torch.stack(
+        [sequence_scores(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0] for s in seqs]
+    )
     for side in ("left", "right"):
         ids, mask = pad(seqs, tiny_tokenizer.pad_token_id, side)
         torch.testing.assert_close(sequence_scores(model, ids, mask), alone, rtol=1e-5, atol=1e-5)
@@ -130,4 +155,6 @@ def test_reward_bad_inputs(make_rm, make_lm, tiny_tokenizer, cpu_args):
     with pytest.raises(ValueError, match="center_rewards_coefficient"):
         RewardConfig(center_rewards_coefficient=-1.0, **cpu_args)
     with pytest.raises(ValueError, match="every pair is longer than max_length"):
-        RewardTrainer(make_rm(), RewardConfig(max_length=3, **cpu_args), train_dataset=pairs(4), processing_class=tiny_tokenizer)
+        RewardTrainer(
+            make_rm(), RewardConfig(max_length=3, **cpu_args), train_dataset=pairs(4), processing_class=tiny_tokenizer
+        )

@@ -1,5 +1,6 @@
 """Rollout engine: greedy parity with HF generate, log-probs against a full forward pass, stop handling,
 values, reproducibility and bad inputs, on tiny models built from configs."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -15,12 +16,28 @@ VOCAB, PAD = 96, 0
 def tiny(kind: str):
     torch.manual_seed(0)
     if kind == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD)
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=PAD,
+        )
         model = LlamaForCausalLM(cfg)
     elif kind == "qwen2":
-        cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD)
+        cfg = Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=PAD,
+        )
         model = Qwen2ForCausalLM(cfg)
     else:
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=256, pad_token_id=PAD)
@@ -59,14 +76,20 @@ def test_greedy_matches_hf_generate(kind, cache):
     with torch.no_grad():
         free = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, pad_token_id=PAD)
         eos = int(free[0, ids.shape[1] + 4])  # a token row 0 emits, so at least one row stops early
-        hf = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, pad_token_id=PAD,
-                            eos_token_id=eos)
-        ours = generate(model, ids, mask, max_new_tokens=12, temperature=0.0, eos_token_id=eos, pad_token_id=PAD,
-                        cache=cache)
+        hf = model.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=12, pad_token_id=PAD, eos_token_id=eos
+        )
+        ours = generate(
+            model, ids, mask, max_new_tokens=12, temperature=0.0, eos_token_id=eos, pad_token_id=PAD, cache=cache
+        )
     assert torch.equal(ours.sequences, hf), "greedy rollout differs from HF generate"
     assert ours.finished[0]
-    torch.testing.assert_close(ours.logprobs * ours.response_mask, forward_logprobs(model, ours, 1.0) * ours.response_mask,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        ours.logprobs * ours.response_mask,
+        forward_logprobs(model, ours, 1.0) * ours.response_mask,
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -75,8 +98,18 @@ def test_sampled_logprobs_match_full_forward(kind):
     ids, mask = prompts(batch=6, length=9, seed=2)
     T = 0.8
     with torch.no_grad():
-        out = generate(model, ids, mask, max_new_tokens=16, temperature=T, top_k=20, top_p=0.9, eos_token_id=5,
-                       pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
+        out = generate(
+            model,
+            ids,
+            mask,
+            max_new_tokens=16,
+            temperature=T,
+            top_k=20,
+            top_p=0.9,
+            eos_token_id=5,
+            pad_token_id=PAD,
+            generator=torch.Generator().manual_seed(0),
+        )
         ref = forward_logprobs(model, out, T)
     m = out.response_mask.bool()
     torch.testing.assert_close(out.logprobs[m], ref[m], atol=1e-4, rtol=1e-4)
@@ -89,8 +122,16 @@ def test_stop_tokens_truncation_and_early_exit():
     ids, mask = prompts(batch=5, length=6, seed=3)
     free = generate(model, ids, mask, max_new_tokens=10, temperature=0.0, pad_token_id=PAD).response_ids
     stops = [int(free[0, 2]), int(free[1, 5])]
-    out = generate(model, ids, mask, max_new_tokens=10, temperature=0.0, eos_token_id=stops[0],
-                   stop_token_ids=[stops[1]], pad_token_id=PAD)
+    out = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=10,
+        temperature=0.0,
+        eos_token_id=stops[0],
+        stop_token_ids=[stops[1]],
+        pad_token_id=PAD,
+    )
     lengths, finished = [], []
     for row in free.tolist():
         hit = [i for i, tok in enumerate(row) if tok in stops]
@@ -105,8 +146,9 @@ def test_stop_tokens_truncation_and_early_exit():
         assert (out.response_ids[row, n:] == PAD).all()
         assert out.response_mask[row].tolist() == [1] * n + [0] * (R - n)
     # Every row stops at once: the loop ends after one step.
-    first = generate(model, ids, mask, max_new_tokens=10, temperature=0.0, stop_token_ids=free[:, 0].tolist(),
-                     pad_token_id=PAD)
+    first = generate(
+        model, ids, mask, max_new_tokens=10, temperature=0.0, stop_token_ids=free[:, 0].tolist(), pad_token_id=PAD
+    )
     assert first.response_ids.shape == (5, 1) and first.finished.all()
     # Nothing stops: truncated everywhere.
     none = generate(model, ids, mask, max_new_tokens=4, temperature=0.0, pad_token_id=PAD)
@@ -153,19 +195,34 @@ class ValueHeadModel(torch.nn.Module):
         self.base, self.config = base, base.config
         self.v_head = torch.nn.Linear(base.config.hidden_size, 1)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
-                logits_to_keep=0):
-        out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=True,
-                        logits_to_keep=logits_to_keep)
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0
+    ):
+        out = self.base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=True,
+            logits_to_keep=logits_to_keep,
+        )
         return SimpleNamespace(logits=out.logits, values=self.v_head(out.hidden_states[-1]))
 
 
 def test_return_values():
     model = ValueHeadModel(tiny("llama")).eval()
     ids, mask = prompts(batch=3, length=6, seed=5)
-    out = generate(model, ids, mask, max_new_tokens=6, temperature=0.0, eos_token_id=int(ids[0, -1]),
-                   pad_token_id=PAD, return_values=True)
+    out = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=6,
+        temperature=0.0,
+        eos_token_id=int(ids[0, -1]),
+        pad_token_id=PAD,
+        return_values=True,
+    )
     full_mask = out.attention_mask
     with torch.no_grad():
         full = model(out.sequences, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0))
@@ -176,18 +233,21 @@ def test_return_values():
         generate(tiny("llama"), ids, mask, max_new_tokens=2, pad_token_id=PAD, return_values=True)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(attention_mask=torch.ones(4, 6, dtype=torch.long)), "attention_mask: expected shape"),
-    (dict(pad_token_id=None), "pad_token_id: required"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.2), "top_p"),
-    (dict(top_k=-3), "top_k"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(cache="paged"), "cache"),
-    (dict(cuda_graph=True, cache="static"), "cuda_graph"),
-    (dict(right_padded=True), "left-padded"),
-    (dict(stop_token_ids=["a"]), "stop_token_ids"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(attention_mask=torch.ones(4, 6, dtype=torch.long)), "attention_mask: expected shape"),
+        (dict(pad_token_id=None), "pad_token_id: required"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.2), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(cache="paged"), "cache"),
+        (dict(cuda_graph=True, cache="static"), "cuda_graph"),
+        (dict(right_padded=True), "left-padded"),
+        (dict(stop_token_ids=["a"]), "stop_token_ids"),
+    ],
+)
 def test_bad_inputs(kwargs, match):
     model = tiny("gpt2")
     ids, mask = prompts()
@@ -210,7 +270,15 @@ def test_cuda_graph_decode_matches_eager():
     eager = generate(model, ids, mask, temperature=0.0, **kw)
     graphed = generate(model, ids, mask, temperature=0.0, cuda_graph=True, **kw)
     assert torch.equal(eager.sequences, graphed.sequences)
-    sampled = generate(model, ids, mask, temperature=0.9, top_k=20, cuda_graph=True,
-                       generator=torch.Generator("cuda").manual_seed(0), **kw)
+    sampled = generate(
+        model,
+        ids,
+        mask,
+        temperature=0.9,
+        top_k=20,
+        cuda_graph=True,
+        generator=torch.Generator("cuda").manual_seed(0),
+        **kw,
+    )
     m = sampled.response_mask.bool()
     torch.testing.assert_close(sampled.logprobs[m], forward_logprobs(model, sampled, 0.9)[m], atol=1e-3, rtol=1e-3)

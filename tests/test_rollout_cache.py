@@ -1,6 +1,7 @@
 """Rollout engine and the KV cache: a static cache with a left-padded first row, the cache write position handed to
 the model, the CUDA-graph decode step (its capture emulated on the CPU: no host sync inside it, static buffers,
 advancing positions), and no deprecated cache keyword."""
+
 import contextlib
 import inspect
 import warnings
@@ -36,18 +37,34 @@ class RecordingLM(torch.nn.Module):
         self.base_takes_position = "cache_position" in params
         self.calls = []
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                cache_position=None, logits_to_keep=0):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        use_cache=None,
+        cache_position=None,
+        logits_to_keep=0,
+    ):
         # A device-side copy (a read-back would be a host sync, which a captured step must not do).
         self.calls.append(None if cache_position is None else (cache_position, cache_position.clone()))
         extra = {"cache_position": cache_position} if self.base_takes_position else {}
-        return self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=use_cache, logits_to_keep=logits_to_keep, **{self.cache_name: cache}, **extra)
+        return self.base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **{self.cache_name: cache},
+            **extra,
+        )
 
 
 @contextlib.contextmanager
 def no_host_sync():
     """What a CUDA-graph capture forbids, made to raise on the CPU: reading a tensor back to the host."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("host sync (item / bool / tolist / cpu) inside the captured decode step")
 
@@ -116,9 +133,18 @@ def test_graph_decode_step_has_no_host_sync_and_reads_static_buffers(emulated_gr
     ids, mask = padded_prompts()
     P, new = ids.shape[1], 7
     # A 0-dim temperature and per-row top-k / top-p: the settings a captured sampler call must not read back.
-    graphed = generate(model, ids, mask, max_new_tokens=new, pad_token_id=PAD, cache="static", cuda_graph=True,
-                       temperature=torch.tensor(0.0), top_k=torch.tensor([0, 5, 1, 9]),
-                       top_p=torch.tensor([1.0, 0.9, 0.8, 1.0]))
+    graphed = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=new,
+        pad_token_id=PAD,
+        cache="static",
+        cuda_graph=True,
+        temperature=torch.tensor(0.0),
+        top_k=torch.tensor([0, 5, 1, 9]),
+        top_p=torch.tensor([1.0, 0.9, 0.8, 1.0]),
+    )
     eager = generate(tiny("llama"), ids, mask, max_new_tokens=new, temperature=0.0, pad_token_id=PAD)
     assert torch.equal(graphed.sequences, eager.sequences)
     assert len(emulated_graphs) == 1 and emulated_graphs[0].replays == new - 2  # steps 2.. replay the capture
@@ -167,7 +193,16 @@ def test_cuda_graph_capture_with_padded_first_row():
     graphed = generate(model, ids, mask, cache="static", cuda_graph=True, temperature=0.0, **kw)
     assert torch.equal(graphed.sequences, dynamic.sequences)
     # Settings a captured sampler must not read back: a 0-dim temperature, per-row top-k on the host.
-    sampled = generate(model, ids, mask, cache="static", cuda_graph=True, temperature=torch.tensor(0.9),
-                       top_k=torch.tensor([0, 5, 1, 9]), generator=torch.Generator("cuda").manual_seed(0), **kw)
+    sampled = generate(
+        model,
+        ids,
+        mask,
+        cache="static",
+        cuda_graph=True,
+        temperature=torch.tensor(0.9),
+        top_k=torch.tensor([0, 5, 1, 9]),
+        generator=torch.Generator("cuda").manual_seed(0),
+        **kw,
+    )
     m = sampled.response_mask.bool()
     torch.testing.assert_close(sampled.logprobs[m], forward_logprobs(model, sampled, 0.9)[m], atol=1e-3, rtol=1e-3)

@@ -1,5 +1,6 @@
 """Fused sampler: distributions against the sort-based reference, membership of the kept set, log-probs,
 reproducibility, greedy, and bad inputs."""
+
 import math
 
 import pytest
@@ -69,17 +70,27 @@ def test_per_row_settings_distribution():
     ks = torch.cat([torch.full((n,), 5), torch.zeros(n, dtype=torch.long)])
     ps = torch.cat([torch.ones(n), torch.full((n,), 0.6)])
     tokens, _ = sample(logits, temps, ks, ps, generator=torch.Generator().manual_seed(5))
-    for half, settings in ((slice(0, n), dict(temperature=0.6, top_k=5)), (slice(n, 2 * n), dict(temperature=1.5, top_p=0.6))):
+    for half, settings in (
+        (slice(0, n), dict(temperature=0.6, top_k=5)),
+        (slice(n, 2 * n), dict(temperature=1.5, top_p=0.6)),
+    ):
         probs = filtered_probs_reference(row[None], **settings)[0]
         freq = torch.bincount(tokens[half], minlength=row.numel()).double() / n
         assert freq[probs == 0].sum() == 0
         assert 0.5 * (freq - probs).abs().sum().item() < tv_bound(probs, n)
 
 
-@pytest.mark.parametrize("settings", [
-    dict(top_k=50), dict(top_p=0.9), dict(min_p=0.05), dict(top_k=50, top_p=0.9, temperature=0.7),
-    dict(top_k=1000, top_p=0.95, min_p=0.01, temperature=1.3), dict(top_p=0.5, temperature=3.0),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(top_k=50),
+        dict(top_p=0.9),
+        dict(min_p=0.05),
+        dict(top_k=50, top_p=0.9, temperature=0.7),
+        dict(top_k=1000, top_p=0.95, min_p=0.01, temperature=1.3),
+        dict(top_p=0.5, temperature=3.0),
+    ],
+)
 def test_membership_large_vocab(settings):
     gen = torch.Generator().manual_seed(7)
     B, V = 64, 32000
@@ -102,8 +113,9 @@ def test_membership_large_vocab(settings):
 def test_logprobs_equal_reference(dtype, temperature):
     gen = torch.Generator().manual_seed(1)
     logits = (torch.randn(9, 50257, generator=gen) * 4).to(dtype)
-    tokens, logprobs, filtered = sample(logits, temperature, top_k=40, top_p=0.95, generator=gen,
-                                        return_filtered_logprobs=True)
+    tokens, logprobs, filtered = sample(
+        logits, temperature, top_k=40, top_p=0.95, generator=gen, return_filtered_logprobs=True
+    )
     t = temperature if temperature > 0 else 1.0
     ref = torch.log_softmax(logits.float() / t, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     torch.testing.assert_close(logprobs, ref, atol=2e-5, rtol=1e-5)
@@ -113,7 +125,9 @@ def test_logprobs_equal_reference(dtype, temperature):
         assert (filtered == 0).all()
     else:
         probs = filtered_probs_reference(logits, temperature, 40, 0.95)
-        torch.testing.assert_close(filtered, probs.gather(1, tokens[:, None]).squeeze(1).log().float(), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            filtered, probs.gather(1, tokens[:, None]).squeeze(1).log().float(), atol=2e-5, rtol=1e-5
+        )
 
 
 def test_greedy_ties_and_per_row_temperature():
@@ -179,28 +193,32 @@ def test_opcheck_and_compile():
     # Greedy is deterministic, so every opcheck utility applies; sampling runs the schema and fake-tensor checks.
     torch.library.opcheck(torch.ops.rlhf_ext.sample.default, (logits, 0.0, 0, 1.0, 0.0, None, None, None, None, None))
     torch.library.opcheck(
-        torch.ops.rlhf_ext.sample.default, (logits, 0.8, 20, 0.9, 0.0, None, None, None, None, torch.Generator().manual_seed(0)),
+        torch.ops.rlhf_ext.sample.default,
+        (logits, 0.8, 20, 0.9, 0.0, None, None, None, None, torch.Generator().manual_seed(0)),
         test_utils=("test_schema", "test_faketensor"),
     )
     compiled = torch.compile(lambda x: sample(x, 0.0), fullgraph=True)
     assert torch.equal(compiled(logits)[0], logits.argmax(-1))
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x: sample(x.unsqueeze(0)), "2-d tensor"),
-    (lambda x: sample(x.long()), "float32/bfloat16/float16"),
-    (lambda x: sample(x, top_p=0.0), "top_p"),
-    (lambda x: sample(x, top_p=1.5), "top_p"),
-    (lambda x: sample(x, top_k=-1), "top_k"),
-    (lambda x: sample(x, top_k=2.5), "top_k"),
-    (lambda x: sample(x, min_p=1.5), "min_p"),
-    (lambda x: sample(x, temperature=-1.0), "temperature"),
-    (lambda x: sample(x, temperature=float("nan")), "temperature"),
-    (lambda x: sample(x, top_p=torch.tensor([0.5, 0.0, 1.0])), "top_p.*row 1"),
-    (lambda x: sample(x, top_k=torch.tensor([1.0, 2.0, 3.0])), "integer"),
-    (lambda x: sample(x, temperature=torch.ones(4)), r"shape \[3\]"),
-    (lambda x: sample(x, min_p=torch.tensor([0.0, 0.1, -0.1])), "min_p.*row 2"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x: sample(x.unsqueeze(0)), "2-d tensor"),
+        (lambda x: sample(x.long()), "float32/bfloat16/float16"),
+        (lambda x: sample(x, top_p=0.0), "top_p"),
+        (lambda x: sample(x, top_p=1.5), "top_p"),
+        (lambda x: sample(x, top_k=-1), "top_k"),
+        (lambda x: sample(x, top_k=2.5), "top_k"),
+        (lambda x: sample(x, min_p=1.5), "min_p"),
+        (lambda x: sample(x, temperature=-1.0), "temperature"),
+        (lambda x: sample(x, temperature=float("nan")), "temperature"),
+        (lambda x: sample(x, top_p=torch.tensor([0.5, 0.0, 1.0])), "top_p.*row 1"),
+        (lambda x: sample(x, top_k=torch.tensor([1.0, 2.0, 3.0])), "integer"),
+        (lambda x: sample(x, temperature=torch.ones(4)), r"shape \[3\]"),
+        (lambda x: sample(x, min_p=torch.tensor([0.0, 0.1, -0.1])), "min_p.*row 2"),
+    ],
+)
 def test_bad_inputs(call, match):
     x = torch.randn(3, 10)
     with pytest.raises((RuntimeError, ValueError, TypeError), match=match):

@@ -13,10 +13,24 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_sft_text_loss_decreases_and_writes_outputs(make_lm, tiny_tokenizer, corpus, cpu_args):
-    args = SFTConfig(max_steps=12, per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=3e-3,
-                     logging_steps=4, save_steps=6, eval_strategy="steps", eval_steps=12, **cpu_args)
-    trainer = SFTTrainer(make_lm(), args, train_dataset=[{"text": t} for t in corpus[:128]],
-                         eval_dataset=[{"text": t} for t in corpus[128:144]], processing_class=tiny_tokenizer)
+    args = SFTConfig(
+        max_steps=12,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        logging_steps=4,
+        save_steps=6,
+        eval_strategy="steps",
+        eval_steps=12,
+        **cpu_args,
+    )
+    trainer = SFTTrainer(
+        make_lm(),
+        args,
+        train_dataset=[{"text": t} for t in corpus[:128]],
+        eval_dataset=[{"text": t} for t in corpus[128:144]],
+        processing_class=tiny_tokenizer,
+    )
     before = trainer.evaluate()["eval_loss"]
     state = trainer.train()
     losses = [h["loss"] for h in state.log_history if "loss" in h]
@@ -47,13 +61,19 @@ def test_completion_only_mask(tiny_tokenizer):
     assert all(row["completion_mask"][prompt_len:])
     assert row["input_ids"][-1] == tiny_tokenizer.eos_token_id
     args.completion_only_loss = False
-    assert all(tokenize_sft_row({"prompt": "the movie", "completion": " was great"}, tiny_tokenizer, args)["completion_mask"])
+    assert all(
+        tokenize_sft_row({"prompt": "the movie", "completion": " was great"}, tiny_tokenizer, args)["completion_mask"]
+    )
 
 
 def test_assistant_only_loss_masks_user_turns(tiny_tokenizer):
     args = SFTConfig(output_dir="unused", use_cpu=True, assistant_only_loss=True)
-    messages = [{"role": "user", "content": "rate the film"}, {"role": "assistant", "content": "it was good"},
-                {"role": "user", "content": "and the food"}, {"role": "assistant", "content": "awful"}]
+    messages = [
+        {"role": "user", "content": "rate the film"},
+        {"role": "assistant", "content": "it was good"},
+        {"role": "user", "content": "and the food"},
+        {"role": "assistant", "content": "awful"},
+    ]
     row = tokenize_sft_row({"messages": messages}, tiny_tokenizer, args)
     trained = [t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]
     assert tiny_tokenizer.decode(trained) == "it was good</s>awful</s>"
@@ -61,8 +81,11 @@ def test_assistant_only_loss_masks_user_turns(tiny_tokenizer):
 
 def test_fused_and_logits_paths_agree(make_lm, tiny_tokenizer):
     model = make_lm()
-    ids, mask = pad([tiny_tokenizer("the movie was great")["input_ids"], tiny_tokenizer("bad")["input_ids"]],
-                    tiny_tokenizer.pad_token_id, "right")
+    ids, mask = pad(
+        [tiny_tokenizer("the movie was great")["input_ids"], tiny_tokenizer("bad")["input_ids"]],
+        tiny_tokenizer.pad_token_id,
+        "right",
+    )
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
     fused = causal_lm_token_logprobs(model, ids, mask, labels, fused_linear=True)
     plain = causal_lm_token_logprobs(model, ids, mask, labels, fused_linear=False)
@@ -74,7 +97,9 @@ def test_save_model_round_trips(make_lm, tiny_tokenizer, corpus, cpu_args, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = SFTConfig(max_steps=1, per_device_train_batch_size=4, save_strategy="no", **cpu_args)
-    trainer = SFTTrainer(make_lm(), args, train_dataset=[{"text": t} for t in corpus[:8]], processing_class=tiny_tokenizer)
+    trainer = SFTTrainer(
+        make_lm(), args, train_dataset=[{"text": t} for t in corpus[:8]], processing_class=tiny_tokenizer
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
@@ -99,5 +124,9 @@ def test_sft_bad_inputs(make_lm, tiny_tokenizer, cpu_args):
     with pytest.raises(ValueError, match="max_length"):
         SFTConfig(max_length=1, **cpu_args)
     with pytest.raises(ValueError, match="needs an eval_dataset"):
-        SFTTrainer(make_lm(), SFTConfig(eval_strategy="steps", eval_steps=1, **cpu_args),
-                   train_dataset=[{"text": "x"}], processing_class=tiny_tokenizer)
+        SFTTrainer(
+            make_lm(),
+            SFTConfig(eval_strategy="steps", eval_steps=1, **cpu_args),
+            train_dataset=[{"text": "x"}],
+            processing_class=tiny_tokenizer,
+        )

@@ -1,4 +1,5 @@
 """Masked mean / variance / whitening against plain-PyTorch twins."""
+
 import pytest
 import torch
 
@@ -27,13 +28,18 @@ def test_moments_and_whiten_match_reference(B, T, dtype):
     xd = x.double()
     torch.testing.assert_close(masked_mean(x, mask).double(), masked_mean_reference(xd, mask), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(masked_var(x, mask).double(), masked_var_reference(xd, mask), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(masked_var(x, mask, unbiased=False).double(),
-                               masked_var_reference(xd, mask, unbiased=False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        masked_var(x, mask, unbiased=False).double(),
+        masked_var_reference(xd, mask, unbiased=False),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     for shift_mean in (True, False):
         got = masked_whiten(x, mask, shift_mean=shift_mean)
         assert got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), masked_whiten_reference(xd, mask, shift_mean=shift_mean),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            got.double(), masked_whiten_reference(xd, mask, shift_mean=shift_mean), rtol=1e-5, atol=1e-5
+        )
         assert torch.all(got[~mask] == 0)
 
 
@@ -116,8 +122,16 @@ def test_masked_mean_of_an_empty_mask_raises():
     assert masked_mean(x[:, :0], torch.ones(3, 4, dtype=torch.bool)[:, :0], dim=1).isnan().all()  # per slice: NaN
 
 
-@pytest.mark.parametrize("dtype, value", [(torch.float32, 1e30), (torch.float32, -3e38), (torch.bfloat16, 1e30),
-                                          (torch.float16, 6e4), (torch.float64, 1e300)])
+@pytest.mark.parametrize(
+    "dtype, value",
+    [
+        (torch.float32, 1e30),
+        (torch.float32, -3e38),
+        (torch.bfloat16, 1e30),
+        (torch.float16, 6e4),
+        (torch.float64, 1e300),
+    ],
+)
 @pytest.mark.parametrize("numel", [7, 1000, 20000])
 def test_constant_huge_values_have_zero_variance(dtype, value, numel):
     # The deviations from the mean are exactly 0; a mean rounded during the summation used to leave

@@ -3,6 +3,7 @@ at one representative shape, on this machine. The full sweeps live in benchmarks
 
 Each op module may define `bench_cases()` returning a list of `(name, shape, op_fn, baseline_fn)`;
 both functions take no argument and run one call."""
+
 import importlib
 import time
 

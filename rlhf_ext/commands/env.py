@@ -1,4 +1,5 @@
 """`rlhf-ext env`: how the compiled core was built and what this machine offers."""
+
 import json
 import platform
 
@@ -37,6 +38,8 @@ def run(args) -> int:
             value = ", ".join(value)
         print(f"{key:<{width}}  {value}")
     if info["torch_version"] != torch.__version__:
-        print("warning: the extension was built against another torch; rebuild with "
-              "`pip install --no-build-isolation -e .`")
+        print(
+            "warning: the extension was built against another torch; rebuild with "
+            "`pip install --no-build-isolation -e .`"
+        )
     return 0

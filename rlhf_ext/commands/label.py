@@ -1,19 +1,23 @@
 """`rlhf-ext label`: from a policy to a preference file.
 
-  rlhf-ext label pairs  --model POLICY --prompts prompts.jsonl --out pairs.jsonl   sample completion pairs
-  rlhf-ext label serve  --pairs pairs.jsonl --db feedback.sqlite                  people compare them
-  rlhf-ext label judge  --pairs pairs.jsonl --judge JUDGE --db feedback.sqlite    an AI judge compares them
-  rlhf-ext label export --db feedback.sqlite --out prefs.jsonl                    rows for `train reward`
+rlhf-ext label pairs  --model POLICY --prompts prompts.jsonl --out pairs.jsonl   sample completion pairs
+rlhf-ext label serve  --pairs pairs.jsonl --db feedback.sqlite                  people compare them
+rlhf-ext label judge  --pairs pairs.jsonl --judge JUDGE --db feedback.sqlite    an AI judge compares them
+rlhf-ext label export --db feedback.sqlite --out prefs.jsonl                    rows for `train reward`
 """
+
 import argparse
 import os
 import sys
 
 
 def register(subparsers):
-    p = subparsers.add_parser("label", help="collect preference feedback (pairs, web app, AI judge, export)",
-                              description=__doc__.split("\n", 1)[1],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "label",
+        help="collect preference feedback (pairs, web app, AI judge, export)",
+        description=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="label_command", metavar="SUBCOMMAND")
     sub.required = True
 
@@ -23,10 +27,15 @@ def register(subparsers):
     s.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback requires a token")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--k", type=int, default=1, help="labellers asked per item")
-    s.add_argument("--token", default=None,
-                   help="access token; generated and printed when --host is not a loopback address")
-    s.add_argument("--lease-seconds", type=float, default=600.0,
-                   help="how long a served item stays reserved for its labeller before others may take it")
+    s.add_argument(
+        "--token", default=None, help="access token; generated and printed when --host is not a loopback address"
+    )
+    s.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=600.0,
+        help="how long a served item stays reserved for its labeller before others may take it",
+    )
     s.set_defaults(func=run_serve)
 
     g = sub.add_parser("pairs", help="sample completion pairs from a local policy checkpoint")
@@ -47,8 +56,11 @@ def register(subparsers):
     j.add_argument("--pairs", required=True, help="pairs JSONL (also added to the database)")
     j.add_argument("--judge", required=True, help="local Hugging Face causal LM folder of the judge")
     j.add_argument("--db", required=True, help="SQLite feedback database")
-    j.add_argument("--template", default=None,
-                   help="file with the judge prompt, containing {prompt}, {response_a} and {response_b}")
+    j.add_argument(
+        "--template",
+        default=None,
+        help="file with the judge prompt, containing {prompt}, {response_a} and {response_b}",
+    )
     j.add_argument("--answers", default=" A, B", help="the two answer strings, comma-separated (default ' A, B')")
     j.add_argument("--name", default=None, help="labeller name of the judge (default: judge:<folder name>)")
     j.add_argument("--batch-size", type=int, default=4, help="pairs per forward pass (4 sequences each)")
@@ -61,11 +73,19 @@ def register(subparsers):
     e = sub.add_parser("export", help="aggregate votes into prompt/chosen/rejected/margin rows")
     e.add_argument("--db", required=True, help="SQLite feedback database")
     e.add_argument("--out", required=True, help="preference JSONL to write")
-    e.add_argument("--min-agreement", type=float, default=0.6,
-                   help="drop items whose majority label has less than this share of the votes")
+    e.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.6,
+        help="drop items whose majority label has less than this share of the votes",
+    )
     e.add_argument("--source", choices=("human", "ai", "all"), default="human", help="which votes to aggregate")
-    e.add_argument("--ties", choices=("drop", "keep"), default="drop",
-                   help="drop ties, or keep them as rows with tie=true (RewardTrainer learns equal rewards for them)")
+    e.add_argument(
+        "--ties",
+        choices=("drop", "keep"),
+        default="drop",
+        help="drop ties, or keep them as rows with tie=true (RewardTrainer learns equal rewards for them)",
+    )
     e.add_argument("--min-votes", type=int, default=1, help="drop items with fewer non-skip votes")
     e.add_argument("--with-meta", action="store_true", help="add item_id, agreement and votes to each row")
     e.set_defaults(func=run_export)
@@ -73,8 +93,12 @@ def register(subparsers):
 
 def _model_args(parser):
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="weights dtype (auto: bfloat16 on a GPU that has it, else float32)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights dtype (auto: bfloat16 on a GPU that has it, else float32)",
+    )
 
 
 def _fail(message) -> int:
@@ -123,14 +147,25 @@ def run_pairs(args) -> int:
         prompts = load_prompts(args.prompts)
         model, tokenizer = load_causal_lm(args.model, device=args.device, dtype=args.dtype)
         completions = sample_completions(
-            model, tokenizer, prompts, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
+            model,
+            tokenizer,
+            prompts,
+            n=args.n,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
     except (ValueError, OSError, RuntimeError) as err:
         return _fail(err)
     rows, skipped = make_pairs(prompts, completions, model_name=os.path.basename(os.path.normpath(args.model)))
     write_jsonl(rows, args.out)
-    print(f"{len(rows)} pairs from {len(prompts)} prompts x {args.n} samples -> {args.out}"
-          + (f" ({skipped} identical, empty or repeated pairs skipped)" if skipped else ""))
+    print(
+        f"{len(rows)} pairs from {len(prompts)} prompts x {args.n} samples -> {args.out}"
+        + (f" ({skipped} identical, empty or repeated pairs skipped)" if skipped else "")
+    )
     return 0
 
 
@@ -155,9 +190,16 @@ def run_judge(args) -> int:
         model, tokenizer = load_causal_lm(args.judge, device=args.device, dtype=args.dtype)
         counts = {"a": 0, "b": 0, "tie": 0, "too_long": 0, "orders_disagree": 0}
         bias = []
-        for item, verdict in judge_pairs(model, tokenizer, items, template=template, answers=answers,
-                                         batch_size=args.batch_size, tie_band=args.tie_band,
-                                         max_length=args.max_length):
+        for item, verdict in judge_pairs(
+            model,
+            tokenizer,
+            items,
+            template=template,
+            answers=answers,
+            batch_size=args.batch_size,
+            tie_band=args.tie_band,
+            max_length=args.max_length,
+        ):
             if verdict is None:
                 counts["too_long"] += 1
                 continue
@@ -165,15 +207,18 @@ def run_judge(args) -> int:
             counts["orders_disagree"] += not verdict["orders_agree"]
             bias.append(verdict["position_bias"])
             meta = {k: verdict[k] for k in ("p_a", "logodds_a_first", "logodds_b_first", "position_bias")}
-            store.record_ai_vote(item["id"], name, verdict["choice"], verdict["confidence"], meta=meta,
-                                 overwrite=args.overwrite)
+            store.record_ai_vote(
+                item["id"], name, verdict["choice"], verdict["confidence"], meta=meta, overwrite=args.overwrite
+            )
     except (ValueError, OSError, RuntimeError) as err:
         return _fail(err)
     judged = counts["a"] + counts["b"] + counts["tie"]
     print(f"{name}: judged {judged} pairs (a {counts['a']}, b {counts['b']}, tie {counts['tie']}) -> {args.db}")
     if bias:
-        print(f"mean position bias {sum(bias) / len(bias):+.3f} log-odds towards the first slot (cancelled); "
-              f"the two orders disagreed on {counts['orders_disagree']} pairs")
+        print(
+            f"mean position bias {sum(bias) / len(bias):+.3f} log-odds towards the first slot (cancelled); "
+            f"the two orders disagreed on {counts['orders_disagree']} pairs"
+        )
     if counts["too_long"]:
         print(f"skipped {counts['too_long']} pairs longer than --max-length {args.max_length}")
     return 0
@@ -186,8 +231,15 @@ def run_export(args) -> int:
     if not os.path.exists(args.db):
         return _fail(f"--db {args.db!r} does not exist")
     try:
-        summary = export(FeedbackStore(args.db), args.out, source=args.source, min_agreement=args.min_agreement,
-                         ties=args.ties, min_votes=args.min_votes, with_meta=args.with_meta)
+        summary = export(
+            FeedbackStore(args.db),
+            args.out,
+            source=args.source,
+            min_agreement=args.min_agreement,
+            ties=args.ties,
+            min_votes=args.min_votes,
+            with_meta=args.with_meta,
+        )
     except (ValueError, OSError) as err:
         return _fail(err)
     print(format_summary(summary, args.out))

@@ -4,6 +4,7 @@ The YAML file is a flat mapping: the algorithm's config fields (SFTConfig / Rewa
 including the supported TrainingArguments fields) plus the script keys below. `--key value` pairs on
 the command line override the file. Models, tokenizers and datasets are local paths only.
 """
+
 import argparse
 import dataclasses
 import importlib
@@ -34,7 +35,7 @@ SCRIPT_KEYS = {
     "ref_model_path": "ppo: reference model folder (default: a frozen copy of the policy)",
     "value_model_path": "ppo: critic folder (default: a copy of the reward model, else the policy's backbone)",
     "reward_funcs": "ppo/grpo/rloo: reward functions as 'package.module:function' or 'path/to/file.py:function' "
-                    "(grpo/rloo also take reward model folders) (a list)",
+    "(grpo/rloo also take reward model folders) (a list)",
     "use_peft": "train a LoRA adapter instead of the full model (TRL's ModelConfig names below)",
     "lora_r": "LoRA rank (default 16)",
     "lora_alpha": "LoRA alpha (default 32)",
@@ -45,7 +46,8 @@ SCRIPT_KEYS = {
 
 def register(subparsers):
     p = subparsers.add_parser(
-        "train", help="train with SFT, a reward model, PPO, GRPO or RLOO from a YAML config",
+        "train",
+        help="train with SFT, a reward model, PPO, GRPO or RLOO from a YAML config",
         description="Train a model. `rlhf-ext train ALGORITHM --help` lists every field of that algorithm's config.",
         usage="rlhf-ext train {sft,reward,ppo,grpo,rloo} [--config FILE.yaml] [--key value ...]",
     )
@@ -67,12 +69,13 @@ def algorithm_help(algorithm: str) -> str:
     from transformers import TrainingArguments
 
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
-    lines = [f"usage: rlhf-ext train {algorithm} [--config FILE.yaml] [--key value ...]", "",
-             "script keys:"]
+    lines = [f"usage: rlhf-ext train {algorithm} [--config FILE.yaml] [--key value ...]", "", "script keys:"]
     lines += [f"  --{k:<28} {v}" for k, v in SCRIPT_KEYS.items()]
     # (PPOConfig also has sft_model_path / reward_model_path, TRL's names, which the script keys above cover)
-    for title, keep in ((f"{config_cls.__name__} fields:", lambda n: n not in base and n not in SCRIPT_KEYS),
-                        ("supported transformers.TrainingArguments fields:", lambda n: n in SUPPORTED_TRAINING_ARGUMENTS)):
+    for title, keep in (
+        (f"{config_cls.__name__} fields:", lambda n: n not in base and n not in SCRIPT_KEYS),
+        ("supported transformers.TrainingArguments fields:", lambda n: n in SUPPORTED_TRAINING_ARGUMENTS),
+    ):
         lines += ["", title]
         for f in dataclasses.fields(config_cls):
             if f.init and not f.name.startswith("_") and keep(f.name):
@@ -135,26 +138,48 @@ def build(algorithm: str, values: dict):
         if unused:
             users = ON_POLICY if unused[0] in ("reward_model_path", "reward_funcs") else ("ppo",)
             raise ValueError(f"{unused[0]}: only used by " + ", ".join(f"`rlhf-ext train {a}`" for a in users))
-        trainer = trainer_cls(model, args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-                              peft_config=peft_config)
+        trainer = trainer_cls(
+            model,
+            args=config,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
         return trainer, config
     funcs = script.get("reward_funcs") or []
     funcs = [funcs] if isinstance(funcs, str) else list(funcs)
     if algorithm in ("grpo", "rloo"):
         unused = [k for k in ("ref_model_path", "value_model_path") if k in script]
         if unused:
-            raise ValueError(f"{unused[0]}: only used by `rlhf-ext train ppo` ({algorithm} has no critic, and its "
-                             "reference is the starting policy)")
+            raise ValueError(
+                f"{unused[0]}: only used by `rlhf-ext train ppo` ({algorithm} has no critic, and its "
+                "reference is the starting policy)"
+            )
         sources = [f if os.path.isdir(f) else load_reward_function(f) for f in funcs]
         if script.get("reward_model_path"):
             sources.insert(0, script["reward_model_path"])
-        trainer = trainer_cls(model, sources, args=config, train_dataset=train, eval_dataset=evaluation,
-                              processing_class=tokenizer, peft_config=peft_config)
+        trainer = trainer_cls(
+            model,
+            sources,
+            args=config,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
         return trainer, config
     trainer = trainer_cls(
-        config, tokenizer, model, ref_model=script.get("ref_model_path"), reward_model=script.get("reward_model_path"),
-        reward_funcs=[load_reward_function(s) for s in funcs] or None, value_model=script.get("value_model_path"),
-        train_dataset=train, eval_dataset=evaluation, peft_config=peft_config,
+        config,
+        tokenizer,
+        model,
+        ref_model=script.get("ref_model_path"),
+        reward_model=script.get("reward_model_path"),
+        reward_funcs=[load_reward_function(s) for s in funcs] or None,
+        value_model=script.get("value_model_path"),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        peft_config=peft_config,
     )
     return trainer, config
 
@@ -164,8 +189,10 @@ def check_model_folder(path, key: str):
     from rlhf_ext.trainers.loading import checkpoint_architectures
 
     if not isinstance(path, str) or not os.path.isdir(path):
-        raise FileNotFoundError(f"{key}: {path!r} does not exist or is not a folder (expected a local model folder; "
-                                "hub names are not downloaded)")
+        raise FileNotFoundError(
+            f"{key}: {path!r} does not exist or is not a folder (expected a local model folder; "
+            "hub names are not downloaded)"
+        )
     try:
         checkpoint_architectures(path)
     except (OSError, ValueError) as err:
@@ -197,8 +224,10 @@ def lora_config(script: dict, algorithm: str):
 
     targets = coerce(script.get("lora_target_modules"), Optional[list[str]], "lora_target_modules")
     return LoraConfig(
-        r=coerce(script.get("lora_r", 16), int, "lora_r"), lora_alpha=coerce(script.get("lora_alpha", 32), int, "lora_alpha"),
-        lora_dropout=coerce(script.get("lora_dropout", 0.05), float, "lora_dropout"), target_modules=targets,
+        r=coerce(script.get("lora_r", 16), int, "lora_r"),
+        lora_alpha=coerce(script.get("lora_alpha", 32), int, "lora_alpha"),
+        lora_dropout=coerce(script.get("lora_dropout", 0.05), float, "lora_dropout"),
+        target_modules=targets,
         task_type="SEQ_CLS" if algorithm == "reward" else "CAUSAL_LM",
     )
 

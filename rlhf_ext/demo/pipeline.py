@@ -15,6 +15,7 @@ the hidden true preference that neither the reward model nor PPO ever saw.
 Everything goes through the public trainers, ops and rollout engine; the report folder is described in
 the README ("The demo").
 """
+
 import dataclasses
 import os
 import random
@@ -54,9 +55,20 @@ class DemoSizes:
 
 
 FULL = DemoSizes()
-QUICK = dataclasses.replace(FULL, sft_examples=2000, sft_epochs=1.0, pair_prompts=240, reward_epochs=1.0, ppo_steps=4,
-                            ppo_micro_batch=8, ppo_mini_batches=2, track_every=2, track_prompts=16, eval_prompts=32,
-                            eval_samples_per_prompt=1)
+QUICK = dataclasses.replace(
+    FULL,
+    sft_examples=2000,
+    sft_epochs=1.0,
+    pair_prompts=240,
+    reward_epochs=1.0,
+    ppo_steps=4,
+    ppo_micro_batch=8,
+    ppo_mini_batches=2,
+    track_every=2,
+    track_prompts=16,
+    eval_prompts=32,
+    eval_samples_per_prompt=1,
+)
 
 
 def prompts(n: int, seed: int) -> list:
@@ -65,8 +77,15 @@ def prompts(n: int, seed: int) -> list:
 
 
 class Demo:
-    def __init__(self, output_dir: str, seed: int = 0, quick: bool = False, device: str = "cpu", progress: bool = False,
-                 threads: int = 1):
+    def __init__(
+        self,
+        output_dir: str,
+        seed: int = 0,
+        quick: bool = False,
+        device: str = "cpu",
+        progress: bool = False,
+        threads: int = 1,
+    ):
         self.out = output_dir
         self.seed = seed
         self.quick = quick
@@ -85,8 +104,14 @@ class Demo:
         return os.path.join(self.out, *parts)
 
     def common_args(self, stage: str) -> dict:
-        return dict(output_dir=self.path(stage), use_cpu=self.device == "cpu", seed=self.seed, report_to="none",
-                    save_strategy="no", disable_tqdm=not self.progress)
+        return dict(
+            output_dir=self.path(stage),
+            use_cpu=self.device == "cpu",
+            seed=self.seed,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=not self.progress,
+        )
 
     def say(self, text: str):
         print(f"[demo {time.perf_counter() - self.start:6.1f}s] {text}", flush=True)
@@ -99,20 +124,45 @@ class Demo:
         s = self.sizes
         corpus = task.sft_corpus(s.sft_examples, self.seed)
         self.tokenizer = build_tokenizer([p + c for p, c in corpus], vocab_size=s.vocab_size, chat_template=False)
-        model = tiny_causal_lm("llama", tokenizer=self.tokenizer, seed=self.seed, hidden_size=s.hidden_size,
-                               num_layers=s.num_layers, num_heads=s.num_heads, max_position_embeddings=64)
-        args = SFTConfig(**self.common_args("sft"), learning_rate=3e-3, per_device_train_batch_size=32,
-                         num_train_epochs=s.sft_epochs, lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=10,
-                         max_length=64)
-        trainer = SFTTrainer(model, args, train_dataset=[{"prompt": p, "completion": c} for p, c in corpus],
-                             processing_class=self.tokenizer, callbacks=[self.log.callback("sft")])
+        model = tiny_causal_lm(
+            "llama",
+            tokenizer=self.tokenizer,
+            seed=self.seed,
+            hidden_size=s.hidden_size,
+            num_layers=s.num_layers,
+            num_heads=s.num_heads,
+            max_position_embeddings=64,
+        )
+        args = SFTConfig(
+            **self.common_args("sft"),
+            learning_rate=3e-3,
+            per_device_train_batch_size=32,
+            num_train_epochs=s.sft_epochs,
+            lr_scheduler_type="cosine",
+            warmup_ratio=0.05,
+            logging_steps=10,
+            max_length=64,
+        )
+        trainer = SFTTrainer(
+            model,
+            args,
+            train_dataset=[{"prompt": p, "completion": c} for p, c in corpus],
+            processing_class=self.tokenizer,
+            callbacks=[self.log.callback("sft")],
+        )
         state = trainer.train()
         trainer.save_model()
         losses = [r["loss"] for r in state.log_history if "loss" in r]
-        self.results.update(sft_final_loss=losses[-1], sft_steps=state.global_step, vocab_size=len(self.tokenizer),
-                            policy_parameters=sum(p.numel() for p in model.parameters()))
-        self.say(f"sft: {state.global_step} steps, final loss {losses[-1]:.3f}, vocab {len(self.tokenizer)}, "
-                 f"{self.results['policy_parameters'] / 1e3:.0f}k parameters")
+        self.results.update(
+            sft_final_loss=losses[-1],
+            sft_steps=state.global_step,
+            vocab_size=len(self.tokenizer),
+            policy_parameters=sum(p.numel() for p in model.parameters()),
+        )
+        self.say(
+            f"sft: {state.global_step} steps, final loss {losses[-1]:.3f}, vocab {len(self.tokenizer)}, "
+            f"{self.results['policy_parameters'] / 1e3:.0f}k parameters"
+        )
 
     # ---- 2. preference pairs from the SFT policy, labelled by the simulated annotator ----
     def pairs(self):
@@ -125,8 +175,16 @@ class Demo:
         model = AutoModelForCausalLM.from_pretrained(self.path("sft"), dtype=torch.float32).to(self.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(self.path("sft"), padding_side="left")
         pair_prompts = prompts(s.pair_prompts, self.seed + 1)
-        samples = sample_completions(model, tokenizer, pair_prompts, n=2, max_new_tokens=s.max_new_tokens,
-                                     temperature=1.0, seed=self.seed + 2, batch_size=64)
+        samples = sample_completions(
+            model,
+            tokenizer,
+            pair_prompts,
+            n=2,
+            max_new_tokens=s.max_new_tokens,
+            temperature=1.0,
+            seed=self.seed + 2,
+            batch_size=64,
+        )
         rows, skipped = make_pairs(pair_prompts, samples, model_name="sft")
         annotator = random.Random(self.seed + 3)
         labelled = []
@@ -140,25 +198,52 @@ class Demo:
         # How often the noisy annotator agrees with the hidden preference where there is one: the ceiling
         # for a reward model's accuracy against the annotator's own labels is set by this noise.
         decided = [r for r in labelled if task.true_score(r["chosen"]) != task.true_score(r["rejected"])]
-        agree = sum(task.true_score(r["chosen"]) > task.true_score(r["rejected"]) for r in decided) / max(1, len(decided))
+        agree = sum(task.true_score(r["chosen"]) > task.true_score(r["rejected"]) for r in decided) / max(
+            1, len(decided)
+        )
         sft_scores = [task.true_score(c) for pair in samples for c in pair]
-        self.results.update(pairs_train=len(self.pairs_train), pairs_eval=len(self.pairs_eval), pairs_skipped=skipped,
-                            annotator_agreement_with_true=agree)
-        self.log.write("pairs", None, pairs=len(labelled), skipped_identical=skipped, annotator_agreement_with_true=agree,
-                       sft_sample_true_score=mean(sft_scores))
-        self.say(f"pairs: {len(labelled)} labelled ({skipped} identical skipped); annotator agrees with the hidden "
-                 f"preference on {agree:.0%} of decided pairs")
+        self.results.update(
+            pairs_train=len(self.pairs_train),
+            pairs_eval=len(self.pairs_eval),
+            pairs_skipped=skipped,
+            annotator_agreement_with_true=agree,
+        )
+        self.log.write(
+            "pairs",
+            None,
+            pairs=len(labelled),
+            skipped_identical=skipped,
+            annotator_agreement_with_true=agree,
+            sft_sample_true_score=mean(sft_scores),
+        )
+        self.say(
+            f"pairs: {len(labelled)} labelled ({skipped} identical skipped); annotator agrees with the hidden "
+            f"preference on {agree:.0%} of decided pairs"
+        )
 
     # ---- 3. reward model ----
     def reward(self):
         from rlhf_ext import RewardConfig, RewardTrainer
 
         s = self.sizes
-        args = RewardConfig(**self.common_args("reward"), learning_rate=1e-3, per_device_train_batch_size=32,
-                            num_train_epochs=s.reward_epochs, lr_scheduler_type="cosine", warmup_ratio=0.05,
-                            logging_steps=10, per_device_eval_batch_size=128)
-        trainer = RewardTrainer(self.path("sft"), args, train_dataset=self.pairs_train, eval_dataset=self.pairs_eval,
-                                processing_class=self.tokenizer, callbacks=[self.log.callback("reward")])
+        args = RewardConfig(
+            **self.common_args("reward"),
+            learning_rate=1e-3,
+            per_device_train_batch_size=32,
+            num_train_epochs=s.reward_epochs,
+            lr_scheduler_type="cosine",
+            warmup_ratio=0.05,
+            logging_steps=10,
+            per_device_eval_batch_size=128,
+        )
+        trainer = RewardTrainer(
+            self.path("sft"),
+            args,
+            train_dataset=self.pairs_train,
+            eval_dataset=self.pairs_eval,
+            processing_class=self.tokenizer,
+            callbacks=[self.log.callback("reward")],
+        )
         trainer.train()
         trainer.save_model()
         held_out = trainer.evaluate()  # against the annotator's (noisy) labels
@@ -170,11 +255,16 @@ class Demo:
                 better, worse = (r["chosen"], r["rejected"]) if sc > sr else (r["rejected"], r["chosen"])
                 by_truth.append({"prompt": r["prompt"], "chosen": better, "rejected": worse})
         truth = trainer.evaluate(eval_dataset=by_truth, metric_key_prefix="true") if by_truth else {}
-        self.results.update(reward_model_accuracy=held_out["eval_accuracy"],
-                            reward_model_accuracy_true=truth.get("true_accuracy"), reward_eval_pairs_true=len(by_truth))
+        self.results.update(
+            reward_model_accuracy=held_out["eval_accuracy"],
+            reward_model_accuracy_true=truth.get("true_accuracy"),
+            reward_eval_pairs_true=len(by_truth),
+        )
         self.log.write("reward_eval", None, **held_out, **truth)
-        self.say(f"reward: held-out accuracy {held_out['eval_accuracy']:.3f} vs the annotator, "
-                 f"{truth.get('true_accuracy', float('nan')):.3f} vs the hidden preference ({len(by_truth)} pairs)")
+        self.say(
+            f"reward: held-out accuracy {held_out['eval_accuracy']:.3f} vs the annotator, "
+            f"{truth.get('true_accuracy', float('nan')):.3f} vs the hidden preference ({len(by_truth)} pairs)"
+        )
 
     # ---- 4. PPO ----
     def ppo(self):
@@ -189,11 +279,23 @@ class Demo:
             """Samples the current policy on fixed held-out prompts (fixed seed) and judges it."""
 
             def track(self, step, model):
-                samples = sample_and_score(model, demo.tokenizer, track_prompts, max_new_tokens=s.max_new_tokens,
-                                           seed=demo.seed + 4, ref_model=trainer.ref_model, reward_model=trainer.reward_model)
-                demo.log.write("ppo_track", step, true_score=mean(r["true_score"] for r in samples),
-                               rm_score=mean(r["rm_score"] for r in samples), kl=mean(r["kl"] for r in samples),
-                               eos_fraction=mean(float(r["finished"]) for r in samples))
+                samples = sample_and_score(
+                    model,
+                    demo.tokenizer,
+                    track_prompts,
+                    max_new_tokens=s.max_new_tokens,
+                    seed=demo.seed + 4,
+                    ref_model=trainer.ref_model,
+                    reward_model=trainer.reward_model,
+                )
+                demo.log.write(
+                    "ppo_track",
+                    step,
+                    true_score=mean(r["true_score"] for r in samples),
+                    rm_score=mean(r["rm_score"] for r in samples),
+                    kl=mean(r["kl"] for r in samples),
+                    eos_fraction=mean(float(r["finished"]) for r in samples),
+                )
 
             def on_train_begin(self, args, state, control, model=None, **kwargs):
                 self.track(0, model)
@@ -202,23 +304,43 @@ class Demo:
                 if state.global_step % s.track_every == 0 or state.global_step == state.max_steps:
                     self.track(state.global_step, model)
 
-        args = PPOConfig(**self.common_args("ppo"), learning_rate=3e-4, max_steps=s.ppo_steps,
-                         per_device_train_batch_size=s.ppo_micro_batch, gradient_accumulation_steps=s.ppo_mini_batches,
-                         num_mini_batches=s.ppo_mini_batches,
-                         num_ppo_epochs=4, response_length=s.max_new_tokens, temperature=1.0, kl_coef=0.1,
-                         lr_scheduler_type="constant", logging_steps=1, num_sample_generations=0,
-                         local_rollout_forward_batch_size=128)
-        trainer = PPOTrainer(args, self.tokenizer, self.path("sft"), reward_model=self.path("reward"),
-                             train_dataset=[{"prompt": p} for p in prompts(s.ppo_steps * args.batch_size, self.seed + 5)],
-                             callbacks=[self.log.callback("ppo"), TrueScoreTracker()])
+        args = PPOConfig(
+            **self.common_args("ppo"),
+            learning_rate=3e-4,
+            max_steps=s.ppo_steps,
+            per_device_train_batch_size=s.ppo_micro_batch,
+            gradient_accumulation_steps=s.ppo_mini_batches,
+            num_mini_batches=s.ppo_mini_batches,
+            num_ppo_epochs=4,
+            response_length=s.max_new_tokens,
+            temperature=1.0,
+            kl_coef=0.1,
+            lr_scheduler_type="constant",
+            logging_steps=1,
+            num_sample_generations=0,
+            local_rollout_forward_batch_size=128,
+        )
+        trainer = PPOTrainer(
+            args,
+            self.tokenizer,
+            self.path("sft"),
+            reward_model=self.path("reward"),
+            train_dataset=[{"prompt": p} for p in prompts(s.ppo_steps * args.batch_size, self.seed + 5)],
+            callbacks=[self.log.callback("ppo"), TrueScoreTracker()],
+        )
         state = trainer.train()
         trainer.save_model()
         tracked = self.log.of("ppo_track")
-        self.results.update(ppo_steps=state.global_step, ppo_prompts_per_step=args.batch_size,
-                            ppo_track_true_score_first=tracked[0]["true_score"],
-                            ppo_track_true_score_last=tracked[-1]["true_score"])
-        self.say(f"ppo: {state.global_step} steps x {args.batch_size} prompts; held-out true score "
-                 f"{tracked[0]['true_score']:+.2f} -> {tracked[-1]['true_score']:+.2f}, KL {tracked[-1]['kl']:.2f}")
+        self.results.update(
+            ppo_steps=state.global_step,
+            ppo_prompts_per_step=args.batch_size,
+            ppo_track_true_score_first=tracked[0]["true_score"],
+            ppo_track_true_score_last=tracked[-1]["true_score"],
+        )
+        self.say(
+            f"ppo: {state.global_step} steps x {args.batch_size} prompts; held-out true score "
+            f"{tracked[0]['true_score']:+.2f} -> {tracked[-1]['true_score']:+.2f}, KL {tracked[-1]['kl']:.2f}"
+        )
 
     # ---- 5. evaluation by the hidden judge, from the saved checkpoints ----
     def eval(self):
@@ -231,38 +353,57 @@ class Demo:
         sft = AutoModelForCausalLM.from_pretrained(self.path("sft"), **load).to(self.device).eval()
         ppo = AutoModelForCausalLM.from_pretrained(self.path("ppo"), **load).to(self.device).eval()
         rm = AutoModelForSequenceClassification.from_pretrained(self.path("reward"), **load).to(self.device).eval()
-        eval_prompts = [p for p in task.held_out_prompts(s.eval_prompts, self.seed) for _ in range(s.eval_samples_per_prompt)]
+        eval_prompts = [
+            p for p in task.held_out_prompts(s.eval_prompts, self.seed) for _ in range(s.eval_samples_per_prompt)
+        ]
         common = dict(max_new_tokens=s.max_new_tokens, seed=self.seed + 6, reward_model=rm, ref_model=sft)
         before = sample_and_score(sft, tokenizer, eval_prompts, **common)
         after = sample_and_score(ppo, tokenizer, eval_prompts, **common)
         versus = win_rate(after, before)
         figures = {
-            "win_rate_vs_sft": versus["win_rate"], "wins": versus["wins"], "ties": versus["ties"], "losses": versus["losses"],
-            "true_score_sft": mean(r["true_score"] for r in before), "true_score_ppo": mean(r["true_score"] for r in after),
-            "rm_score_sft": mean(r["rm_score"] for r in before), "rm_score_ppo": mean(r["rm_score"] for r in after),
-            "kl_to_ref": mean(r["kl"] for r in after), "kl_sft_to_ref": mean(r["kl"] for r in before),
+            "win_rate_vs_sft": versus["win_rate"],
+            "wins": versus["wins"],
+            "ties": versus["ties"],
+            "losses": versus["losses"],
+            "true_score_sft": mean(r["true_score"] for r in before),
+            "true_score_ppo": mean(r["true_score"] for r in after),
+            "rm_score_sft": mean(r["rm_score"] for r in before),
+            "rm_score_ppo": mean(r["rm_score"] for r in after),
+            "kl_to_ref": mean(r["kl"] for r in after),
+            "kl_sft_to_ref": mean(r["kl"] for r in before),
             "eos_fraction_sft": mean(float(r["finished"]) for r in before),
             "eos_fraction_ppo": mean(float(r["finished"]) for r in after),
-            "mean_length_sft": mean(r["length"] for r in before), "mean_length_ppo": mean(r["length"] for r in after),
+            "mean_length_sft": mean(r["length"] for r in before),
+            "mean_length_ppo": mean(r["length"] for r in after),
             "eval_comparisons": len(after),
         }
         self.results.update(figures)
         self.log.write("eval", None, **figures)
         write_samples(self.path("samples.md"), before, after)
-        self.say(f"eval: true score {figures['true_score_sft']:+.2f} (SFT) -> {figures['true_score_ppo']:+.2f} (PPO), "
-                 f"win rate {versus['win_rate']:.3f}, KL to ref {figures['kl_to_ref']:.2f}")
+        self.say(
+            f"eval: true score {figures['true_score_sft']:+.2f} (SFT) -> {figures['true_score_ppo']:+.2f} (PPO), "
+            f"win rate {versus['win_rate']:.3f}, KL to ref {figures['kl_to_ref']:.2f}"
+        )
 
     # ---- the run ----
     def summary(self, error=None) -> dict:
         return {
-            **{k: self.results.get(k) for k in ("win_rate_vs_sft", "true_score_sft", "true_score_ppo", "kl_to_ref",
-                                                 "reward_model_accuracy")},
+            **{
+                k: self.results.get(k)
+                for k in ("win_rate_vs_sft", "true_score_sft", "true_score_ppo", "kl_to_ref", "reward_model_accuracy")
+            },
             "wall_seconds": time.perf_counter() - self.start,
             **self.results,
-            "stage_ok": dict(self.stage_ok), "stage_seconds": dict(self.stage_seconds), "error": error,
-            "seed": self.seed, "quick": self.quick, "device": self.device, "threads": self.threads, "sizes": dataclasses.asdict(self.sizes),
+            "stage_ok": dict(self.stage_ok),
+            "stage_seconds": dict(self.stage_seconds),
+            "error": error,
+            "seed": self.seed,
+            "quick": self.quick,
+            "device": self.device,
+            "threads": self.threads,
+            "sizes": dataclasses.asdict(self.sizes),
             "win_rate_definition": "per held-out sample pair (PPO vs SFT, same prompt): 1 if PPO's true score is "
-                                   "higher, 0.5 if equal, 0 if lower; averaged",
+            "higher, 0.5 if equal, 0 if lower; averaged",
         }
 
     def run(self) -> dict:
@@ -298,8 +439,10 @@ class Demo:
 
     def plot(self):
         r = self.results
-        title = (f"PPO vs SFT by the hidden judge: win rate {r['win_rate_vs_sft']:.2f}, true score "
-                 f"{r['true_score_sft']:+.2f} -> {r['true_score_ppo']:+.2f}, KL {r['kl_to_ref']:.2f}")
+        title = (
+            f"PPO vs SFT by the hidden judge: win rate {r['win_rate_vs_sft']:.2f}, true score "
+            f"{r['true_score_sft']:+.2f} -> {r['true_score_ppo']:+.2f}, KL {r['kl_to_ref']:.2f}"
+        )
         plot_curves(self.path("curves.png"), self.log.of("ppo"), self.log.of("ppo_track"), title)
 
 
@@ -313,8 +456,14 @@ def quiet_libraries():
     transformers.logging.set_verbosity_error()
 
 
-def run_demo(output_dir: str = "demo_output", seed: int = 0, quick: bool = False, device: str = "cpu",
-             progress: bool = None, threads: int = 1) -> dict:
+def run_demo(
+    output_dir: str = "demo_output",
+    seed: int = 0,
+    quick: bool = False,
+    device: str = "cpu",
+    progress: bool = None,
+    threads: int = 1,
+) -> dict:
     """Run every stage into `output_dir` and return the summary (also written to summary.json)."""
     progress = sys.stderr.isatty() if progress is None else progress
     return Demo(output_dir, seed=seed, quick=quick, device=device, progress=progress, threads=threads).run()

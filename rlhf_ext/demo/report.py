@@ -1,5 +1,6 @@
 """The demo's report folder: `metrics.jsonl` (every stage's records, tagged with the stage), the curves
 PNG, `samples.md` and `summary.json`."""
+
 import json
 import math
 import os
@@ -61,10 +62,23 @@ def plot_curves(path: str, ppo_steps: list, tracked: list, title: str):
     ]
     for ax, (name, train_key, track_key) in zip(axes, panels):
         if train_key is not None:
-            ax.plot(steps, [r.get(train_key, math.nan) for r in ppo_steps], color="tab:blue", alpha=0.45, lw=1,
-                    label="PPO training batches")
-        ax.plot(t_steps, [r[track_key] for r in tracked], color="tab:red", marker="o", ms=3, lw=1.6,
-                label="held-out prompts")
+            ax.plot(
+                steps,
+                [r.get(train_key, math.nan) for r in ppo_steps],
+                color="tab:blue",
+                alpha=0.45,
+                lw=1,
+                label="PPO training batches",
+            )
+        ax.plot(
+            t_steps,
+            [r[track_key] for r in tracked],
+            color="tab:red",
+            marker="o",
+            ms=3,
+            lw=1.6,
+            label="held-out prompts",
+        )
         if t_steps and t_steps[0] == 0:
             ax.annotate("SFT", (0, tracked[0][track_key]), textcoords="offset points", xytext=(6, -4), fontsize=8)
         ax.set_title(name, fontsize=10)
@@ -84,16 +98,20 @@ def write_samples(path: str, sft: list, ppo: list, count: int = 12):
         return text.replace("|", "\\|").strip() or "(empty)"
 
     lines = [
-        "# Before / after: SFT policy vs PPO policy", "",
+        "# Before / after: SFT policy vs PPO policy",
+        "",
         "Same held-out prompts; completions sampled at temperature 1. `true` is the hidden judge's score "
         "(+1 per positive word, -1 per negative word, -1 if the review rambles past twelve words or has no full "
-        "stop); `rm` is the learned reward model's score, which PPO optimised.", "",
+        "stop); `rm` is the learned reward model's score, which PPO optimised.",
+        "",
         "| prompt | SFT completion | true | rm | PPO completion | true | rm |",
         "|---|---|---:|---:|---|---:|---:|",
     ]
     for a, b in list(zip(sft, ppo))[:count]:
-        lines.append(f"| {cell(a['prompt'])} | {cell(a['completion'])} | {a['true_score']:+.0f} | {a['rm_score']:.2f} "
-                     f"| {cell(b['completion'])} | {b['true_score']:+.0f} | {b['rm_score']:.2f} |")
+        lines.append(
+            f"| {cell(a['prompt'])} | {cell(a['completion'])} | {a['true_score']:+.0f} | {a['rm_score']:.2f} "
+            f"| {cell(b['completion'])} | {b['true_score']:+.0f} | {b['rm_score']:.2f} |"
+        )
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
 

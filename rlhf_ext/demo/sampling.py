@@ -9,7 +9,8 @@ per-sequence KL to a reference policy (if one is given):
 
 whose mean over samples y ~ pi is an unbiased estimate of KL(pi || pi_ref) per sequence.
 """
-from typing import List, Optional
+
+from typing import Optional
 
 import torch
 
@@ -22,8 +23,18 @@ from rlhf_ext.trainers.data import pad, text_ids
 
 
 @torch.no_grad()
-def sample_and_score(model, tokenizer, prompts: List[str], *, max_new_tokens: int, temperature: float = 1.0,
-                     seed: int = 0, batch_size: int = 64, ref_model=None, reward_model=None) -> List[dict]:
+def sample_and_score(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    ref_model=None,
+    reward_model=None,
+) -> list[dict]:
     """[{"prompt", "completion", "finished", "length", "true_score", "rm_score", "kl"}] for each prompt
     in order ("rm_score" / "kl" are None without a reward / reference model). One torch.Generator seeded
     with `seed` drives the sampling, so the same policy and seed give the same completions, and calling
@@ -36,8 +47,16 @@ def sample_and_score(model, tokenizer, prompts: List[str], *, max_new_tokens: in
     for first in range(0, len(prompts), batch_size):
         batch = prompts[first : first + batch_size]
         prompt_ids, prompt_mask = pad([text_ids(tokenizer, p) for p in batch], tokenizer.pad_token_id, "left", device)
-        rollout = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator)
+        rollout = generate(
+            model,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            generator=generator,
+        )
         P, sequences = rollout.prompt_length, rollout.sequences  # (B, P + R)
         response_mask = rollout.response_mask  # (B, R): 1 up to and including EOS
         attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
@@ -49,14 +68,21 @@ def sample_and_score(model, tokenizer, prompts: List[str], *, max_new_tokens: in
         if reward_model is not None:
             rm_scores = sequence_scores(reward_model, sequences, attention_mask).tolist()  # (B,), read at EOS
         lengths = response_mask.sum(1).tolist()
-        texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(rollout.response_ids.tolist(), lengths)],
-                                       skip_special_tokens=True)
+        texts = tokenizer.batch_decode(
+            [ids[:n] for ids, n in zip(rollout.response_ids.tolist(), lengths)], skip_special_tokens=True
+        )
         for i, (prompt, text) in enumerate(zip(batch, texts)):
-            results.append({
-                "prompt": prompt, "completion": text, "finished": bool(rollout.finished[i]), "length": int(lengths[i]),
-                "true_score": true_score(text), "rm_score": None if rm_scores is None else float(rm_scores[i]),
-                "kl": None if kl is None else float(kl[i]),
-            })
+            results.append(
+                {
+                    "prompt": prompt,
+                    "completion": text,
+                    "finished": bool(rollout.finished[i]),
+                    "length": int(lengths[i]),
+                    "true_score": true_score(text),
+                    "rm_score": None if rm_scores is None else float(rm_scores[i]),
+                    "kl": None if kl is None else float(kl[i]),
+                }
+            )
     model.train(was_training)
     return results
 
@@ -66,12 +92,14 @@ def mean(values) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def win_rate(candidate: List[dict], baseline: List[dict]) -> dict:
+def win_rate(candidate: list[dict], baseline: list[dict]) -> dict:
     """Pairwise comparison by the hidden judge of two sample lists for the same prompts, row by row:
     a win counts 1, a tie (equal true scores) 1/2, a loss 0. Returns {"win_rate", "wins", "ties", "losses"}
     (the last three as fractions)."""
     if len(candidate) != len(baseline):
-        raise ValueError(f"win_rate: expected as many candidate as baseline samples, got {len(candidate)} and {len(baseline)}")
+        raise ValueError(
+            f"win_rate: expected as many candidate as baseline samples, got {len(candidate)} and {len(baseline)}"
+        )
     for a, b in zip(candidate, baseline):
         if a["prompt"] != b["prompt"]:
             raise ValueError(f"win_rate: samples are not aligned by prompt ({a['prompt']!r} vs {b['prompt']!r})")

@@ -5,25 +5,75 @@ The reward model never sees `true_score`; it only learns from the annotator's no
 The final evaluation uses `true_score` directly, so a policy that games the reward model without
 pleasing the hidden judge shows up as a low win rate.
 """
+
 import math
 import random
-from typing import List, Tuple
 
-SUBJECTS = ["pizza", "pasta", "soup", "burger", "salad", "coffee", "cake", "curry", "bread", "noodles",
-            "staff", "service", "room", "music", "menu", "table", "waiter", "dessert", "tea", "steak"]
-POSITIVE = ["great", "delicious", "friendly", "lovely", "fresh", "amazing", "tasty", "perfect", "warm",
-            "excellent", "wonderful", "cosy"]
-NEGATIVE = ["awful", "cold", "rude", "bland", "stale", "terrible", "slow", "dirty", "noisy", "soggy",
-            "greasy", "boring"]
+SUBJECTS = [
+    "pizza",
+    "pasta",
+    "soup",
+    "burger",
+    "salad",
+    "coffee",
+    "cake",
+    "curry",
+    "bread",
+    "noodles",
+    "staff",
+    "service",
+    "room",
+    "music",
+    "menu",
+    "table",
+    "waiter",
+    "dessert",
+    "tea",
+    "steak",
+]
+POSITIVE = [
+    "great",
+    "delicious",
+    "friendly",
+    "lovely",
+    "fresh",
+    "amazing",
+    "tasty",
+    "perfect",
+    "warm",
+    "excellent",
+    "wonderful",
+    "cosy",
+]
+NEGATIVE = [
+    "awful",
+    "cold",
+    "rude",
+    "bland",
+    "stale",
+    "terrible",
+    "slow",
+    "dirty",
+    "noisy",
+    "soggy",
+    "greasy",
+    "boring",
+]
 NEUTRAL = ["okay", "average", "plain", "normal", "fine", "usual"]
 CONNECTORS = ["and", "but", "also", "really", "very", "quite"]
 PROMPT_TEMPLATES = ["review : the {s} was", "review : i thought the {s} was", "review : our {s} was"]
 
 
-def vocabulary() -> List[str]:
+def vocabulary() -> list[str]:
     """Every word the generated corpus can contain (the demo's tokenizer is trained on the corpus)."""
-    words = set(SUBJECTS + POSITIVE + NEGATIVE + NEUTRAL + CONNECTORS + ["the", "was", "review", ":", "i",
-                                                                          "thought", "our", "."])
+    words = set(
+        SUBJECTS
+        + POSITIVE
+        + NEGATIVE
+        + NEUTRAL
+        + CONNECTORS
+        + ["the", "was", "review", ":", "i", "thought", "our", "."]
+    )
     return sorted(words)
 
 
@@ -56,13 +106,13 @@ def make_completion(rng: random.Random) -> str:
     return " " + " ".join(parts) + " ."
 
 
-def sft_corpus(n: int, seed: int) -> List[Tuple[str, str]]:
+def sft_corpus(n: int, seed: int) -> list[tuple[str, str]]:
     """`n` (prompt, completion) pairs for supervised fine-tuning."""
     rng = random.Random(seed)
     return [(make_prompt(rng), make_completion(rng)) for _ in range(n)]
 
 
-def held_out_prompts(n: int, seed: int) -> List[str]:
+def held_out_prompts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed + 10_000)
     return [make_prompt(rng) for _ in range(n)]
 

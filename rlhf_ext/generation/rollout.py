@@ -5,9 +5,11 @@ feeds one token per row through the cache, samples, and stops as soon as every r
 Finished rows keep emitting `pad_token_id` (masked out, log-prob 0) so the batch stays rectangular; rows that
 never stop are truncated at `max_new_tokens` and flagged `finished == False`. Nothing `[B, R, V]` is kept.
 """
+
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -55,8 +57,10 @@ def _check_inputs(input_ids, attention_mask, max_new_tokens, pad_token_id, tempe
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     if pad_token_id is None:
-        raise ValueError("pad_token_id: required (finished rows are filled with it); pass tokenizer.pad_token_id "
-                         "or, if the tokenizer has none, tokenizer.eos_token_id")
+        raise ValueError(
+            "pad_token_id: required (finished rows are filled with it); pass tokenizer.pad_token_id "
+            "or, if the tokenizer has none, tokenizer.eos_token_id"
+        )
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
         raise ValueError(f"pad_token_id: expected a token id (int >= 0), got {pad_token_id!r}")
     mask = attention_mask.bool()
@@ -64,8 +68,10 @@ def _check_inputs(input_ids, attention_mask, max_new_tokens, pad_token_id, tempe
         raise ValueError("attention_mask: every prompt needs at least one real token; some row is all padding")
     # Left padding: once a row's mask turns on, it stays on.
     if bool((mask[:, 1:] < mask[:, :-1]).any()):
-        raise ValueError("attention_mask: prompts must be left-padded (a 0 follows a 1 in some row); "
-                         "set tokenizer.padding_side = 'left'")
+        raise ValueError(
+            "attention_mask: prompts must be left-padded (a 0 follows a 1 in some row); "
+            "set tokenizer.padding_side = 'left'"
+        )
     for name, value, ok, expected in (
         ("temperature", temperature, lambda v: v >= 0, ">= 0"),
         ("top_k", top_k, lambda v: v >= 0, ">= 0 (0 = off)"),
@@ -128,8 +134,10 @@ class _CacheArgs:
 def _last_value(output) -> torch.Tensor:
     values = getattr(output, "values", None)
     if not isinstance(values, torch.Tensor):
-        raise TypeError("return_values=True: the model's output has no `values` tensor; it must return per-position "
-                        "values [B, L] or [B, L, 1] (a policy with a value head)")
+        raise TypeError(
+            "return_values=True: the model's output has no `values` tensor; it must return per-position "
+            "values [B, L] or [B, L, 1] (a policy with a value head)"
+        )
     return (values.squeeze(-1) if values.dim() == 3 else values)[:, -1].float()
 
 
@@ -171,7 +179,9 @@ def generate(
     _check_inputs(input_ids, attention_mask, max_new_tokens, pad_token_id, temperature, top_k, top_p, min_p)
     device = next(model.parameters()).device
     if cuda_graph and (not _can_capture(device) or cache != "static"):
-        raise ValueError(f"cuda_graph=True needs a CUDA model and cache='static', got device {device} and cache={cache!r}")
+        raise ValueError(
+            f"cuda_graph=True needs a CUDA model and cache='static', got device {device} and cache={cache!r}"
+        )
     if cuda_graph and return_values:
         raise ValueError("cuda_graph=True does not support return_values=True")
     input_ids = input_ids.to(device=device, dtype=torch.long)
@@ -181,8 +191,11 @@ def generate(
 
     from transformers import DynamicCache, StaticCache
 
-    kv_cache = (StaticCache(config=model.config, max_cache_len=P + max_new_tokens) if cache == "static"
-                else DynamicCache(config=model.config))
+    kv_cache = (
+        StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+        if cache == "static"
+        else DynamicCache(config=model.config)
+    )
     extra = _forward_kwargs(model)
     cache_args = _CacheArgs(model, kv_cache)
     # Scalars stay Python numbers and per-row tensors move to the device once, here: nothing in the decode step
@@ -191,8 +204,13 @@ def generate(
     sampling["generator"] = generator
     position_ids = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)  # (B, P)
     cache_position = torch.arange(P, device=device)  # (P,) the cache slots the prompt fills
-    output = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                   **cache_args(cache_position), **extra)
+    output = model(
+        input_ids=input_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids,
+        **cache_args(cache_position),
+        **extra,
+    )
     logits = output.logits[:, -1, :]  # (B, V)
 
     response = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -221,8 +239,13 @@ def generate(
         if stepper is not None:
             stepper.step(tokens, next_position, t)
         else:
-            output = model(input_ids=tokens[:, None], attention_mask=full_mask[:, : P + t + 1],
-                           position_ids=next_position, **cache_args(cache_position), **extra)
+            output = model(
+                input_ids=tokens[:, None],
+                attention_mask=full_mask[:, : P + t + 1],
+                position_ids=next_position,
+                **cache_args(cache_position),
+                **extra,
+            )
             logits = output.logits[:, -1, :]
         next_position = next_position + 1
         cache_position = cache_position + 1
@@ -280,8 +303,13 @@ class _GraphStepper:
         self.sampled = None
 
     def _forward_and_sample(self):
-        output = self.model(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.positions,
-                            **self.cache_args(self.cache_position), **self.extra)
+        output = self.model(
+            input_ids=self.tokens,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            **self.cache_args(self.cache_position),
+            **self.extra,
+        )
         return sample(output.logits[:, -1, :], **self.sampling)
 
     def step(self, tokens, positions, t):

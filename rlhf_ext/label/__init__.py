@@ -5,6 +5,7 @@ that the reward trainer reads (`export`). All state lives in one SQLite file (`s
 The web app needs the `label` extra (`pip install rlhf_ext[label]`: fastapi, uvicorn); the rest needs
 only the core dependencies.
 """
+
 from rlhf_ext.label.store import FeedbackStore, load_pairs
 
 __all__ = ["FeedbackStore", "load_pairs"]

@@ -1,5 +1,6 @@
 """Loading a local Hugging Face causal LM and its tokenizer for `label pairs` and `label judge`.
 Only local folders: nothing is fetched from a hub."""
+
 import os
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -16,6 +16,7 @@ with a JSON body, which a cross-site <img>, link or form cannot send. Request bo
 bytes (413, checked on Content-Length and while a body without one streams in) and validation replies at
 MAX_ERRORS errors of bounded length, so one request cannot make the server read or write megabytes.
 """
+
 import hmac
 import ipaddress
 import secrets
@@ -42,7 +43,7 @@ MAX_ERROR_TEXT = 200  # characters of each field name and message in it
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                               "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
@@ -95,9 +96,17 @@ class BodyLimit:
 
     async def _refuse(self, send):
         body = b'{"error": "request body too large (limit %d bytes)"}' % self.limit
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
@@ -128,8 +137,9 @@ class BodyLimit:
         await self.app(scope, limited_receive, guarded_send)
 
 
-def create_app(store: FeedbackStore, *, k: int = 1, host: str = "127.0.0.1", token: Optional[str] = None,
-               allowed_hosts=None) -> FastAPI:
+def create_app(
+    store: FeedbackStore, *, k: int = 1, host: str = "127.0.0.1", token: Optional[str] = None, allowed_hosts=None
+) -> FastAPI:
     """Build the app. `k`: labellers asked per item. `host`: the address it will be bound to, which decides
     the safety rules above. `allowed_hosts`: Host headers accepted on loopback (default LOOPBACK_HOSTS)."""
     if not isinstance(k, int) or k < 1:
@@ -153,8 +163,10 @@ def create_app(store: FeedbackStore, *, k: int = 1, host: str = "127.0.0.1", tok
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        details = [{"field": ".".join(str(p) for p in err["loc"])[:MAX_ERROR_TEXT],
-                    "message": err["msg"][:MAX_ERROR_TEXT]} for err in errors[:MAX_ERRORS]]
+        details = [
+            {"field": ".".join(str(p) for p in err["loc"])[:MAX_ERROR_TEXT], "message": err["msg"][:MAX_ERROR_TEXT]}
+            for err in errors[:MAX_ERRORS]
+        ]
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         if len(errors) > MAX_ERRORS:
             summary += f"; and {len(errors) - MAX_ERRORS} more"
@@ -168,17 +180,20 @@ def create_app(store: FeedbackStore, *, k: int = 1, host: str = "127.0.0.1", tok
     async def http_error(request: Request, exc: HTTPException):
         return JSONResponse(status_code=exc.status_code, content={"error": exc.detail}, headers=exc.headers)
 
-    def check_token(x_label_token: Optional[str] = Header(default=None),
-                    authorization: Optional[str] = Header(default=None)):
+    def check_token(
+        x_label_token: Optional[str] = Header(default=None), authorization: Optional[str] = Header(default=None)
+    ):
         if token is None:
             return
         sent = x_label_token
         if sent is None and authorization and authorization.lower().startswith("bearer "):
             sent = authorization[7:].strip()
         if sent is None:
-            raise HTTPException(401, "this server needs a token: send it as X-Label-Token "
-                                     "(open the page with ?token=... in its address)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "this server needs a token: send it as X-Label-Token (open the page with ?token=... in its address)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not hmac.compare_digest(sent.encode(), token.encode()):
             raise HTTPException(403, "wrong token")
 
@@ -201,8 +216,9 @@ def create_app(store: FeedbackStore, *, k: int = 1, host: str = "127.0.0.1", tok
         item = None
         if served is not None:
             row, swapped = served
-            first, second = (row["completion_b"], row["completion_a"]) if swapped else \
-                (row["completion_a"], row["completion_b"])
+            first, second = (
+                (row["completion_b"], row["completion_a"]) if swapped else (row["completion_a"], row["completion_b"])
+            )
             item = {"id": row["id"], "prompt": row["prompt"], "a": first, "b": second}
         return {"item": item, "progress": store.progress(labeller, k)}
 
@@ -212,10 +228,15 @@ def create_app(store: FeedbackStore, *, k: int = 1, host: str = "127.0.0.1", tok
 
     @app.post("/api/vote", dependencies=[Depends(check_token)])
     def vote(body: VoteIn):
-        stored, duplicate = store.record_human_vote(body.vote_id, body.item_id, body.labeller, body.choice,
-                                                    rating=body.rating, note=body.note)
-        content = {"stored": not duplicate, "duplicate": duplicate, "vote_id": stored["vote_id"],
-                   "progress": store.progress(body.labeller, k)}
+        stored, duplicate = store.record_human_vote(
+            body.vote_id, body.item_id, body.labeller, body.choice, rating=body.rating, note=body.note
+        )
+        content = {
+            "stored": not duplicate,
+            "duplicate": duplicate,
+            "vote_id": stored["vote_id"],
+            "progress": store.progress(body.labeller, k),
+        }
         return JSONResponse(status_code=200 if duplicate else 201, content=content)
 
     return app

@@ -12,6 +12,7 @@ has a `tie` column), which RewardTrainer trains towards equal rewards instead of
 Rows hold exactly `prompt`, `chosen`, `rejected`, `margin` (what RewardTrainer reads); `with_meta` adds
 `item_id`, `agreement` and `votes`.
 """
+
 import itertools
 import json
 from collections import Counter, defaultdict
@@ -65,8 +66,9 @@ def pairwise_agreement(human_votes) -> tuple:
     return (agree / pairs if pairs else None), pairs, items
 
 
-def aggregate(items, votes, *, min_agreement: float = 0.6, ties: str = "drop", min_votes: int = 1,
-              with_meta: bool = False) -> tuple:
+def aggregate(
+    items, votes, *, min_agreement: float = 0.6, ties: str = "drop", min_votes: int = 1, with_meta: bool = False
+) -> tuple:
     """Rows and counts from item dicts and the votes to use (already filtered by source)."""
     if ties not in ("drop", "keep"):
         raise ValueError(f"ties: expected 'drop' or 'keep', got {ties!r}")
@@ -130,25 +132,44 @@ def agreement_stats(items, human_votes, ai_votes) -> dict:
             first.append(h)
             second.append(a)
     kappa, observed, n = cohen_kappa(first, second)
-    return {"pairwise_agreement": agreement, "labeller_pairs": pairs, "items_with_2plus_labels": multi_items,
-            "kappa_human_ai": kappa, "human_ai_observed_agreement": observed, "human_ai_items": n}
+    return {
+        "pairwise_agreement": agreement,
+        "labeller_pairs": pairs,
+        "items_with_2plus_labels": multi_items,
+        "kappa_human_ai": kappa,
+        "human_ai_observed_agreement": observed,
+        "human_ai_items": n,
+    }
 
 
-def export(store, out_path, *, source: str = "human", min_agreement: float = 0.6, ties: str = "drop",
-           min_votes: int = 1, with_meta: bool = False) -> dict:
+def export(
+    store,
+    out_path,
+    *,
+    source: str = "human",
+    min_agreement: float = 0.6,
+    ties: str = "drop",
+    min_votes: int = 1,
+    with_meta: bool = False,
+) -> dict:
     """Write the preference file and return a summary (counts and agreement statistics)."""
     if source not in ("human", "ai", "all"):
         raise ValueError(f"source must be 'human', 'ai' or 'all', got {source!r}")
     items = store.items()
     human_votes, ai_votes = store.votes("human"), store.votes("ai")
     used = {"human": human_votes, "ai": ai_votes, "all": human_votes + ai_votes}[source]
-    rows, counts = aggregate(items, used, min_agreement=min_agreement, ties=ties, min_votes=min_votes,
-                             with_meta=with_meta)
+    rows, counts = aggregate(
+        items, used, min_agreement=min_agreement, ties=ties, min_votes=min_votes, with_meta=with_meta
+    )
     with open(out_path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    summary = {"items": len(items), "source": source, **{k: v for k, v in counts.items() if k != "agreement_sum"},
-               "mean_agreement_exported": counts["agreement_sum"] / counts["exported"] if counts["exported"] else None}
+    summary = {
+        "items": len(items),
+        "source": source,
+        **{k: v for k, v in counts.items() if k != "agreement_sum"},
+        "mean_agreement_exported": counts["agreement_sum"] / counts["exported"] if counts["exported"] else None,
+    }
     summary.update(agreement_stats(items, human_votes, ai_votes))
     return summary
 
@@ -161,14 +182,25 @@ def format_summary(summary: dict, out_path) -> str:
         f"items: {summary['items']}, labelled ({summary['source']} votes): {summary.get('labelled', 0)}",
         f"exported: {summary.get('exported', 0)} rows -> {out_path}"
         f" (mean agreement {num(summary['mean_agreement_exported'])})",
-        "dropped: " + ", ".join(f"{summary.get(key, 0)} {text}" for key, text in (
-            ("ties_dropped", "ties"), ("low_agreement", "below min-agreement"),
-            ("too_few_votes", "with too few votes"), ("no_votes", "without votes"))),
+        "dropped: "
+        + ", ".join(
+            f"{summary.get(key, 0)} {text}"
+            for key, text in (
+                ("ties_dropped", "ties"),
+                ("low_agreement", "below min-agreement"),
+                ("too_few_votes", "with too few votes"),
+                ("no_votes", "without votes"),
+            )
+        ),
     ]
     if summary.get("ties_kept"):
         lines.append(f"ties kept (tie=true, margin 0): {summary['ties_kept']}")
-    lines.append(f"pairwise agreement among humans: {num(summary['pairwise_agreement'])} over "
-                 f"{summary['labeller_pairs']} labeller pairs on {summary['items_with_2plus_labels']} items")
-    lines.append(f"Cohen's kappa, human majority vs AI: {num(summary['kappa_human_ai'])} over "
-                 f"{summary['human_ai_items']} items (observed agreement {num(summary['human_ai_observed_agreement'])})")
+    lines.append(
+        f"pairwise agreement among humans: {num(summary['pairwise_agreement'])} over "
+        f"{summary['labeller_pairs']} labeller pairs on {summary['items_with_2plus_labels']} items"
+    )
+    lines.append(
+        f"Cohen's kappa, human majority vs AI: {num(summary['kappa_human_ai'])} over "
+        f"{summary['human_ai_items']} items (observed agreement {num(summary['human_ai_observed_agreement'])})"
+    )
     return "\n".join(lines)

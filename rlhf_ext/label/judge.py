@@ -11,6 +11,7 @@ the judge's preference is s = (d_ab + d_ba) / 2 and P(completion_a better) = sig
 towards one slot adds +c to d_ab and -c to d_ba, so it cancels exactly; (d_ab - d_ba) / 2 is reported as
 the measured position bias.
 """
+
 import math
 
 DEFAULT_TEMPLATE = (
@@ -76,19 +77,29 @@ def answer_logprobs(model, tokenizer, texts, answers, *, max_length=None):
     attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
     with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=keep).logits[:, -keep:]  # (N, keep, V)
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
+        ).logits[:, -keep:]  # (N, keep, V)
     logp = torch.log_softmax(logits.float(), dim=-1)
     for n, (row, col, length) in enumerate(where):
         # the answer fills the last `length` positions; position t's token is predicted at t - 1
-        targets = input_ids[n, width - length:]                     # (length,)
-        predicted = logp[n, keep - 1 - length: keep - 1]             # (length, V)
+        targets = input_ids[n, width - length :]  # (length,)
+        predicted = logp[n, keep - 1 - length : keep - 1]  # (length, V)
         result[row, col] = predicted.gather(-1, targets[:, None]).sum().double().item()
     return result
 
 
-def judge_pairs(model, tokenizer, items, *, template: str = DEFAULT_TEMPLATE, answers=(" A", " B"),
-                batch_size: int = 4, tie_band: float = 0.0, max_length=None):
+def judge_pairs(
+    model,
+    tokenizer,
+    items,
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    answers=(" A", " B"),
+    batch_size: int = 4,
+    tie_band: float = 0.0,
+    max_length=None,
+):
     """Yield (item, verdict) per item; verdict is None when the item is too long for `max_length`, else a
     dict: choice ('a'|'b'|'tie'), confidence (probability of that choice; for a tie 1 - 2|p_a - 0.5|),
     p_a, and the per-order
@@ -99,7 +110,7 @@ def judge_pairs(model, tokenizer, items, *, template: str = DEFAULT_TEMPLATE, an
     if len(answers) != 2 or answers[0] == answers[1]:
         raise ValueError(f"answers must be two different strings, got {answers!r}")
     for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
+        batch = items[start : start + batch_size]
         texts = []
         for item in batch:
             texts.append(fill(template, item["prompt"], item["completion_a"], item["completion_b"]))
@@ -118,6 +129,15 @@ def judge_pairs(model, tokenizer, items, *, template: str = DEFAULT_TEMPLATE, an
                 choice, confidence = "tie", 1.0 - abs(p_a - 0.5) * 2
             else:
                 choice, confidence = ("a", p_a) if p_a > 0.5 else ("b", 1.0 - p_a)
-            yield item, {"choice": choice, "confidence": confidence, "p_a": p_a, "logodds_a_first": d_ab,
-                         "logodds_b_first": d_ba, "position_bias": (d_ab - d_ba) / 2,
-                         "orders_agree": (d_ab > 0) == (d_ba > 0)}
+            yield (
+                item,
+                {
+                    "choice": choice,
+                    "confidence": confidence,
+                    "p_a": p_a,
+                    "logodds_a_first": d_ab,
+                    "logodds_b_first": d_ba,
+                    "position_bias": (d_ab - d_ba) / 2,
+                    "orders_agree": (d_ab > 0) == (d_ba > 0),
+                },
+            )

@@ -4,6 +4,7 @@ Each prompt gets `n` sampled completions; every two distinct completions of one 
 (n=2: one pair, n=4: six). Pair ids are content hashes, so sampling again never collides with pairs
 already in a feedback database.
 """
+
 import itertools
 import json
 
@@ -18,8 +19,9 @@ def load_prompts(path) -> list:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{path}, line {line_no}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
-                                 f"{err.start + 1})") from None
+                raise ValueError(
+                    f"{path}, line {line_no}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -27,7 +29,9 @@ def load_prompts(path) -> list:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {line_no}: not valid JSON ({err})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}, line {line_no}: expected an object with a string 'prompt', got {line[:80]!r}")
+                raise ValueError(
+                    f"{path}, line {line_no}: expected an object with a string 'prompt', got {line[:80]!r}"
+                )
             prompts.append(row["prompt"])
     if not prompts:
         raise ValueError(f"{path}: no prompts found")
@@ -38,14 +42,26 @@ def _generate_fn():
     try:
         from rlhf_ext.generation import generate
     except ImportError:
-        raise RuntimeError("rlhf_ext.generation.generate (the rollout engine) is not available in this "
-                           "build of rlhf_ext; `label pairs` needs it") from None
+        raise RuntimeError(
+            "rlhf_ext.generation.generate (the rollout engine) is not available in this "
+            "build of rlhf_ext; `label pairs` needs it"
+        ) from None
     return generate
 
 
-def sample_completions(model, tokenizer, prompts, *, n: int = 2, max_new_tokens: int = 64,
-                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                       batch_size: int = 8) -> list:
+def sample_completions(
+    model,
+    tokenizer,
+    prompts,
+    *,
+    n: int = 2,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> list:
     """For each prompt, `n` completion strings (special tokens removed). One torch.Generator seeded with
     `seed` drives every batch, so a run is reproducible for a given seed and batch size."""
     import torch
@@ -67,21 +83,31 @@ def sample_completions(model, tokenizer, prompts, *, n: int = 2, max_new_tokens:
     generator = torch.Generator(device=device).manual_seed(seed)
     completions = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         encoded = tokenizer(batch, return_tensors="pt", padding=True)
         # (B*n, P): each prompt repeated n times, left-padded
         input_ids = encoded["input_ids"].repeat_interleave(n, dim=0).to(device)
         attention_mask = encoded["attention_mask"].repeat_interleave(n, dim=0).to(device)
         with torch.no_grad():
-            rollout = generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_k=top_k, top_p=top_p,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                               generator=generator)
-        response_ids = rollout.response_ids.cpu()    # (B*n, R)
+            rollout = generate(
+                model,
+                input_ids,
+                attention_mask,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                generator=generator,
+            )
+        response_ids = rollout.response_ids.cpu()  # (B*n, R)
         response_mask = rollout.response_mask.cpu()  # (B*n, R)
-        texts = [tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
-                 for ids, mask in zip(response_ids, response_mask)]
-        completions.extend(texts[i:i + n] for i in range(0, len(texts), n))
+        texts = [
+            tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
+            for ids, mask in zip(response_ids, response_mask)
+        ]
+        completions.extend(texts[i : i + n] for i in range(0, len(texts), n))
     return completions
 
 
@@ -98,9 +124,15 @@ def make_pairs(prompts, completions, model_name: str = "") -> tuple:
                 identical += 1
                 continue
             seen.add(pair_id)
-            rows.append({"id": pair_id, "prompt": prompt,
-                         "completion_a": samples[i], "completion_b": samples[j],
-                         "origin": {"model": model_name, "prompt_index": prompt_index, "samples": [i, j]}})
+            rows.append(
+                {
+                    "id": pair_id,
+                    "prompt": prompt,
+                    "completion_a": samples[i],
+                    "completion_b": samples[j],
+                    "origin": {"model": model_name, "prompt_index": prompt_index, "samples": [i, j]},
+                }
+            )
     return rows, identical
 
 

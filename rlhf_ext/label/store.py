@@ -9,6 +9,7 @@ being killed. Every public method opens its own transaction, so one store may be
 Choices are stored canonically: 'a' means `completion_a` of the pairs file is better, whatever side the
 labeller saw it on; `swapped` records the side (1: completion_b was shown first, as "A").
 """
+
 import hashlib
 import json
 import random
@@ -60,23 +61,38 @@ CREATE INDEX IF NOT EXISTS assignments_by_labeller ON assignments(labeller);
 _TABLE_COLUMNS = {
     "items": {"id", "position", "prompt", "completion_a", "completion_b"},
     "assignments": {"item_id", "labeller", "swapped", "served_at"},
-    "votes": {"vote_id", "item_id", "labeller", "source", "choice", "swapped", "rating", "note", "confidence", "meta",
-              "created_at"},
+    "votes": {
+        "vote_id",
+        "item_id",
+        "labeller",
+        "source",
+        "choice",
+        "swapped",
+        "rating",
+        "note",
+        "confidence",
+        "meta",
+        "created_at",
+    },
 }
 
 # Human votes that count towards an item's k labellers (a skip gives the item back to the others).
 _COUNTED = "SELECT COUNT(*) FROM votes v WHERE v.item_id = i.id AND v.source = 'human' AND v.choice != 'skip'"
 # Items someone else holds right now (served within the lease, not yet answered).
-_HELD = ("SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id AND a.labeller != :labeller "
-         "AND a.served_at > :fresh_after AND NOT EXISTS (SELECT 1 FROM votes w WHERE w.item_id = a.item_id "
-         "AND w.labeller = a.labeller AND w.source = 'human')")
-_NOT_VOTED = ("NOT EXISTS (SELECT 1 FROM votes v WHERE v.item_id = i.id AND v.labeller = :labeller "
-              "AND v.source = 'human')")
+_HELD = (
+    "SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id AND a.labeller != :labeller "
+    "AND a.served_at > :fresh_after AND NOT EXISTS (SELECT 1 FROM votes w WHERE w.item_id = a.item_id "
+    "AND w.labeller = a.labeller AND w.source = 'human')"
+)
+_NOT_VOTED = (
+    "NOT EXISTS (SELECT 1 FROM votes v WHERE v.item_id = i.id AND v.labeller = :labeller AND v.source = 'human')"
+)
 _NEEDS_LABELS = f"{_NOT_VOTED} AND ({_COUNTED}) + ({_HELD}) < :k"
 
 
 class StoreError(ValueError):
     """A request the store refuses; `status` is the HTTP status the web app answers with."""
+
     status = 400
 
 
@@ -108,8 +124,9 @@ def load_pairs(path) -> list:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
-                                 f"{err.start + 1})") from None
+                raise ValueError(
+                    f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -125,8 +142,9 @@ def load_pairs(path) -> list:
                 if not row[key].strip():
                     raise ValueError(f"{where}: {key!r} is empty (there is nothing to compare)")
             if row["completion_a"] == row["completion_b"]:
-                raise ValueError(f"{where}: 'completion_a' and 'completion_b' are identical "
-                                 "(there is nothing to choose)")
+                raise ValueError(
+                    f"{where}: 'completion_a' and 'completion_b' are identical (there is nothing to choose)"
+                )
             item_id = row.get("id")
             if item_id is None:
                 item_id = item_id_for(row["prompt"], row["completion_a"], row["completion_b"])
@@ -136,8 +154,14 @@ def load_pairs(path) -> list:
             if item_id in seen:
                 raise ValueError(f"{where}: duplicate id {item_id!r}")
             seen.add(item_id)
-            items.append({"id": item_id, "prompt": row["prompt"],
-                          "completion_a": row["completion_a"], "completion_b": row["completion_b"]})
+            items.append(
+                {
+                    "id": item_id,
+                    "prompt": row["prompt"],
+                    "completion_a": row["completion_a"],
+                    "completion_b": row["completion_b"],
+                }
+            )
     if not items:
         raise ValueError(f"{path}: no pairs found")
     return items
@@ -172,28 +196,35 @@ class FeedbackStore:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _check_marks(self, conn) -> str:
-        """"ours", or "new" for an empty database or one of ours from before the marks (same tables and
+        """ "ours", or "new" for an empty database or one of ours from before the marks (same tables and
         columns: it is adopted and marked); raises NotAFeedbackDatabase naming the file for anything else."""
         application_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if application_id == APPLICATION_ID:
             if version > SCHEMA_VERSION:
-                raise NotAFeedbackDatabase(f"{self.path}: feedback database schema {version} is newer than this "
-                                           f"rlhf_ext reads ({SCHEMA_VERSION}); upgrade rlhf_ext")
+                raise NotAFeedbackDatabase(
+                    f"{self.path}: feedback database schema {version} is newer than this "
+                    f"rlhf_ext reads ({SCHEMA_VERSION}); upgrade rlhf_ext"
+                )
             return "ours"
         if application_id != 0:
-            raise NotAFeedbackDatabase(f"{self.path}: not an rlhf-ext feedback database (it belongs to another "
-                                       f"program: application_id {application_id:#x})")
+            raise NotAFeedbackDatabase(
+                f"{self.path}: not an rlhf-ext feedback database (it belongs to another "
+                f"program: application_id {application_id:#x})"
+            )
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not tables:
             return "new"
         if tables == set(_TABLE_COLUMNS) and all(
-                {row[1] for row in conn.execute(f"PRAGMA table_info({table})")} == columns
-                for table, columns in _TABLE_COLUMNS.items()):
+            {row[1] for row in conn.execute(f"PRAGMA table_info({table})")} == columns
+            for table, columns in _TABLE_COLUMNS.items()
+        ):
             return "new"  # written by rlhf_ext before the marks: CREATE ... IF NOT EXISTS keeps its rows
         listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
-        raise NotAFeedbackDatabase(f"{self.path}: not an rlhf-ext feedback database (it holds tables {listed}); "
-                                   "use a new file or one written by `rlhf-ext label`")
+        raise NotAFeedbackDatabase(
+            f"{self.path}: not an rlhf-ext feedback database (it holds tables {listed}); "
+            "use a new file or one written by `rlhf-ext label`"
+        )
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -235,16 +266,21 @@ class FeedbackStore:
         with self._transaction() as conn:
             position = conn.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM items").fetchone()[0]
             for item in items:
-                old = conn.execute("SELECT prompt, completion_a, completion_b FROM items WHERE id = ?",
-                                   (item["id"],)).fetchone()
+                old = conn.execute(
+                    "SELECT prompt, completion_a, completion_b FROM items WHERE id = ?", (item["id"],)
+                ).fetchone()
                 if old is None:
-                    conn.execute("INSERT INTO items VALUES (?, ?, ?, ?, ?)", (
-                        item["id"], position, item["prompt"], item["completion_a"], item["completion_b"]))
+                    conn.execute(
+                        "INSERT INTO items VALUES (?, ?, ?, ?, ?)",
+                        (item["id"], position, item["prompt"], item["completion_a"], item["completion_b"]),
+                    )
                     position += 1
                     added += 1
                 elif tuple(old) != (item["prompt"], item["completion_a"], item["completion_b"]):
-                    raise ValueError(f"item id {item['id']!r} is already in {self.path} with other text; "
-                                     "give changed pairs new ids (or use a new database)")
+                    raise ValueError(
+                        f"item id {item['id']!r} is already in {self.path} with other text; "
+                        "give changed pairs new ids (or use a new database)"
+                    )
         return added
 
     def items(self) -> list:
@@ -269,24 +305,30 @@ class FeedbackStore:
             held = conn.execute(
                 "SELECT a.item_id, a.swapped, a.served_at FROM assignments a WHERE a.labeller = :labeller "
                 "AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.item_id = a.item_id AND v.labeller = :labeller "
-                "AND v.source = 'human') ORDER BY a.served_at", params).fetchall()
+                "AND v.source = 'human') ORDER BY a.served_at",
+                params,
+            ).fetchall()
             for row in held:
-                still_needed = conn.execute(f"SELECT 1 FROM items i WHERE i.id = :item AND {_NEEDS_LABELS}",
-                                            {**params, "item": row["item_id"]}).fetchone()
+                still_needed = conn.execute(
+                    f"SELECT 1 FROM items i WHERE i.id = :item AND {_NEEDS_LABELS}", {**params, "item": row["item_id"]}
+                ).fetchone()
                 if row["served_at"] > params["fresh_after"] or still_needed:
-                    conn.execute("UPDATE assignments SET served_at = ? WHERE item_id = ? AND labeller = ?",
-                                 (now, row["item_id"], labeller))
+                    conn.execute(
+                        "UPDATE assignments SET served_at = ? WHERE item_id = ? AND labeller = ?",
+                        (now, row["item_id"], labeller),
+                    )
                     return self._item_in(conn, row["item_id"]), bool(row["swapped"])
                 # the lease lapsed and others completed the item meanwhile: release it
-                conn.execute("DELETE FROM assignments WHERE item_id = ? AND labeller = ?",
-                             (row["item_id"], labeller))
-            row = conn.execute(f"SELECT i.id FROM items i WHERE {_NEEDS_LABELS} ORDER BY i.position LIMIT 1",
-                               params).fetchone()
+                conn.execute("DELETE FROM assignments WHERE item_id = ? AND labeller = ?", (row["item_id"], labeller))
+            row = conn.execute(
+                f"SELECT i.id FROM items i WHERE {_NEEDS_LABELS} ORDER BY i.position LIMIT 1", params
+            ).fetchone()
             if row is None:
                 return None
             swapped = self._rng.random() < 0.5
-            conn.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?)",
-                         (row["id"], labeller, int(swapped), now))
+            conn.execute(
+                "INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?)", (row["id"], labeller, int(swapped), now)
+            )
             return self._item_in(conn, row["id"]), swapped
 
     @staticmethod
@@ -297,16 +339,18 @@ class FeedbackStore:
         """Counts for the progress bar: answered by this labeller, still open to them, overall."""
         params = {"labeller": labeller, "k": int(k), "fresh_after": time.time() - self.lease_seconds}
         conn = self._conn()
-        done = conn.execute("SELECT COUNT(*) FROM votes WHERE labeller = ? AND source = 'human'",
-                            (labeller,)).fetchone()[0]
+        done = conn.execute(
+            "SELECT COUNT(*) FROM votes WHERE labeller = ? AND source = 'human'", (labeller,)
+        ).fetchone()[0]
         remaining = conn.execute(f"SELECT COUNT(*) FROM items i WHERE {_NEEDS_LABELS}", params).fetchone()[0]
         total = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         complete = conn.execute(f"SELECT COUNT(*) FROM items i WHERE ({_COUNTED}) >= ?", (int(k),)).fetchone()[0]
         return {"done": done, "remaining": remaining, "items": total, "items_complete": complete, "k": int(k)}
 
     # ---- votes -------------------------------------------------------------------------------------
-    def record_human_vote(self, vote_id: str, item_id: str, labeller: str, shown_choice: str,
-                          rating=None, note: str = "") -> tuple:
+    def record_human_vote(
+        self, vote_id: str, item_id: str, labeller: str, shown_choice: str, rating=None, note: str = ""
+    ) -> tuple:
         """Store one human vote in its own transaction. `shown_choice` is what the labeller clicked:
         'A' (the completion shown first), 'B', 'tie' or 'skip'; it is mapped through the recorded display
         order. A repeated `vote_id` (double click, retry) returns the stored vote with duplicate=True.
@@ -321,23 +365,27 @@ class FeedbackStore:
                 return dict(old), True
             if conn.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone() is None:
                 raise UnknownItem(f"unknown item_id {item_id!r}")
-            shown = conn.execute("SELECT swapped FROM assignments WHERE item_id = ? AND labeller = ?",
-                                 (item_id, labeller)).fetchone()
+            shown = conn.execute(
+                "SELECT swapped FROM assignments WHERE item_id = ? AND labeller = ?", (item_id, labeller)
+            ).fetchone()
             if shown is None:
                 raise Conflict(f"item {item_id!r} was not served to labeller {labeller!r}; ask /api/next first")
-            if conn.execute("SELECT 1 FROM votes WHERE item_id = ? AND labeller = ? AND source = 'human'",
-                            (item_id, labeller)).fetchone():
+            if conn.execute(
+                "SELECT 1 FROM votes WHERE item_id = ? AND labeller = ? AND source = 'human'", (item_id, labeller)
+            ).fetchone():
                 raise Conflict(f"labeller {labeller!r} already voted on item {item_id!r}")
             swapped = bool(shown["swapped"])
             choice = {"A": "b" if swapped else "a", "B": "a" if swapped else "b"}.get(shown_choice, shown_choice)
             conn.execute(
                 "INSERT INTO votes (vote_id, item_id, labeller, source, choice, swapped, rating, note, created_at) "
                 "VALUES (?, ?, ?, 'human', ?, ?, ?, ?, ?)",
-                (vote_id, item_id, labeller, choice, int(swapped), rating, note, time.time()))
+                (vote_id, item_id, labeller, choice, int(swapped), rating, note, time.time()),
+            )
             return dict(conn.execute("SELECT * FROM votes WHERE vote_id = ?", (vote_id,)).fetchone()), False
 
-    def record_ai_vote(self, item_id: str, judge: str, choice: str, confidence: float, meta=None,
-                       overwrite: bool = False) -> bool:
+    def record_ai_vote(
+        self, item_id: str, judge: str, choice: str, confidence: float, meta=None, overwrite: bool = False
+    ) -> bool:
         """Store (or with `overwrite`, replace) the vote of AI judge `judge` on an item, in canonical
         terms. Returns False when the judge had already voted and `overwrite` is off."""
         if choice not in ("a", "b", "tie"):
@@ -347,16 +395,25 @@ class FeedbackStore:
         with self._transaction() as conn:
             if conn.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone() is None:
                 raise UnknownItem(f"unknown item_id {item_id!r}")
-            exists = conn.execute("SELECT 1 FROM votes WHERE item_id = ? AND labeller = ? AND source = 'ai'",
-                                  (item_id, judge)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM votes WHERE item_id = ? AND labeller = ? AND source = 'ai'", (item_id, judge)
+            ).fetchone()
             if exists and not overwrite:
                 return False
             conn.execute("DELETE FROM votes WHERE item_id = ? AND labeller = ? AND source = 'ai'", (item_id, judge))
             conn.execute(
                 "INSERT INTO votes (vote_id, item_id, labeller, source, choice, confidence, meta, created_at) "
                 "VALUES (?, ?, ?, 'ai', ?, ?, ?, ?)",
-                (f"ai:{judge}:{item_id}", item_id, judge, choice, float(confidence),
-                 json.dumps(meta or {}), time.time()))
+                (
+                    f"ai:{judge}:{item_id}",
+                    item_id,
+                    judge,
+                    choice,
+                    float(confidence),
+                    json.dumps(meta or {}),
+                    time.time(),
+                ),
+            )
         return True
 
     def votes(self, source: str = "all") -> list:

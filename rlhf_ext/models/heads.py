@@ -5,6 +5,7 @@ backbone and apply the score head ourselves at the positions we choose (HF's own
 last non-pad token" by comparing ids to pad_token_id, which is wrong when pad == eos and the sequence
 ends in EOS). Position ids come from the attention mask, so left and right padding both work.
 """
+
 from typing import Optional
 
 import torch
@@ -20,7 +21,9 @@ def backbone(model: nn.Module) -> nn.Module:
     prefix = getattr(inner, "base_model_prefix", None)
     if prefix and hasattr(inner, prefix):
         return getattr(inner, prefix)
-    raise TypeError(f"model: cannot find the transformer body of {type(model).__name__} (no base_model_prefix attribute)")
+    raise TypeError(
+        f"model: cannot find the transformer body of {type(model).__name__} (no base_model_prefix attribute)"
+    )
 
 
 def score_head(model: nn.Module) -> nn.Module:
@@ -39,7 +42,9 @@ def score_head(model: nn.Module) -> nn.Module:
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden states `[B, L, H]` of the backbone (after its final norm)."""
     out = backbone(model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     )
     return out[0]
@@ -59,7 +64,9 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return score_head(model)(last)[:, 0].float()
 
 
-def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int) -> torch.Tensor:
+def token_values(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+) -> torch.Tensor:
     """`[B, R]` float32 critic values for the response tokens `input_ids[:, response_start:]`: the value of
     response token t is read from the hidden state before it (position response_start - 1 + t)."""
     hidden = hidden_states(model, input_ids, attention_mask)[:, response_start - 1 : -1]  # (B, R, H)
@@ -109,8 +116,13 @@ def logprobs_and_values(
     hidden = hidden_states(policy, input_ids, attention_mask)[:, response_start - 1 : -1]  # (B, R, H)
     lm_head = policy.get_output_embeddings()
     out = fused_linear_logprobs(
-        hidden, lm_head.weight, input_ids[:, response_start:], bias=getattr(lm_head, "bias", None),
-        temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
+        hidden,
+        lm_head.weight,
+        input_ids[:, response_start:],
+        bias=getattr(lm_head, "bias", None),
+        temperature=temperature,
+        return_entropy=return_entropy,
+        chunk_size=chunk_size,
     )
     logprobs, entropy = out if return_entropy else (out, None)
     return logprobs, entropy, value_head(hidden)
@@ -127,8 +139,13 @@ def check_plain_lm_head(model: nn.Module):
             )
 
 
-def causal_lm_token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                             labels: torch.Tensor, fused_linear: bool = True) -> torch.Tensor:
+def causal_lm_token_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    fused_linear: bool = True,
+) -> torch.Tensor:
     """`[B, L-1]` float32 log-prob of token t+1 given tokens <= t; 0 where `labels[:, 1:]` is -100.
     fused_linear: from the hidden states through the fused op (no `[B, L, V]` logits); else from the
     model's logits through `gather_logprobs`."""
@@ -140,6 +157,10 @@ def causal_lm_token_logprobs(model: nn.Module, input_ids: torch.Tensor, attentio
         hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]  # (B, L-1, H)
         lm_head = model.get_output_embeddings()
         return fused_linear_logprobs(hidden, lm_head.weight, targets, bias=getattr(lm_head, "bias", None))
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).logits
     return gather_logprobs(logits[:, :-1], targets)

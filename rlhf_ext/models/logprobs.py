@@ -6,14 +6,15 @@ is never materialised: the logits go to `gather_logprobs`, or, with `fused_linea
 hidden states go to `fused_linear_logprobs` with the model's own lm_head weight, so not even the
 `[B, R, V]` logits exist at once.
 """
+
 import inspect
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 
 from rlhf_ext.ops.logprobs import fused_linear_logprobs, gather_logprobs
 
-_Out = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+_Out = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ def _unwrap(model):
     return model
 
 
-def _logit_transform(model) -> Tuple[float, Optional[float]]:
+def _logit_transform(model) -> tuple[float, Optional[float]]:
     """(scale, softcap) the model applies after its lm_head: logits = cap * tanh(scale * z / cap)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     scale = 1.0
@@ -47,7 +48,7 @@ def _logit_transform(model) -> Tuple[float, Optional[float]]:
     return scale, (float(softcap) if softcap is not None else None)
 
 
-def _lm_head(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _lm_head(model) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"model: {type(model).__name__} has no output embeddings (lm_head); it is not a causal LM")
@@ -67,8 +68,10 @@ def _backbone_hidden(model, input_ids, attention_mask, position_ids) -> torch.Te
     prefix = getattr(model, "base_model_prefix", "")
     backbone = getattr(model, prefix, None) if prefix else None
     if backbone is None or backbone is model:
-        raise ValueError(f"model: cannot find the backbone of {type(model).__name__} (base_model_prefix={prefix!r}); "
-                         "use fused_linear=False")
+        raise ValueError(
+            f"model: cannot find the backbone of {type(model).__name__} (base_model_prefix={prefix!r}); "
+            "use fused_linear=False"
+        )
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H)
 
@@ -104,12 +107,16 @@ def sequence_logprobs(
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected a [B, L] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask: expected shape {list(input_ids.shape)} (the shape of input_ids), "
-                         f"got {list(getattr(attention_mask, 'shape', [])) or type(attention_mask).__name__}")
+        raise ValueError(
+            f"attention_mask: expected shape {list(input_ids.shape)} (the shape of input_ids), "
+            f"got {list(getattr(attention_mask, 'shape', [])) or type(attention_mask).__name__}"
+        )
     B, L = input_ids.shape
     if isinstance(response_start, bool) or not isinstance(response_start, int) or not 1 <= response_start <= L:
-        raise ValueError(f"response_start: expected an int in [1, {L}] (the first response column; the token "
-                         f"before it conditions the first response token), got {response_start!r}")
+        raise ValueError(
+            f"response_start: expected an int in [1, {L}] (the first response column; the token "
+            f"before it conditions the first response token), got {response_start!r}"
+        )
     R = L - response_start
     labels = input_ids[:, response_start:]  # (B, R)
     if R == 0:
@@ -128,14 +135,26 @@ def sequence_logprobs(
         weight, bias = _lm_head(inner)
         hidden = _backbone_hidden(inner, input_ids, attention_mask, position_ids)  # (B, L, H)
         hidden = hidden[:, response_start - 1 : L - 1]  # (B, R, H): the states that predict the labels
-        return fused_linear_logprobs(hidden, weight, labels, bias, temperature=temperature / scale,
-                                     return_entropy=return_entropy, chunk_size=chunk_size)
+        return fused_linear_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias,
+            temperature=temperature / scale,
+            return_entropy=return_entropy,
+            chunk_size=chunk_size,
+        )
 
     keep = torch.arange(response_start - 1, L - 1, device=input_ids.device)  # (R,)
     if _accepts_logits_to_keep(inner):
         # The model applies its own scale / softcap; only the R needed positions reach its lm_head.
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, logits_to_keep=keep).logits  # (B, R, V)
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits  # (B, R, V)
     else:
         weight, bias = _lm_head(inner)
         hidden = _backbone_hidden(inner, input_ids, attention_mask, position_ids)[:, keep]  # (B, R, H)
@@ -143,9 +162,12 @@ def sequence_logprobs(
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
     if logits.shape[:2] != (B, R):
-        raise RuntimeError(f"model: returned logits of shape {list(logits.shape)} for logits_to_keep of {R} "
-                           f"positions (expected [{B}, {R}, V])")
+        raise RuntimeError(
+            f"model: returned logits of shape {list(logits.shape)} for logits_to_keep of {R} "
+            f"positions (expected [{B}, {R}, V])"
+        )
     # The lm_head output is saved by nothing (its backward needs only its inputs), so the gradient can
     # overwrite it; autograd's version counter would catch a model whose last op saved its output.
-    return gather_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
-                           inplace_backward=logits.requires_grad)
+    return gather_logprobs(
+        logits, labels, temperature=temperature, return_entropy=return_entropy, inplace_backward=logits.requires_grad
+    )

@@ -5,8 +5,10 @@ generated one by default) and wrapped in `PreTrainedTokenizerFast` with pad/eos 
 a chat template. The models are the stock Llama / GPT-2 / Qwen2 classes built from small configs, so
 every code path the trainers take on them is the one real checkpoints take.
 """
+
 import random
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 
@@ -62,7 +64,9 @@ def build_tokenizer(
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
     elif kind == "wordlevel":
@@ -74,7 +78,11 @@ def build_tokenizer(
         raise ValueError(f"kind: expected 'bpe' or 'wordlevel', got {kind!r}")
     tok.train_from_iterator(lines, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=pad_token,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=pad_token,
         additional_special_tokens=list(ROLE_TOKENS),
     )
     if chat_template:
@@ -82,8 +90,16 @@ def build_tokenizer(
     return wrapped
 
 
-def tiny_config(arch: str = "llama", vocab_size: int = 384, hidden_size: int = 32, num_layers: int = 2,
-                num_heads: int = 4, max_position_embeddings: int = 256, tokenizer=None, **overrides):
+def tiny_config(
+    arch: str = "llama",
+    vocab_size: int = 384,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_position_embeddings: int = 256,
+    tokenizer=None,
+    **overrides,
+):
     """A small config of the stock `arch` class ("llama", "gpt2" or "qwen2"). With `tokenizer`, the
     vocabulary size and the pad/bos/eos ids are taken from it."""
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
@@ -91,19 +107,32 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, hidden_size: int = 3
     ids = {}
     if tokenizer is not None:
         vocab_size = len(tokenizer)
-        ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-               "eos_token_id": tokenizer.eos_token_id}
+        ids = {
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
     if arch in ("llama", "qwen2"):
         cls = LlamaConfig if arch == "llama" else Qwen2Config
         kwargs = dict(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
-            max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2),
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=True,
         )
     elif arch == "gpt2":
         cls = GPT2Config
-        kwargs = dict(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-                      n_positions=max_position_embeddings)
+        kwargs = dict(
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=max_position_embeddings,
+        )
     else:
         raise ValueError(f"arch: expected 'llama', 'gpt2' or 'qwen2', got {arch!r}")
     kwargs.update(ids)

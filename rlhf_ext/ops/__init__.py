@@ -1,6 +1,7 @@
 """Public fused ops. Each wraps a `torch.ops.rlhf_ext.*` kernel with argument checks, a fake
 (meta) implementation for torch.compile, and an autograd formula; `reference.py` holds their
 plain-PyTorch twins."""
+
 __all__ = []
 
 # ---- gae / whiten (issue 2) ----

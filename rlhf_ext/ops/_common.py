@@ -1,4 +1,5 @@
 """Small helpers shared by the op wrappers."""
+
 import torch
 
 # Device types with rlhf_ext kernels. Any other device (notably `meta`) would reach the fake

@@ -1,5 +1,6 @@
 """Generalised Advantage Estimation in one kernel (no Python loop over time)."""
-from typing import Optional, Tuple
+
+from typing import Optional
 
 import torch
 
@@ -19,7 +20,7 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
     last_values: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages and returns, both `[B, T]` float32 (float64 for float64 input).
 
     rewards, values: `[B, T]` float32/bf16/fp16. mask: `[B, T]` bool or 0/1.
@@ -46,8 +47,11 @@ def bench_cases():
     B, T = 64, 1024
     rewards, values = torch.randn(B, T), torch.randn(B, T)
     mask = torch.ones(B, T, dtype=torch.bool)
-    return [(
-        "gae fwd", f"{B}x{T}",
-        lambda: gae(rewards, values, mask, 0.99, 0.95),
-        lambda: gae_reference(rewards, values, mask, 0.99, 0.95),
-    )]
+    return [
+        (
+            "gae fwd",
+            f"{B}x{T}",
+            lambda: gae(rewards, values, mask, 0.99, 0.95),
+            lambda: gae_reference(rewards, values, mask, 0.99, 0.95),
+        )
+    ]

@@ -4,13 +4,14 @@
 statistics; `fused_linear_logprobs` goes one step further and never holds more than one chunk of
 rows' logits, recomputing them in the backward (for an lm_head applied to hidden states).
 """
-from typing import Optional, Tuple, Union
+
+from typing import Optional, Union
 
 import torch
 
 from rlhf_ext.ops._common import check_devices, check_float_dtype, out_float_dtype
 
-_Out = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+_Out = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.library.register_fake("rlhf_ext::logprobs_forward")
@@ -156,8 +157,12 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 torch.ops.rlhf_ext.logprobs_backward_inplace(
                     None if grad_logprobs is None else grad_logprobs[start:end],
                     None if grad_entropy is None else grad_entropy[start:end],
-                    grad_logits, labels[start:end], lse[start:end], entropy[start:end],
-                    ctx.temperature, ctx.ignore_index,
+                    grad_logits,
+                    labels[start:end],
+                    lse[start:end],
+                    entropy[start:end],
+                    ctx.temperature,
+                    ctx.ignore_index,
                 )
                 if need_hidden:
                     torch.mm(grad_logits, weight, out=grad_hidden[start:end])
@@ -216,9 +221,11 @@ def fused_linear_logprobs(
     if hidden.shape[-1] == 0:
         raise ValueError(f"hidden: expected a hidden size H = hidden.shape[-1] > 0, got shape {list(hidden.shape)}")
     if weight.shape[0] == 0:
-        raise ValueError("weight: expected a non-empty vocabulary (V > 0), got shape " f"{list(weight.shape)}")
+        raise ValueError(f"weight: expected a non-empty vocabulary (V > 0), got shape {list(weight.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels: expected shape {list(hidden.shape[:-1])} (hidden.shape[:-1]), got {list(labels.shape)}")
+        raise ValueError(
+            f"labels: expected shape {list(hidden.shape[:-1])} (hidden.shape[:-1]), got {list(labels.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias: expected shape [{weight.shape[0]}] (weight.shape[0]), got {list(bias.shape)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -241,8 +248,11 @@ def bench_cases():
     N, V = 2048, 32000
     logits = torch.randn(N, V)
     labels = torch.randint(0, V, (N,))
-    return [(
-        "gather_logprobs fwd", f"{N}x{V} fp32",
-        lambda: gather_logprobs(logits, labels),
-        lambda: gather_logprobs_eager(logits, labels),
-    )]
+    return [
+        (
+            "gather_logprobs fwd",
+            f"{N}x{V} fp32",
+            lambda: gather_logprobs(logits, labels),
+            lambda: gather_logprobs_eager(logits, labels),
+        )
+    ]

@@ -35,7 +35,8 @@ Statistics (`stats`) are token means over the valid tokens whatever `loss_agg` i
 `num_tokens` and `num_seqs` (rows with a valid token). Masked positions are never read into any sum,
 so inf/NaN there (padding) cannot leak into the loss.
 """
-from typing import Dict, NamedTuple, Optional
+
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -45,10 +46,22 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 # Entries of the op's output vector (csrc/ppo_loss_math.h `Out`), from index 5 on: the statistics.
 _OUT_NAMES = (
-    "loss", "policy_loss", "value_loss", "kl", "entropy",
-    "clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac",
-    "approxkl", "approxkl_k3", "ratio_mean", "ratio_max", "value_clipfrac",
-    "num_tokens", "num_seqs",
+    "loss",
+    "policy_loss",
+    "value_loss",
+    "kl",
+    "entropy",
+    "clipfrac",
+    "clipfrac_low",
+    "clipfrac_high",
+    "dual_clipfrac",
+    "approxkl",
+    "approxkl_k3",
+    "ratio_mean",
+    "ratio_max",
+    "value_clipfrac",
+    "num_tokens",
+    "num_seqs",
 )
 _NUM_OUT = len(_OUT_NAMES)
 # Forward op inputs that get a gradient, and their positions in its argument list.
@@ -62,7 +75,7 @@ class PPOLossOutput(NamedTuple):
     value_loss: torch.Tensor
     kl: torch.Tensor
     entropy: torch.Tensor
-    stats: Dict[str, torch.Tensor]  # 0-dim device tensors, detached
+    stats: dict[str, torch.Tensor]  # 0-dim device tensors, detached
 
 
 def _compute_dtype(tensors) -> torch.dtype:
@@ -78,15 +91,28 @@ def _out_dtype(tensors) -> torch.dtype:
 
 
 @torch.library.register_fake("rlhf_ext::ppo_loss")
-def _ppo_loss_fake(logprobs, old_logprobs, advantages, mask, values, old_values, returns, ref_logprobs, entropy,
-                   *scalars):
+def _ppo_loss_fake(
+    logprobs, old_logprobs, advantages, mask, values, old_values, returns, ref_logprobs, entropy, *scalars
+):
     tensors = (logprobs, old_logprobs, advantages, values, old_values, returns, ref_logprobs, entropy)
     return logprobs.new_empty((_NUM_OUT,), dtype=_out_dtype(tensors))
 
 
 @torch.library.register_fake("rlhf_ext::ppo_loss_backward")
-def _ppo_loss_backward_fake(grad_out, out, logprobs, old_logprobs, advantages, mask, values, old_values, returns,
-                            ref_logprobs, entropy, *scalars):
+def _ppo_loss_backward_fake(
+    grad_out,
+    out,
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    values,
+    old_values,
+    returns,
+    ref_logprobs,
+    entropy,
+    *scalars,
+):
     absent = logprobs.new_empty((0,))
     return (
         torch.empty_like(logprobs, memory_format=torch.contiguous_format),
@@ -179,35 +205,47 @@ def ppo_loss(
     """PPO/GRPO loss and statistics in one fused kernel each way (see the module docstring).
 
     All per-token tensors are `[B, T]` (float32/bf16/fp16/float64; mixed dtypes are upcast);
-    `advantages` may also be per sequence, `[B]` or `[B, 1]` (GRPO); `mask` is bool or 0/1. `values` needs `old_values` and `returns`; `kl_coef != 0` needs
-    `ref_logprobs`; `entropy_coef != 0` needs `entropy`; `dual_clip` is None or > 1;
+    `advantages` may also be per sequence, `[B]` or `[B, 1]` (GRPO); `mask` is bool or 0/1.
+    `values` needs `old_values` and `returns`; `kl_coef != 0` needs `ref_logprobs`;
+    `entropy_coef != 0` needs `entropy`; `dual_clip` is None or > 1;
     `loss_agg_norm` only goes with `loss_agg="seq-mean-token-sum-norm"`.
     """
     _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     _check_choice("loss_agg", loss_agg, LOSS_AGGS)
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
         check_tensor(name, t)
-    check_devices("logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask, values=values,
-                  old_values=old_values, returns=returns, ref_logprobs=ref_logprobs, entropy=entropy)
+    check_devices(
+        "logprobs",
+        logprobs,
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        mask=mask,
+        values=values,
+        old_values=old_values,
+        returns=returns,
+        ref_logprobs=ref_logprobs,
+        entropy=entropy,
+    )
     if values is not None and (old_values is None or returns is None):
         missing = "old_values" if old_values is None else "returns"
-        raise ValueError(f"values: given without {missing}; the clipped value loss needs values, old_values "
-                         "and returns together")
+        raise ValueError(
+            f"values: given without {missing}; the clipped value loss needs values, old_values and returns together"
+        )
     if values is None and (old_values is not None or returns is not None):
         given = "old_values" if old_values is not None else "returns"
         raise ValueError(f"{given}: given without values; pass values (the critic's predictions) too, or neither")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip: expected a value > 1 (the cap on -A * ratio for A < 0) or None, got {dual_clip}")
     if loss_agg_norm is not None and loss_agg != "seq-mean-token-sum-norm":
-        raise ValueError(f"loss_agg_norm: only used with loss_agg='seq-mean-token-sum-norm', got loss_agg={loss_agg!r}; "
-                         "pass None")
+        raise ValueError(
+            f"loss_agg_norm: only used with loss_agg='seq-mean-token-sum-norm', got loss_agg={loss_agg!r}; pass None"
+        )
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError(f"kl_coef: is {kl_coef} but ref_logprobs is None; the KL term needs the reference log-probs")
     if entropy_coef != 0 and entropy is None:
         raise ValueError(f"entropy_coef: is {entropy_coef} but entropy is None; the entropy bonus needs entropy")
 
-    if logprobs.dim() == 2 and advantages.shape in (
-            (logprobs.shape[0],), (logprobs.shape[0], 1)):
+    if logprobs.dim() == 2 and advantages.shape in ((logprobs.shape[0],), (logprobs.shape[0], 1)):
         # GRPO's per-sequence advantages: broadcast over the tokens (a view; the kernel copies it once).
         advantages = advantages.reshape(-1, 1).expand_as(logprobs)
 
@@ -215,13 +253,26 @@ def ppo_loss(
         return t.detach() if t is not None else None
 
     out = torch.ops.rlhf_ext.ppo_loss(
-        logprobs, detached(old_logprobs), detached(advantages), as_bool_mask(mask),
-        values, detached(old_values), detached(returns), detached(ref_logprobs), entropy,
-        float(cliprange), None if cliprange_high is None else float(cliprange_high),
+        logprobs,
+        detached(old_logprobs),
+        detached(advantages),
+        as_bool_mask(mask),
+        values,
+        detached(old_values),
+        detached(returns),
+        detached(ref_logprobs),
+        entropy,
+        float(cliprange),
+        None if cliprange_high is None else float(cliprange_high),
         None if dual_clip is None else float(dual_clip),
         None if cliprange_value is None else float(cliprange_value),
-        float(vf_coef), float(kl_coef), kl_estimator, float(entropy_coef), loss_agg,
-        None if loss_agg_norm is None else float(loss_agg_norm), float(max_log_ratio),
+        float(vf_coef),
+        float(kl_coef),
+        kl_estimator,
+        float(entropy_coef),
+        loss_agg,
+        None if loss_agg_norm is None else float(loss_agg_norm),
+        float(max_log_ratio),
     )
     # One unbind instead of sixteen Python-level index ops (the wrapper's overhead is most of the
     # cost at small sizes). Only the loss keeps its graph.
@@ -250,9 +301,12 @@ def bench_cases():
     gen = torch.Generator().manual_seed(0)
     old = -torch.rand(B, T, generator=gen) * 3
     tensors = dict(
-        old_logprobs=old, advantages=torch.randn(B, T, generator=gen),
-        mask=torch.rand(B, T, generator=gen) > 0.1, old_values=torch.randn(B, T, generator=gen),
-        returns=torch.randn(B, T, generator=gen), ref_logprobs=old + 0.1 * torch.randn(B, T, generator=gen),
+        old_logprobs=old,
+        advantages=torch.randn(B, T, generator=gen),
+        mask=torch.rand(B, T, generator=gen) > 0.1,
+        old_values=torch.randn(B, T, generator=gen),
+        returns=torch.randn(B, T, generator=gen),
+        ref_logprobs=old + 0.1 * torch.randn(B, T, generator=gen),
     )
     logprobs = (old + 0.1 * torch.randn(B, T, generator=gen)).requires_grad_()
     values = (tensors["old_values"] + 0.1 * torch.randn(B, T, generator=gen)).requires_grad_()
@@ -261,11 +315,21 @@ def bench_cases():
 
     def run(fn):
         def step():
-            out = fn(logprobs, tensors["old_logprobs"], tensors["advantages"], tensors["mask"], values=values,
-                     old_values=tensors["old_values"], returns=tensors["returns"],
-                     ref_logprobs=tensors["ref_logprobs"], entropy=entropy, **kwargs)
+            out = fn(
+                logprobs,
+                tensors["old_logprobs"],
+                tensors["advantages"],
+                tensors["mask"],
+                values=values,
+                old_values=tensors["old_values"],
+                returns=tensors["returns"],
+                ref_logprobs=tensors["ref_logprobs"],
+                entropy=entropy,
+                **kwargs,
+            )
             out.loss.backward()
             logprobs.grad = values.grad = entropy.grad = None
+
         return step
 
     return [("ppo_loss fwd+bwd", f"{B}x{T}", run(ppo_loss), run(ppo_loss_reference))]

@@ -3,7 +3,8 @@
 These are written the way RLHF frameworks write them today (Python loops over time, full
 log-softmax, composed elementwise losses), for clarity, not speed. Never import them on a hot path.
 """
-from typing import Optional, Tuple
+
+from typing import Optional
 
 import torch
 
@@ -17,7 +18,7 @@ def gae_reference(
     gamma: float = 1.0,
     lam: float = 0.95,
     last_values: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The Python reverse loop over time that TRL/veRL/OpenRLHF use, extended to skip masked
     positions (the next value and running advantage carry across them; outputs there are 0)."""
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
@@ -38,7 +39,7 @@ def gae_reference(
     return advantages, returns
 
 
-def _masked_float(x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _masked_float(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x as float32 (float64 for float64) with masked-out positions selected to 0 (never multiplied:
     inf * 0 there would be NaN), and the bool mask."""
     m = mask.bool() if mask.dtype != torch.bool else mask
@@ -281,8 +282,11 @@ def ppo_loss_reference(
             value_clipped = vf2 > vf1
         value_loss = agg(vf)
 
-    kl = agg(kl_penalty_reference(lp, valid(ref_logprobs.to(dt)), kl_estimator, max_log_ratio=max_log_ratio)) \
-        if ref_logprobs is not None else zero
+    kl = (
+        agg(kl_penalty_reference(lp, valid(ref_logprobs.to(dt)), kl_estimator, max_log_ratio=max_log_ratio))
+        if ref_logprobs is not None
+        else zero
+    )
     ent = agg(valid(_SaturatingCast.apply(entropy, dt))) if entropy is not None else zero
     loss = policy_loss + vf_coef * value_loss + kl_coef * kl - entropy_coef * ent
 
@@ -292,7 +296,7 @@ def ppo_loss_reference(
             "clipfrac_low": token_mean(clipped & (ratio < low)),
             "clipfrac_high": token_mean(clipped & (ratio > high)),
             "dual_clipfrac": token_mean(dual_capped),
-            "approxkl": token_mean(0.5 * log_ratio ** 2),
+            "approxkl": token_mean(0.5 * log_ratio**2),
             "approxkl_k3": token_mean(k3_reference(log_ratio)),
             "ratio_mean": token_mean(ratio),
             "ratio_max": torch.where(m, ratio, zero).max() if m.numel() else zero,
@@ -300,8 +304,14 @@ def ppo_loss_reference(
             "num_tokens": n_tokens,
             "num_seqs": n_seqs,
         }
-    return PPOLossOutput(loss, policy_loss.detach(), value_loss.detach(), kl.detach(), ent.detach(),
-                         {k: v.detach() for k, v in stats.items()})
+    return PPOLossOutput(
+        loss,
+        policy_loss.detach(),
+        value_loss.detach(),
+        kl.detach(),
+        ent.detach(),
+        {k: v.detach() for k, v in stats.items()},
+    )
 
 
 # ---- sampling (issue 5) ----
@@ -309,13 +319,15 @@ def ppo_loss_reference(
 
 def _per_row(value, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype).reshape(-1).expand(batch) if value.dim() == 0 else value.to(device, dtype)
+        return (
+            value.to(device=device, dtype=dtype).reshape(-1).expand(batch)
+            if value.dim() == 0
+            else value.to(device, dtype)
+        )
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
-def filtered_probs_reference(
-    logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
-) -> torch.Tensor:
+def filtered_probs_reference(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
     """Renormalised sampling distribution `[B, V]` (float64) after temperature, top-k, top-p and min-p, with
     full sorts as Hugging Face's warpers do, and the documented tie rule of `rlhf_ext.ops.sample`: every token
     tied with the last kept one stays. Greedy rows (temperature 0) are a point mass on the first argmax."""
@@ -357,7 +369,7 @@ def filtered_probs_reference(
 
 def sample_reference(
     logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator: Optional[torch.Generator] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What HF sampling does: sort-based filtering, then torch.multinomial. Returns (tokens [B], logprobs [B])
     with logprobs = log_softmax(logits / T)[token] (T = 1 for greedy rows)."""
     B = logits.shape[0]

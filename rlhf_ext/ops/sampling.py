@@ -19,7 +19,8 @@ the device), with the row as counter, so a seeded generator gives the same token
 On CUDA the seed/offset come from the CUDA generator's Philox state, which under CUDA-graph capture is read
 from device tensors, so a decode step can be captured and replayed.
 """
-from typing import Optional, Tuple, Union
+
+from typing import Optional, Union
 
 import torch
 
@@ -43,13 +44,17 @@ def _split(value, name: str, batch: int, device, integral: bool):
     """A scalar setting stays a Python number; a tensor becomes the per-row override `[B]` on logits' device."""
     if isinstance(value, torch.Tensor):
         if value.device.type == "meta":
-            raise RuntimeError(f"{name}: expected a tensor on {device} (the device of logits) or a Python number, "
-                               f"got one on {value.device}")
+            raise RuntimeError(
+                f"{name}: expected a tensor on {device} (the device of logits) or a Python number, "
+                f"got one on {value.device}"
+            )
         if value.dim() == 0:
             value = value.item()
         else:
             if value.shape != (batch,):
-                raise ValueError(f"{name}: expected a scalar or a per-row tensor of shape [{batch}], got {tuple(value.shape)}")
+                raise ValueError(
+                    f"{name}: expected a scalar or a per-row tensor of shape [{batch}], got {tuple(value.shape)}"
+                )
             if integral and value.is_floating_point():
                 raise TypeError(f"{name}: expected an integer tensor, got {value.dtype}")
             return (0 if integral else 1.0), value.to(device)
@@ -111,7 +116,7 @@ def sample(
     min_p: Union[Number, torch.Tensor] = 0.0,
     generator: Optional[torch.Generator] = None,
     return_filtered_logprobs: bool = False,
-) -> Tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, ...]:
     """Draw one token per row of `logits` `[B, V]` (float32/bf16/fp16).
 
     temperature, top_k, top_p, min_p: Python scalars or per-row tensors `[B]`. temperature 0 = greedy,
@@ -143,8 +148,10 @@ def sample(
             if not bool((raw.isnan() | raw.isposinf()).any()) and bool((raw > float("-inf")).any()):
                 # The logits are fine: logits / temperature overflowed (as the CPU kernel reports it).
                 t = t_row[row].item() if t_row is not None else t_val
-                raise ValueError(f"temperature: expected 0 (greedy) or a value large enough that logits / temperature "
-                                 f"is finite in float32, got {t} in row {row}")
+                raise ValueError(
+                    f"temperature: expected 0 (greedy) or a value large enough that logits / temperature "
+                    f"is finite in float32, got {t} in row {row}"
+                )
             raise ValueError(f"logits: row {row} contains NaN or +inf, or has no finite logit; nothing can be sampled")
     if return_filtered_logprobs:
         return tokens, logprobs, filtered
@@ -159,12 +166,14 @@ def bench_cases():
     logits = torch.randn(B, V, generator=torch.Generator().manual_seed(0)) * 4
     return [
         (
-            "sample top-k/top-p fwd", f"{B}x{V}",
+            "sample top-k/top-p fwd",
+            f"{B}x{V}",
             lambda: sample(logits, 1.0, top_k=50, top_p=0.9),
             lambda: sample_reference(logits, 1.0, top_k=50, top_p=0.9),
         ),
         (
-            "sample plain fwd", f"{B}x{V}",
+            "sample plain fwd",
+            f"{B}x{V}",
             lambda: sample(logits, 1.0),
             lambda: sample_reference(logits, 1.0),
         ),

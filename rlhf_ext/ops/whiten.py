@@ -3,6 +3,7 @@
 An all-masked input is an error (the statistics are undefined), as is an unbiased variance of a
 single element; we raise rather than return NaN so a bad batch stops training visibly.
 """
+
 from typing import Optional
 
 import torch
@@ -75,7 +76,8 @@ def _moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> tor
             raise ValueError("mask: selects no element (mask.sum() == 0); masked statistics are undefined")
         if unbiased and count == 1:
             raise ValueError(
-                "mask: selects a single element, so the unbiased variance is undefined; pass unbiased=False")
+                "mask: selects a single element, so the unbiased variance is undefined; pass unbiased=False"
+            )
     return moments
 
 
@@ -117,8 +119,11 @@ def bench_cases():
     B, T = 64, 1024
     x = torch.randn(B, T)
     mask = torch.rand(B, T) > 0.2
-    return [(
-        "masked_whiten fwd", f"{B}x{T}",
-        lambda: masked_whiten(x, mask),
-        lambda: masked_whiten_reference(x, mask),
-    )]
+    return [
+        (
+            "masked_whiten fwd",
+            f"{B}x{T}",
+            lambda: masked_whiten(x, mask),
+            lambda: masked_whiten_reference(x, mask),
+        )
+    ]

@@ -4,6 +4,7 @@ Rewards come in the global batch layout the trainers use: completion j of prompt
 i * num_generations + j, so a group is a run of `num_generations` consecutive rows. Every function
 here is pure tensor maths on that layout (tested against plain Python loops in tests/test_advantages.py).
 """
+
 import torch
 
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
@@ -16,7 +17,9 @@ def _grouped(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
     if rewards.dim() != 1:
         raise ValueError(f"rewards: expected a 1-d tensor [N], got shape {list(rewards.shape)}")
     if num_generations < 1 or rewards.numel() % num_generations:
-        raise ValueError(f"num_generations: {num_generations} does not divide the {rewards.numel()} rewards of the batch")
+        raise ValueError(
+            f"num_generations: {num_generations} does not divide the {rewards.numel()} rewards of the batch"
+        )
     return rewards.view(-1, num_generations)  # (N / G, G)
 
 
@@ -45,7 +48,9 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
 def rloo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
     """RLOO: `[N]` r_i minus the mean of the other completions of its prompt, r_i - (sum_group - r_i) / (G - 1)."""
     if num_generations < 2:
-        raise ValueError(f"num_generations: RLOO's leave-one-out baseline needs >= 2 completions per prompt, got {num_generations}")
+        raise ValueError(
+            f"num_generations: RLOO's leave-one-out baseline needs >= 2 completions per prompt, got {num_generations}"
+        )
     grouped = _grouped(rewards, num_generations)
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (num_generations - 1)
     return (grouped - baseline).reshape(-1)

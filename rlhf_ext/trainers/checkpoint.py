@@ -10,6 +10,7 @@ sha256. `verify_checkpoint` checks it, so a checkpoint damaged after it was publ
 deleted optimizer.pt, an empty folder) is detected before anything is loaded from it. Checkpoints written
 before manifests existed are accepted when they hold the files every checkpoint has (not verified further).
 """
+
 import contextlib
 import hashlib
 import json
@@ -19,7 +20,8 @@ import random
 import re
 import shutil
 import tempfile
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 import torch
@@ -135,8 +137,9 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint) -> Optional[str]
                 return path
             problems.append(problem)
             logger.warning("resume_from_checkpoint: skipping %s: %s", path, problem)
-        raise CheckpointError(f"resume_from_checkpoint=True: no usable checkpoint in {output_dir}: "
-                              + "; ".join(problems))
+        raise CheckpointError(
+            f"resume_from_checkpoint=True: no usable checkpoint in {output_dir}: " + "; ".join(problems)
+        )
     if not os.path.isdir(resume_from_checkpoint):
         raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint!r} is not a folder")
     problem = verify_checkpoint(resume_from_checkpoint)
@@ -148,8 +151,12 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint) -> Optional[str]
 
 def _warn_unverified(path: str):
     if not has_manifest(path):
-        logger.warning("resume_from_checkpoint: %s has no %s (written by an older rlhf_ext); its files are loaded "
-                       "without checksum verification", path, MANIFEST)
+        logger.warning(
+            "resume_from_checkpoint: %s has no %s (written by an older rlhf_ext); its files are loaded "
+            "without checksum verification",
+            path,
+            MANIFEST,
+        )
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -170,7 +177,9 @@ def _publish(src: str, dst: str):
     os.replace(src, dst)
 
 
-def save_atomic(output_dir: str, step: int, write: Callable[[str], None], save_total_limit: Optional[int] = None) -> str:
+def save_atomic(
+    output_dir: str, step: int, write: Callable[[str], None], save_total_limit: Optional[int] = None
+) -> str:
     """Call `write(tmp_dir)` to fill a fresh folder, then publish it as `<output_dir>/checkpoint-<step>`.
     Older checkpoints beyond `save_total_limit` are deleted only after the new one is in place."""
     os.makedirs(output_dir, exist_ok=True)

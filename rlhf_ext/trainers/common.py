@@ -2,6 +2,7 @@
 mixed precision, saving in HF format, atomic checkpoints with exact resume, and the step bookkeeping
 around `Reporter`. Each algorithm file keeps its own update loop, top to bottom.
 """
+
 import contextlib
 import json
 import os
@@ -18,8 +19,13 @@ from rlhf_ext.trainers.distributed import Distributed
 from rlhf_ext.trainers.loading import load_model, load_tokenizer  # noqa: F401  (the trainers import them from here)
 from rlhf_ext.trainers.lora import apply_peft, is_peft_model, merged_from_full_state, save_model_folder
 from rlhf_ext.trainers.reporting import Reporter
-from rlhf_ext.trainers.sharding import (ShardedModel, clip_grad_norm, fsdp_plan, full_optimizer_state,
-                                        load_full_optimizer_state)
+from rlhf_ext.trainers.sharding import (
+    ShardedModel,
+    clip_grad_norm,
+    fsdp_plan,
+    full_optimizer_state,
+    load_full_optimizer_state,
+)
 
 
 def disable_dropout(model: nn.Module):
@@ -59,8 +65,10 @@ class BaseTrainer:
         # FSDP (an accelerate FSDP config or fsdp=/fsdp_config): the trained models are sharded by `shard_models`.
         self.fsdp = fsdp_plan(args, type(self).__name__)
         if self.fsdp is not None and not self.supports_multi_process:
-            raise ValueError(f"{type(self).__name__}: {self.fsdp.source} asks for FSDP, but this trainer runs in a single "
-                             "process; FSDP applies to PPOTrainer and GRPOTrainer/RLOOTrainer")
+            raise ValueError(
+                f"{type(self).__name__}: {self.fsdp.source} asks for FSDP, but this trainer runs in a single "
+                "process; FSDP applies to PPOTrainer and GRPOTrainer/RLOOTrainer"
+            )
         self._sharded: dict = {}  # id(model) -> ShardedModel
         self.processing_class = processing_class
         self.callbacks = list(callbacks or [])
@@ -123,8 +131,10 @@ class BaseTrainer:
             return
         name = type(self).__name__
         if optimizers is not None and optimizers[0] is not None:
-            raise ValueError(f"optimizers: {name} builds its optimizer itself under FSDP ({self.fsdp.source}); "
-                             "fully_shard replaces the parameters an optimizer built beforehand would hold")
+            raise ValueError(
+                f"optimizers: {name} builds its optimizer itself under FSDP ({self.fsdp.source}); "
+                "fully_shard replaces the parameters an optimizer built beforehand would hold"
+            )
         if not self.dist.enabled:  # one process: FSDP would shard over one rank, i.e. change nothing
             return
         for key, model in models.items():
@@ -165,23 +175,33 @@ class BaseTrainer:
         if optimizer is None:
             args = self.args
             params = [p for m in modules for p in m.parameters() if p.requires_grad]
-            if self._sharded and any(self.sharded(m) and not isinstance(p, DTensor) for m in modules for p in m.parameters()):
-                raise RuntimeError("create_optimizer_and_scheduler: an FSDP model holds gathered parameters here; "
-                                   "the optimizer must be built over its shards")
+            if self._sharded and any(
+                self.sharded(m) and not isinstance(p, DTensor) for m in modules for p in m.parameters()
+            ):
+                raise RuntimeError(
+                    "create_optimizer_and_scheduler: an FSDP model holds gathered parameters here; "
+                    "the optimizer must be built over its shards"
+                )
             groups = [
                 {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
             ]
             if self._sharded:  # one optimizer kernel cannot mix DTensor shards with replicated tensors (a value head)
-                groups = [{**g, "params": [p for p in g["params"] if isinstance(p, DTensor) == sharded]}
-                          for g in groups for sharded in (True, False)]
+                groups = [
+                    {**g, "params": [p for p in g["params"] if isinstance(p, DTensor) == sharded]}
+                    for g in groups
+                    for sharded in (True, False)
+                ]
                 groups = [g for g in groups if g["params"]]
             kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
             optimizer = torch.optim.AdamW(groups, fused=args.optim == "adamw_torch_fused" or None, **kwargs)
         if scheduler is None:
             scheduler = get_scheduler(
-                self.args.lr_scheduler_type, optimizer, num_warmup_steps=self.args.warmup_for(num_training_steps),
-                num_training_steps=num_training_steps, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
+                self.args.lr_scheduler_type,
+                optimizer,
+                num_warmup_steps=self.args.warmup_for(num_training_steps),
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
             )
         self.optimizer, self.lr_scheduler = optimizer, scheduler
 
@@ -214,9 +234,11 @@ class BaseTrainer:
         step = self.reporter.state.global_step + 1 if self.reporter is not None else 0
         last = ckpt.latest_checkpoint(self.args.output_dir) if self.args.output_dir else None
         kept = f"; the last checkpoint, {last}, was written before it" if last else "; no checkpoint was written"
-        raise NonFiniteError(f"step {step}: the {quantity} is {value} (non-finite); training stopped before the "
-                             f"optimizer step or save that would use it{kept}. Check the data (NaN/inf values), "
-                             "the learning rate and the precision (fp16/bf16)")
+        raise NonFiniteError(
+            f"step {step}: the {quantity} is {value} (non-finite); training stopped before the "
+            f"optimizer step or save that would use it{kept}. Check the data (NaN/inf values), "
+            "the learning rate and the precision (fp16/bf16)"
+        )
 
     def check_finite_metrics(self, metrics: dict):
         for key, value in metrics.items():
@@ -264,7 +286,10 @@ class BaseTrainer:
             else:
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in module.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+                save_file(
+                    {k: v.contiguous() for k, v in module.state_dict().items()},
+                    os.path.join(folder, "model.safetensors"),
+                )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -365,17 +390,25 @@ class BaseTrainer:
         return saved.global_step
 
     # ---- the loop's bookkeeping ----
-    def begin_training(self, total_steps: int, steps_per_epoch: int, batch_size: int, resume_from_checkpoint,
-                       model_for_callbacks) -> int:
+    def begin_training(
+        self, total_steps: int, steps_per_epoch: int, batch_size: int, resume_from_checkpoint, model_for_callbacks
+    ) -> int:
         """Creates the Reporter, restores a checkpoint if asked; returns the first step to run."""
         self.reporter = Reporter(
-            self.args, self.callbacks, self.progress_keys, model=model_for_callbacks,
-            processing_class=self.processing_class, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+            self.args,
+            self.callbacks,
+            self.progress_keys,
+            model=model_for_callbacks,
+            processing_class=self.processing_class,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
         )
         path = self.resolve_checkpoint(resume_from_checkpoint)
         start = self.load_checkpoint(path) if path else 0
         if start > total_steps:
-            raise ValueError(f"resume_from_checkpoint: {path} is at step {start}, beyond this run's {total_steps} steps")
+            raise ValueError(
+                f"resume_from_checkpoint: {path} is at step {start}, beyond this run's {total_steps} steps"
+            )
         self.reporter.begin(total_steps, start, steps_per_epoch, batch_size)
         return start
 
@@ -390,8 +423,9 @@ class BaseTrainer:
         batches = StepBatches(len(self.train_dataset), window, args.seed if args.data_seed is None else args.data_seed)
         total_steps = batches.total_steps(args.num_train_epochs, args.max_steps)
         self.create_optimizer_and_scheduler([model], total_steps, self._optimizers)
-        start = self.begin_training(total_steps, batches.batches_per_epoch, window,
-                                    resume_from_checkpoint or args.resume_from_checkpoint, model)
+        start = self.begin_training(
+            total_steps, batches.batches_per_epoch, window, resume_from_checkpoint or args.resume_from_checkpoint, model
+        )
         model.train()
         return batches, total_steps, start
 

@@ -6,6 +6,7 @@ fields (`output_dir`, `learning_rate`, `per_device_train_batch_size`, `use_cpu`,
 our trainers implement the ones in `SUPPORTED_TRAINING_ARGUMENTS`. Setting any other one to a
 non-default value is an error that names it — never silently ignored.
 """
+
 import dataclasses
 import difflib
 import enum
@@ -18,22 +19,59 @@ from typing import Any, Optional, Union
 
 from transformers import TrainingArguments
 
-SUPPORTED_TRAINING_ARGUMENTS = frozenset({
-    # what and where
-    "output_dir", "run_name", "seed", "data_seed", "full_determinism", "use_cpu", "bf16", "tf32",
-    "do_train", "do_eval", "do_predict", "resume_from_checkpoint", "local_rank", "log_level", "log_level_replica",
-    "remove_unused_columns",  # we only ever read the columns we need; the others stay available to reward fns
-    "average_tokens_across_devices",  # SFT loss is averaged over all tokens of the accumulation window
-    # batch and schedule
-    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-    "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
-    "optim", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-    "activation_checkpointing", "activation_checkpointing_kwargs",
-    "gradient_checkpointing", "gradient_checkpointing_kwargs",
-    # logging, evaluation, checkpoints
-    "logging_strategy", "logging_steps", "logging_first_step", "disable_tqdm", "report_to",
-    "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
-})
+SUPPORTED_TRAINING_ARGUMENTS = frozenset(
+    {
+        # what and where
+        "output_dir",
+        "run_name",
+        "seed",
+        "data_seed",
+        "full_determinism",
+        "use_cpu",
+        "bf16",
+        "tf32",
+        "do_train",
+        "do_eval",
+        "do_predict",
+        "resume_from_checkpoint",
+        "local_rank",
+        "log_level",
+        "log_level_replica",
+        "remove_unused_columns",  # we only ever read the columns we need; the others stay available to reward fns
+        "average_tokens_across_devices",  # SFT loss is averaged over all tokens of the accumulation window
+        # batch and schedule
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "max_steps",
+        "learning_rate",
+        "lr_scheduler_type",
+        "lr_scheduler_kwargs",
+        "warmup_steps",
+        "optim",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "activation_checkpointing",
+        "activation_checkpointing_kwargs",
+        "gradient_checkpointing",
+        "gradient_checkpointing_kwargs",
+        # logging, evaluation, checkpoints
+        "logging_strategy",
+        "logging_steps",
+        "logging_first_step",
+        "disable_tqdm",
+        "report_to",
+        "eval_strategy",
+        "eval_steps",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+    }
+)
 
 # What the multi-process trainers (PPO, GRPO/RLOO) add: the process group's backend and timeout, and FSDP.
 MULTI_PROCESS_TRAINING_ARGUMENTS = frozenset({"ddp_backend", "ddp_timeout", "fsdp", "fsdp_config"})
@@ -65,9 +103,14 @@ def _default_of(f: dataclasses.Field):
 # TrainingArguments.__post_init__ rewrites some defaults ("none" -> [], None -> False, ...). A config rebuilt
 # from a post-init one (dataclasses.replace, to_dict) carries the rewritten form; both count as "not set".
 # HfArgumentParser (TRL's scripts) gives debug=None and include_num_input_tokens_seen=False for "not set".
-_NORMALISED_DEFAULTS = {"debug": [[], None], "report_to": [[]], "disable_tqdm": [False],
-                        "activation_checkpointing": [False], "gradient_checkpointing": [False],
-                        "include_num_input_tokens_seen": [False]}
+_NORMALISED_DEFAULTS = {
+    "debug": [[], None],
+    "report_to": [[]],
+    "disable_tqdm": [False],
+    "activation_checkpointing": [False],
+    "gradient_checkpointing": [False],
+    "include_num_input_tokens_seen": [False],
+}
 
 
 def _is_default(name: str, value, default) -> bool:
@@ -84,13 +127,20 @@ class TrainerConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "log every N optimisation steps"})
     save_steps: float = field(default=500, metadata={"help": "checkpoint every N steps (save_strategy='steps')"})
     # Added fields.
-    logging_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard folder (default: <output_dir>/runs)"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "warm-up as a fraction of the steps (used when warmup_steps is 0)"})
+    logging_dir: Optional[str] = field(
+        default=None, metadata={"help": "TensorBoard folder (default: <output_dir>/runs)"}
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "warm-up as a fraction of the steps (used when warmup_steps is 0)"}
+    )
     disable_dropout: bool = field(default=True, metadata={"help": "turn dropout off in every model we train or query"})
     model_init_kwargs: Optional[dict] = field(
-        default=None, metadata={"help": "kwargs for from_pretrained when a model is given as a path (e.g. {'dtype': 'bfloat16'})"}
+        default=None,
+        metadata={"help": "kwargs for from_pretrained when a model is given as a path (e.g. {'dtype': 'bfloat16'})"},
     )
-    dataset_num_proc: Optional[int] = field(default=None, metadata={"help": "processes for dataset tokenisation (Dataset.map)"})
+    dataset_num_proc: Optional[int] = field(
+        default=None, metadata={"help": "processes for dataset tokenisation (Dataset.map)"}
+    )
 
     # Subclasses extend this (issue 8 adds the distributed fields).
     _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS
@@ -110,17 +160,25 @@ class TrainerConfig(TrainingArguments):
         # (TrainingArguments.mixed_precision); the trainers autocast from `bf16`, so honour it there.
         precision = getattr(self, "mixed_precision", "no") or "no"
         if precision == "fp16":
-            raise ValueError(f"{type(self).__name__}: the accelerate config asks for mixed_precision=fp16, which is not "
-                             "supported (no loss scaling); use bf16")
+            raise ValueError(
+                f"{type(self).__name__}: the accelerate config asks for mixed_precision=fp16, which is not "
+                "supported (no loss scaling); use bf16"
+            )
         if precision == "bf16":
             self.bf16 = True
         for name in self.report_to:
             if name not in SUPPORTED_REPORT_TO:
-                raise ValueError(f"report_to: {name!r} is not supported; expected 'none', 'all' or one of {SUPPORTED_REPORT_TO}")
+                raise ValueError(
+                    f"report_to: {name!r} is not supported; expected 'none', 'all' or one of {SUPPORTED_REPORT_TO}"
+                )
             if not _installed(name):
-                raise ValueError(f"report_to: {name!r} needs the {name} package, which is not installed (pip install {name})")
+                raise ValueError(
+                    f"report_to: {name!r} needs the {name} package, which is not installed (pip install {name})"
+                )
         if self.optim not in SUPPORTED_OPTIMIZERS:
-            raise ValueError(f"optim: expected one of {SUPPORTED_OPTIMIZERS}, got {getattr(self.optim, 'value', self.optim)!r}")
+            raise ValueError(
+                f"optim: expected one of {SUPPORTED_OPTIMIZERS}, got {getattr(self.optim, 'value', self.optim)!r}"
+            )
         if self.save_strategy not in ("no", "steps", "epoch"):
             raise ValueError(f"save_strategy: expected 'no', 'steps' or 'epoch', got {self.save_strategy.value!r}")
         if self.logging_dir is None:
@@ -212,8 +270,13 @@ def coerce(value, tp, name: str):
         if parsed is None and type(None) in members:
             return None
         for member in members:  # an exact type match first, then conversions
-            if member is not type(None) and typing.get_origin(member) is None and isinstance(member, type) \
-                    and isinstance(parsed, member) and not (member is int and isinstance(parsed, bool)):
+            if (
+                member is not type(None)
+                and typing.get_origin(member) is None
+                and isinstance(member, type)
+                and isinstance(parsed, member)
+                and not (member is int and isinstance(parsed, bool))
+            ):
                 return parsed
         for member in members:
             if member is type(None):

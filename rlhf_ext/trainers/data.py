@@ -1,4 +1,5 @@
 """Datasets for the trainers: loading, prompt/chat tokenisation, padding, and resumable batch order."""
+
 import math
 from typing import Optional
 
@@ -7,8 +8,10 @@ import torch
 
 def is_conversational(value) -> bool:
     """A list of {"role": ..., "content": ...} messages."""
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
     )
 
 
@@ -53,15 +56,18 @@ def as_dataset(data, name: str):
         return datasets.Dataset.from_list(data)
     if isinstance(data, dict):
         return datasets.Dataset.from_dict(data)
-    raise TypeError(f"{name}: expected a datasets.Dataset, a list of dicts or a dict of columns, got {type(data).__name__}")
+    raise TypeError(
+        f"{name}: expected a datasets.Dataset, a list of dicts or a dict of columns, got {type(data).__name__}"
+    )
 
 
 def _decode_line(raw: bytes, path: str, number: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}, line {number}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
-                         f"{err.start + 1})") from None
+        raise ValueError(
+            f"{path}, line {number}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})"
+        ) from None
 
 
 def _check_finite_row(row: dict, where: str):
@@ -143,7 +149,9 @@ def load_local_dataset(path: str, split: str = "train"):
         raise FileNotFoundError(f"dataset: {path!r} does not exist (only local files and folders are supported)")
     lines = None
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(
+            os.path.join(path, "dataset_dict.json")
+        ):
             data = datasets.load_from_disk(path)
         else:
             data = datasets.load_dataset(path)
@@ -151,7 +159,9 @@ def load_local_dataset(path: str, split: str = "train"):
         ext = os.path.splitext(path)[1].lower().lstrip(".")
         builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
         if builder is None:
-            raise ValueError(f"dataset: {path!r} has an unsupported extension; expected .jsonl, .json, .parquet or .csv")
+            raise ValueError(
+                f"dataset: {path!r} has an unsupported extension; expected .jsonl, .json, .parquet or .csv"
+            )
         if builder == "json":
             lines = _json_records(path)
         if os.path.getsize(path) == 0 or lines == []:
@@ -202,11 +212,13 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length=None, num_proc=None, 
     """Adds `input_ids` from the `prompt` column (or checks pre-tokenized `input_ids`)."""
     columns = dataset.column_names
     if "prompt" in columns:
+
         def tokenize(row, index):
             prompt = row["prompt"]
             if not (isinstance(prompt, str) or is_conversational(prompt)):
-                raise ValueError(f"{name}: row {index}: column 'prompt' must be text or chat messages, "
-                                 f"got {type(prompt).__name__}")
+                raise ValueError(
+                    f"{name}: row {index}: column 'prompt' must be text or chat messages, got {type(prompt).__name__}"
+                )
             ids = prompt_ids(tokenizer, prompt, max_prompt_length)
             if not ids:  # generation needs at least one token to continue
                 raise ValueError(f"{name}: row {index}: column 'prompt' is empty (it gives no tokens)")
@@ -218,7 +230,8 @@ def tokenize_prompts(dataset, tokenizer, max_prompt_length=None, num_proc=None, 
             return dataset.map(lambda row: {"input_ids": row["input_ids"][-max_prompt_length:]}, num_proc=num_proc)
         return dataset
     raise ValueError(
-        f"{name}: expected a 'prompt' column (text or chat messages) or pre-tokenized 'input_ids'; got columns {columns}"
+        f"{name}: expected a 'prompt' column (text or chat messages) or pre-tokenized 'input_ids'; "
+        f"got columns {columns}"
     )
 
 

@@ -14,9 +14,9 @@ With an FSDP config (accelerate's, or fsdp=/fsdp_config) the policy, critic and 
 instead (rlhf_ext.trainers.sharding); the statistics above are computed the same way. DeepSpeed configs are
 refused when the trainer config is built (rlhf_ext.trainers.config).
 """
+
 import torch
 import torch.distributed as td
-
 
 # Gradients are all-reduced in flat buckets of at most this many elements (fewer, larger messages).
 _BUCKET_NUMEL = 32 * 1024 * 1024
@@ -32,12 +32,15 @@ class Distributed:
         if self.world_size > 1:
             if not multi_process:
                 raise ValueError(
-                    f"{trainer_name}: runs in a single process, but {self.world_size} were launched (torchrun / accelerate "
+                    f"{trainer_name}: runs in a single process, but {self.world_size} were launched "
+                    "(torchrun / accelerate "
                     "launch). Launch it with one process; PPOTrainer and GRPOTrainer/RLOOTrainer support several."
                 )
             if not td.is_initialized():
-                raise RuntimeError(f"{trainer_name}: WORLD_SIZE={self.world_size} but no torch.distributed process group "
-                                   "is initialised; launch with torchrun or accelerate launch")
+                raise RuntimeError(
+                    f"{trainer_name}: WORLD_SIZE={self.world_size} but no torch.distributed process group "
+                    "is initialised; launch with torchrun or accelerate launch"
+                )
         self.device = torch.device("cpu") if torch.device(args.device).type == "cpu" else args.device
 
     @property
@@ -130,8 +133,9 @@ class Distributed:
                 offset += grad.numel()
 
 
-def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, dist: Distributed, shift_mean: bool = True,
-                         eps: float = 1e-8) -> torch.Tensor:
+def global_masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, dist: Distributed, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """`masked_whiten` with the mean and unbiased variance taken over the real tokens of every rank.
     One process: the fused op itself. Several: the moments are all-reduced (sum, sum of squares around a
     shared mean, count) and the same formula is applied: (x - mean) * rsqrt(var + eps), 0 where masked."""

@@ -20,6 +20,7 @@ One optimizer step, top to bottom (`train` -> `generate_and_score` -> `compute_a
                          whitened over every real token of the global batch. No KL term in the loss.
   reinforce_pp_baseline  the same with r - mean of its group in place of r (REINFORCE++-baseline).
 """
+
 import copy
 import json
 import os
@@ -54,13 +55,30 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
     progress_keys = {"reward": "reward", "kl": "kl"}
     supports_multi_process = True
 
-    def __init__(self, model, reward_funcs, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
-                 reward_processing_classes=None, callbacks=None, optimizers=(None, None), peft_config=None):
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
         if model is None:
             raise ValueError("model: required (a causal LM or a local path)")
         if args is None:
-            name = model if isinstance(model, (str, os.PathLike)) else getattr(model.config, "_name_or_path", "") or "model"
-            args = self.config_class(output_dir=f"{os.path.basename(str(name).rstrip('/'))}-{self.config_class.__name__[:-6]}")
+            name = (
+                model
+                if isinstance(model, (str, os.PathLike))
+                else getattr(model.config, "_name_or_path", "") or "model"
+            )
+            args = self.config_class(
+                output_dir=f"{os.path.basename(str(name).rstrip('/'))}-{self.config_class.__name__[:-6]}"
+            )
         if not isinstance(args, self.config_class):
             raise TypeError(f"args: expected a {self.config_class.__name__}, got {type(args).__name__}")
         if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
@@ -74,10 +92,15 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
         ref = copy.deepcopy(policy) if args.beta > 0 and not is_peft_model(policy) else None
         self.policy = self.prepare_model(policy, trainable=True)
         self.ref_model = self.prepare_model(ref, trainable=False) if ref is not None else None
-        self.reward_sources = self.build_reward_sources(None, reward_funcs, allow_none=True,
-                                                        reward_processing_classes=reward_processing_classes)
-        self.load_datasets(train_dataset, eval_dataset, self.tokenize_prompt_dataset,
-                           expected="a 'prompt' column, text or chat messages")
+        self.reward_sources = self.build_reward_sources(
+            None, reward_funcs, allow_none=True, reward_processing_classes=reward_processing_classes
+        )
+        self.load_datasets(
+            train_dataset,
+            eval_dataset,
+            self.tokenize_prompt_dataset,
+            expected="a 'prompt' column, text or chat messages",
+        )
         self._optimizers = optimizers
         self.buffer, self.buffer_round = None, None
         self.last_completions = []
@@ -123,8 +146,10 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
             return
         saved = torch.load(file, weights_only=False)
         if len(saved["processes"]) != self.dist.world_size:
-            raise ValueError(f"resume_from_checkpoint: {path} was saved mid generation round by {len(saved['processes'])} "
-                             f"processes; resume it with that many (now {self.dist.world_size})")
+            raise ValueError(
+                f"resume_from_checkpoint: {path} was saved mid generation round by {len(saved['processes'])} "
+                f"processes; resume it with that many (now {self.dist.world_size})"
+            )
         share = saved["processes"][self.dist.rank]
         self.buffer = SimpleNamespace(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in share.items()})
         self.buffer_round = saved["round"]
@@ -133,16 +158,25 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
     def policy_logprobs(self, ids, attn, P, return_entropy=False):
         args = self.args
         with self.autocast():
-            return self.run(self.policy, sequence_logprobs, ids, attn, P, temperature=args.temperature,
-                            return_entropy=return_entropy, fused_linear=args.fused_linear_logprobs,
-                            chunk_size=args.logprobs_chunk_size)
+            return self.run(
+                self.policy,
+                sequence_logprobs,
+                ids,
+                attn,
+                P,
+                temperature=args.temperature,
+                return_entropy=return_entropy,
+                fused_linear=args.fused_linear_logprobs,
+                chunk_size=args.logprobs_chunk_size,
+            )
 
     @torch.no_grad()
     def generate_and_score(self, rows: dict, round_index: int, row_offset: int):
         """Sample, score and compute advantages for this process's rows; returns (buffer, metrics)."""
         args, dist = self.args, self.dist
-        rollout, prompt_mask, attn, time_rollout = self.roll_out(rows, step=round_index, row_offset=row_offset,
-                                                                 chunk_size=args.generation_chunk_size)
+        rollout, prompt_mask, attn, time_rollout = self.roll_out(
+            rows, step=round_index, row_offset=row_offset, chunk_size=args.generation_chunk_size
+        )
         timer = time.perf_counter()
         P, ids = rollout.prompt_length, rollout.sequences  # (B, P + R)
         response_mask = rollout.response_mask.float()  # (B, R): 1 up to and including EOS
@@ -157,16 +191,32 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
         all_scores = dist.all_gather(scores.float())  # (N,) every process's rewards, in global row order
         advantages = self.compute_advantages(scores, all_scores, response_mask, old_logprobs, ref_logprobs, row_offset)
         loss_mask = response_mask * rollout.finished[:, None] if args.mask_truncated_completions else response_mask
-        metrics = self.rollout_metrics(all_scores, dist.all_gather(per_source.to(self.device)),
-                                       dist.all_gather(response_mask.sum(1)), dist.all_gather(rollout.finished.long()).bool())
+        metrics = self.rollout_metrics(
+            all_scores,
+            dist.all_gather(per_source.to(self.device)),
+            dist.all_gather(response_mask.sum(1)),
+            dist.all_gather(rollout.finished.long()).bool(),
+        )
         metrics.update({"time/rollout": time_rollout, "time/scoring": time.perf_counter() - timer})
         if args.log_completions:
             prompts, completions, _ = self.decode_completions(rows, rollout)
-            mine = [{"prompt": p, "completion": c, "reward": float(r)} for p, c, r in zip(prompts, completions, scores.tolist())]
+            mine = [
+                {"prompt": p, "completion": c, "reward": float(r)}
+                for p, c, r in zip(prompts, completions, scores.tolist())
+            ]
             self.last_completions = [row for part in dist.gather_objects(mine) for row in part]
-        buffer = SimpleNamespace(ids=ids, attn=attn, P=P, lengths=response_mask.sum(1).long(), mask=loss_mask,
-                                 advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                                 scores=scores, finished=rollout.finished)
+        buffer = SimpleNamespace(
+            ids=ids,
+            attn=attn,
+            P=P,
+            lengths=response_mask.sum(1).long(),
+            mask=loss_mask,
+            advantages=advantages,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            scores=scores,
+            finished=rollout.finished,
+        )
         return buffer, metrics
 
     def compute_advantages(self, scores, all_scores, mask, old_logprobs, ref_logprobs, row_offset):
@@ -175,7 +225,11 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
         mine = slice(row_offset, row_offset + scores.shape[0])
         if args.advantage_estimator == "grpo":
             return group_advantages(all_scores, G, args.scale_rewards)[mine, None] * mask
-        kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask if args.beta > 0 else torch.zeros_like(mask)
+        kl = (
+            kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
+            if args.beta > 0
+            else torch.zeros_like(mask)
+        )
         if args.advantage_estimator == "rloo":
             shaped = all_scores - args.beta * self.dist.all_gather(kl.sum(1))
             advantages = rloo_advantages(shaped, G)
@@ -191,8 +245,11 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
         """TRL's names, over the completions of every process."""
         G = self.args.num_generations
         group_std = group_stats(scores, G)[1]
-        metrics = {"reward": float(scores.mean()), "reward_std": float(group_std.mean()),
-                   "frac_reward_zero_std": float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean())}
+        metrics = {
+            "reward": float(scores.mean()),
+            "reward_std": float(group_std.mean()),
+            "frac_reward_zero_std": float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()),
+        }
         for i, name in enumerate(self.reward_sources.names):
             column = per_source[:, i]
             present = column[~torch.isnan(column)]
@@ -200,13 +257,17 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
             metrics[f"rewards/{name}/std"] = float(present.std()) if present.numel() > 1 else float("nan")
         lengths = lengths.float()
         done = lengths[finished]
-        metrics.update({
-            "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
-            "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float((~finished).float().mean()),
-            "completions/mean_terminated_length": float(done.mean()) if done.numel() else 0.0,
-            "completions/min_terminated_length": float(done.min()) if done.numel() else 0.0,
-            "completions/max_terminated_length": float(done.max()) if done.numel() else 0.0,
-        })
+        metrics.update(
+            {
+                "completions/mean_length": float(lengths.mean()),
+                "completions/min_length": float(lengths.min()),
+                "completions/max_length": float(lengths.max()),
+                "completions/clipped_ratio": float((~finished).float().mean()),
+                "completions/mean_terminated_length": float(done.mean()) if done.numel() else 0.0,
+                "completions/min_terminated_length": float(done.min()) if done.numel() else 0.0,
+                "completions/max_terminated_length": float(done.max()) if done.numel() else 0.0,
+            }
+        )
         return metrics
 
     # ---- one optimizer step ----
@@ -227,10 +288,19 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
             logprobs, entropy = self.policy_logprobs(ids, attn, buf.P, return_entropy=True)
             old = buf.old_logprobs[part, :R] if buf.old_logprobs is not None else logprobs.detach()
             ref = buf.ref_logprobs[part, :R] if buf.ref_logprobs is not None else None
-            out = ppo_loss(logprobs, old, buf.advantages[part, :R], mask, ref_logprobs=ref if use_kl_loss else None,
-                           cliprange=args.epsilon, cliprange_high=args.epsilon_high, kl_coef=args.beta if use_kl_loss else 0.0,
-                           kl_estimator="k3", loss_agg=args.loss_agg,
-                           loss_agg_norm=float(args.max_completion_length) if args.loss_type == "dr_grpo" else None)
+            out = ppo_loss(
+                logprobs,
+                old,
+                buf.advantages[part, :R],
+                mask,
+                ref_logprobs=ref if use_kl_loss else None,
+                cliprange=args.epsilon,
+                cliprange_high=args.epsilon_high,
+                kl_coef=args.beta if use_kl_loss else 0.0,
+                kl_estimator="k3",
+                loss_agg=args.loss_agg,
+                loss_agg_norm=float(args.max_completion_length) if args.loss_type == "dr_grpo" else None,
+            )
             tokens = mask.sum()
             if args.loss_type == "dapo":
                 weight = tokens * dist.world_size / step_tokens
@@ -240,18 +310,35 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
                 weight = (mask.sum(1) > 0).sum() * dist.world_size / step_rows
             (out.loss * weight).backward()
             with torch.no_grad():
-                kl = (kl_penalty(logprobs.detach(), ref, "k3") * mask).sum() if ref is not None else tokens.new_zeros(())
+                kl = (
+                    (kl_penalty(logprobs.detach(), ref, "k3") * mask).sum() if ref is not None else tokens.new_zeros(())
+                )
                 low, high = out.stats["clipfrac_low"] * tokens, out.stats["clipfrac_high"] * tokens
-                sums += torch.stack([out.loss.detach() * weight / dist.world_size, tokens, (entropy.detach() * mask).sum(),
-                                     kl, low, high, low + high]).double()
+                sums += torch.stack(
+                    [
+                        out.loss.detach() * weight / dist.world_size,
+                        tokens,
+                        (entropy.detach() * mask).sum(),
+                        kl,
+                        low,
+                        high,
+                        low + high,
+                    ]
+                ).double()
         grad_norm = self.clip_and_step([p for p in self.policy.parameters() if p.requires_grad])
         low_high = dist.all_gather((sums[4:6] / sums[1].clamp(min=1)).float())  # per-process clip means
         sums = dist.sum(sums)
         n = float(sums[1].clamp(min=1))
-        metrics = {"loss": float(sums[0]), "grad_norm": float(grad_norm), "entropy": float(sums[2]) / n,
-                   "clip_ratio/low_mean": float(sums[4]) / n, "clip_ratio/high_mean": float(sums[5]) / n,
-                   "clip_ratio/region_mean": float(sums[6]) / n, "clip_ratio/low_min": float(low_high[0::2].min()),
-                   "clip_ratio/high_max": float(low_high[1::2].max())}
+        metrics = {
+            "loss": float(sums[0]),
+            "grad_norm": float(grad_norm),
+            "entropy": float(sums[2]) / n,
+            "clip_ratio/low_mean": float(sums[4]) / n,
+            "clip_ratio/high_mean": float(sums[5]) / n,
+            "clip_ratio/region_mean": float(sums[6]) / n,
+            "clip_ratio/low_min": float(low_high[0::2].min()),
+            "clip_ratio/high_max": float(low_high[1::2].max()),
+        }
         if buf.ref_logprobs is not None:
             metrics["kl"] = float(sums[3]) / n
         return metrics
@@ -259,13 +346,22 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
     def train(self, resume_from_checkpoint=None):
         args = self.args
         prompts_per_round = args.generation_batch_size // args.num_generations
-        batches = StepBatches(len(self.train_dataset), prompts_per_round, args.seed if args.data_seed is None else args.data_seed,
-                              shuffle=args.shuffle_dataset)
+        batches = StepBatches(
+            len(self.train_dataset),
+            prompts_per_round,
+            args.seed if args.data_seed is None else args.data_seed,
+            shuffle=args.shuffle_dataset,
+        )
         rounds = batches.total_steps(args.num_train_epochs, 0)
         total_steps = args.max_steps if args.max_steps > 0 else rounds * self.steps_per_round
         self.create_optimizer_and_scheduler([self.policy], total_steps, self._optimizers)
-        start = self.begin_training(total_steps, batches.batches_per_epoch * self.steps_per_round, args.generation_batch_size,
-                                    resume_from_checkpoint or args.resume_from_checkpoint, self.policy)
+        start = self.begin_training(
+            total_steps,
+            batches.batches_per_epoch * self.steps_per_round,
+            args.generation_batch_size,
+            resume_from_checkpoint or args.resume_from_checkpoint,
+            self.policy,
+        )
         for step in range(start, total_steps):
             self.reporter.step_begin()
             round_index, in_round = divmod(step, self.steps_per_round)
@@ -312,10 +408,21 @@ class GRPOTrainer(RolloutMixin, BaseTrainer):
                 rows = self.eval_dataset[indices]
                 rollout, prompt_mask, attn, _ = self.roll_out(rows, step=-1 - first, row_offset=dist.rank * 1_000_003)
                 scores, _ = self.score_rollout(rows, rollout, prompt_mask, attn)
-                sums += torch.stack([scores.sum(), group_stats(scores, G)[1].sum(), rollout.response_mask.sum(),
-                                     (~rollout.finished).sum(), torch.tensor(float(len(indices)), device=self.device)]).double()
+                sums += torch.stack(
+                    [
+                        scores.sum(),
+                        group_stats(scores, G)[1].sum(),
+                        rollout.response_mask.sum(),
+                        (~rollout.finished).sum(),
+                        torch.tensor(float(len(indices)), device=self.device),
+                    ]
+                ).double()
         sums = dist.sum(sums)
         n = float(sums[4].clamp(min=1))
         self.policy.train()
-        return {"eval_reward": float(sums[0]) / n, "eval_reward_std": float(sums[1]) / n,
-                "eval_completions/mean_length": float(sums[2]) / n, "eval_completions/clipped_ratio": float(sums[3]) / n}
+        return {
+            "eval_reward": float(sums[0]) / n,
+            "eval_reward_std": float(sums[1]) / n,
+            "eval_completions/mean_length": float(sums[2]) / n,
+            "eval_completions/clipped_ratio": float(sums[3]) / n,
+        }

@@ -6,17 +6,28 @@ completions, `num_generations` per prompt; each process then takes `steps_per_ge
 from its share, `gradient_accumulation_steps` per optimizer step, `num_iterations` times over.
 TRL options we do not implement are declared with TRL's defaults and refused by name when changed.
 """
+
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
 from rlhf_ext.trainers.advantages import ESTIMATORS, SCALE_REWARDS
-from rlhf_ext.trainers.config import MULTI_PROCESS_TRAINING_ARGUMENTS, SUPPORTED_TRAINING_ARGUMENTS, TrainerConfig, require
+from rlhf_ext.trainers.config import (
+    MULTI_PROCESS_TRAINING_ARGUMENTS,
+    SUPPORTED_TRAINING_ARGUMENTS,
+    TrainerConfig,
+    require,
+)
 
 # loss_type -> ppo_loss's loss_agg. grpo: mean over sequences of each one's token mean; bnpo: token mean
 # of each micro-batch; dapo: token mean over the whole optimizer batch (all micro-batches and processes);
 # dr_grpo: token sums / max_completion_length, mean over sequences.
-LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
+LOSS_AGG = {
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dapo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+}
 
 
 def _unsupported(default, why: str):
@@ -62,12 +73,18 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
 
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
     # data and generation
-    max_prompt_length: Optional[int] = field(default=512, metadata={"help": "keep the last N prompt tokens (None: all)"})
+    max_prompt_length: Optional[int] = field(
+        default=512, metadata={"help": "keep the last N prompt tokens (None: all)"}
+    )
     num_generations: int = field(default=8, metadata={"help": "completions sampled per prompt (the group size)"})
     max_completion_length: int = field(default=256, metadata={"help": "max new tokens per completion"})
     shuffle_dataset: bool = field(default=True, metadata={"help": "shuffle the prompts each epoch"})
-    generation_batch_size: Optional[int] = field(default=None, metadata={"help": "completions per generation round, all processes together"})
-    steps_per_generation: Optional[int] = field(default=None, metadata={"help": "micro-batches per generation round (default gradient_accumulation_steps)"})
+    generation_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "completions per generation round, all processes together"}
+    )
+    steps_per_generation: Optional[int] = field(
+        default=None, metadata={"help": "micro-batches per generation round (default gradient_accumulation_steps)"}
+    )
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     top_k: Optional[int] = field(default=None, metadata={"help": "top-k sampling (None or 0: off)"})
@@ -77,21 +94,52 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
     num_iterations: int = field(default=1, metadata={"help": "updates per generated batch (mu in the GRPO paper)"})
     epsilon: float = field(default=0.2, metadata={"help": "ratio clip (lower, and upper unless epsilon_high)"})
     epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper ratio clip (DAPO's clip-higher)"})
-    reward_weights: Optional[list[float]] = field(default=None, metadata={"help": "weight of each reward function (default 1 each)"})
+    reward_weights: Optional[list[float]] = field(
+        default=None, metadata={"help": "weight of each reward function (default 1 each)"}
+    )
     # typed str like TRL's (HfArgumentParser reads a Union[str, bool] as a bool); True/False still accepted
-    scale_rewards: str = field(default="group", metadata={"help": "divide advantages by the std of the 'group', the 'batch', or 'none' (True/False: group/none)"})
-    loss_type: str = field(default="dapo", metadata={"help": "grpo | bnpo | dapo | dr_grpo: how the token losses are averaged"})
-    mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions without EOS out of the loss"})
-    log_completions: bool = field(default=False, metadata={"help": "print completions and write <output_dir>/completions.jsonl when logging"})
-    num_completions_to_print: Optional[int] = field(default=None, metadata={"help": "how many completions log_completions prints (None: all)"})
+    scale_rewards: str = field(
+        default="group",
+        metadata={
+            "help": "divide advantages by the std of the 'group', the 'batch', or 'none' (True/False: group/none)"
+        },
+    )
+    loss_type: str = field(
+        default="dapo", metadata={"help": "grpo | bnpo | dapo | dr_grpo: how the token losses are averaged"}
+    )
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "leave completions without EOS out of the loss"}
+    )
+    log_completions: bool = field(
+        default=False, metadata={"help": "print completions and write <output_dir>/completions.jsonl when logging"}
+    )
+    num_completions_to_print: Optional[int] = field(
+        default=None, metadata={"help": "how many completions log_completions prints (None: all)"}
+    )
     # extras
-    advantage_estimator: str = field(default="grpo", metadata={"help": "extra: grpo | rloo | reinforce_pp | reinforce_pp_baseline (see rlhf_ext.trainers.grpo)"})
-    kl_estimator: str = field(default="k1", metadata={"help": "extra: KL estimator folded into the reward by rloo / reinforce_pp ('k1' or 'k3')"})
-    normalize_advantages: bool = field(default=False, metadata={"help": "extra (TRL RLOO's): whiten rloo advantages over the batch"})
-    generation_chunk_size: Optional[int] = field(default=None, metadata={"help": "extra: completions per generate() call (None: a process's whole share)"})
-    local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "extra: rows per no-grad forward (old/ref log-probs)"})
-    fused_linear_logprobs: bool = field(default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"})
-    logprobs_chunk_size: Optional[int] = field(default=None, metadata={"help": "extra: vocabulary chunk of the fused op"})
+    advantage_estimator: str = field(
+        default="grpo",
+        metadata={"help": "extra: grpo | rloo | reinforce_pp | reinforce_pp_baseline (see rlhf_ext.trainers.grpo)"},
+    )
+    kl_estimator: str = field(
+        default="k1",
+        metadata={"help": "extra: KL estimator folded into the reward by rloo / reinforce_pp ('k1' or 'k3')"},
+    )
+    normalize_advantages: bool = field(
+        default=False, metadata={"help": "extra (TRL RLOO's): whiten rloo advantages over the batch"}
+    )
+    generation_chunk_size: Optional[int] = field(
+        default=None, metadata={"help": "extra: completions per generate() call (None: a process's whole share)"}
+    )
+    local_rollout_forward_batch_size: int = field(
+        default=64, metadata={"help": "extra: rows per no-grad forward (old/ref log-probs)"}
+    )
+    fused_linear_logprobs: bool = field(
+        default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"}
+    )
+    logprobs_chunk_size: Optional[int] = field(
+        default=None, metadata={"help": "extra: vocabulary chunk of the fused op"}
+    )
 
     _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | MULTI_PROCESS_TRAINING_ARGUMENTS
 
@@ -109,11 +157,27 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
         require(self, "scale_rewards", self.scale_rewards in SCALE_REWARDS, f"one of {SCALE_REWARDS} (or True/False)")
         require(self, "loss_type", self.loss_type in LOSS_AGG, f"one of {tuple(LOSS_AGG)}")
         require(self, "kl_estimator", self.kl_estimator in ("k1", "k3"), "'k1' or 'k3'")
-        min_generations = 1 if self.advantage_estimator.startswith("reinforce_pp") and self.advantage_estimator != "reinforce_pp_baseline" else 2
-        require(self, "num_generations", isinstance(self.num_generations, int) and self.num_generations >= min_generations,
-                f"an integer >= {min_generations} with advantage_estimator={self.advantage_estimator!r}")
-        require(self, "max_completion_length", self.max_completion_length is not None and self.max_completion_length >= 1, "an integer >= 1")
-        require(self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, "None or >= 1")
+        min_generations = (
+            1
+            if self.advantage_estimator.startswith("reinforce_pp")
+            and self.advantage_estimator != "reinforce_pp_baseline"
+            else 2
+        )
+        require(
+            self,
+            "num_generations",
+            isinstance(self.num_generations, int) and self.num_generations >= min_generations,
+            f"an integer >= {min_generations} with advantage_estimator={self.advantage_estimator!r}",
+        )
+        require(
+            self,
+            "max_completion_length",
+            self.max_completion_length is not None and self.max_completion_length >= 1,
+            "an integer >= 1",
+        )
+        require(
+            self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, "None or >= 1"
+        )
         require(self, "num_iterations", self.num_iterations >= 1, "an integer >= 1")
         require(self, "temperature", self.temperature > 0, "a value > 0")
         require(self, "top_k", self.top_k >= 0, "None or an integer >= 0")
@@ -122,33 +186,55 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
         require(self, "beta", self.beta >= 0, "a value >= 0")
         require(self, "epsilon", 0.0 < self.epsilon < 1.0, "a value in (0, 1)")
         require(self, "epsilon_high", self.epsilon_high is None or self.epsilon_high > 0, "None or a value > 0")
-        require(self, "generation_chunk_size", self.generation_chunk_size is None or self.generation_chunk_size >= 1, "None or >= 1")
+        require(
+            self,
+            "generation_chunk_size",
+            self.generation_chunk_size is None or self.generation_chunk_size >= 1,
+            "None or >= 1",
+        )
         require(self, "local_rollout_forward_batch_size", self.local_rollout_forward_batch_size >= 1, "an integer >= 1")
-        require(self, "num_completions_to_print", self.num_completions_to_print is None or self.num_completions_to_print >= 0, "None or >= 0")
+        require(
+            self,
+            "num_completions_to_print",
+            self.num_completions_to_print is None or self.num_completions_to_print >= 0,
+            "None or >= 0",
+        )
         self._check_batch_layout()
 
     def _check_batch_layout(self):
         per_step = self.per_device_train_batch_size * self.world_size  # completions per micro-step, all processes
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
-            if self.generation_batch_size != per_step * self.steps_per_generation:  # a config rebuilt from a checked one passes
-                raise ValueError("generation_batch_size and steps_per_generation: set at most one (each determines the other)")
+            if (
+                self.generation_batch_size != per_step * self.steps_per_generation
+            ):  # a config rebuilt from a checked one passes
+                raise ValueError(
+                    "generation_batch_size and steps_per_generation: set at most one (each determines the other)"
+                )
         elif self.generation_batch_size is not None:
-            require(self, "generation_batch_size", self.generation_batch_size % per_step == 0,
-                    f"a multiple of per_device_train_batch_size x processes = {per_step}")
+            require(
+                self,
+                "generation_batch_size",
+                self.generation_batch_size % per_step == 0,
+                f"a multiple of per_device_train_batch_size x processes = {per_step}",
+            )
             self.steps_per_generation = self.generation_batch_size // per_step
         if self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
-        require(self, "steps_per_generation", self.steps_per_generation >= 1
-                and self.steps_per_generation % self.gradient_accumulation_steps == 0,
-                f"a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps}), so that every optimizer "
-                "step uses completions of one generation round")
+        require(
+            self,
+            "steps_per_generation",
+            self.steps_per_generation >= 1 and self.steps_per_generation % self.gradient_accumulation_steps == 0,
+            f"a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps}), so that every optimizer "
+            "step uses completions of one generation round",
+        )
         self.generation_batch_size = per_step * self.steps_per_generation
         if self.generation_batch_size % self.num_generations:
             possible = [g for g in range(2, self.generation_batch_size + 1) if self.generation_batch_size % g == 0]
             raise ValueError(
-                f"num_generations: {self.num_generations} does not divide the generation batch of {self.generation_batch_size} "
-                f"completions (per_device_train_batch_size {self.per_device_train_batch_size} x {self.world_size} processes x "
-                f"steps_per_generation {self.steps_per_generation}); with this batch num_generations can be one of {possible}"
+                f"num_generations: {self.num_generations} does not divide the generation batch of "
+                f"{self.generation_batch_size} completions (per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} x {self.world_size} processes x steps_per_generation "
+                f"{self.steps_per_generation}); with this batch num_generations can be one of {possible}"
             )
 
     # ---- names the shared rollout code reads (PPOConfig has them as fields) ----

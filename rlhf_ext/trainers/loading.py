@@ -1,5 +1,6 @@
 """Loading the models and tokenizers a trainer is given as local paths, refusing the wrong kind of checkpoint
 by name: a causal LM where a trained score head is needed, a sequence classifier where a policy is."""
+
 import json
 import os
 from typing import Optional
@@ -35,21 +36,27 @@ def check_model_kind(architectures: list, kind: str, name: str, what: str, fresh
     be random) or a sequence classifier as a policy (its LM head would be random)."""
     if not architectures or any(a.endswith(_HEAD_SUFFIXES[kind]) for a in architectures):
         return
-    expected = {"causal_lm": "a causal LM (e.g. LlamaForCausalLM)",
-                "sequence_classification": "a sequence classifier with num_labels=1 "
-                                           "(e.g. LlamaForSequenceClassification)"}
+    expected = {
+        "causal_lm": "a causal LM (e.g. LlamaForCausalLM)",
+        "sequence_classification": "a sequence classifier with num_labels=1 (e.g. LlamaForSequenceClassification)",
+    }
     if kind == "sequence_classification" and any(a.endswith("ForCausalLM") for a in architectures):
         if fresh_head_ok:
             return
-        raise ValueError(f"{name}: {what} is a causal LM ({architectures[0]}), so its score head would be random; "
-                         f"expected {expected[kind]}, e.g. one trained with `rlhf-ext train reward`")
+        raise ValueError(
+            f"{name}: {what} is a causal LM ({architectures[0]}), so its score head would be random; "
+            f"expected {expected[kind]}, e.g. one trained with `rlhf-ext train reward`"
+        )
     if kind == "causal_lm" and any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise ValueError(f"{name}: {what} is a sequence classifier ({architectures[0]}), so its LM head would be "
-                         f"random; expected {expected[kind]}")
+        raise ValueError(
+            f"{name}: {what} is a sequence classifier ({architectures[0]}), so its LM head would be "
+            f"random; expected {expected[kind]}"
+        )
 
 
-def load_model(model, kind: str, args: TrainerConfig, name: str = "model", fresh_head_ok: Optional[bool] = None,
-               **extra_kwargs):
+def load_model(
+    model, kind: str, args: TrainerConfig, name: str = "model", fresh_head_ok: Optional[bool] = None, **extra_kwargs
+):
     """`model` as a loaded `PreTrainedModel` (returned as is) or a local path loaded with the Auto class
     for `kind` ("causal_lm" or "sequence_classification"). A checkpoint of the other kind is refused, except
     that `fresh_head_ok` (default: for `name` "model" and "value_model") lets a causal LM start a sequence
@@ -62,8 +69,10 @@ def load_model(model, kind: str, args: TrainerConfig, name: str = "model", fresh
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"{name}: expected a model or a local path, got {type(model).__name__}")
     if not os.path.isdir(model):
-        raise FileNotFoundError(f"{name}: {str(model)!r} does not exist or is not a folder "
-                                "(expected a local model folder; hub names are not downloaded)")
+        raise FileNotFoundError(
+            f"{name}: {str(model)!r} does not exist or is not a folder "
+            "(expected a local model folder; hub names are not downloaded)"
+        )
     try:
         architectures = checkpoint_architectures(model)
     except (FileNotFoundError, ValueError) as err:
@@ -85,12 +94,16 @@ def load_tokenizer(processing_class, model_path=None, name: str = "processing_cl
         return processing_class
     if isinstance(model_path, (str, os.PathLike)) and os.path.isdir(model_path):
         if not any(os.path.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
-            raise ValueError(f"{name}: {str(model_path)!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); "
-                             "pass one, or save it there with tokenizer.save_pretrained(...)")
+            raise ValueError(
+                f"{name}: {str(model_path)!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); "
+                "pass one, or save it there with tokenizer.save_pretrained(...)"
+            )
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(model_path)
     if isinstance(model_path, (str, os.PathLike)):
-        raise FileNotFoundError(f"{name}: none given, and the model path {str(model_path)!r} does not exist or is not "
-                                "a folder (expected a local model folder)")
+        raise FileNotFoundError(
+            f"{name}: none given, and the model path {str(model_path)!r} does not exist or is not "
+            "a folder (expected a local model folder)"
+        )
     raise ValueError(f"{name}: required when the model is not given as a local path that holds a tokenizer")

@@ -2,6 +2,7 @@
 with the adapter switched off as the frozen reference (no second copy of the weights), save the adapter
 alone or merged into the base weights.
 """
+
 import copy
 import os
 
@@ -24,15 +25,19 @@ def apply_peft(model: torch.nn.Module, peft_config, name: str = "model") -> torc
     from peft import PeftConfig, get_peft_model
 
     if not isinstance(peft_config, PeftConfig):
-        raise TypeError(f"peft_config: expected a peft.PeftConfig (e.g. peft.LoraConfig(...)), got {type(peft_config).__name__}")
+        raise TypeError(
+            f"peft_config: expected a peft.PeftConfig (e.g. peft.LoraConfig(...)), got {type(peft_config).__name__}"
+        )
     if getattr(peft_config, "is_prompt_learning", False):
         raise ValueError(
             f"peft_config: {type(peft_config).__name__} is a prompt-learning adapter (virtual tokens); the trainers "
             "support weight adapters such as LoraConfig"
         )
     if is_peft_model(model):
-        raise ValueError(f"{name}: already carries a peft adapter; pass the base model with peft_config, or the "
-                         "PeftModel without peft_config")
+        raise ValueError(
+            f"{name}: already carries a peft adapter; pass the base model with peft_config, or the "
+            "PeftModel without peft_config"
+        )
     return get_peft_model(model, peft_config)
 
 
@@ -70,7 +75,9 @@ def load_adapter_weights(model, folder: str) -> bool:
 
     path = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint: {folder} has no adapter_model.safetensors (was it saved from a peft model?)")
+        raise FileNotFoundError(
+            f"checkpoint: {folder} has no adapter_model.safetensors (was it saved from a peft model?)"
+        )
     result = set_peft_model_state_dict(model, load_file(path))
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:

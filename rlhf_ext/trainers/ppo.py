@@ -13,6 +13,7 @@ normalisation, whitening, the KL controller, early stopping and the metrics use 
 processes, and gradients are averaged across them (rlhf_ext.trainers.distributed).
 With `peft_config` only the adapter trains and the reference policy is the policy with the adapter disabled.
 """
+
 import copy
 import time
 from types import SimpleNamespace
@@ -22,8 +23,16 @@ import torch
 from torch import nn
 from transformers import TrainerState
 
-from rlhf_ext.models.heads import (ValueHead, critic_from_causal_lm, hidden_states, last_token_index,
-                                   logprobs_and_values, position_ids_from_mask, score_head, token_values)
+from rlhf_ext.models.heads import (
+    ValueHead,
+    critic_from_causal_lm,
+    hidden_states,
+    last_token_index,
+    logprobs_and_values,
+    position_ids_from_mask,
+    score_head,
+    token_values,
+)
 from rlhf_ext.models.logprobs import sequence_logprobs
 from rlhf_ext.ops import gae, kl_penalty, masked_var, ppo_loss
 from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
@@ -43,10 +52,24 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
     progress_keys = {"reward": "objective/scores", "kl": "objective/kl"}
     supports_multi_process = True
 
-    def __init__(self, args: PPOConfig, processing_class=None, model=None, ref_model=None, reward_model=None,
-                 train_dataset=None, value_model=None, data_collator=None, eval_dataset=None,
-                 optimizers=(None, None), callbacks=None, peft_config=None, *, reward_funcs=None,
-                 reward_processing_class=None):
+    def __init__(
+        self,
+        args: PPOConfig,
+        processing_class=None,
+        model=None,
+        ref_model=None,
+        reward_model=None,
+        train_dataset=None,
+        value_model=None,
+        data_collator=None,
+        eval_dataset=None,
+        optimizers=(None, None),
+        callbacks=None,
+        peft_config=None,
+        *,
+        reward_funcs=None,
+        reward_processing_class=None,
+    ):
         if not isinstance(args, PPOConfig):
             raise TypeError(f"args: expected a PPOConfig, got {type(args).__name__}")
         if model is None:
@@ -82,7 +105,9 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         # With LoRA only the policy gets the adapter; the critic is trained in full (or is the value head).
         if args.shared_critic:
             if value_model is not None:
-                raise ValueError("value_model: must be None with shared_critic=True (the value head lives on the policy)")
+                raise ValueError(
+                    "value_model: must be None with shared_critic=True (the value head lives on the policy)"
+                )
             self.critic = ValueHead(policy.config.get_text_config().hidden_size).to(self.device)
         else:
             if value_model is not None:
@@ -90,7 +115,9 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             elif reward_model_obj is not None:
                 critic = copy.deepcopy(reward_model_obj)
             else:
-                critic = critic_from_causal_lm(copy.deepcopy(policy).merge_and_unload() if is_peft_model(policy) else policy)
+                critic = critic_from_causal_lm(
+                    copy.deepcopy(policy).merge_and_unload() if is_peft_model(policy) else policy
+                )
             self.critic = self.prepare_model(critic.requires_grad_(True), trainable=True)
         self.policy = self.prepare_model(self.apply_peft(policy, peft_config), trainable=True)
 
@@ -98,14 +125,21 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         if args.total_episodes is None:  # as TRL does, so that args.num_total_batches is known from here on
             args.total_episodes = int(args.num_train_epochs * len(self.train_dataset))
         self.model = PolicyAndValue(self.policy, self.critic, args.shared_critic)
-        self._state_before_training = TrainerState(is_world_process_zero=self.dist.is_main,
-                                                   is_local_process_zero=args.local_process_index == 0)
+        self._state_before_training = TrainerState(
+            is_world_process_zero=self.dist.is_main, is_local_process_zero=args.local_process_index == 0
+        )
         self.kl_coef = args.kl_coef
         self._optimizers = optimizers
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
         self.dist.broadcast_parameters([self.policy, self.critic, self.ref_model])  # the reference too: it must match
-        self.shard_models({"model": self.policy, "ref_model": self.ref_model,
-                           "value_model": None if args.shared_critic else self.critic}, optimizers)
+        self.shard_models(
+            {
+                "model": self.policy,
+                "ref_model": self.ref_model,
+                "value_model": None if args.shared_critic else self.critic,
+            },
+            optimizers,
+        )
 
     # ---- what TRL's PPOTrainer (a transformers.Trainer) offers scripts and callbacks ----
     @property
@@ -163,11 +197,28 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         args = self.args
         with self.autocast():
             if args.shared_critic:
-                return self.run(self.policy, logprobs_and_values, self.critic, ids, attn, P, args.temperature,
-                                return_entropy, args.logprobs_chunk_size)
-            out = self.run(self.policy, sequence_logprobs, ids, attn, P, temperature=args.temperature,
-                           return_entropy=return_entropy, fused_linear=args.fused_linear_logprobs,
-                           chunk_size=args.logprobs_chunk_size)
+                return self.run(
+                    self.policy,
+                    logprobs_and_values,
+                    self.critic,
+                    ids,
+                    attn,
+                    P,
+                    args.temperature,
+                    return_entropy,
+                    args.logprobs_chunk_size,
+                )
+            out = self.run(
+                self.policy,
+                sequence_logprobs,
+                ids,
+                attn,
+                P,
+                temperature=args.temperature,
+                return_entropy=return_entropy,
+                fused_linear=args.fused_linear_logprobs,
+                chunk_size=args.logprobs_chunk_size,
+            )
             logprobs, entropy = out if return_entropy else (out, None)
             return logprobs, entropy, self.run(self.critic, token_values, ids, attn, P)
 
@@ -176,8 +227,9 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         """Rollout, scoring, per-token rewards, advantages and returns for one batch of prompts (this
         process's share of step `step`'s batch, starting at global row `row_offset`; they key the sampling)."""
         args = self.args
-        rollout, prompt_mask, attn, time_rollout = self.roll_out(rows, step=step, row_offset=row_offset,
-                                                                 chunk_size=args.local_rollout_forward_batch_size)
+        rollout, prompt_mask, attn, time_rollout = self.roll_out(
+            rows, step=step, row_offset=row_offset, chunk_size=args.local_rollout_forward_batch_size
+        )
         timer = time.perf_counter()
         P, ids = rollout.prompt_length, rollout.sequences  # (B, P + R)
         mask = rollout.response_mask.float()  # (B, R): 1 up to and including EOS
@@ -206,9 +258,22 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         advantages, returns = gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
         advantages = global_masked_whiten(advantages, mask, self.dist)
         return SimpleNamespace(
-            ids=ids, attn=attn, P=P, mask=mask, old_logprobs=old_logprobs, values=values, advantages=advantages,
-            returns=returns, rewards=rewards, kl=kl, non_score_reward=non_score_reward, scores=raw_scores, per_source=per_source,
-            finished=rollout.finished, time_rollout=time_rollout, time_scoring=time_scoring,
+            ids=ids,
+            attn=attn,
+            P=P,
+            mask=mask,
+            old_logprobs=old_logprobs,
+            values=values,
+            advantages=advantages,
+            returns=returns,
+            rewards=rewards,
+            kl=kl,
+            non_score_reward=non_score_reward,
+            scores=raw_scores,
+            per_source=per_source,
+            finished=rollout.finished,
+            time_rollout=time_rollout,
+            time_scoring=time_scoring,
         )
 
     def ppo_update(self, exp: SimpleNamespace) -> dict:
@@ -217,7 +282,10 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         params = [p for m in (self.policy, self.critic) for p in m.parameters() if p.requires_grad]
         self.policy.train()
         self.critic.train()
-        stats = {k: [] for k in ("approxkl", "clipfrac", "policy", "value", "value_clipfrac", "entropy", "ratio", "grad_norm")}
+        stats = {
+            k: []
+            for k in ("approxkl", "clipfrac", "policy", "value", "value_clipfrac", "entropy", "ratio", "grad_norm")
+        }
         # TRL's layout: B = local_batch_size rows in num_mini_batches minibatches (one optimizer step each) of
         # local_mini_batch_size rows, each as micro-batches of per_device_train_batch_size rows (the last may be short)
         B, mini = exp.ids.shape[0], args.local_mini_batch_size
@@ -235,40 +303,68 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
                     ids, attn = exp.ids[idx, : exp.P + R], exp.attn[idx, : exp.P + R]
                     logprobs, entropy, values = self.policy_forward(ids, attn, exp.P, return_entropy=True)
                     out = ppo_loss(
-                        logprobs, exp.old_logprobs[idx, :R], exp.advantages[idx, :R], exp.mask[idx, :R],
-                        values=values, old_values=exp.values[idx, :R], returns=exp.returns[idx, :R], entropy=entropy,
-                        cliprange=args.cliprange, cliprange_value=args.cliprange_value, vf_coef=args.vf_coef,
+                        logprobs,
+                        exp.old_logprobs[idx, :R],
+                        exp.advantages[idx, :R],
+                        exp.mask[idx, :R],
+                        values=values,
+                        old_values=exp.values[idx, :R],
+                        returns=exp.returns[idx, :R],
+                        entropy=entropy,
+                        cliprange=args.cliprange,
+                        cliprange_value=args.cliprange_value,
+                        vf_coef=args.vf_coef,
                         entropy_coef=args.entropy_coef,
                     )
                     (out.loss / (mini / len(rows))).backward()  # the minibatch's loss: micro-batches weighted by rows
                     # statistics stay on the device until the end of the update (no host sync per micro-batch)
-                    for key, value in (("approxkl", out.stats["approxkl"]), ("clipfrac", out.stats["clipfrac"]),
-                                       ("policy", out.policy_loss), ("value", out.value_loss), ("entropy", out.entropy),
-                                       ("value_clipfrac", out.stats["value_clipfrac"]), ("ratio", out.stats["ratio_mean"])):
+                    for key, value in (
+                        ("approxkl", out.stats["approxkl"]),
+                        ("clipfrac", out.stats["clipfrac"]),
+                        ("policy", out.policy_loss),
+                        ("value", out.value_loss),
+                        ("entropy", out.entropy),
+                        ("value_clipfrac", out.stats["value_clipfrac"]),
+                        ("ratio", out.stats["ratio_mean"]),
+                    ):
                         stats[key].append(value.detach().float())
                     minibatch_kl.append(stats["approxkl"][-1])
                 stats["grad_norm"].append(self.clip_and_step(params).float())
-                if args.early_stop_kl is not None and \
-                        self.dist.mean({"kl": float(torch.stack(minibatch_kl).mean())})["kl"] > args.early_stop_kl:
+                if (
+                    args.early_stop_kl is not None
+                    and self.dist.mean({"kl": float(torch.stack(minibatch_kl).mean())})["kl"] > args.early_stop_kl
+                ):
                     stop = True
                     break
             if stop:
                 break
         mean = self.dist.mean({k: float(torch.stack(v).mean()) for k, v in stats.items()})
         return {
-            "policy/approxkl_avg": mean["approxkl"], "policy/clipfrac_avg": mean["clipfrac"],
-            "policy/entropy_avg": mean["entropy"], "loss/policy_avg": mean["policy"], "loss/value_avg": mean["value"],
-            "val/clipfrac_avg": mean["value_clipfrac"], "val/ratio": mean["ratio"], "grad_norm": mean["grad_norm"],
+            "policy/approxkl_avg": mean["approxkl"],
+            "policy/clipfrac_avg": mean["clipfrac"],
+            "policy/entropy_avg": mean["entropy"],
+            "loss/policy_avg": mean["policy"],
+            "loss/value_avg": mean["value"],
+            "val/clipfrac_avg": mean["value_clipfrac"],
+            "val/ratio": mean["ratio"],
+            "grad_norm": mean["grad_norm"],
             "policy/early_stopped": float(stop),
         }
 
     def train(self, resume_from_checkpoint=None):
         args = self.args
-        batches = StepBatches(len(self.train_dataset), args.batch_size, args.seed if args.data_seed is None else args.data_seed)
+        batches = StepBatches(
+            len(self.train_dataset), args.batch_size, args.seed if args.data_seed is None else args.data_seed
+        )
         total_steps = args.max_steps if args.max_steps > 0 else args.num_total_batches
         self.create_optimizer_and_scheduler([self.policy, self.critic], total_steps, self._optimizers)
-        start = self.begin_training(total_steps, batches.batches_per_epoch, args.batch_size,
-                                    resume_from_checkpoint or args.resume_from_checkpoint, self.policy)
+        start = self.begin_training(
+            total_steps,
+            batches.batches_per_epoch,
+            args.batch_size,
+            resume_from_checkpoint or args.resume_from_checkpoint,
+            self.policy,
+        )
         if start == 0:  # what log() recorded before train() stays in the history
             self.state.log_history[:0] = self._state_before_training.log_history
         sample_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
@@ -283,10 +379,14 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             self.lr_scheduler.step()
 
             metrics = self.rollout_metrics(exp)
-            metrics.update({
-                "time/rollout": exp.time_rollout, "time/scoring": exp.time_scoring, "time/update": time_update,
-                "tokens_per_second": float(exp.mask.sum()) / (exp.time_rollout + exp.time_scoring + time_update),
-            })
+            metrics.update(
+                {
+                    "time/rollout": exp.time_rollout,
+                    "time/scoring": exp.time_scoring,
+                    "time/update": time_update,
+                    "tokens_per_second": float(exp.mask.sum()) / (exp.time_rollout + exp.time_scoring + time_update),
+                }
+            )
             metrics = self.dist.mean(metrics)  # every process's means, averaged (equal batch sizes)
             metrics["val/num_eos_tokens"] *= self.dist.world_size  # counts and rates add up over processes
             metrics["tokens_per_second"] *= self.dist.world_size
@@ -308,9 +408,12 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         non_score = float(exp.non_score_reward.sum(1).mean())
         scores = float(exp.scores.mean())
         metrics = {
-            "objective/kl": mean_kl, "objective/entropy": float((-exp.old_logprobs * exp.mask).sum(1).mean()),
-            "objective/non_score_reward": non_score, "objective/rlhf_reward": scores + non_score,
-            "objective/scores": scores, "val/num_eos_tokens": float(exp.finished.sum()),
+            "objective/kl": mean_kl,
+            "objective/entropy": float((-exp.old_logprobs * exp.mask).sum(1).mean()),
+            "objective/non_score_reward": non_score,
+            "objective/rlhf_reward": scores + non_score,
+            "objective/scores": scores,
+            "val/num_eos_tokens": float(exp.finished.sum()),
             "val/vf_explained_var": explained_variance(exp.values, exp.returns, exp.mask),
             "completions/mean_length": float(exp.mask.sum(1).mean()),
         }
@@ -326,11 +429,17 @@ def check_data_collator(data_collator):
 
     if data_collator is None:
         return
-    plain = isinstance(data_collator, DataCollatorWithPadding) and data_collator.padding in (True, "longest") \
-        and data_collator.max_length is None and data_collator.pad_to_multiple_of is None
+    plain = (
+        isinstance(data_collator, DataCollatorWithPadding)
+        and data_collator.padding in (True, "longest")
+        and data_collator.max_length is None
+        and data_collator.pad_to_multiple_of is None
+    )
     if not plain:
-        raise ValueError(f"data_collator: only None or a default transformers.DataCollatorWithPadding is supported "
-                         f"(PPOTrainer left-pads the prompts itself), got {data_collator!r}")
+        raise ValueError(
+            f"data_collator: only None or a default transformers.DataCollatorWithPadding is supported "
+            f"(PPOTrainer left-pads the prompts itself), got {data_collator!r}"
+        )
 
 
 class PolicyAndValue(nn.Module):

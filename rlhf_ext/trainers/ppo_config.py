@@ -7,28 +7,33 @@ optimizer step, its gradient accumulated over micro-batches of `per_device_train
 `num_total_batches` = ceil(total_episodes / batch_size) PPO steps (unless `max_steps` is set).
 TRL options we do not implement are declared with TRL's defaults and refused by name when changed.
 """
+
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rlhf_ext.trainers.config import (MULTI_PROCESS_TRAINING_ARGUMENTS, SUPPORTED_TRAINING_ARGUMENTS, TrainerConfig,
-                                      require)
-
+from rlhf_ext.trainers.config import (
+    MULTI_PROCESS_TRAINING_ARGUMENTS,
+    SUPPORTED_TRAINING_ARGUMENTS,
+    TrainerConfig,
+    require,
+)
 
 # TRL PPOConfig fields we accept only at their default, so a TRL script fails loudly, naming them: name -> why.
 # (The reason is not kept in the field metadata: HfArgumentParser passes metadata on to argparse.add_argument.)
 UNSUPPORTED_TRL_OPTIONS = {
     "model_adapter_name": "several PEFT adapters on one model; the policy trains its only adapter",
     "ref_adapter_name": "a second PEFT adapter as the reference; with LoRA the reference is the policy with its "
-                        "adapter disabled",
+    "adapter disabled",
     "ds3_gather_for_generation": "DeepSpeed ZeRO-3; under FSDP the policy's weights are always gathered for generation",
 }
 
 
 def _unsupported(default, name: str):
-    return field(default=default, metadata={"help": f"not supported ({UNSUPPORTED_TRL_OPTIONS[name]}); "
-                                                    f"must stay {default!r}"})
+    return field(
+        default=default, metadata={"help": f"not supported ({UNSUPPORTED_TRL_OPTIONS[name]}); must stay {default!r}"}
+    )
 
 
 @dataclass
@@ -44,38 +49,48 @@ class PPOConfig(TrainerConfig, _UnsupportedTRLOptions):
 
     learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (policy and critic)"})
     num_mini_batches: int = field(
-        default=1, metadata={"help": "minibatches each step's prompts are split into (one optimizer step each)"})
+        default=1, metadata={"help": "minibatches each step's prompts are split into (one optimizer step each)"}
+    )
     num_ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
     total_episodes: Optional[int] = field(
         default=None,
-        metadata={"help": "prompts to train on (PPOTrainer sets it to num_train_epochs * len(dataset) when None)"})
+        metadata={"help": "prompts to train on (PPOTrainer sets it to num_train_epochs * len(dataset) when None)"},
+    )
     local_rollout_forward_batch_size: int = field(
-        default=64, metadata={"help": "rows per no-grad forward when scoring rollouts"})
+        default=64, metadata={"help": "rows per no-grad forward when scoring rollouts"}
+    )
     num_sample_generations: int = field(
-        default=10, metadata={"help": "times to write eval samples to samples.jsonl (0: never)"})
+        default=10, metadata={"help": "times to write eval samples to samples.jsonl (0: never)"}
+    )
     response_length: int = field(default=53, metadata={"help": "max new tokens per completion"})
     max_completion_length: Optional[int] = field(
-        default=None, metadata={"help": "GRPO's name for response_length (overrides it)"})
+        default=None, metadata={"help": "GRPO's name for response_length (overrides it)"}
+    )
     max_prompt_length: Optional[int] = field(default=None, metadata={"help": "extra: keep the last N prompt tokens"})
     stop_token: Optional[str] = field(
-        default="eos", metadata={"help": "'eos': stop at the tokenizer's EOS; None: only stop_token_id"})
+        default="eos", metadata={"help": "'eos': stop at the tokenizer's EOS; None: only stop_token_id"}
+    )
     stop_token_id: Optional[int] = field(default=None, metadata={"help": "token id that ends a completion"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature (log-probs use the same)"})
     top_k: int = field(default=0, metadata={"help": "extra: top-k sampling (0: off)"})
     top_p: float = field(default=1.0, metadata={"help": "extra: nucleus sampling"})
     min_p: float = field(default=0.0, metadata={"help": "extra: min-p sampling"})
     missing_eos_penalty: Optional[float] = field(
-        default=None, metadata={"help": "subtracted from the score of completions without EOS"})
+        default=None, metadata={"help": "subtracted from the score of completions without EOS"}
+    )
     reward_weights: Optional[list[float]] = field(
-        default=None, metadata={"help": "weights of [reward_model, *reward_funcs]"})
+        default=None, metadata={"help": "weights of [reward_model, *reward_funcs]"}
+    )
     normalize_rewards: bool = field(default=False, metadata={"help": "extra: standardise the scores over the batch"})
     reward_clip: Optional[float] = field(
-        default=None, metadata={"help": "extra: clip scores to [-c, c] (after normalising)"})
+        default=None, metadata={"help": "extra: clip scores to [-c, c] (after normalising)"}
+    )
     whiten_rewards: bool = field(default=False, metadata={"help": "whiten the per-token rewards (scale only)"})
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (the initial one with target_kl)"})
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator: 'k1' or 'k3'"})
     target_kl: Optional[float] = field(
-        default=None, metadata={"help": "adaptive KL: target per-sequence KL (None: fixed kl_coef)"})
+        default=None, metadata={"help": "adaptive KL: target per-sequence KL (None: fixed kl_coef)"}
+    )
     kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL: horizon in episodes"})
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout values"})
@@ -84,41 +99,59 @@ class PPOConfig(TrainerConfig, _UnsupportedTRLOptions):
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     early_stop_kl: Optional[float] = field(
-        default=None, metadata={"help": "extra: end a step's updates once a minibatch's approx KL exceeds this"})
+        default=None, metadata={"help": "extra: end a step's updates once a minibatch's approx KL exceeds this"}
+    )
     shared_critic: bool = field(
-        default=False, metadata={"help": "extra: value head on the policy instead of a separate critic"})
+        default=False, metadata={"help": "extra: value head on the policy instead of a separate critic"}
+    )
     fused_linear_logprobs: bool = field(
-        default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"})
+        default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"}
+    )
     logprobs_chunk_size: Optional[int] = field(
-        default=None, metadata={"help": "extra: vocabulary chunk of the fused op"})
+        default=None, metadata={"help": "extra: vocabulary chunk of the fused op"}
+    )
     # TRL's example script reads these two to load its models; PPOTrainer itself takes the models as arguments.
     sft_model_path: str = field(
         default="EleutherAI/pythia-160m",
-        metadata={"help": "the policy's path, for scripts (TRL's field; the trainer takes `model`)"})
+        metadata={"help": "the policy's path, for scripts (TRL's field; the trainer takes `model`)"},
+    )
     reward_model_path: str = field(
         default="EleutherAI/pythia-160m",
-        metadata={"help": "the reward model's path, for scripts (TRL's field; the trainer takes `reward_model`)"})
+        metadata={"help": "the reward model's path, for scripts (TRL's field; the trainer takes `reward_model`)"},
+    )
 
     _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | MULTI_PROCESS_TRAINING_ARGUMENTS
 
     def __post_init__(self):
         for f in dataclasses.fields(_UnsupportedTRLOptions):
             if getattr(self, f.name) != f.default:
-                raise ValueError(f"{f.name}: {getattr(self, f.name)!r} is not supported by PPOConfig "
-                                 f"({UNSUPPORTED_TRL_OPTIONS[f.name]}); remove it (default {f.default!r})")
+                raise ValueError(
+                    f"{f.name}: {getattr(self, f.name)!r} is not supported by PPOConfig "
+                    f"({UNSUPPORTED_TRL_OPTIONS[f.name]}); remove it (default {f.default!r})"
+                )
         super().__post_init__()
         if self.max_completion_length is not None:
             self.response_length = self.max_completion_length
-        for name in ("num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length",
-                     "kl_horizon"):
+        for name in (
+            "num_mini_batches",
+            "num_ppo_epochs",
+            "local_rollout_forward_batch_size",
+            "response_length",
+            "kl_horizon",
+        ):
             require(self, name, getattr(self, name) >= 1, "an integer >= 1")
-        require(self, "num_mini_batches", self.local_batch_size % self.num_mini_batches == 0,
-                f"a divisor of local_batch_size = per_device_train_batch_size x gradient_accumulation_steps = "
-                f"{self.local_batch_size} (the prompts of one step, split into num_mini_batches minibatches)")
+        require(
+            self,
+            "num_mini_batches",
+            self.local_batch_size % self.num_mini_batches == 0,
+            f"a divisor of local_batch_size = per_device_train_batch_size x gradient_accumulation_steps = "
+            f"{self.local_batch_size} (the prompts of one step, split into num_mini_batches minibatches)",
+        )
         require(self, "num_sample_generations", self.num_sample_generations >= 0, "an integer >= 0")
         require(self, "total_episodes", self.total_episodes is None or self.total_episodes >= 1, "None or >= 1")
-        require(self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1,
-                "None or >= 1")
+        require(
+            self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, "None or >= 1"
+        )
         require(self, "stop_token", self.stop_token in (None, "eos"), "'eos' or None")
         require(self, "temperature", self.temperature > 0, "a value > 0")
         require(self, "top_k", self.top_k >= 0, "an integer >= 0")

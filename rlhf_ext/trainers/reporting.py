@@ -4,6 +4,7 @@ on_train_end). Callbacks may stop training or ask for a log/save through the `Tr
 With several processes every rank keeps the same state and fires the callbacks (as HF's Trainer does);
 only rank 0 draws the progress bar and writes metrics.jsonl / TensorBoard.
 """
+
 import json
 import math
 import os

@@ -11,6 +11,7 @@ centring (`center_rewards_coefficient`) adds c * mean((r_chosen + r_rejected)^2)
 `AutoModelForSequenceClassification` with `num_labels=1`; its backbone and `score` head are run by
 `rlhf_ext.models.heads.sequence_scores`, the same function PPO scores with.
 """
+
 import logging
 import math
 from dataclasses import dataclass, field
@@ -32,15 +33,22 @@ class RewardConfig(TrainerConfig):
     """Config of RewardTrainer (TRL field names)."""
 
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
-    max_length: Optional[int] = field(default=1024, metadata={"help": "pairs with a longer side are dropped (with a warning)"})
+    max_length: Optional[int] = field(
+        default=1024, metadata={"help": "pairs with a longer side are dropped (with a warning)"}
+    )
     center_rewards_coefficient: Optional[float] = field(
-        default=None, metadata={"help": "weight of mean((r_chosen + r_rejected)^2), which centres rewards on 0"})
+        default=None, metadata={"help": "weight of mean((r_chosen + r_rejected)^2), which centres rewards on 0"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         require(self, "max_length", self.max_length is None or self.max_length >= 2, "None or >= 2")
-        require(self, "center_rewards_coefficient",
-                self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0, "None or >= 0")
+        require(
+            self,
+            "center_rewards_coefficient",
+            self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
+            "None or >= 0",
+        )
 
 
 def _check_text(value, column: str, where: str, allow_none: bool = False):
@@ -55,8 +63,9 @@ def _check_text(value, column: str, where: str, allow_none: bool = False):
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(f"{where}: column {column!r} is not valid UTF-8 text (character {err.start}: "
-                         f"{value[err.start]!r})") from None
+        raise ValueError(
+            f"{where}: column {column!r} is not valid UTF-8 text (character {err.start}: {value[err.start]!r})"
+        ) from None
 
 
 def tokenize_pair(row: dict, tokenizer, index: int = 0, name: str = "train_dataset") -> dict:
@@ -87,8 +96,12 @@ def tokenize_pair(row: dict, tokenizer, index: int = 0, name: str = "train_datas
         raise ValueError(f"{where}: the 'tie' column must be a boolean, got {tie!r}")
     if tie and margin != 0.0:
         raise ValueError(f"{where}: a tied pair must have margin 0 (neither side is better), got margin={margin}")
-    return {"chosen_ids": encode(row["chosen"], "chosen"), "rejected_ids": encode(row["rejected"], "rejected"),
-            "margin": margin, "tie": bool(tie)}
+    return {
+        "chosen_ids": encode(row["chosen"], "chosen"),
+        "rejected_ids": encode(row["rejected"], "rejected"),
+        "margin": margin,
+        "tie": bool(tie),
+    }
 
 
 class RewardTrainer(BaseTrainer):
@@ -98,8 +111,18 @@ class RewardTrainer(BaseTrainer):
 
     progress_keys = {"loss": "loss", "acc": "accuracy"}
 
-    def __init__(self, model, args: Optional[RewardConfig] = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, callbacks=None, optimizers=(None, None), data_collator=None):
+    def __init__(
+        self,
+        model,
+        args: Optional[RewardConfig] = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        callbacks=None,
+        optimizers=(None, None),
+        data_collator=None,
+    ):
         args = args if args is not None else RewardConfig()
         if data_collator is not None:
             raise ValueError("data_collator: not supported; RewardTrainer pads pairs itself")
@@ -108,7 +131,9 @@ class RewardTrainer(BaseTrainer):
         super().__init__(args, tokenizer, callbacks)
         model = load_model(model, "sequence_classification", args, num_labels=1)
         if getattr(model.config, "num_labels", None) != 1:
-            raise ValueError(f"model: expected a sequence classifier with num_labels=1, got num_labels={model.config.num_labels}")
+            raise ValueError(
+                f"model: expected a sequence classifier with num_labels=1, got num_labels={model.config.num_labels}"
+            )
         if model.config.pad_token_id is None:  # keeps HF's own forward usable on this model after training
             model.config.pad_token_id = tokenizer.pad_token_id
         model = self.apply_peft(model, peft_config)
@@ -122,14 +147,20 @@ class RewardTrainer(BaseTrainer):
         self.load_datasets(train_dataset, eval_dataset, self._tokenize)
 
     def _tokenize(self, data, name):
-        data = data.map(lambda row, index: tokenize_pair(row, self.processing_class, index, name), with_indices=True,
-                        remove_columns=data.column_names, num_proc=self.args.dataset_num_proc)
+        data = data.map(
+            lambda row, index: tokenize_pair(row, self.processing_class, index, name),
+            with_indices=True,
+            remove_columns=data.column_names,
+            num_proc=self.args.dataset_num_proc,
+        )
         if self.args.max_length is not None:
             limit = self.args.max_length
             before = len(data)
             data = data.filter(lambda row: len(row["chosen_ids"]) <= limit and len(row["rejected_ids"]) <= limit)
             if len(data) < before:
-                logger.warning("%s: dropped %d of %d pairs longer than max_length=%d", name, before - len(data), before, limit)
+                logger.warning(
+                    "%s: dropped %d of %d pairs longer than max_length=%d", name, before - len(data), before, limit
+                )
             if len(data) == 0:
                 raise ValueError(f"{name}: every pair is longer than max_length={limit}")
         return data
@@ -139,7 +170,9 @@ class RewardTrainer(BaseTrainer):
 
     def _pair_scores(self, rows: dict):
         """(r_chosen [b], r_rejected [b], margin [b], tie [b] bool) for b pairs, in one forward over 2b sequences."""
-        ids, mask = pad(rows["chosen_ids"] + rows["rejected_ids"], self.processing_class.pad_token_id, "right", self.device)
+        ids, mask = pad(
+            rows["chosen_ids"] + rows["rejected_ids"], self.processing_class.pad_token_id, "right", self.device
+        )
         with self.autocast():
             scores = sequence_scores(self.model, ids, mask)
         b = len(rows["chosen_ids"])
@@ -186,8 +219,12 @@ class RewardTrainer(BaseTrainer):
             grad_norm = float(self.clip_and_step(list(self.model.parameters())))
             lr = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
-            metrics = {"loss": loss_sum, "grad_norm": grad_norm, "learning_rate": lr,
-                       **self._pair_metrics(torch.cat(all_chosen), torch.cat(all_rejected), torch.cat(all_tie))}
+            metrics = {
+                "loss": loss_sum,
+                "grad_norm": grad_norm,
+                "learning_rate": lr,
+                **self._pair_metrics(torch.cat(all_chosen), torch.cat(all_rejected), torch.cat(all_tie)),
+            }
             if self.end_step(metrics):
                 break
         self.end_training()
@@ -197,7 +234,11 @@ class RewardTrainer(BaseTrainer):
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
         """{"eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"} on `eval_dataset` (pairs in the
         train_dataset formats; default: the trainer's eval_dataset). `metric_key_prefix` replaces "eval"."""
-        data = self.eval_dataset if eval_dataset is None else self.prepare_dataset(eval_dataset, "eval_dataset", self._tokenize)
+        data = (
+            self.eval_dataset
+            if eval_dataset is None
+            else self.prepare_dataset(eval_dataset, "eval_dataset", self._tokenize)
+        )
         if data is None:
             raise ValueError("eval_dataset: none given to evaluate() and none passed to RewardTrainer")
         was_training = self.model.training
@@ -208,7 +249,10 @@ class RewardTrainer(BaseTrainer):
             parts.append(self._pair_scores(data[first : first + size]))
         self.model.train(was_training)
         chosen, rejected, margins, ties = (torch.cat(column) for column in zip(*parts))
-        metrics = {"loss": float(self._loss(chosen, rejected, margins, ties)), **self._pair_metrics(chosen, rejected, ties)}
+        metrics = {
+            "loss": float(self._loss(chosen, rejected, margins, ties)),
+            **self._pair_metrics(chosen, rejected, ties),
+        }
         return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
 
     def evaluate_and_log(self):

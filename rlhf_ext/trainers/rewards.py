@@ -7,6 +7,7 @@ keyword list, plus `completion_ids`. A reward model is an `AutoModelForSequenceC
 `num_labels=1`, scored at the last real token. When it does not share the policy's tokenizer, the
 completion is decoded and re-encoded with the reward model's own tokenizer.
 """
+
 import logging
 import math
 from typing import Optional
@@ -27,7 +28,9 @@ def source_name(source) -> str:
 
 
 def _same_vocab(a, b) -> bool:
-    return a is b or (a.get_vocab() == b.get_vocab() and getattr(a, "chat_template", None) == getattr(b, "chat_template", None))
+    return a is b or (
+        a.get_vocab() == b.get_vocab() and getattr(a, "chat_template", None) == getattr(b, "chat_template", None)
+    )
 
 
 class RewardSources:
@@ -38,13 +41,23 @@ class RewardSources:
     the sum, as in TRL); NaN/inf values, wrong lengths and non-numbers are errors naming the function.
     """
 
-    def __init__(self, sources: list, weights: Optional[list], processing_class, reward_processing_classes=None,
-                 forward_batch_size: int = 64, allow_none: bool = False):
+    def __init__(
+        self,
+        sources: list,
+        weights: Optional[list],
+        processing_class,
+        reward_processing_classes=None,
+        forward_batch_size: int = 64,
+        allow_none: bool = False,
+    ):
         if not sources:
             raise ValueError("reward_model / reward_funcs: at least one reward source is required")
         for i, source in enumerate(sources):
             if not (callable(source) or isinstance(source, torch.nn.Module)):
-                raise TypeError(f"reward_funcs[{i}]: expected a callable or a sequence-classification model, got {type(source).__name__}")
+                raise TypeError(
+                    f"reward_funcs[{i}]: expected a callable or a sequence-classification model, "
+                    f"got {type(source).__name__}"
+                )
         if weights is None:
             weights = [1.0] * len(sources)
         if len(weights) != len(sources):
@@ -55,7 +68,9 @@ class RewardSources:
         if reward_processing_classes is None:
             reward_processing_classes = [None] * len(sources)
         if len(reward_processing_classes) != len(sources):
-            raise ValueError(f"reward_processing_classes: expected {len(sources)} entries, got {len(reward_processing_classes)}")
+            raise ValueError(
+                f"reward_processing_classes: expected {len(sources)} entries, got {len(reward_processing_classes)}"
+            )
         self.sources = list(sources)
         self.names = [source_name(s) for s in sources]
         self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float32)
@@ -69,7 +84,9 @@ class RewardSources:
                 continue
             num_labels = getattr(source.config, "num_labels", None)
             if num_labels != 1:
-                raise ValueError(f"reward model {self.names[i]!r}: expected num_labels=1 (a scalar score), got {num_labels}")
+                raise ValueError(
+                    f"reward model {self.names[i]!r}: expected num_labels=1 (a scalar score), got {num_labels}"
+                )
             if reward_tok is not None and not _same_vocab(reward_tok, processing_class):
                 self.reward_tokenizers.append(reward_tok)
                 continue
@@ -101,8 +118,10 @@ class RewardSources:
                 texts.append(ids)
             device = sequences.device
             ids, mask = pad(texts, reward_tok.pad_token_id or 0, "right", device)
-        scores = [sequence_scores(model, ids[i : i + self.forward_batch_size], mask[i : i + self.forward_batch_size])
-                  for i in range(0, ids.shape[0], self.forward_batch_size)]
+        scores = [
+            sequence_scores(model, ids[i : i + self.forward_batch_size], mask[i : i + self.forward_batch_size])
+            for i in range(0, ids.shape[0], self.forward_batch_size)
+        ]
         return torch.cat(scores).float().cpu()
 
     def _call_function(self, index, func, prompts, completions, columns):
@@ -113,16 +132,23 @@ class RewardSources:
         if not isinstance(values, (list, tuple)):
             raise TypeError(f"reward function {name!r}: expected a list of floats, got {type(values).__name__}")
         if len(values) != len(completions):
-            raise ValueError(f"reward function {name!r}: returned {len(values)} rewards for {len(completions)} completions")
+            raise ValueError(
+                f"reward function {name!r}: returned {len(values)} rewards for {len(completions)} completions"
+            )
         out = []
         for j, v in enumerate(values):
             if v is None:
                 if not self.allow_none:
-                    raise ValueError(f"reward function {name!r}: returned None for completion {j}; this trainer needs a number for every completion")
+                    raise ValueError(
+                        f"reward function {name!r}: returned None for completion {j}; "
+                        "this trainer needs a number for every completion"
+                    )
                 out.append(math.nan)
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"reward function {name!r}: completion {j} got a {type(v).__name__} ({v!r}), expected a float")
+                raise TypeError(
+                    f"reward function {name!r}: completion {j} got a {type(v).__name__} ({v!r}), expected a float"
+                )
             if not math.isfinite(v):
                 raise ValueError(f"reward function {name!r}: returned a non-finite reward ({v}) for completion {j}")
             out.append(float(v))
@@ -135,12 +161,16 @@ class RewardSources:
         per_source = []
         for i, (source, reward_tok) in enumerate(zip(self.sources, self.reward_tokenizers)):
             if isinstance(source, torch.nn.Module):
-                per_source.append(self._score_model(source, reward_tok, prompts, completions, finished, sequences, attention_mask))
+                per_source.append(
+                    self._score_model(source, reward_tok, prompts, completions, finished, sequences, attention_mask)
+                )
             else:
                 per_source.append(self._call_function(i, source, prompts, completions, columns))
         per_source = torch.stack(per_source, dim=1)  # (B, S)
         all_none = torch.isnan(per_source).all(dim=1)
         if bool(all_none.any()):
-            logger.warning("every reward function returned None for %d completion(s); their reward is 0", int(all_none.sum()))
+            logger.warning(
+                "every reward function returned None for %d completion(s); their reward is 0", int(all_none.sum())
+            )
         total = torch.nansum(per_source * self.weights, dim=1)
         return total, per_source

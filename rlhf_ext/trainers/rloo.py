@@ -7,6 +7,7 @@ the mean r' of the other completions of its prompt. The surrogate is the same cl
 (epsilon, epsilon_high, num_iterations, loss_type) with no KL term in the loss. Everything else
 (reward functions and models, LoRA, several processes, metrics) is GRPOTrainer's.
 """
+
 from dataclasses import dataclass, field
 
 from rlhf_ext.trainers.grpo import GRPOTrainer
@@ -20,8 +21,12 @@ class RLOOConfig(GRPOConfig):
     """GRPOConfig with RLOO's defaults (TRL's RLOOConfig names)."""
 
     advantage_estimator: str = field(default="rloo", metadata={"help": "rloo (see GRPOConfig for the others)"})
-    beta: float = field(default=0.05, metadata={"help": "KL coefficient of the sequence-level KL folded into the reward"})
-    num_generations: int = field(default=2, metadata={"help": "completions per prompt (>= 2 for the leave-one-out baseline)"})
+    beta: float = field(
+        default=0.05, metadata={"help": "KL coefficient of the sequence-level KL folded into the reward"}
+    )
+    num_generations: int = field(
+        default=2, metadata={"help": "completions per prompt (>= 2 for the leave-one-out baseline)"}
+    )
 
 
 class RLOOTrainer(GRPOTrainer):

@@ -11,6 +11,7 @@ drawn with a generator seeded from (seed, step, g). A run therefore samples the 
 the number of processes it is split over (given the same chunk size), and a resumed run needs no
 generator state.
 """
+
 import dataclasses
 import json
 import os
@@ -32,7 +33,9 @@ PROMPT_COLUMNS = ("prompt", "input_ids")
 
 class RolloutMixin:
     def tokenize_prompt_dataset(self, dataset, name: str):
-        return tokenize_prompts(dataset, self.processing_class, self.args.max_prompt_length, self.args.dataset_num_proc, name)
+        return tokenize_prompts(
+            dataset, self.processing_class, self.args.max_prompt_length, self.args.dataset_num_proc, name
+        )
 
     @property
     def stop_token_id(self) -> Optional[int]:
@@ -40,18 +43,27 @@ class RolloutMixin:
             return self.args.stop_token_id
         return self.processing_class.eos_token_id if self.args.stop_token == "eos" else None
 
-    def build_reward_sources(self, reward_model, reward_funcs, reward_processing_class=None, allow_none=False,
-                             reward_processing_classes=None) -> RewardSources:
+    def build_reward_sources(
+        self, reward_model, reward_funcs, reward_processing_class=None, allow_none=False, reward_processing_classes=None
+    ) -> RewardSources:
         """[reward_model, *reward_funcs] as a RewardSources; local paths in reward_funcs load as reward models
         (with the tokenizer stored next to them). reward_processing_classes: one entry (or None) per
         reward_funcs entry, the tokenizer of a reward model that does not share the policy's."""
-        funcs = [] if reward_funcs is None else list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        funcs = (
+            []
+            if reward_funcs is None
+            else list(reward_funcs)
+            if isinstance(reward_funcs, (list, tuple))
+            else [reward_funcs]
+        )
         func_tokenizers = reward_processing_classes
         if func_tokenizers is not None and not isinstance(func_tokenizers, (list, tuple)):
             func_tokenizers = [func_tokenizers]
         if func_tokenizers is not None and len(func_tokenizers) != len(funcs):
-            raise ValueError(f"reward_processing_classes: expected {len(funcs)} entries (one per reward_funcs entry), "
-                             f"got {len(func_tokenizers)}")
+            raise ValueError(
+                f"reward_processing_classes: expected {len(funcs)} entries (one per reward_funcs entry), "
+                f"got {len(func_tokenizers)}"
+            )
         func_tokenizers = list(func_tokenizers or [None] * len(funcs))
         sources, tokenizers = [], []
         if reward_model is not None:
@@ -69,8 +81,14 @@ class RolloutMixin:
         for source in sources:
             if isinstance(source, torch.nn.Module):
                 self.prepare_model(source, trainable=False)
-        return RewardSources(sources, self.args.reward_weights, self.processing_class, tokenizers,
-                             forward_batch_size=self.args.local_rollout_forward_batch_size, allow_none=allow_none)
+        return RewardSources(
+            sources,
+            self.args.reward_weights,
+            self.processing_class,
+            tokenizers,
+            forward_batch_size=self.args.local_rollout_forward_batch_size,
+            allow_none=allow_none,
+        )
 
     @property
     def has_reference(self) -> bool:
@@ -80,17 +98,30 @@ class RolloutMixin:
         """`[B, R]` log-probs of the responses ids[:, P:] under the frozen reference policy: `ref_model`, or
         with LoRA the policy with its adapter disabled (no second copy of the weights)."""
         args = self.args
-        kwargs = dict(temperature=args.temperature, fused_linear=args.fused_linear_logprobs, chunk_size=args.logprobs_chunk_size)
+        kwargs = dict(
+            temperature=args.temperature, fused_linear=args.fused_linear_logprobs, chunk_size=args.logprobs_chunk_size
+        )
         with torch.no_grad(), self.autocast():
             if self.ref_model is not None:
                 return self.run(self.ref_model, sequence_logprobs, ids, attn, P, **kwargs)
             if not is_peft_model(self.policy):
-                raise RuntimeError("reference_logprobs: this trainer has no reference policy (no ref_model, no adapter)")
+                raise RuntimeError(
+                    "reference_logprobs: this trainer has no reference policy (no ref_model, no adapter)"
+                )
             with self.policy.disable_adapter():
                 return self.run(self.policy, sequence_logprobs, ids, attn, P, **kwargs)
 
-    def sample(self, prompt_ids, prompt_mask, *, step: int, row_offset: int = 0, chunk_size: Optional[int] = None,
-               greedy: bool = False, max_new_tokens: Optional[int] = None):
+    def sample(
+        self,
+        prompt_ids,
+        prompt_mask,
+        *,
+        step: int,
+        row_offset: int = 0,
+        chunk_size: Optional[int] = None,
+        greedy: bool = False,
+        max_new_tokens: Optional[int] = None,
+    ):
         """Completions for left-padded prompts `[B, P]`, generated `chunk_size` rows at a time; the chunk that
         starts at global row `row_offset + i` draws from a generator seeded by (seed, step, row_offset + i)."""
         args, tok = self.args, self.processing_class
@@ -102,11 +133,21 @@ class RolloutMixin:
                 rows = slice(start, start + chunk_size)
                 key = (args.seed * 1_000_003 + step) * 1_000_033 + row_offset + start
                 generator = torch.Generator(device=self.device).manual_seed(key % (2**63 - 1))
-                parts.append(generate(
-                    self.policy, prompt_ids[rows], prompt_mask[rows], max_new_tokens=max_new_tokens or args.response_length,
-                    temperature=args.temperature, top_k=1 if greedy else args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    eos_token_id=self.stop_token_id, pad_token_id=tok.pad_token_id, generator=generator,
-                ))
+                parts.append(
+                    generate(
+                        self.policy,
+                        prompt_ids[rows],
+                        prompt_mask[rows],
+                        max_new_tokens=max_new_tokens or args.response_length,
+                        temperature=args.temperature,
+                        top_k=1 if greedy else args.top_k,
+                        top_p=args.top_p,
+                        min_p=args.min_p,
+                        eos_token_id=self.stop_token_id,
+                        pad_token_id=tok.pad_token_id,
+                        generator=generator,
+                    )
+                )
         return parts[0] if len(parts) == 1 else concat_rollouts(parts, tok.pad_token_id)
 
     def roll_out(self, rows: dict, *, step: int, row_offset: int = 0, chunk_size: Optional[int] = None):
@@ -132,7 +173,9 @@ class RolloutMixin:
         completion_ids = [ids[:n] for ids, n in zip(rollout.response_ids.tolist(), lengths)]
         texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
         prompts = rows["prompt"] if "prompt" in rows else tok.batch_decode(rows["input_ids"], skip_special_tokens=True)
-        completions = [[{"role": "assistant", "content": t}] if is_conversational(p) else t for p, t in zip(prompts, texts)]
+        completions = [
+            [{"role": "assistant", "content": t}] if is_conversational(p) else t for p, t in zip(prompts, texts)
+        ]
         return prompts, completions, completion_ids
 
     def score_rollout(self, rows: dict, rollout, prompt_mask, attn):
@@ -140,13 +183,20 @@ class RolloutMixin:
         prompts, completions, completion_ids = self.decode_completions(rows, rollout)
         columns = {k: v for k, v in rows.items() if k not in PROMPT_COLUMNS}
         total, per_source = self.reward_sources(
-            prompts=prompts, completions=completions, completion_ids=completion_ids, finished=rollout.finished,
-            sequences=rollout.sequences, attention_mask=attn, columns=columns,
+            prompts=prompts,
+            completions=completions,
+            completion_ids=completion_ids,
+            finished=rollout.finished,
+            sequences=rollout.sequences,
+            attention_mask=attn,
+            columns=columns,
         )
         return total.to(self.device), per_source
 
     @torch.no_grad()
-    def generate_completions(self, dataset=None, max_rows: Optional[int] = None, greedy: bool = False, seed: Optional[int] = None):
+    def generate_completions(
+        self, dataset=None, max_rows: Optional[int] = None, greedy: bool = False, seed: Optional[int] = None
+    ):
         """Sample (or greedily decode) completions for a tokenized prompt dataset (default: eval_dataset) and
         score them. Returns [{"prompt", "completion", "score", "kl", "finished"}]. Uses its own RNG, so
         calling it never changes the training run."""
@@ -167,32 +217,50 @@ class RolloutMixin:
             rows = dataset[first : min(count, first + args.per_device_eval_batch_size)]
             prompt_ids, prompt_mask = pad(rows["input_ids"], tok.pad_token_id, "left", self.device)
             rollout = generate(
-                self.policy, prompt_ids, prompt_mask, max_new_tokens=args.response_length, temperature=args.temperature,
-                top_k=1 if greedy else args.top_k, top_p=args.top_p, min_p=args.min_p, eos_token_id=self.stop_token_id,
-                pad_token_id=tok.pad_token_id, generator=generator,
+                self.policy,
+                prompt_ids,
+                prompt_mask,
+                max_new_tokens=args.response_length,
+                temperature=args.temperature,
+                top_k=1 if greedy else args.top_k,
+                top_p=args.top_p,
+                min_p=args.min_p,
+                eos_token_id=self.stop_token_id,
+                pad_token_id=tok.pad_token_id,
+                generator=generator,
             )
             attn = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
             scores, _ = self.score_rollout(rows, rollout, prompt_mask, attn)
             mask = rollout.response_mask.float()
             with self.autocast():
-                policy_lp = sequence_logprobs(self.policy, rollout.sequences, attn, rollout.prompt_length,
-                                              temperature=args.temperature)
+                policy_lp = sequence_logprobs(
+                    self.policy, rollout.sequences, attn, rollout.prompt_length, temperature=args.temperature
+                )
             kl = [None] * len(scores)  # no reference policy (e.g. GRPO with beta = 0): no KL to report
             if self.has_reference:
                 ref_lp = self.reference_logprobs(rollout.sequences, attn, rollout.prompt_length)
                 kl = (kl_penalty(policy_lp, ref_lp, "k1") * mask).sum(1).tolist()
             prompts, completions, _ = self.decode_completions(rows, rollout)
             for i in range(len(prompts)):
-                results.append({"prompt": prompts[i], "completion": completions[i], "score": float(scores[i]),
-                                "kl": kl[i], "finished": bool(rollout.finished[i])})
+                results.append(
+                    {
+                        "prompt": prompts[i],
+                        "completion": completions[i],
+                        "score": float(scores[i]),
+                        "kl": kl[i],
+                        "finished": bool(rollout.finished[i]),
+                    }
+                )
         return results
 
     def evaluate(self) -> dict:
         """Mean score, KL to the reference (when there is one) and EOS rate of sampled completions on eval_dataset."""
         results = self.generate_completions()
         n = len(results)
-        metrics = {"eval/scores": sum(r["score"] for r in results) / n,
-                   "eval/eos_fraction": sum(r["finished"] for r in results) / n}
+        metrics = {
+            "eval/scores": sum(r["score"] for r in results) / n,
+            "eval/eos_fraction": sum(r["finished"] for r in results) / n,
+        }
         if self.has_reference:
             metrics["eval/kl"] = sum(r["kl"] for r in results) / n
         return metrics
@@ -231,5 +299,7 @@ def concat_rollouts(parts: list, pad_token_id: int):
         else:
             width = P + R if f.name == "sequences" else R
             fill = pad_token_id if f.name in ("sequences", "response_ids") else 0
-            fields[f.name] = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1]), value=fill) for v in values])
+            fields[f.name] = torch.cat(
+                [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=fill) for v in values]
+            )
     return type(parts[0])(**fields)

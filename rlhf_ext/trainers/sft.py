@@ -7,8 +7,10 @@ with the tokenizer's chat template; with `assistant_only_loss` only assistant tu
 The loss is the mean token NLL over all trained tokens of the accumulation window, computed from the
 hidden states with the fused linear+log-softmax op (no `[B, L, V]` logits).
 """
+
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -26,12 +28,17 @@ class SFTConfig(TrainerConfig):
     max_length: Optional[int] = field(default=1024, metadata={"help": "truncate tokenized examples to this length"})
     dataset_text_field: str = field(default="text", metadata={"help": "column with plain text examples"})
     completion_only_loss: Optional[bool] = field(
-        default=None, metadata={"help": "prompt/completion data: train only on the completion (None means True)"})
+        default=None, metadata={"help": "prompt/completion data: train only on the completion (None means True)"}
+    )
     assistant_only_loss: bool = field(default=False, metadata={"help": "chat data: train only on assistant turns"})
-    eos_token: Optional[str] = field(default=None, metadata={"help": "token appended to text examples (default: the tokenizer's EOS)"})
+    eos_token: Optional[str] = field(
+        default=None, metadata={"help": "token appended to text examples (default: the tokenizer's EOS)"}
+    )
     packing: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
     padding_free: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
-    fused_linear_logprobs: bool = field(default=True, metadata={"help": "loss from hidden states via the fused op (False: via the model's logits)"})
+    fused_linear_logprobs: bool = field(
+        default=True, metadata={"help": "loss from hidden states via the fused op (False: via the model's logits)"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,7 +68,9 @@ def tokenize_sft_row(row: dict, tokenizer, args: SFTConfig, formatting_func=None
                 start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
                 end_ids = chat_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
                 if ids[: len(end_ids)] != end_ids:
-                    raise ValueError("assistant_only_loss: the chat template does not render a conversation prefix as a token prefix")
+                    raise ValueError(
+                        "assistant_only_loss: the chat template does not render a conversation prefix as a token prefix"
+                    )
                 mask[start : len(end_ids)] = [1] * (len(end_ids) - start)
     elif "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
@@ -94,21 +103,36 @@ class SFTTrainer(BaseTrainer):
 
     progress_keys = {"loss": "loss"}
 
-    def __init__(self, model, args: Optional[SFTConfig] = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None,
-                 formatting_func: Optional[Callable] = None, data_collator=None):
+    def __init__(
+        self,
+        model,
+        args: Optional[SFTConfig] = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+        formatting_func: Optional[Callable] = None,
+        data_collator=None,
+    ):
         args = args if args is not None else SFTConfig()
         if data_collator is not None:
             raise ValueError("data_collator: not supported; SFTTrainer pads and masks batches itself")
         tokenizer = load_tokenizer(processing_class, model)
         require_pad_token(tokenizer)
         super().__init__(args, tokenizer, callbacks)
-        self.model = self.prepare_model(self.apply_peft(load_model(model, "causal_lm", args), peft_config), trainable=True)
+        self.model = self.prepare_model(
+            self.apply_peft(load_model(model, "causal_lm", args), peft_config), trainable=True
+        )
         self._optimizers = optimizers
 
         def tokenize(data, name):
-            return data.map(lambda row: tokenize_sft_row(row, tokenizer, args, formatting_func),
-                            remove_columns=data.column_names, num_proc=args.dataset_num_proc)
+            return data.map(
+                lambda row: tokenize_sft_row(row, tokenizer, args, formatting_func),
+                remove_columns=data.column_names,
+                num_proc=args.dataset_num_proc,
+            )
 
         self.load_datasets(train_dataset, eval_dataset, tokenize)
 
@@ -135,7 +159,9 @@ class SFTTrainer(BaseTrainer):
             ids, mask, labels = self._batch(rows)
             num_tokens = int((labels[:, 1:] != -100).sum())  # the loss is a mean over the whole window
             if num_tokens == 0:
-                raise ValueError(f"step {step}: no trained token in the batch (is completion_only_loss masking everything?)")
+                raise ValueError(
+                    f"step {step}: no trained token in the batch (is completion_only_loss masking everything?)"
+                )
             loss_sum = 0.0
             for start_row in range(0, ids.shape[0], micro):
                 part = slice(start_row, start_row + micro)
@@ -145,7 +171,12 @@ class SFTTrainer(BaseTrainer):
             grad_norm = float(self.clip_and_step(list(self.model.parameters())))
             lr = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
-            metrics = {"loss": loss_sum / num_tokens, "grad_norm": grad_norm, "learning_rate": lr, "num_tokens": num_tokens}
+            metrics = {
+                "loss": loss_sum / num_tokens,
+                "grad_norm": grad_norm,
+                "learning_rate": lr,
+                "num_tokens": num_tokens,
+            }
             if self.end_step(metrics):
                 break
         self.end_training()

@@ -30,10 +30,11 @@ reduce-scattered after backward. Generation runs with the whole model gathered (
 inside it no collective runs, so ranks may take different numbers of decode steps (like TRL's
 `ds3_gather_for_generation`). Reward models are frozen and small next to the policy: they stay replicated.
 """
+
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ from rlhf_ext.trainers.config import env_flag
 class FSDPPlan:
     reshard_after_forward: bool  # True: FULL_SHARD; False: SHARD_GRAD_OP
     wrap_layers: bool  # False: NO_WRAP (one unit per model)
-    layer_classes: Optional[Tuple[str, ...]]  # None: each model's _no_split_modules
+    layer_classes: Optional[tuple[str, ...]]  # None: each model's _no_split_modules
     activation_checkpointing: bool
     source: str  # what asked for FSDP, for error messages
 
@@ -78,7 +79,9 @@ def fsdp_plan(args, trainer_name: str) -> Optional[FSDPPlan]:
         if strategy == "NO_SHARD":
             return None
         if strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
-            refuse(f"sharding_strategy={strategy}", "use FULL_SHARD or SHARD_GRAD_OP (hybrid sharding needs a 2-D mesh)")
+            refuse(
+                f"sharding_strategy={strategy}", "use FULL_SHARD or SHARD_GRAD_OP (hybrid sharding needs a 2-D mesh)"
+            )
         reshard = strategy == "FULL_SHARD"
         offload = bool(getattr(plugin.cpu_offload, "offload_params", False))
     else:
@@ -87,7 +90,9 @@ def fsdp_plan(args, trainer_name: str) -> Optional[FSDPPlan]:
             refuse(f"reshard_after_forward={reshard!r}", "use true (FULL_SHARD) or false (SHARD_GRAD_OP)")
         offload = type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy"
     if offload:
-        refuse("CPU offload of the parameters (offload_params / cpu_offload)", "drop it, or use LoRA to shrink what trains")
+        refuse(
+            "CPU offload of the parameters (offload_params / cpu_offload)", "drop it, or use LoRA to shrink what trains"
+        )
     policy = plugin.auto_wrap_policy
     policy_name = getattr(policy, "__name__", type(policy).__name__) if policy is not None else None
     if policy_name is not None and "transformer" not in policy_name:
@@ -95,9 +100,13 @@ def fsdp_plan(args, trainer_name: str) -> Optional[FSDPPlan]:
     classes = plugin.transformer_cls_names_to_wrap
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",") if c.strip()]
-    return FSDPPlan(reshard_after_forward=reshard, wrap_layers=policy is not None,
-                    layer_classes=tuple(classes) if classes else None,
-                    activation_checkpointing=bool(plugin.activation_checkpointing), source=source)
+    return FSDPPlan(
+        reshard_after_forward=reshard,
+        wrap_layers=policy is not None,
+        layer_classes=tuple(classes) if classes else None,
+        activation_checkpointing=bool(plugin.activation_checkpointing),
+        source=source,
+    )
 
 
 class _Root(nn.Module):
@@ -125,8 +134,10 @@ class ShardedModel:
             classes = plan.layer_classes or tuple(getattr(model, "_no_split_modules", None) or ())
             present = {type(m).__name__ for m in model.modules()}
             if plan.layer_classes and not set(classes) & present:
-                raise ValueError(f"{name}: transformer_layer_cls_to_wrap={list(classes)} matches no module of "
-                                 f"{type(model).__name__}; its layer classes include {sorted(present)[:12]}")
+                raise ValueError(
+                    f"{name}: transformer_layer_cls_to_wrap={list(classes)} matches no module of "
+                    f"{type(model).__name__}; its layer classes include {sorted(present)[:12]}"
+                )
             for module in model.modules():
                 if type(module).__name__ in classes:
                     fully_shard(module, reshard_after_forward=plan.reshard_after_forward)
@@ -160,7 +171,9 @@ class ShardedModel:
         """Every parameter in full for the block (one all-gather per unit on entry, none inside), then
         sharded again. For no-grad work whose number of forward calls may differ across ranks."""
         if torch.is_grad_enabled():  # FSDP's hooks are bypassed inside: gradients would miss the shards
-            raise RuntimeError(f"{self.name}: gathered() is for no-grad work (generation, evaluation); wrap it in torch.no_grad()")
+            raise RuntimeError(
+                f"{self.name}: gathered() is for no-grad work (generation, evaluation); wrap it in torch.no_grad()"
+            )
         if self._gathered:
             self._gathered += 1
             try:
@@ -244,8 +257,12 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, full: dict):
     for index, entry in full["state"].items():
         param = params[int(index)]
         if _is_dtensor(param):
-            entry = {k: distribute_tensor(v.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-                     if torch.is_tensor(v) and v.shape == param.shape else v for k, v in entry.items()}
+            entry = {
+                k: distribute_tensor(v.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+                if torch.is_tensor(v) and v.shape == param.shape
+                else v
+                for k, v in entry.items()
+            }
         state[index] = entry
     optimizer.load_state_dict({"state": state, "param_groups": full["param_groups"]})
 

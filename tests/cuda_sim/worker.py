@@ -11,6 +11,7 @@ Protocol on stdin / the original stdout (fd 1 is then pointed at the simulator l
   reply    ("ok", return code, error string, [arrays after the call, in argument order])
            ("error", traceback text)
 """
+
 import ctypes
 import os
 import pickle
