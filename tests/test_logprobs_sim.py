@@ -271,11 +271,18 @@ def _views(dtype, V=97):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_any_leading_layout_in_place(cuda_sim, dtype):
+# float32 walks every layout; bfloat16 (2-byte rows: other 16-byte phases) the few-level ones, whose rows are
+# cheap to simulate. float64 goes through the same row-layout code and is covered by the forward/backward tests.
+LAYOUT_CASES = [(torch.float32, None), (torch.bfloat16, ("contiguous", "sliced [:, 1:-1]", "transposed"))]
+
+
+@pytest.mark.parametrize("dtype, names", LAYOUT_CASES, ids=["float32", "bfloat16"])
+def test_any_leading_layout_in_place(cuda_sim, dtype, names):
     """Forward, backward and in-place backward read (and write) any strided view in place, like the CPU
     kernels: the launcher's row layout (up to 6 levels) or an offset table; nothing outside the view changes."""
     for name, storage, view, table in _views(dtype):
+        if names is not None and name not in names:
+            continue
         labels = torch.randint(0, view.shape[-1], view.shape[:-1], generator=torch.Generator().manual_seed(1))
         labels.view(-1)[1] = -100
         want = cpu_forward(view, labels, 1.3)
