@@ -451,3 +451,24 @@ def test_forward_allocates_no_vocab_sized_temporary():
     eager = peak_extra_bytes(lambda: gather_logprobs_reference(logits, labels))
     assert eager >= 0.9 * full  # the measurement sees a vocab-sized buffer when there is one
     assert fused <= 0.05 * full
+
+
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_ignored_row_holding_nan_gives_zero_gradient_in_op_and_reference(return_entropy):
+    """A row whose label is ignore_index contributes nothing, whatever its logits hold: value 0 and gradient 0 in
+    the kernel and in its reference twin (found by the fuzz test: the reference gave NaN through log_softmax)."""
+    from rlhf_ext.ops import gather_logprobs
+    from rlhf_ext.ops.reference import gather_logprobs_reference
+
+    logits = torch.tensor([[0.0, 1.4, float("nan")], [0.5, -1.0, 2.0]])
+    labels = torch.tensor([-100, 2])
+    grads = []
+    for fn in (gather_logprobs, gather_logprobs_reference):
+        x = logits.clone().requires_grad_()
+        out = fn(x, labels, 1.0, return_entropy=return_entropy)
+        outs = out if return_entropy else (out,)
+        sum(o.sum() for o in outs).backward()
+        assert all(o[0] == 0 for o in outs)
+        grads.append(x.grad)
+    assert torch.equal(grads[0][0], torch.zeros(3)) and torch.equal(grads[1][0], torch.zeros(3))
+    torch.testing.assert_close(grads[0], grads[1])

@@ -94,7 +94,10 @@ def gather_logprobs_reference(
     dtype = dtype or (torch.float64 if logits.dtype == torch.float64 else torch.float32)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)  # (..., V)
+    # An ignored row's logits never reach the maths (a NaN there would come back through log_softmax's backward
+    # as a NaN gradient, 0 * NaN): it gives 0 and a zero gradient, like the kernels.
+    x = torch.where(valid.unsqueeze(-1), logits.to(dtype), torch.zeros((), dtype=dtype, device=logits.device))
+    logp = torch.log_softmax(x / temperature, dim=-1)  # (..., V)
     logprobs = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs))
     if not return_entropy:
