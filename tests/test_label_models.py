@@ -132,18 +132,6 @@ def policy_dir(tmp_path_factory):
     return folder
 
 
-def have_rollout_engine():
-    try:
-        from rlhf_ext.generation import generate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(
-    not have_rollout_engine(),
-    reason="rlhf_ext.generation.generate (the rollout engine) is not in this build yet; `label pairs` samples with it",
-)
 def test_pairs_command_samples_reproducible_pairs(policy_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Q: w1 w2", "Q: w3", "say hello w4 w5"]))
@@ -245,24 +233,23 @@ def test_pairs_command_errors(policy_dir, tmp_path, capsys):
         == 2
     )
     assert "not a folder" in capsys.readouterr().err
-    if have_rollout_engine():
-        assert (
-            main(
-                [
-                    "label",
-                    "pairs",
-                    "--model",
-                    str(policy_dir),
-                    "--prompts",
-                    str(prompts),
-                    "--out",
-                    str(tmp_path / "o.jsonl"),
-                    "--n",
-                    "1",
-                    "--device",
-                    "cpu",
-                ]
-            )
-            == 2
+    assert (
+        main(
+            [
+                "label",
+                "pairs",
+                "--model",
+                str(policy_dir),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+                "--n",
+                "1",
+                "--device",
+                "cpu",
+            ]
         )
-        assert "n must be at least 2" in capsys.readouterr().err
+        == 2
+    )
+    assert "n must be at least 2" in capsys.readouterr().err
