@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
 from benchmarks.conftest import benchmark_phases, print_phase_table, sizes, sync
-from rlhf_ext.models.heads import hidden_states, last_token_index, score_head
+from rlhf_ext.models import hidden_states, last_token_index, position_ids_from_mask, score_head
 from rlhf_ext.ops.reference import gae_reference, masked_whiten_reference
 
 FULL = dict(vocab=32000, hidden=384, layers=6, heads=6, batch=32, prompt=32, new_tokens=128, epochs=1, mini_batches=2)
@@ -102,7 +102,7 @@ def prepare_ours(tok, policy, rm, rows, size, device):
 
 
 def _logprobs_eager(model, ids, attn, P, temperature):
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    position_ids = position_ids_from_mask(attn)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits[:, P - 1 : -1] / temperature
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, R, V): the tensor the fused ops never build
     entropy = -(logp.exp() * logp).sum(-1)
