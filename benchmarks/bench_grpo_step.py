@@ -21,7 +21,7 @@ import torch
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
 from benchmarks.conftest import sizes, sync
-from benchmarks.rl_step import DEVICE, bench_step, logprobs_eager, report, run, world
+from benchmarks.rl_step import DEVICE, bench_step, hf_generate, logprobs_eager, report, run, world
 
 FULL = dict(vocab=32000, hidden=384, layers=6, heads=6, batch=8, generations=8, prompt=32, new_tokens=128)
 QUICK = dict(vocab=512, hidden=32, layers=1, heads=2, batch=2, generations=4, prompt=8, new_tokens=8)
@@ -91,18 +91,7 @@ def eager_step(policy, ref, optimizer, prompt_ids, prompt_mask, tok, G, size, de
     sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        policy.eval()
-        seq = policy.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=c["temperature"],
-            max_new_tokens=size["new_tokens"],
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
+        seq = hf_generate(policy, prompt_ids, prompt_mask, tok, size, c["temperature"], eos_token_id=tok.eos_token_id)
         sync(device)
         t1 = time.perf_counter()
         completion = seq[:, P:]

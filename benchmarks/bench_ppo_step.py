@@ -20,7 +20,7 @@ import torch
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
 from benchmarks.conftest import sizes, sync
-from benchmarks.rl_step import DEVICE, bench_step, logprobs_eager, report, run, world
+from benchmarks.rl_step import DEVICE, bench_step, hf_generate, logprobs_eager, report, run, world
 from rlhf_ext.models import hidden_states, last_token_index, score_head
 from rlhf_ext.ops.reference import gae_reference, masked_whiten_reference
 
@@ -94,17 +94,8 @@ def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_ma
     sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        policy.eval()
-        seq = policy.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=c["temperature"],
-            max_new_tokens=size["new_tokens"],
-            min_new_tokens=size["new_tokens"],
-            pad_token_id=tok.pad_token_id,
+        seq = hf_generate(
+            policy, prompt_ids, prompt_mask, tok, size, c["temperature"], min_new_tokens=size["new_tokens"]
         )
         sync(device)
         t1 = time.perf_counter()

@@ -53,6 +53,23 @@ def world(size_items: tuple, device: str, with_reward_model: bool) -> tuple:
     return tok, ((policy, rm) if with_reward_model else (policy,)), prompts(tok, size)
 
 
+def hf_generate(policy, prompt_ids, prompt_mask, tok, size: dict, temperature: float, **stop):
+    """[B, P + new] sequences from HF `generate` with plain sampling (no top-k / top-p) of up to size["new_tokens"]
+    tokens: the eager rollout. `stop`: the step's stop rule (`eos_token_id=...` or `min_new_tokens=...`)."""
+    policy.eval()
+    return policy.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=temperature,
+        max_new_tokens=size["new_tokens"],
+        pad_token_id=tok.pad_token_id,
+        **stop,
+    )
+
+
 def logprobs_eager(model, ids, attn, P, temperature):
     """(log-probs [B, R], entropy [B, R]) of the response ids[:, P:] from a full log_softmax: the eager baseline."""
     position_ids = position_ids_from_mask(attn)

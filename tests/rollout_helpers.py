@@ -12,8 +12,11 @@ VOCAB, PAD = 96, 0
 
 def tiny(kind: str):
     torch.manual_seed(0)
-    if kind == "llama":
-        cfg = LlamaConfig(
+    if kind in ("llama", "qwen2"):
+        config_class, model_class = (
+            (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+        )
+        cfg = config_class(
             vocab_size=VOCAB,
             hidden_size=48,
             intermediate_size=96,
@@ -23,19 +26,7 @@ def tiny(kind: str):
             max_position_embeddings=256,
             pad_token_id=PAD,
         )
-        model = LlamaForCausalLM(cfg)
-    elif kind == "qwen2":
-        cfg = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=PAD,
-        )
-        model = Qwen2ForCausalLM(cfg)
+        model = model_class(cfg)
     else:
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=256, pad_token_id=PAD)
         model = GPT2LMHeadModel(cfg)

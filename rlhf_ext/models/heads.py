@@ -11,23 +11,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from rlhf_ext.models.introspect import backbone, hidden_states, linear_lm_head, position_ids_from_mask, score_head
+from rlhf_ext.models.introspect import (  # noqa: F401  (backbone, score_head: callers import them from here too)
+    backbone,
+    hidden_states,
+    linear_lm_head,
+    position_ids_from_mask,
+    score_head,
+)
 from rlhf_ext.ops import fused_linear_logprobs
-
-# backbone, hidden_states, position_ids_from_mask, score_head: defined in introspect, callers import them from here too
-__all__ = [
-    "ValueHead",
-    "backbone",
-    "causal_lm_token_logprobs",
-    "critic_from_causal_lm",
-    "hidden_states",
-    "last_token_index",
-    "logprobs_and_values",
-    "position_ids_from_mask",
-    "score_head",
-    "sequence_scores",
-    "token_values",
-]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
