@@ -4,6 +4,8 @@ Reward models and critics are stock `*ForSequenceClassification(num_labels=1)` m
 backbone and apply the score head ourselves at the positions we choose (HF's own pooling finds "the
 last non-pad token" by comparing ids to pad_token_id, which is wrong when pad == eos and the sequence
 ends in EOS). Position ids come from the attention mask, so left and right padding both work.
+The fused log-prob helpers here (`logprobs_and_values`, `causal_lm_token_logprobs`) follow the one logit rule of
+`rlhf_ext.models.introspect.linear_lm_head`: a logit scale is folded into the temperature, a softcap refused.
 """
 
 from typing import Optional
