@@ -11,7 +11,6 @@ Full size (the issue's): the ~20M-parameter Llama of bench_ppo_step (V=32000), 8
 RLHF_EXT_BENCH_QUICK=1 (make test) shrinks everything to a smoke run.
 """
 
-import argparse
 import copy
 import functools
 import time
@@ -21,7 +20,7 @@ import torch
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
 from benchmarks.conftest import sizes, sync
-from benchmarks.rl_step import DEVICE, bench_step, hf_generate, logprobs_eager, report, run, world
+from benchmarks.rl_step import DEVICE, bench_step, hf_generate, logprobs_eager, main, world
 
 FULL = dict(vocab=32000, hidden=384, layers=6, heads=6, batch=8, generations=8, prompt=32, new_tokens=128)
 QUICK = dict(vocab=512, hidden=32, layers=1, heads=2, batch=2, generations=4, prompt=8, new_tokens=8)
@@ -135,10 +134,4 @@ def test_grpo_step(benchmark, impl):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the smoke size of make test")
-    parser.add_argument("--device", default=DEVICE)
-    cli = parser.parse_args()
-    chosen = QUICK if cli.quick else FULL
-    the_world = world(tuple(chosen.items()), cli.device, False)
-    report(TITLE.format(device=cli.device, **chosen), the_world, run(PREPARE, the_world, chosen, cli.device))
+    main(__doc__, PREPARE, TITLE, FULL, ("--quick", QUICK, "the smoke size of make test"), False)

@@ -10,7 +10,6 @@ Full size (the issue's): a ~20M-parameter Llama (V=32000), batch 32, 128 new tok
 shrinks everything to a smoke run.
 """
 
-import argparse
 import copy
 import functools
 import time
@@ -20,7 +19,7 @@ import torch
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
 from benchmarks.conftest import sizes, sync
-from benchmarks.rl_step import DEVICE, bench_step, hf_generate, logprobs_eager, report, run, world
+from benchmarks.rl_step import DEVICE, bench_step, hf_generate, logprobs_eager, main, world
 from rlhf_ext.models import hidden_states, last_token_index, score_head
 from rlhf_ext.ops.reference import gae_reference, masked_whiten_reference
 
@@ -153,10 +152,11 @@ def test_ppo_step(benchmark, impl):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reduced", action="store_true", help="smaller model, batch 8, 32 tokens: a quick CPU check")
-    parser.add_argument("--device", default=DEVICE)
-    cli = parser.parse_args()
-    chosen = REDUCED if cli.reduced else FULL
-    the_world = world(tuple(chosen.items()), cli.device, True)
-    report(TITLE.format(device=cli.device, **chosen), the_world, run(PREPARE, the_world, chosen, cli.device))
+    main(
+        __doc__,
+        PREPARE,
+        TITLE,
+        FULL,
+        ("--reduced", REDUCED, "smaller model, batch 8, 32 tokens: a quick CPU check"),
+        True,
+    )

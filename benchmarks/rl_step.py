@@ -2,6 +2,7 @@
 (word-level tokenizer of V tokens, policy, reward model, prompts), the eager log-probs baseline both eager steps
 use, and running / timing / reporting one step of each implementation from the same start."""
 
+import argparse
 import copy
 import functools
 
@@ -102,3 +103,16 @@ def report(title: str, the_world: tuple, results: dict) -> None:
 def bench_step(benchmark, group: str, impl: str, prepare: dict, the_world: tuple, size: dict, device: str) -> None:
     """Time one step of `impl` for pytest-benchmark (its setup, building the step, untimed)."""
     benchmark_phases(benchmark, group, impl, lambda: fresh_step(prepare[impl], the_world, size, device))
+
+
+def main(doc: str, prepare: dict, title: str, full: dict, smaller: tuple, with_reward_model: bool) -> None:
+    """The benchmark file run as a script: one step of each implementation at the full size, or at the smaller
+    size `smaller = (flag, size, help)` when that flag is given, then the per-phase table."""
+    flag, small, help_text = smaller
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument(flag, action="store_true", dest="smaller", help=help_text)
+    parser.add_argument("--device", default=DEVICE)
+    cli = parser.parse_args()
+    size = small if cli.smaller else full
+    the_world = world(tuple(size.items()), cli.device, with_reward_model)
+    report(title.format(device=cli.device, **size), the_world, run(prepare, the_world, size, cli.device))
