@@ -11,7 +11,6 @@ Full size (the issue's): the ~20M-parameter Llama of bench_ppo_step (V=32000), 8
 RLHF_EXT_BENCH_QUICK=1 (make test) shrinks everything to a smoke run.
 """
 
-import argparse
 import copy
 import functools
 import time
@@ -20,8 +19,8 @@ import pytest
 import torch
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
-from benchmarks.bench_ppo_step import _logprobs_eager, build, prompts
-from benchmarks.conftest import benchmark_phases, print_phase_table, sizes, sync
+from benchmarks.conftest import sizes, sync
+from benchmarks.rl_step import DEVICE, bench_step, hf_generate, logprobs_eager, main, world
 
 FULL = dict(vocab=32000, hidden=384, layers=6, heads=6, batch=8, generations=8, prompt=32, new_tokens=128)
 QUICK = dict(vocab=512, hidden=32, layers=1, heads=2, batch=2, generations=4, prompt=8, new_tokens=8)
@@ -91,18 +90,7 @@ def eager_step(policy, ref, optimizer, prompt_ids, prompt_mask, tok, G, size, de
     sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        policy.eval()
-        seq = policy.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=c["temperature"],
-            max_new_tokens=size["new_tokens"],
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
+        seq = hf_generate(policy, prompt_ids, prompt_mask, tok, size, c["temperature"], eos_token_id=tok.eos_token_id)
         sync(device)
         t1 = time.perf_counter()
         completion = seq[:, P:]
@@ -113,11 +101,11 @@ def eager_step(policy, ref, optimizer, prompt_ids, prompt_mask, tok, G, size, de
         grouped = rewards.view(-1, G)
         advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1, 1)
         attn = torch.cat([prompt_mask, mask.long()], 1)
-        ref_lp, _ = _logprobs_eager(ref, seq, attn, P, c["temperature"])
+        ref_lp, _ = logprobs_eager(ref, seq, attn, P, c["temperature"])
     sync(device)
     t2 = time.perf_counter()
     policy.train()
-    logprobs, entropy = _logprobs_eager(policy, seq, attn, P, c["temperature"])
+    logprobs, entropy = logprobs_eager(policy, seq, attn, P, c["temperature"])
     ratio = torch.exp(logprobs - logprobs.detach())
     pg = -torch.min(ratio * advantages, ratio.clamp(1 - c["epsilon"], 1 + c["epsilon"]) * advantages)
     kl = torch.exp(ref_lp - logprobs) - (ref_lp - logprobs) - 1
@@ -132,58 +120,18 @@ def eager_step(policy, ref, optimizer, prompt_ids, prompt_mask, tok, G, size, de
 
 
 PREPARE = {"eager": prepare_eager, "fused": prepare_ours}
-
-
-@functools.lru_cache(maxsize=2)
-def _world(size_items: tuple, device: str):
-    size = dict(size_items)
-    tok, policy, _ = build(size, device)
-    return tok, policy, prompts(tok, size)
-
-
-def run(size: dict, device: str) -> dict:
-    """{impl: {phase: seconds}} for one step of each implementation from the same start."""
-    tok, policy, rows = _world(tuple(size.items()), device)
-    results = {}
-    for impl, prepare in PREPARE.items():
-        torch.manual_seed(0)
-        results[impl] = prepare(tok, copy.deepcopy(policy), rows, size, device)()
-    return results
-
-
-def report(size, results, device):
-    params = sum(p.numel() for p in _world(tuple(size.items()), device)[1].parameters())
-    print(
-        f"GRPO step on {device}: Llama {params / 1e6:.1f}M params, V={size['vocab']}, {size['batch']} prompts x "
-        f"{size['generations']} generations, {size['new_tokens']} new tokens, beta={COMMON['beta']}"
-    )
-    print_phase_table(results)
-
-
 SIZE = sizes(FULL, QUICK)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TITLE = (
+    "GRPO step on {device}: Llama {{params}} params, V={vocab}, {batch} prompts x {generations} generations, "
+    "{new_tokens} new tokens, beta=" + str(COMMON["beta"])
+)
 
 
 @pytest.mark.parametrize("impl", ["fused", "eager"])
 def test_grpo_step(benchmark, impl):
-    tok, policy, rows = _world(tuple(SIZE.items()), DEVICE)
-
-    def make_step():
-        torch.manual_seed(0)
-        return PREPARE[impl](tok, copy.deepcopy(policy), rows, SIZE, DEVICE)
-
-    benchmark_phases(
-        benchmark,
-        f"grpo_step {DEVICE} V={SIZE['vocab']} {SIZE['batch']}x{SIZE['generations']} new={SIZE['new_tokens']}",
-        impl,
-        make_step,
-    )
+    group = f"grpo_step {DEVICE} V={SIZE['vocab']} {SIZE['batch']}x{SIZE['generations']} new={SIZE['new_tokens']}"
+    bench_step(benchmark, group, impl, PREPARE, world(tuple(SIZE.items()), DEVICE, False), SIZE, DEVICE)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the smoke size of make test")
-    parser.add_argument("--device", default=DEVICE)
-    cli = parser.parse_args()
-    chosen = QUICK if cli.quick else FULL
-    report(chosen, run(chosen, cli.device), cli.device)
+    main(__doc__, PREPARE, TITLE, FULL, ("--quick", QUICK, "the smoke size of make test"), False)

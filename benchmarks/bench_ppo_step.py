@@ -10,18 +10,17 @@ Full size (the issue's): a ~20M-parameter Llama (V=32000), batch 32, 128 new tok
 shrinks everything to a smoke run.
 """
 
-import argparse
 import copy
 import functools
 import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
-from benchmarks.conftest import benchmark_phases, print_phase_table, sizes, sync
-from rlhf_ext.models.heads import hidden_states, last_token_index, score_head
+from benchmarks.conftest import sizes, sync
+from benchmarks.rl_step import DEVICE, bench_step, hf_generate, logprobs_eager, main, world
+from rlhf_ext.models import hidden_states, last_token_index, score_head
 from rlhf_ext.ops.reference import gae_reference, masked_whiten_reference
 
 FULL = dict(vocab=32000, hidden=384, layers=6, heads=6, batch=32, prompt=32, new_tokens=128, epochs=1, mini_batches=2)
@@ -30,36 +29,6 @@ QUICK = dict(vocab=512, hidden=32, layers=1, heads=2, batch=4, prompt=8, new_tok
 COMMON = dict(
     temperature=1.0, kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, lr=1e-5
 )
-
-
-def build(size: dict, device):
-    """(tokenizer, policy, reward model) with a real V-token word-level tokenizer."""
-    from rlhf_ext.models.tiny import build_tokenizer, tiny_causal_lm, tiny_sequence_classifier
-
-    words = [f"w{i}" for i in range(size["vocab"] - 7)]  # + 7 special tokens = V
-    tok = build_tokenizer(
-        [" ".join(words[i : i + 64]) for i in range(0, len(words), 64)],
-        vocab_size=size["vocab"],
-        kind="wordlevel",
-        chat_template=False,
-    )
-    kw = dict(
-        tokenizer=tok,
-        hidden_size=size["hidden"],
-        num_layers=size["layers"],
-        num_heads=size["heads"],
-        max_position_embeddings=size["prompt"] + size["new_tokens"] + 8,
-    )
-    return tok, tiny_causal_lm("llama", **kw).to(device), tiny_sequence_classifier("llama", seed=1, **kw).to(device)
-
-
-def prompts(tok, size):
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(size["batch"]):
-        n = int(torch.randint(size["prompt"] // 2, size["prompt"] + 1, (1,), generator=g))
-        rows.append({"input_ids": torch.randint(8, size["vocab"] - 8, (n,), generator=g).tolist()})
-    return rows
 
 
 def prepare_ours(tok, policy, rm, rows, size, device):
@@ -101,14 +70,6 @@ def prepare_ours(tok, policy, rm, rows, size, device):
     return step
 
 
-def _logprobs_eager(model, ids, attn, P, temperature):
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits[:, P - 1 : -1] / temperature
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, R, V): the tensor the fused ops never build
-    entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(-1, ids[:, P:].unsqueeze(-1)).squeeze(-1), entropy
-
-
 def _values(critic, ids, attn, P):
     return score_head(critic)(hidden_states(critic, ids, attn)[:, P - 1 : -1])[..., 0].float()
 
@@ -132,24 +93,15 @@ def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_ma
     sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        policy.eval()
-        seq = policy.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=c["temperature"],
-            max_new_tokens=size["new_tokens"],
-            min_new_tokens=size["new_tokens"],
-            pad_token_id=tok.pad_token_id,
+        seq = hf_generate(
+            policy, prompt_ids, prompt_mask, tok, size, c["temperature"], min_new_tokens=size["new_tokens"]
         )
         sync(device)
         t1 = time.perf_counter()
         mask = torch.ones_like(seq[:, P:], dtype=torch.float32)
         attn = torch.cat([prompt_mask, mask.long()], 1)
-        old_lp, _ = _logprobs_eager(policy, seq, attn, P, c["temperature"])
-        ref_lp, _ = _logprobs_eager(ref, seq, attn, P, c["temperature"])
+        old_lp, _ = logprobs_eager(policy, seq, attn, P, c["temperature"])
+        ref_lp, _ = logprobs_eager(ref, seq, attn, P, c["temperature"])
         values = _values(critic, seq, attn, P)
         hidden = hidden_states(rm, seq, attn)
         scores = score_head(rm)(hidden[torch.arange(batch), last_token_index(attn)])[:, 0].float()
@@ -166,7 +118,7 @@ def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_ma
         order = torch.randperm(batch)
         for start in range(0, batch, mini):
             idx = order[start : start + mini].to(device)
-            new_lp, entropy = _logprobs_eager(policy, seq[idx], attn[idx], P, c["temperature"])
+            new_lp, entropy = logprobs_eager(policy, seq[idx], attn[idx], P, c["temperature"])
             new_values = _values(critic, seq[idx], attn[idx], P)
             ratio = torch.exp(new_lp - old_lp[idx])
             pg = torch.max(
@@ -186,55 +138,25 @@ def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_ma
 
 
 PREPARE = {"eager": prepare_eager, "fused": prepare_ours}
-
-
-@functools.lru_cache(maxsize=2)
-def _world(size_items: tuple, device: str):
-    size = dict(size_items)
-    tok, policy, rm = build(size, device)
-    return tok, policy, rm, prompts(tok, size)
-
-
-def run(size: dict, device: str) -> dict:
-    """{impl: {phase: seconds}} for one step of each implementation from the same start."""
-    tok, policy, rm, rows = _world(tuple(size.items()), device)
-    results = {}
-    for impl, prepare in PREPARE.items():
-        torch.manual_seed(0)
-        results[impl] = prepare(tok, copy.deepcopy(policy), copy.deepcopy(rm), rows, size, device)()
-    return results
-
-
-def report(size, results, device):
-    params = sum(p.numel() for p in _world(tuple(size.items()), device)[1].parameters())
-    print(
-        f"PPO step on {device}: Llama {params / 1e6:.1f}M params, V={size['vocab']}, batch {size['batch']}, "
-        f"{size['new_tokens']} new tokens, {size['epochs']} epoch x {size['mini_batches']} minibatches"
-    )
-    print_phase_table(results)
-
-
 SIZE = sizes(FULL, QUICK)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TITLE = (
+    "PPO step on {device}: Llama {{params}} params, V={vocab}, batch {batch}, {new_tokens} new tokens, "
+    "{epochs} epoch x {mini_batches} minibatches"
+)
 
 
 @pytest.mark.parametrize("impl", ["fused", "eager"])
 def test_ppo_step(benchmark, impl):
-    tok, policy, rm, rows = _world(tuple(SIZE.items()), DEVICE)
-
-    def make_step():
-        torch.manual_seed(0)
-        return PREPARE[impl](tok, copy.deepcopy(policy), copy.deepcopy(rm), rows, SIZE, DEVICE)
-
-    benchmark_phases(
-        benchmark, f"ppo_step {DEVICE} V={SIZE['vocab']} B={SIZE['batch']} new={SIZE['new_tokens']}", impl, make_step
-    )
+    group = f"ppo_step {DEVICE} V={SIZE['vocab']} B={SIZE['batch']} new={SIZE['new_tokens']}"
+    bench_step(benchmark, group, impl, PREPARE, world(tuple(SIZE.items()), DEVICE, True), SIZE, DEVICE)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reduced", action="store_true", help="smaller model, batch 8, 32 tokens: a quick CPU check")
-    parser.add_argument("--device", default=DEVICE)
-    cli = parser.parse_args()
-    chosen = REDUCED if cli.reduced else FULL
-    report(chosen, run(chosen, cli.device), cli.device)
+    main(
+        __doc__,
+        PREPARE,
+        TITLE,
+        FULL,
+        ("--reduced", REDUCED, "smaller model, batch 8, 32 tokens: a quick CPU check"),
+        True,
+    )

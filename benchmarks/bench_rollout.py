@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.conftest import sizes
 from rlhf_ext.generation import generate
+from rlhf_ext.models import position_ids_from_mask
 
 BATCH, PROMPT, NEW, HIDDEN, LAYERS, VOCAB = sizes((32, 32, 128, 256, 4, 32000), (2, 4, 4, 32, 1, 500))
 SETTINGS = {"top_k 50 + top_p 0.9": dict(top_k=50, top_p=0.9), "plain": dict(top_k=0, top_p=1.0)}
@@ -81,7 +82,7 @@ def forward_only(model, ids, mask):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    pos = position_ids_from_mask(mask)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
     full = torch.cat([mask, torch.ones(ids.shape[0], NEW, dtype=mask.dtype)], 1)
     nxt = pos[:, -1:] + 1

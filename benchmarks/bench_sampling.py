@@ -1,4 +1,5 @@
-"""Fused sampler against what HF does: sort-based top-k / top-p warpers, softmax and torch.multinomial.
+"""Fused sampler against the baseline `rlhf-ext bench` uses, its twin `rlhf_ext.ops.reference.sample_reference`:
+what HF does (full sorts for top-k / top-p, softmax, torch.multinomial) plus the log-prob gather the trainer needs.
 
 Logits are N(0, 1) * 4, which gives a peaked, LLM-like distribution (the top-p 0.9 set is a few hundred
 tokens); `top_p 0.9 flat` uses N(0, 1) logits, whose top-p set is most of the vocabulary (the op's worst case).
@@ -12,6 +13,7 @@ import torch
 
 from benchmarks.conftest import sizes, synced
 from rlhf_ext.ops import sample
+from rlhf_ext.ops.reference import sample_reference
 
 SHAPES = sizes([(64, 32000), (64, 128256)], [(4, 500)])
 SETTINGS = {
@@ -22,38 +24,19 @@ SETTINGS = {
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def hf_style_sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """The composition in transformers' TemperatureLogitsWarper / TopKLogitsWarper / TopPLogitsWarper, then
-    softmax + multinomial, plus the log-prob gather the trainer needs."""
-    scores = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(scores, min(top_k, scores.size(-1)))[0][..., -1, None]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
-        cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        sorted_to_remove = cumulative_probs <= (1 - top_p)
-        sorted_to_remove[..., -1:] = False
-        to_remove = sorted_to_remove.scatter(1, sorted_indices, sorted_to_remove)
-        scores = scores.masked_fill(to_remove, float("-inf"))
-    tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-    return tokens, logprobs
-
-
 def _case(B, V, setting, device):
     scale, kw = SETTINGS[setting]
     logits = torch.randn(B, V, generator=torch.Generator().manual_seed(0)).mul_(scale).to(device)
     return {
         "fused": lambda: sample(logits, **kw),
-        "hf_sort_multinomial": lambda: hf_style_sample(logits, **kw),
+        "reference": lambda: sample_reference(logits, **kw),
     }
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("B, V", SHAPES)
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("impl", ["fused", "hf_sort_multinomial"])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
 def test_sample(benchmark, impl, setting, B, V, device):
     fn = _case(B, V, setting, device)[impl]
     benchmark.group = f"sample {device} {setting} B={B} V={V}"
@@ -80,7 +63,7 @@ if __name__ == "__main__":
     for B, V in SHAPES:
         for setting in SETTINGS:
             fns = _case(B, V, setting, "cpu")
-            fused, base = _median_ms(fns["fused"], 5), _median_ms(fns["hf_sort_multinomial"], 3)
+            fused, base = _median_ms(fns["fused"], 5), _median_ms(fns["reference"], 3)
             print(
-                f"B={B} V={V:<7} {setting:<22} fused {fused:8.2f} ms  hf {base:9.2f} ms  speedup {base / fused:6.1f}x"
+                f"B={B} V={V:<7} {setting:<22} fused {fused:8.2f} ms  ref {base:9.2f} ms  speedup {base / fused:6.1f}x"
             )

@@ -1,21 +1,19 @@
 """Shared fixtures: a tokenizer trained locally and tiny Llama / GPT-2 / Qwen2 models (rlhf_ext.models.tiny)."""
 
 import copy
-import importlib.util
-import pathlib
 
 import pytest
 
-# Ops still being written on other branches may be supplied, while they are missing, by a local,
-# uncommitted `_standins.py` at the repository root. Once every op has landed this does nothing.
-_STANDINS = pathlib.Path(__file__).resolve().parents[1] / "_standins.py"
-if _STANDINS.exists():
-    _spec = importlib.util.spec_from_file_location("_standins", _STANDINS)
-    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
-
 
 def pytest_collection_modifyitems(config, items):
-    """`cuda_sim` tests skip, with the reason, where nvcc or the GPU simulator is missing (tests/sim_harness.py)."""
+    """The one place tests are skipped for missing hardware, each with its reason: `cuda` tests where torch sees
+    no CUDA GPU, `cuda_sim` tests where nvcc or the GPU simulator is missing (tests/sim_harness.py)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("cuda"):
+                item.add_marker(pytest.mark.skip(reason="cuda: needs a CUDA GPU (torch.cuda.is_available() is False)"))
     sim_items = [item for item in items if item.get_closest_marker("cuda_sim")]
     if not sim_items:
         return

@@ -175,3 +175,31 @@ def label_server(pairs, db, *, k=1, lifetime_s=120, extra=()):
             proc.kill()
         proc.wait(timeout=10)
         proc.stdout.close()
+
+
+def make_client(tmp_path, n_items=4, k=1, seed=0, lease_seconds=600.0, host="127.0.0.1", token=None, items=None):
+    """(FastAPI TestClient, FeedbackStore) of the labelling app over a fresh database of `n_items` pairs (or
+    `items`: (id, prompt, completion_a, completion_b) tuples). Needs the 'label' extra (fastapi)."""
+    from fastapi.testclient import TestClient
+
+    from rlhf_ext.label.app import create_app
+    from rlhf_ext.label.store import FeedbackStore, load_pairs
+
+    items = items or [(f"item{i}", f"prompt {i}", f"first {i}", f"second {i}") for i in range(n_items)]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    store = FeedbackStore(tmp_path / "feedback.sqlite", lease_seconds=lease_seconds, rng=random.Random(seed))
+    store.add_items(load_pairs(write_pairs(tmp_path / "pairs.jsonl", items)))
+    app = create_app(store, k=k, host=host, token=token)
+    return TestClient(app, base_url="http://127.0.0.1"), store
+
+
+def vote(client, item_id, labeller, choice, vote_id=None, **extra):
+    """POST /api/vote with a vote id derived from the labeller and the item unless one is given."""
+    body = {
+        "vote_id": vote_id or f"v-{labeller}-{item_id}".replace(" ", "_"),
+        "item_id": item_id,
+        "labeller": labeller,
+        "choice": choice,
+        **extra,
+    }
+    return client.post("/api/vote", json=body)

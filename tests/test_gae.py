@@ -7,7 +7,6 @@ import torch
 
 from rlhf_ext.ops import gae
 from rlhf_ext.ops.reference import gae_reference
-from tests.helpers import cuda_only
 
 
 def _inputs(B, T, dtype=torch.float32, hole_p=0.2, seed=0, device="cpu"):
@@ -179,7 +178,6 @@ def test_gae_refuses_meta_tensors():
         gae(torch.randn(2, 5, **meta), torch.randn(2, 5, **meta), torch.ones(2, 5, dtype=torch.bool, **meta))
 
 
-@cuda_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("B, T", [(1, 1), (3, 7), (64, 1024), (2, 8192), (5, 1500)])
@@ -193,7 +191,6 @@ def test_gae_cuda_matches_cpu(dtype, B, T):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-5, atol=atol)
 
 
-@cuda_only
 @pytest.mark.cuda
 def test_gae_cuda_rejects_mixed_devices():
     with pytest.raises(RuntimeError, match="values: expected a tensor on"):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_ext import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from rlhf_ext.models import position_ids_from_mask
 from rlhf_ext.ops.reference import masked_whiten_reference
 from rlhf_ext.trainers.advantages import group_advantages, rloo_advantages
 from rlhf_ext.trainers.data import pad
@@ -71,9 +72,7 @@ def low_fraction(prompts, completions, completion_ids, **columns):
 def low_mass(model, tokenizer, rows):
     ids, mask = pad([tokenizer(r["prompt"])["input_ids"] for r in rows], tokenizer.pad_token_id, "left")
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[
-            :, -1
-        ]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
     return float(logits.softmax(-1)[:, LOW].sum(-1).mean())
 
 
@@ -133,7 +132,7 @@ def test_loss_types_match_trl_formulas(loss_type, make_lm, tiny_tokenizer, promp
     trainer.policy.zero_grad()
 
     P, T = buf.P, args.temperature
-    position_ids = (buf.attn.cumsum(-1) - 1).clamp(min=0)
+    position_ids = position_ids_from_mask(buf.attn)
     logits = trainer.policy(input_ids=buf.ids, attention_mask=buf.attn, position_ids=position_ids).logits[:, P - 1 : -1]
     logp = F.log_softmax(logits.float() / T, -1).gather(-1, buf.ids[:, P:, None])[..., 0]
     ratio = torch.exp(logp - buf.old_logprobs)

@@ -1,7 +1,6 @@
 """The labelling web app's API through FastAPI's TestClient: serving order and k, votes and their
 canonical mapping, idempotency, validation, tokens, and completions that hold HTML/JS."""
 
-import random
 import sqlite3
 
 import pytest
@@ -9,31 +8,11 @@ import pytest
 pytest.importorskip("fastapi", reason="the web app needs the 'label' extra: pip install 'rlhf_ext[label]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from rlhf_ext.label.app import create_app, is_loopback, resolve_token  # noqa: E402
+from rlhf_ext.label.app import is_loopback, resolve_token  # noqa: E402
 from rlhf_ext.label.store import FeedbackStore, load_pairs  # noqa: E402
-from tests.label_helpers import write_pairs  # noqa: E402
+from tests.label_helpers import make_client, vote, write_pairs  # noqa: E402
 
 INJECTION = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
-
-
-def make_client(tmp_path, n_items=4, k=1, seed=0, lease_seconds=600.0, host="127.0.0.1", token=None, items=None):
-    items = items or [(f"item{i}", f"prompt {i}", f"first {i}", f"second {i}") for i in range(n_items)]
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    store = FeedbackStore(tmp_path / "feedback.sqlite", lease_seconds=lease_seconds, rng=random.Random(seed))
-    store.add_items(load_pairs(write_pairs(tmp_path / "pairs.jsonl", items)))
-    app = create_app(store, k=k, host=host, token=token)
-    return TestClient(app, base_url="http://127.0.0.1"), store
-
-
-def vote(client, item_id, labeller, choice, vote_id=None, **extra):
-    body = {
-        "vote_id": vote_id or f"v-{labeller}-{item_id}".replace(" ", "_"),
-        "item_id": item_id,
-        "labeller": labeller,
-        "choice": choice,
-        **extra,
-    }
-    return client.post("/api/vote", json=body)
 
 
 def test_serve_vote_and_canonical_choice(tmp_path):

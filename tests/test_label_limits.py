@@ -18,8 +18,7 @@ from rlhf_ext.label.store import (
     NotAFeedbackDatabase,  # noqa: E402
     load_pairs,
 )
-from tests.label_helpers import write_pairs  # noqa: E402
-from tests.test_label_api import make_client, vote  # noqa: E402
+from tests.label_helpers import make_client, vote, write_pairs  # noqa: E402
 
 
 def assert_one_line_exit_2(code, capsys, *fragments):

@@ -132,18 +132,11 @@ def policy_dir(tmp_path_factory):
     return folder
 
 
-def have_rollout_engine():
-    try:
-        from rlhf_ext.generation import generate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def label_pairs(model, prompts, out, *options) -> int:
+    """`rlhf-ext label pairs --model MODEL --prompts PROMPTS --out OUT [options]`; its exit code."""
+    return main(["label", "pairs", "--model", str(model), "--prompts", str(prompts), "--out", str(out), *options])
 
 
-@pytest.mark.skipif(
-    not have_rollout_engine(),
-    reason="rlhf_ext.generation.generate (the rollout engine) is not in this build yet; `label pairs` samples with it",
-)
 def test_pairs_command_samples_reproducible_pairs(policy_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Q: w1 w2", "Q: w3", "say hello w4 w5"]))
@@ -151,27 +144,20 @@ def test_pairs_command_samples_reproducible_pairs(policy_dir, tmp_path, capsys):
     for run in range(2):
         out = tmp_path / f"pairs{run}.jsonl"
         assert (
-            main(
-                [
-                    "label",
-                    "pairs",
-                    "--model",
-                    str(policy_dir),
-                    "--prompts",
-                    str(prompts),
-                    "--out",
-                    str(out),
-                    "--n",
-                    "3",
-                    "--max-new-tokens",
-                    "5",
-                    "--seed",
-                    "4",
-                    "--batch-size",
-                    "2",
-                    "--device",
-                    "cpu",
-                ]
+            label_pairs(
+                policy_dir,
+                prompts,
+                out,
+                "--n",
+                "3",
+                "--max-new-tokens",
+                "5",
+                "--seed",
+                "4",
+                "--batch-size",
+                "2",
+                "--device",
+                "cpu",
             )
             == 0
         )
@@ -186,83 +172,17 @@ def test_pairs_command_samples_reproducible_pairs(policy_dir, tmp_path, capsys):
         assert all(len(c.split()) <= 5 for c in (row["completion_a"], row["completion_b"]))
     assert f"{len(rows)} pairs from 3 prompts x 3 samples" in capsys.readouterr().out
     other = tmp_path / "other.jsonl"
-    main(
-        [
-            "label",
-            "pairs",
-            "--model",
-            str(policy_dir),
-            "--prompts",
-            str(prompts),
-            "--out",
-            str(other),
-            "--n",
-            "3",
-            "--max-new-tokens",
-            "5",
-            "--seed",
-            "5",
-            "--device",
-            "cpu",
-        ]
-    )
+    label_pairs(policy_dir, prompts, other, "--n", "3", "--max-new-tokens", "5", "--seed", "5", "--device", "cpu")
     assert other.read_text() != outs[0]
 
 
 def test_pairs_command_errors(policy_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"text": "no prompt key"}\n')
-    assert (
-        main(
-            [
-                "label",
-                "pairs",
-                "--model",
-                str(policy_dir),
-                "--prompts",
-                str(prompts),
-                "--out",
-                str(tmp_path / "o.jsonl"),
-            ]
-        )
-        == 2
-    )
+    assert label_pairs(policy_dir, prompts, tmp_path / "o.jsonl") == 2
     assert "expected an object with a string 'prompt'" in capsys.readouterr().err
     prompts.write_text('{"prompt": "w1"}\n')
-    assert (
-        main(
-            [
-                "label",
-                "pairs",
-                "--model",
-                str(tmp_path / "nowhere"),
-                "--prompts",
-                str(prompts),
-                "--out",
-                str(tmp_path / "o.jsonl"),
-            ]
-        )
-        == 2
-    )
+    assert label_pairs(tmp_path / "nowhere", prompts, tmp_path / "o.jsonl") == 2
     assert "not a folder" in capsys.readouterr().err
-    if have_rollout_engine():
-        assert (
-            main(
-                [
-                    "label",
-                    "pairs",
-                    "--model",
-                    str(policy_dir),
-                    "--prompts",
-                    str(prompts),
-                    "--out",
-                    str(tmp_path / "o.jsonl"),
-                    "--n",
-                    "1",
-                    "--device",
-                    "cpu",
-                ]
-            )
-            == 2
-        )
-        assert "n must be at least 2" in capsys.readouterr().err
+    assert label_pairs(policy_dir, prompts, tmp_path / "o.jsonl", "--n", "1", "--device", "cpu") == 2
+    assert "n must be at least 2" in capsys.readouterr().err

@@ -16,76 +16,28 @@ import torch
 
 from rlhf_ext.ops import gather_logprobs
 from rlhf_ext.ops.reference import gather_logprobs_reference
-from tests.helpers import cuda_only
+from tests.logprobs_helpers import (
+    GRAD_TOL,
+    check_values,
+    grads_and_reference,
+    make_inputs,
+)
 
-VALUE_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10)}
-GRAD_TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.bfloat16: dict(rtol=8e-3, atol=1e-6),
-    torch.float16: dict(rtol=1e-3, atol=1e-6),
-}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-def value_tol(dtype):
-    return VALUE_TOL.get(dtype, dict(rtol=1e-5, atol=1e-5))
-
-
-def _inputs(shape, dtype=torch.float32, scale=3.0, ignore_p=0.1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    V = shape[-1]
-    logits = (torch.randn(shape, generator=g) * scale).to(dtype)
-    labels = torch.randint(0, V, shape[:-1], generator=g)
-    labels[torch.rand(shape[:-1], generator=g) < ignore_p] = -100
-    return logits, labels
-
-
-def _oracle(logits, labels, temperature=1.0, ignore_index=-100, chunk=512):
-    """float64 (logprobs, entropy), a block of rows at a time to bound the oracle's own memory."""
-    V = logits.shape[-1]
-    flat, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
-    parts = [
-        gather_logprobs_reference(
-            flat[i : i + chunk],
-            flat_labels[i : i + chunk],
-            temperature,
-            ignore_index,
-            return_entropy=True,
-            dtype=torch.float64,
-        )
-        for i in range(0, flat.shape[0], chunk)
-    ]
-    lp = torch.cat([p[0] for p in parts]).reshape(labels.shape)
-    ent = torch.cat([p[1] for p in parts]).reshape(labels.shape)
-    return lp, ent
-
-
-def _check_values(logits, labels, temperature=1.0, ignore_index=-100):
-    lp, ent = gather_logprobs(logits, labels, temperature, ignore_index, return_entropy=True)
-    assert lp.dtype == ent.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    assert lp.shape == ent.shape == labels.shape
-    ref_lp, ref_ent = _oracle(logits, labels, temperature, ignore_index)
-    torch.testing.assert_close(lp.double(), ref_lp, **value_tol(logits.dtype))
-    torch.testing.assert_close(ent.double(), ref_ent, **value_tol(logits.dtype))
-    ignored = labels == ignore_index
-    assert torch.all(lp[ignored] == 0) and torch.all(ent[ignored] == 0)
-    # without return_entropy: the same log-probs
-    torch.testing.assert_close(gather_logprobs(logits, labels, temperature, ignore_index), lp, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(9, 7, 41), (1, 1, 5), (4, 47, 31, 123), (5, 1000)])
 def test_values_small_shapes(shape, dtype):
-    logits, labels = _inputs(shape, dtype)
-    _check_values(logits, labels, temperature=0.7)
+    logits, labels = make_inputs(shape, dtype)
+    check_values(logits, labels, temperature=0.7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
 def test_values_temperatures(temperature, dtype):
-    logits, labels = _inputs((9, 7, 41), dtype, scale=5.0)
-    _check_values(logits, labels, temperature)
+    logits, labels = make_inputs((9, 7, 41), dtype, scale=5.0)
+    check_values(logits, labels, temperature)
 
 
 @pytest.mark.parametrize(
@@ -98,14 +50,14 @@ def test_values_temperatures(temperature, dtype):
     ],
 )
 def test_values_vocab_sized_shapes(shape, dtype):
-    logits, labels = _inputs(shape, dtype)
-    _check_values(logits, labels, temperature=0.7)
+    logits, labels = make_inputs(shape, dtype)
+    check_values(logits, labels, temperature=0.7)
 
 
 def test_ignore_index_custom_value_and_all_ignored():
-    logits, labels = _inputs((6, 50), ignore_p=0.0)
+    logits, labels = make_inputs((6, 50), ignore_p=0.0)
     labels[::2] = 7  # ignore_index may be a real token id (e.g. the pad id)
-    _check_values(logits, labels, ignore_index=7)
+    check_values(logits, labels, ignore_index=7)
     lp, ent = gather_logprobs(logits, torch.full((6,), -100), return_entropy=True)
     assert torch.all(lp == 0) and torch.all(ent == 0)
 
@@ -123,7 +75,7 @@ def test_extreme_logits_are_finite_and_accurate():
         x = logits.to(dtype)
         lp, ent = gather_logprobs(x, labels, return_entropy=True)
         assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
-        _check_values(x, labels)
+        check_values(x, labels)
         assert lp[2] == 0 and ent[2] == 0
 
 
@@ -173,7 +125,7 @@ def test_label_on_a_masked_entry_gives_minus_inf_and_finite_grad():
 def test_nan_logit_makes_its_row_nan(dtype, inplace, with_entropy_grad):
     """A NaN logit (first entry, vectorised middle, scalar tail) makes its row's log-prob, entropy and every
     gradient entry NaN, like the CUDA kernels (tests/test_logprobs_sim.py); the other rows stay finite."""
-    logits, labels = _inputs((5, 333), dtype, ignore_p=0.0)
+    logits, labels = make_inputs((5, 333), dtype, ignore_p=0.0)
     logits[0, 0] = logits[1, 100] = logits[2, 332] = float("nan")
     lp, ent = gather_logprobs(logits, labels, return_entropy=True)
     assert lp[:3].isnan().all() and ent[:3].isnan().all()
@@ -185,38 +137,21 @@ def test_nan_logit_makes_its_row_nan(dtype, inplace, with_entropy_grad):
     assert torch.isfinite(leaf.grad[3:]).all()
 
 
-def _grads(logits, labels, temperature, which, inplace, gen_seed=3):
-    """Our gradient and the float64 oracle's for loss = sum(a * logprobs) + sum(b * entropy)."""
-    g = torch.Generator().manual_seed(gen_seed)
-    a, b = torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
-    leaf = logits.detach().clone().requires_grad_()
-    lp, ent = gather_logprobs(leaf * 1, labels, temperature, return_entropy=True, inplace_backward=inplace)
-    loss = {"logprobs": (lp * a).sum(), "entropy": (ent * b).sum(), "both": (lp * a).sum() + (ent * b).sum()}[which]
-    loss.backward()
-    ref = logits.detach().double().requires_grad_()
-    rlp, rent = gather_logprobs_reference(ref, labels, temperature, return_entropy=True, dtype=torch.float64)
-    rloss = {"logprobs": (rlp * a).sum(), "entropy": (rent * b).sum(), "both": (rlp * a).sum() + (rent * b).sum()}[
-        which
-    ]
-    rloss.backward()
-    return leaf.grad, ref.grad
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("which", ["logprobs", "entropy", "both"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_gradients(dtype, which, inplace):
-    logits, labels = _inputs((5, 6, 333), dtype)
+    logits, labels = make_inputs((5, 6, 333), dtype)
     logits[0, 0, ::4] = float("-inf")
-    grad, ref = _grads(logits, labels, 0.7, which, inplace)
+    grad, ref = grads_and_reference(logits, labels, 0.7, which, inplace)
     assert grad.dtype == dtype and torch.isfinite(grad).all()
     torch.testing.assert_close(grad.double(), ref, **GRAD_TOL[dtype])
     assert torch.all(grad[labels == -100] == 0)
 
 
 def test_gradients_large_vocab():
-    logits, labels = _inputs((2, 3, 128256), torch.bfloat16)
-    grad, ref = _grads(logits, labels, 1.3, "both", inplace=True)
+    logits, labels = make_inputs((2, 3, 128256), torch.bfloat16)
+    grad, ref = grads_and_reference(logits, labels, 1.3, "both", inplace=True)
     torch.testing.assert_close(grad.double(), ref, **GRAD_TOL[torch.bfloat16])
 
 
@@ -226,7 +161,7 @@ def test_gradients_at_extremes():
     logits = (torch.rand(6, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1) * 1e4
     logits[1, ::2] = float("-inf")
     labels = torch.arange(6)
-    grad, ref = _grads(logits, labels, 1.0, "both", inplace=False)
+    grad, ref = grads_and_reference(logits, labels, 1.0, "both", inplace=False)
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad.double(), ref, rtol=0, atol=2e-3)
 
@@ -236,11 +171,11 @@ def test_strided_logits_are_read_in_place():
     labels = torch.randint(0, 97, (3, 10))
     for view in (base[:, :-1], base.transpose(0, 1)[:10].transpose(0, 1), base[:, 1:, :].permute(1, 0, 2)):
         lbl = labels if view.shape[:2] == (3, 10) else labels.t()
-        _check_values(view, lbl)
-        grad, ref = _grads(view, lbl, 1.0, "both", inplace=False)
+        check_values(view, lbl)
+        grad, ref = grads_and_reference(view, lbl, 1.0, "both", inplace=False)
         torch.testing.assert_close(grad.double(), ref, **GRAD_TOL[torch.float32])
     strided_vocab = torch.randn(4, 200)[:, ::2]  # last dim not contiguous: copied once, still correct
-    _check_values(strided_vocab, torch.randint(0, 100, (4,)))
+    check_values(strided_vocab, torch.randint(0, 100, (4,)))
 
 
 def test_inplace_backward_reuses_the_logits_buffer():
@@ -294,7 +229,7 @@ def test_gradcheck_float64():
 
 
 def test_opcheck():
-    logits, labels = _inputs((3, 5, 37))
+    logits, labels = make_inputs((3, 5, 37))
     for args in [
         (logits, labels, 1.0, -100, True, False),
         (logits.bfloat16(), labels, 0.7, -100, False, True),
@@ -330,7 +265,7 @@ def test_torch_compile_fullgraph(inplace):
 
 
 def test_thread_count_does_not_change_result():
-    logits, labels = _inputs((64, 3000))
+    logits, labels = make_inputs((64, 3000))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -342,12 +277,12 @@ def test_thread_count_does_not_change_result():
 
 _ISA_SCRIPT = """
 import torch, rlhf_ext
-from tests.test_logprobs import _inputs, _check_values, _grads, GRAD_TOL
+from tests.logprobs_helpers import GRAD_TOL, check_values, grads_and_reference, make_inputs
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     for shape in ((3, 5), (4, 77), (2, 3000)):
-        logits, labels = _inputs(shape, dtype)
-        _check_values(logits, labels, 0.7)
-        grad, ref = _grads(logits, labels, 0.7, "both", inplace=dtype == torch.bfloat16)
+        logits, labels = make_inputs(shape, dtype)
+        check_values(logits, labels, 0.7)
+        grad, ref = grads_and_reference(logits, labels, 0.7, "both", inplace=dtype == torch.bfloat16)
         torch.testing.assert_close(grad.double(), ref, **GRAD_TOL[dtype])
 print("ok", torch.backends.cpu.get_cpu_capability())
 """
@@ -405,27 +340,25 @@ def test_bad_inputs(kwargs, err, match):
 
 
 def test_int32_labels_are_accepted():
-    logits, labels = _inputs((4, 9))
+    logits, labels = make_inputs((4, 9))
     torch.testing.assert_close(gather_logprobs(logits, labels.int()), gather_logprobs(logits, labels))
 
 
-@cuda_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 5), (9, 7, 41), (3, 423, 32000), (1, 2, 128256), (2, 50257), (4096, 257)])
 def test_cuda_matches_cpu(dtype, shape):
-    logits, labels = _inputs(shape, dtype)
+    logits, labels = make_inputs(shape, dtype)
     logits.view(-1, shape[-1])[0, ::5] = float("-inf")
     cpu = gather_logprobs(logits, labels, 0.7, return_entropy=True)
     gpu = gather_logprobs(logits.cuda(), labels.cuda(), 0.7, return_entropy=True)
     for c, g in zip(cpu, gpu):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-4, atol=1e-4)
     for inplace in (False, True):
-        grad, ref = _grads(logits.cuda(), labels.cuda(), 0.7, "both", inplace)
+        grad, ref = grads_and_reference(logits.cuda(), labels.cuda(), 0.7, "both", inplace)
         torch.testing.assert_close(grad.double().cpu(), ref.cpu(), rtol=max(GRAD_TOL[dtype]["rtol"], 1e-4), atol=1e-5)
 
 
-@cuda_only
 @pytest.mark.cuda
 def test_cuda_strided_rows_and_unaligned_vocab():
     base = torch.randn(3, 12, 1001, device="cuda", dtype=torch.bfloat16)  # odd V: rows start unaligned
@@ -442,7 +375,7 @@ def test_forward_allocates_no_vocab_sized_temporary():
     log_softmax needs a whole [N, V] float32 buffer, the fused forward only O(N)."""
     from benchmarks.bench_logprobs import peak_extra_bytes
 
-    logits, labels = _inputs((512, 32000), ignore_p=0.0)  # 65 MB: above glibc's mmap threshold
+    logits, labels = make_inputs((512, 32000), ignore_p=0.0)  # 65 MB: above glibc's mmap threshold
     full = logits.numel() * 4
     gather_logprobs(logits, labels, return_entropy=True)
     fused = peak_extra_bytes(lambda: gather_logprobs(logits, labels, return_entropy=True))

@@ -8,12 +8,14 @@ chunks in float32) get 2e-2 relative (a few bfloat16 ulps after a K-term matmul)
 import pytest
 import torch
 
-from rlhf_ext.models.logprobs import position_ids_from_mask, sequence_logprobs
+from rlhf_ext.models.logprobs import sequence_logprobs
 from rlhf_ext.ops import fused_linear_logprobs, gather_logprobs
 from rlhf_ext.ops.logprobs import _default_chunk_rows
 from rlhf_ext.ops.reference import fused_linear_logprobs_reference
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+
+from tests.hf_helpers import full_logprobs, padded_batch, tiny_hf  # noqa: E402  (needs transformers)
 
 
 def _fused_inputs(dtype=torch.float32, bias=True, seed=0, shape=(5, 10), H=24, V=301):
@@ -173,69 +175,16 @@ def test_fused_linear_bad_dtypes_and_sizes_are_named(kwargs, err, match):
 
 # ---- HF helper ----
 
-V = 97
 
-
-def _tiny(kind):
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    if kind == "llama_bias":  # untied lm_head with a bias
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False))
-        model.lm_head = torch.nn.Linear(32, V, bias=True)
-    elif kind == "gpt2":  # tied embeddings, learned absolute positions
-        model = transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(
-                vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
-            )
-        )
-    elif kind == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
-    elif kind == "cohere":  # logits * logit_scale
-        model = transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.5))
-    elif kind == "gemma2":  # final tanh softcap
-        model = transformers.Gemma2ForCausalLM(
-            transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0)
-        )
-    return model.eval()
-
-
-def _batch(B=3, L=12, pads=(0, 2, 4), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, V, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    for row, n in enumerate(pads):  # left-padded prompts
-        mask[row, :n] = 0
-        ids[row, :n] = 0
-    return ids, mask
-
-
-def _naive(model, ids, mask, start, temperature=1.0):
-    """Full [B, L, V] logits from the model, float64 log-softmax: the computation the helper avoids."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-    logp = torch.log_softmax(logits[:, start - 1 : -1].double() / temperature, -1)
-    lp = logp.gather(-1, ids[:, start:, None]).squeeze(-1)
-    return lp, -(logp.exp() * logp).sum(-1)
-
-
-@pytest.mark.parametrize("kind", ["llama_bias", "gpt2", "qwen2", "cohere"])
+@pytest.mark.parametrize("kind", ["llama_bias", "gpt2", "qwen2", "cohere", "granite"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_sequence_logprobs_matches_full_logits(kind, fused):
-    model = _tiny(kind)
-    ids, mask = _batch()
+    model = tiny_hf(kind)
+    ids, mask = padded_batch()
     lp, ent = sequence_logprobs(
         model, ids, mask, 5, temperature=0.8, return_entropy=True, fused_linear=fused, chunk_size=4
     )
-    rlp, rent = _naive(model, ids, mask, 5, temperature=0.8)
+    rlp, rent = full_logprobs(model, ids, mask, 5, temperature=0.8)
     assert lp.shape == (3, 7) and lp.dtype == torch.float32
     torch.testing.assert_close(lp.double(), rlp, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(ent.double(), rent, rtol=1e-5, atol=2e-5)
@@ -244,25 +193,25 @@ def test_sequence_logprobs_matches_full_logits(kind, fused):
     _loss(lp, ent).backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    _loss(*_naive(model, ids, mask, 5, temperature=0.8)).backward()
+    _loss(*full_logprobs(model, ids, mask, 5, temperature=0.8)).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours[name], p.grad.to(ours[name].dtype), rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("kind", ["llama_bias", "gpt2"])
 def test_left_padded_row_equals_the_unpadded_sequence(kind):
-    model = _tiny(kind)
-    ids, mask = _batch()
+    model = tiny_hf(kind)
+    ids, mask = padded_batch()
     batch = sequence_logprobs(model, ids, mask, 6)
     alone = sequence_logprobs(model, ids[2:, 4:], mask[2:, 4:], 2)  # row 2 without its 4 pads
     torch.testing.assert_close(batch[2:], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_softcap_model_unfused_matches_and_fused_refuses():
-    model = _tiny("gemma2")
-    ids, mask = _batch()
+    model = tiny_hf("gemma2")
+    ids, mask = padded_batch()
     lp = sequence_logprobs(model, ids, mask, 4)
-    torch.testing.assert_close(lp.double(), _naive(model, ids, mask, 4)[0], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lp.double(), full_logprobs(model, ids, mask, 4)[0], rtol=1e-5, atol=2e-5)
     with pytest.raises(ValueError, match="final logit softcap"):
         sequence_logprobs(model, ids, mask, 4, fused_linear=True)
 
@@ -271,11 +220,11 @@ def test_softcap_model_unfused_matches_and_fused_refuses():
 def test_peft_lora_model(fused):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(
-        _tiny("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        tiny_hf("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     lp = sequence_logprobs(model, ids, mask, 5, fused_linear=fused)
-    rlp, _ = _naive(model, ids, mask, 5)
+    rlp, _ = full_logprobs(model, ids, mask, 5)
     torch.testing.assert_close(lp.double(), rlp, rtol=1e-5, atol=2e-5)
     lp.sum().backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
@@ -283,8 +232,8 @@ def test_peft_lora_model(fused):
 
 
 def test_sequence_logprobs_edge_cases_and_errors():
-    model = _tiny("qwen2")
-    ids, mask = _batch()
+    model = tiny_hf("qwen2")
+    ids, mask = padded_batch()
     lp, ent = sequence_logprobs(model, ids, mask, 12, return_entropy=True)
     assert lp.shape == ent.shape == (3, 0)
     full = sequence_logprobs(model, ids[:, 4:], mask[:, 4:], 1)  # response from the 2nd column on

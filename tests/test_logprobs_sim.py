@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlhf_ext.ops.reference import gather_logprobs_reference
-from tests.test_logprobs import GRAD_TOL
+from tests.logprobs_helpers import GRAD_TOL
 
 pytestmark = pytest.mark.cuda_sim
 

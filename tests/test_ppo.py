@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from rlhf_ext import PPOConfig, PPOTrainer
+from rlhf_ext.models import position_ids_from_mask
 from rlhf_ext.trainers.data import pad
 from rlhf_ext.trainers.ppo import assemble_rewards
 
@@ -57,9 +58,7 @@ def ppo_args(cpu_args, **overrides):
 def target_mass(model, tokenizer, rows):
     ids, mask = pad([tokenizer(r["prompt"])["input_ids"] for r in rows], tokenizer.pad_token_id, "left")
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[
-            :, -1
-        ]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
     return float(logits.softmax(-1)[:, TARGET].sum(-1).mean())
 
 

@@ -6,7 +6,6 @@ import torch
 import rlhf_ext  # noqa: F401
 from rlhf_ext.ops import kl_penalty, ppo_loss
 from rlhf_ext.ops.reference import kl_penalty_reference, ppo_loss_reference
-from tests.helpers import cuda_only
 from tests.ppo_loss_helpers import LOSS_AGGS, STAT_KEYS, assert_grads_close, assert_outputs_close, make_case, run
 
 
@@ -260,7 +259,6 @@ def test_unclipped_value_loss():
 # ---- CUDA: the same kernels' maths (csrc/ppo_loss_math.h) on the GPU, checked against the CPU ----
 
 
-@cuda_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -289,7 +287,6 @@ def test_cuda_matches_cpu(loss_agg, dtype):
         )
 
 
-@cuda_only
 @pytest.mark.cuda
 def test_cuda_is_deterministic_and_handles_empty_masks():
     case = {k: v.cuda() for k, v in make_case(300, 257, seed=15).items()}

@@ -5,47 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import rlhf_ext  # noqa: F401
-from rlhf_ext.generation import Rollout, generate
-
-VOCAB, PAD = 96, 0
-
-
-def tiny(kind: str):
-    torch.manual_seed(0)
-    if kind == "llama":
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=PAD,
-        )
-        model = LlamaForCausalLM(cfg)
-    elif kind == "qwen2":
-        cfg = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=PAD,
-        )
-        model = Qwen2ForCausalLM(cfg)
-    else:
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=256, pad_token_id=PAD)
-        model = GPT2LMHeadModel(cfg)
-    # Sharper logits than the default init, so that sampled trajectories are not near-uniform.
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)
-    return model.eval()
+from rlhf_ext.generation import generate
+from rlhf_ext.models import position_ids_from_mask
+from tests.rollout_helpers import PAD, VOCAB, forward_logprobs, tiny
 
 
 def prompts(batch=4, length=7, seed=1):
@@ -56,16 +20,6 @@ def prompts(batch=4, length=7, seed=1):
     for row in range(batch):
         mask[row, : (2 * row) % (length - 1)] = 0
     return ids.masked_fill(mask == 0, PAD), mask
-
-
-def forward_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T) gathered at the response tokens from one full forward over the sequences."""
-    mask = rollout.attention_mask
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids=rollout.sequences, attention_mask=mask, position_ids=position_ids).logits
-    P = rollout.prompt_length
-    logp = torch.log_softmax(logits[:, P - 1 : -1].float() / temperature, dim=-1)
-    return logp.gather(-1, rollout.response_ids[..., None]).squeeze(-1)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
@@ -225,7 +179,7 @@ def test_return_values():
     )
     full_mask = out.attention_mask
     with torch.no_grad():
-        full = model(out.sequences, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0))
+        full = model(out.sequences, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask))
     P = out.prompt_length
     expected = full.values.squeeze(-1)[:, P - 1 : -1] * out.response_mask
     torch.testing.assert_close(out.values, expected, atol=1e-4, rtol=1e-4)
@@ -261,7 +215,6 @@ def test_bad_inputs(kwargs, match):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_matches_eager():
     model = tiny("llama").cuda()
     ids, mask = prompts(batch=4, length=7)

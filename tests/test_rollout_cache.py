@@ -12,7 +12,7 @@ import torch
 import rlhf_ext  # noqa: F401
 from rlhf_ext.generation import generate, rollout
 from rlhf_ext.ops.sampling import prepare_settings
-from tests.test_rollout import PAD, VOCAB, tiny
+from tests.rollout_helpers import PAD, VOCAB, forward_logprobs, tiny
 
 
 def padded_prompts(batch=4, length=8, seed=3):
@@ -182,10 +182,7 @@ def test_rollout_emits_no_deprecation_warning(cache):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_capture_with_padded_first_row():
-    from tests.test_rollout import forward_logprobs
-
     model = tiny("llama").cuda()
     ids, mask = (t.cuda() for t in padded_prompts())
     kw = dict(max_new_tokens=12, pad_token_id=PAD)

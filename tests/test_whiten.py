@@ -5,7 +5,6 @@ import torch
 
 from rlhf_ext.ops import masked_mean, masked_var, masked_whiten
 from rlhf_ext.ops.reference import masked_mean_reference, masked_var_reference, masked_whiten_reference
-from tests.helpers import cuda_only
 
 
 def _inputs(B, T, dtype=torch.float32, seed=0, offset=0.0):
@@ -199,7 +198,6 @@ def test_bad_inputs(x, mask, match):
         masked_whiten(x, mask)
 
 
-@cuda_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("B, T", [(1, 7), (64, 1024), (3, 50000)])

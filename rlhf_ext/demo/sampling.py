@@ -1,5 +1,5 @@
 """Sampling and scoring completions for the demo's evaluation, from the public pieces only: the rollout
-engine (`rlhf_ext.generation.generate`), `sequence_logprobs`, the `kl_penalty` op and `sequence_scores`.
+completion path (`rlhf_ext.generation.complete`), `sequence_logprobs`, the `kl_penalty` op and `sequence_scores`.
 
 `sample_and_score` draws completions from a policy and returns, per completion, its text, whether it
 ended with EOS, its hidden `true_score`, its reward-model score (if a reward model is given) and its
@@ -15,11 +15,11 @@ from typing import Optional
 import torch
 
 from rlhf_ext.demo.task import true_score
-from rlhf_ext.generation import generate
+from rlhf_ext.generation import SamplingSettings, complete, left_pad, response_texts
 from rlhf_ext.models.heads import sequence_scores
 from rlhf_ext.models.logprobs import sequence_logprobs
 from rlhf_ext.ops import kl_penalty
-from rlhf_ext.trainers.data import pad, text_ids
+from rlhf_ext.trainers.data import text_ids
 
 
 @torch.no_grad()
@@ -41,25 +41,23 @@ def sample_and_score(
     this never moves the global RNG of a training run."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        stop_token_id=tokenizer.eos_token_id,
+    )
     was_training = model.training
     model.eval()
     results = []
+    # A batch at a time (sampled, then scored), every batch drawing from the one generator.
     for first in range(0, len(prompts), batch_size):
         batch = prompts[first : first + batch_size]
-        prompt_ids, prompt_mask = pad([text_ids(tokenizer, p) for p in batch], tokenizer.pad_token_id, "left", device)
-        rollout = generate(
-            model,
-            prompt_ids,
-            prompt_mask,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            generator=generator,
-        )
+        prompt_ids, prompt_mask = left_pad([text_ids(tokenizer, p) for p in batch], tokenizer.pad_token_id, device)
+        rollout = complete(model, prompt_ids, prompt_mask, settings, generator=generator)
         P, sequences = rollout.prompt_length, rollout.sequences  # (B, P + R)
         response_mask = rollout.response_mask  # (B, R): 1 up to and including EOS
-        attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+        attention_mask = rollout.attention_mask  # (B, P + R)
         kl = rm_scores = None
         if ref_model is not None:
             logprobs = sequence_logprobs(model, sequences, attention_mask, P, temperature=temperature)
@@ -67,10 +65,8 @@ def sample_and_score(
             kl = (kl_penalty(logprobs, ref_logprobs, "k1") * response_mask).sum(1).tolist()  # (B,)
         if reward_model is not None:
             rm_scores = sequence_scores(reward_model, sequences, attention_mask).tolist()  # (B,), read at EOS
-        lengths = response_mask.sum(1).tolist()
-        texts = tokenizer.batch_decode(
-            [ids[:n] for ids, n in zip(rollout.response_ids.tolist(), lengths)], skip_special_tokens=True
-        )
+        lengths = rollout.response_lengths.tolist()
+        texts, _ = response_texts(tokenizer, rollout)
         for i, (prompt, text) in enumerate(zip(batch, texts)):
             results.append(
                 {

@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import torch
 
+from rlhf_ext.models.introspect import position_ids_from_mask
 from rlhf_ext.ops.sampling import prepare_settings, sample
 
 Setting = Union[int, float, torch.Tensor]
@@ -202,7 +203,7 @@ def generate(
     # reads a value back to the host or copies from pageable memory (neither is allowed in a captured graph).
     sampling = prepare_settings(B, device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     sampling["generator"] = generator
-    position_ids = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)  # (B, P)
+    position_ids = position_ids_from_mask(prompt_mask)  # (B, P)
     cache_position = torch.arange(P, device=device)  # (P,) the cache slots the prompt fills
     output = model(
         input_ids=input_ids,

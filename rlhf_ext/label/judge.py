@@ -55,6 +55,8 @@ def answer_logprobs(model, tokenizer, texts, answers, *, max_length=None):
     every (text, answer) sequence; only the last logits are kept, never (B, T, V)."""
     import torch
 
+    from rlhf_ext.models import position_ids_from_mask
+
     device = next(model.parameters()).device
     answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
     if any(len(ids) == 0 for ids in answer_ids):
@@ -75,7 +77,7 @@ def answer_logprobs(model, tokenizer, texts, answers, *, max_length=None):
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)  # (N, T)
     attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    position_ids = position_ids_from_mask(attention_mask)  # left padding must not shift positions
     with torch.no_grad():
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep

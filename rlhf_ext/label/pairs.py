@@ -1,4 +1,4 @@
-"""`label pairs`: sample completions from a policy with the rollout engine and write comparison pairs.
+"""`label pairs`: sample completions from a policy through the one completion path and write comparison pairs.
 
 Each prompt gets `n` sampled completions; every two distinct completions of one prompt make a pair
 (n=2: one pair, n=4: six). Pair ids are content hashes, so sampling again never collides with pairs
@@ -6,47 +6,26 @@ already in a feedback database.
 """
 
 import itertools
-import json
 
+import torch
+
+from rlhf_ext.generation import SamplingSettings, complete, response_texts
+from rlhf_ext.jsonl import read_jsonl, write_jsonl  # noqa: F401  (write_jsonl: `label pairs` writes with it)
 from rlhf_ext.label.store import item_id_for
 
 
 def load_prompts(path) -> list:
     """Prompts from JSON lines, each an object with a string `prompt`."""
     prompts = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"{path}, line {line_no}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {line_no}: not valid JSON ({err})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(
-                    f"{path}, line {line_no}: expected an object with a string 'prompt', got {line[:80]!r}"
-                )
-            prompts.append(row["prompt"])
+    for line_no, row in read_jsonl(path):
+        if not isinstance(row.get("prompt"), str):
+            raise ValueError(
+                f"{path}, line {line_no}: expected an object with a string 'prompt', got {str(row)[:80]!r}"
+            )
+        prompts.append(row["prompt"])
     if not prompts:
         raise ValueError(f"{path}: no prompts found")
     return prompts
-
-
-def _generate_fn():
-    try:
-        from rlhf_ext.generation import generate
-    except ImportError:
-        raise RuntimeError(
-            "rlhf_ext.generation.generate (the rollout engine) is not available in this "
-            "build of rlhf_ext; `label pairs` needs it"
-        ) from None
-    return generate
 
 
 def sample_completions(
@@ -62,10 +41,9 @@ def sample_completions(
     seed: int = 0,
     batch_size: int = 8,
 ) -> list:
-    """For each prompt, `n` completion strings (special tokens removed). One torch.Generator seeded with
-    `seed` drives every batch, so a run is reproducible for a given seed and batch size."""
-    import torch
-
+    """For each prompt, `n` completion strings (special tokens removed), sampled through
+    `rlhf_ext.generation.complete`. One torch.Generator seeded with `seed` drives every batch, so a run is
+    reproducible for a given seed and batch size."""
     if n < 2:
         raise ValueError(f"n must be at least 2 (completions per prompt to compare), got {n}")
     if max_new_tokens < 1:
@@ -78,35 +56,25 @@ def sample_completions(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if tokenizer.padding_side != "left":
         raise ValueError("the tokenizer must pad on the left (prompts end where generation starts)")
-    generate = _generate_fn()
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token_id=tokenizer.eos_token_id,
+    )
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     completions = []
+    # Tokenised a batch at a time (each batch padded to its own longest prompt), all drawn from one generator.
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        encoded = tokenizer(batch, return_tensors="pt", padding=True)
+        encoded = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
         # (B*n, P): each prompt repeated n times, left-padded
-        input_ids = encoded["input_ids"].repeat_interleave(n, dim=0).to(device)
-        attention_mask = encoded["attention_mask"].repeat_interleave(n, dim=0).to(device)
-        with torch.no_grad():
-            rollout = generate(
-                model,
-                input_ids,
-                attention_mask,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                generator=generator,
-            )
-        response_ids = rollout.response_ids.cpu()  # (B*n, R)
-        response_mask = rollout.response_mask.cpu()  # (B*n, R)
-        texts = [
-            tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
-            for ids, mask in zip(response_ids, response_mask)
-        ]
+        prompt_ids = encoded["input_ids"].repeat_interleave(n, dim=0).to(device)
+        prompt_mask = encoded["attention_mask"].repeat_interleave(n, dim=0).to(device)
+        rollout = complete(model, prompt_ids, prompt_mask, settings, generator=generator)
+        texts, _ = response_texts(tokenizer, rollout)
         completions.extend(texts[i : i + n] for i in range(0, len(texts), n))
     return completions
 
@@ -134,9 +102,3 @@ def make_pairs(prompts, completions, model_name: str = "") -> tuple:
                 }
             )
     return rows, identical
-
-
-def write_jsonl(rows, path):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -17,8 +17,9 @@ import sqlite3
 import threading
 import time
 
+from rlhf_ext.jsonl import read_jsonl
+
 CHOICES = ("a", "b", "tie", "skip")
-SOURCES = ("human", "ai")
 # Marks in the SQLite header (PRAGMA application_id / user_version) that say "an rlhf-ext feedback database,
 # schema 1", so a database of another program is refused rather than gaining our tables.
 APPLICATION_ID = 0x524C4846  # "RLHF"
@@ -118,50 +119,33 @@ def load_pairs(path) -> list:
     """Read a pairs file: JSON lines with `prompt`, `completion_a`, `completion_b` (strings) and an
     optional `id`. Returns a list of dicts with those four keys; raises ValueError naming the line."""
     items, seen = [], set()
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            where = f"{path}, line {line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("prompt", "completion_a", "completion_b"):
-                if not isinstance(row.get(key), str):
-                    raise ValueError(f"{where}: expected a string field {key!r}, got {row.get(key)!r:.60}")
-            for key in ("completion_a", "completion_b"):
-                if not row[key].strip():
-                    raise ValueError(f"{where}: {key!r} is empty (there is nothing to compare)")
-            if row["completion_a"] == row["completion_b"]:
-                raise ValueError(
-                    f"{where}: 'completion_a' and 'completion_b' are identical (there is nothing to choose)"
-                )
-            item_id = row.get("id")
-            if item_id is None:
-                item_id = item_id_for(row["prompt"], row["completion_a"], row["completion_b"])
-            elif not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or str(item_id) == "":
-                raise ValueError(f"{where}: 'id' must be a non-empty string or an integer, got {item_id!r}")
-            item_id = str(item_id)
-            if item_id in seen:
-                raise ValueError(f"{where}: duplicate id {item_id!r}")
-            seen.add(item_id)
-            items.append(
-                {
-                    "id": item_id,
-                    "prompt": row["prompt"],
-                    "completion_a": row["completion_a"],
-                    "completion_b": row["completion_b"],
-                }
-            )
+    for line_no, row in read_jsonl(path):
+        where = f"{path}, line {line_no}"
+        for key in ("prompt", "completion_a", "completion_b"):
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"{where}: expected a string field {key!r}, got {row.get(key)!r:.60}")
+        for key in ("completion_a", "completion_b"):
+            if not row[key].strip():
+                raise ValueError(f"{where}: {key!r} is empty (there is nothing to compare)")
+        if row["completion_a"] == row["completion_b"]:
+            raise ValueError(f"{where}: 'completion_a' and 'completion_b' are identical (there is nothing to choose)")
+        item_id = row.get("id")
+        if item_id is None:
+            item_id = item_id_for(row["prompt"], row["completion_a"], row["completion_b"])
+        elif not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or str(item_id) == "":
+            raise ValueError(f"{where}: 'id' must be a non-empty string or an integer, got {item_id!r}")
+        item_id = str(item_id)
+        if item_id in seen:
+            raise ValueError(f"{where}: duplicate id {item_id!r}")
+        seen.add(item_id)
+        items.append(
+            {
+                "id": item_id,
+                "prompt": row["prompt"],
+                "completion_a": row["completion_a"],
+                "completion_b": row["completion_b"],
+            }
+        )
     if not items:
         raise ValueError(f"{path}: no pairs found")
     return items

@@ -4,6 +4,8 @@ Reward models and critics are stock `*ForSequenceClassification(num_labels=1)` m
 backbone and apply the score head ourselves at the positions we choose (HF's own pooling finds "the
 last non-pad token" by comparing ids to pad_token_id, which is wrong when pad == eos and the sequence
 ends in EOS). Position ids come from the attention mask, so left and right padding both work.
+The fused log-prob helpers here (`logprobs_and_values`, `causal_lm_token_logprobs`) follow the one logit rule of
+`rlhf_ext.models.introspect.linear_lm_head`: a logit scale is folded into the temperature, a softcap refused.
 """
 
 from typing import Optional
@@ -11,43 +13,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from rlhf_ext.models.logprobs import position_ids_from_mask  # noqa: F401  (re-exported: callers import it from here)
+from rlhf_ext.models.introspect import (  # noqa: F401  (backbone, score_head: callers import them from here too)
+    backbone,
+    hidden_states,
+    linear_lm_head,
+    position_ids_from_mask,
+    score_head,
+)
 from rlhf_ext.ops import fused_linear_logprobs
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The transformer body of an HF model (`model.model`, `model.transformer`, ...), without its head."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers
-    prefix = getattr(inner, "base_model_prefix", None)
-    if prefix and hasattr(inner, prefix):
-        return getattr(inner, prefix)
-    raise TypeError(
-        f"model: cannot find the transformer body of {type(model).__name__} (no base_model_prefix attribute)"
-    )
-
-
-def score_head(model: nn.Module) -> nn.Module:
-    """The `[H] -> [num_labels]` head of a sequence classifier (`score` for decoder LMs)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for name in ("score", "classifier", "v_head"):
-        head = getattr(inner, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    raise TypeError(
-        f"model: {type(model).__name__} has no score head (expected an AutoModelForSequenceClassification "
-        "with num_labels=1, e.g. LlamaForSequenceClassification)"
-    )
-
-
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states `[B, L, H]` of the backbone (after its final norm)."""
-    out = backbone(model)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    return out[0]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -112,31 +85,19 @@ def logprobs_and_values(
     """One policy forward for a shared critic: response log-probs `[B, R]` (and entropy) through the
     fused linear+log-softmax op on the hidden states (no `[B, R, V]` logits), values `[B, R]` from
     `value_head`. Returns (logprobs, entropy or None, values)."""
-    check_plain_lm_head(policy)
+    weight, bias, fused_temperature = linear_lm_head(policy, temperature)  # a logit scale folded in
     hidden = hidden_states(policy, input_ids, attention_mask)[:, response_start - 1 : -1]  # (B, R, H)
-    lm_head = policy.get_output_embeddings()
     out = fused_linear_logprobs(
         hidden,
-        lm_head.weight,
+        weight,
         input_ids[:, response_start:],
-        bias=getattr(lm_head, "bias", None),
-        temperature=temperature,
+        bias=bias,
+        temperature=fused_temperature,
         return_entropy=return_entropy,
         chunk_size=chunk_size,
     )
     logprobs, entropy = out if return_entropy else (out, None)
     return logprobs, entropy, value_head(hidden)
-
-
-def check_plain_lm_head(model: nn.Module):
-    """The fused path computes logits as hidden @ W^T (+ b). Refuse models whose logits are post-processed."""
-    config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(
-                f"{type(model).__name__}: config.{attr}={getattr(config, attr)} transforms the logits, which the fused "
-                "linear log-prob path does not apply; turn the fused path off for this model"
-            )
 
 
 def causal_lm_token_logprobs(
@@ -153,10 +114,9 @@ def causal_lm_token_logprobs(
 
     targets = labels[:, 1:]
     if fused_linear:
-        check_plain_lm_head(model)
+        weight, bias, fused_temperature = linear_lm_head(model)  # a logit scale folded in
         hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]  # (B, L-1, H)
-        lm_head = model.get_output_embeddings()
-        return fused_linear_logprobs(hidden, lm_head.weight, targets, bias=getattr(lm_head, "bias", None))
+        return fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=fused_temperature)
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -7,80 +7,24 @@ hidden states go to `fused_linear_logprobs` with the model's own lm_head weight,
 `[B, R, V]` logits exist at once.
 """
 
-import inspect
 from typing import Optional, Union
 
 import torch
 
+from rlhf_ext.models.introspect import (
+    accepts_logits_to_keep,
+    hidden_states,
+    linear_lm_head,
+    lm_head,
+    logit_transform,
+    position_ids_from_mask,
+    unwrap,
+)
 from rlhf_ext.ops.logprobs import fused_linear_logprobs, gather_logprobs
 
+__all__ = ["position_ids_from_mask", "sequence_logprobs"]  # position_ids_from_mask: callers import it from here
+
 _Out = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only real tokens, so a left-padded row sees the same positions as the
-    unpadded sequence: `cumsum(mask) - 1`, clamped at 0 on the padding (which is masked anyway)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _unwrap(model):
-    """The transformers model under a peft wrapper (adapters stay injected in its modules)."""
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        config = getattr(model, "active_peft_config", None)
-        if config is not None and getattr(config, "is_prompt_learning", False):
-            raise ValueError(
-                "model: peft prompt-learning adapters (prefix/prompt tuning) add virtual tokens in the wrapper's "
-                "forward, which sequence_logprobs bypasses; merge them or use a LoRA-style adapter"
-            )
-        return model.get_base_model()
-    return model
-
-
-def _logit_transform(model) -> tuple[float, Optional[float]]:
-    """(scale, softcap) the model applies after its lm_head: logits = cap * tanh(scale * z / cap)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
-        scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
-        scale /= float(config.logits_scaling)
-    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
-    return scale, (float(softcap) if softcap is not None else None)
-
-
-def _lm_head(model) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"model: {type(model).__name__} has no output embeddings (lm_head); it is not a causal LM")
-    if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
-        raise ValueError(
-            "model: the lm_head carries a peft adapter, so its .weight is not the full projection; "
-            "use fused_linear=False (or merge the adapter)"
-        )
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"model: the lm_head ({type(head).__name__}) has no [V, H] weight; use fused_linear=False")
-    bias = getattr(head, "bias", None)
-    return weight, bias if isinstance(bias, torch.Tensor) else None
-
-
-def _backbone_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    prefix = getattr(model, "base_model_prefix", "")
-    backbone = getattr(model, prefix, None) if prefix else None
-    if backbone is None or backbone is model:
-        raise ValueError(
-            f"model: cannot find the backbone of {type(model).__name__} (base_model_prefix={prefix!r}); "
-            "use fused_linear=False"
-        )
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H)
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def sequence_logprobs(
@@ -123,41 +67,35 @@ def sequence_logprobs(
         empty = torch.zeros(B, 0, dtype=torch.float32, device=input_ids.device)
         return (empty, empty.clone()) if return_entropy else empty
 
-    inner = _unwrap(model)
-    position_ids = position_ids_from_mask(attention_mask)
-    scale, softcap = _logit_transform(inner)
+    inner = unwrap(model)
     if fused_linear:
-        if softcap is not None:
-            raise ValueError(
-                f"model: {type(inner).__name__} applies a final logit softcap (tanh), which is not linear in the "
-                "hidden states, so fused_linear=True cannot reproduce it; use fused_linear=False"
-            )
-        weight, bias = _lm_head(inner)
-        hidden = _backbone_hidden(inner, input_ids, attention_mask, position_ids)  # (B, L, H)
-        hidden = hidden[:, response_start - 1 : L - 1]  # (B, R, H): the states that predict the labels
+        # The one rule (rlhf_ext.models.introspect): a logit scale is folded into the temperature, a softcap refused.
+        weight, bias, fused_temperature = linear_lm_head(inner, temperature)
+        hidden = hidden_states(inner, input_ids, attention_mask)[:, response_start - 1 : L - 1]  # (B, R, H)
         return fused_linear_logprobs(
             hidden,
             weight,
             labels,
             bias,
-            temperature=temperature / scale,
+            temperature=fused_temperature,
             return_entropy=return_entropy,
             chunk_size=chunk_size,
         )
 
     keep = torch.arange(response_start - 1, L - 1, device=input_ids.device)  # (R,)
-    if _accepts_logits_to_keep(inner):
+    if accepts_logits_to_keep(inner):
         # The model applies its own scale / softcap; only the R needed positions reach its lm_head.
         logits = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
             logits_to_keep=keep,
         ).logits  # (B, R, V)
     else:
-        weight, bias = _lm_head(inner)
-        hidden = _backbone_hidden(inner, input_ids, attention_mask, position_ids)[:, keep]  # (B, R, H)
+        scale, softcap = logit_transform(inner)
+        weight, bias = lm_head(inner)
+        hidden = hidden_states(inner, input_ids, attention_mask)[:, keep]  # (B, R, H)
         logits = torch.nn.functional.linear(hidden, weight, bias) * scale
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)

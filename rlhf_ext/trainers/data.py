@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from rlhf_ext.jsonl import decode_line, read_jsonl
+
 
 def is_conversational(value) -> bool:
     """A list of {"role": ..., "content": ...} messages."""
@@ -61,15 +63,6 @@ def as_dataset(data, name: str):
     )
 
 
-def _decode_line(raw: bytes, path: str, number: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path}, line {number}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})"
-        ) from None
-
-
 def _check_finite_row(row: dict, where: str):
     """NaN/Infinity literals in JSON: some readers keep them, others turn them into null; refuse both."""
     for column, value in row.items():
@@ -85,7 +78,7 @@ def _json_records(path: str) -> list:
 
     if path.lower().endswith(".json"):
         with open(path, "rb") as fh:
-            text = "".join(_decode_line(raw, path, number) for number, raw in enumerate(fh, 1))
+            text = "".join(decode_line(raw, path, number) for number, raw in enumerate(fh, 1))
         try:
             value = json.loads(text)
         except json.JSONDecodeError as err:
@@ -102,19 +95,9 @@ def _json_records(path: str) -> list:
                 return [0]
             raise ValueError(f"{path}: expected JSON objects (rows), got a JSON {type(value).__name__}")
     lines = []
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            line = _decode_line(raw, path, number)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object per line, got {type(row).__name__}")
-            _check_finite_row(row, f"{path}, line {number}")
-            lines.append(number)
+    for number, row in read_jsonl(path):
+        _check_finite_row(row, f"{path}, line {number}")
+        lines.append(number)
     return lines
 
 

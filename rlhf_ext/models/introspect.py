@@ -1,0 +1,126 @@
+"""What rlhf_ext needs to know about a Hugging Face model, found in one place: the model under a peft wrapper, its
+transformer body (backbone), its heads (lm_head, score head), what it does to the logits after the lm_head, and
+the position ids of a padded batch.
+
+The one rule for the logits: a model's own forward computes `logits = transform(hidden @ W^T + b)`. A linear
+transform (Cohere's `logits * logit_scale`, Granite's `logits / logits_scaling`) is folded into the temperature
+of the fused linear log-prob path, so it gives the model's own log-probs; a tanh softcap (Gemma 2/3's
+`final_logit_softcapping`) is not linear in the hidden states, so the fused path refuses it and the logits path
+(the model's own forward) is the one to use.
+"""
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` int64 positions that count only real tokens, so a left-padded row sees the same positions as the
+    unpadded sequence: `cumsum(mask) - 1`, clamped at 0 on the padding (which is masked anyway)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (adapters stay injected in its modules); other models as
+    they are."""
+    if not hasattr(model, "get_base_model"):
+        return model
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        raise ValueError(
+            "model: peft prompt-learning adapters (prefix/prompt tuning) add virtual tokens in the wrapper's "
+            "forward, which rlhf_ext's backbone forward bypasses; merge them or use a LoRA-style adapter"
+        )
+    return model.get_base_model()
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer body of an HF model (`model.model`, `model.transformer`, ...), without its head."""
+    inner = unwrap(model)
+    prefix = getattr(inner, "base_model_prefix", "")
+    body = getattr(inner, prefix, None) if prefix else None
+    if not isinstance(body, nn.Module) or body is inner:
+        raise ValueError(
+            f"model: cannot find the transformer body of {type(model).__name__} (base_model_prefix={prefix!r}); "
+            "expected a Hugging Face *ForCausalLM or *ForSequenceClassification model"
+        )
+    return body
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states `[B, L, H]` of the backbone (after its final norm); positions come from the mask, so
+    left and right padding both work."""
+    out = backbone(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The `[H] -> [num_labels]` head of a sequence classifier (`score` for decoder LMs)."""
+    inner = unwrap(model)
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(inner, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise TypeError(
+        f"model: {type(model).__name__} has no score head (expected an AutoModelForSequenceClassification "
+        "with num_labels=1, e.g. LlamaForSequenceClassification)"
+    )
+
+
+def lm_head(model: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight `[V, H]`, bias `[V]` or None) of a causal LM's output projection (tied embeddings included)."""
+    head = unwrap(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"model: {type(model).__name__} has no output embeddings (lm_head); it is not a causal LM")
+    if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
+        raise ValueError(
+            "model: the lm_head carries a peft adapter, so its .weight is not the full projection; "
+            "use fused_linear=False (or merge the adapter)"
+        )
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"model: the lm_head ({type(head).__name__}) has no [V, H] weight; use fused_linear=False")
+    bias = getattr(head, "bias", None)
+    return weight, bias if isinstance(bias, torch.Tensor) else None
+
+
+def logit_transform(model: nn.Module) -> tuple[float, Optional[float]]:
+    """(scale, softcap) the model applies after its lm_head: logits = cap * tanh(scale * z / cap), or
+    scale * z without a cap."""
+    inner = unwrap(model)
+    config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:  # Cohere, Cohere2: logits * logit_scale
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    return scale, (float(softcap) if softcap is not None else None)
+
+
+def linear_lm_head(model: nn.Module, temperature: float = 1.0) -> tuple[torch.Tensor, Optional[torch.Tensor], float]:
+    """(weight, bias, temperature) for the fused linear log-prob path: log_softmax((hidden @ W^T + b) / t)
+    equals the model's own log_softmax(logits / temperature), its logit scale folded into t. Refuses a softcap."""
+    scale, softcap = logit_transform(model)
+    if softcap is not None:
+        raise ValueError(
+            f"model: {type(unwrap(model)).__name__} applies a final logit softcap (tanh), which is not linear in the "
+            "hidden states, so fused_linear=True cannot reproduce it; use fused_linear=False"
+        )
+    weight, bias = lm_head(model)
+    return weight, bias, temperature / scale
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (HF causal LMs: only those positions reach the lm_head)."""
+    try:
+        return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,70 @@
+"""The one rule for what a model does after its lm_head (rlhf_ext/models/introspect.py): a linear logit scale
+(Cohere's `logit_scale`, Granite's `logits_scaling`) is folded into the fused path's temperature, so every
+fused helper gives the model's own log-probs; a tanh softcap (Gemma 2) is refused by every fused helper."""
+
+import pytest
+import torch
+
+from rlhf_ext.models import (
+    ValueHead,
+    causal_lm_token_logprobs,
+    linear_lm_head,
+    logit_transform,
+    logprobs_and_values,
+    position_ids_from_mask,
+    sequence_logprobs,
+)
+
+pytest.importorskip("transformers")
+
+from tests.hf_helpers import full_logprobs, padded_batch, tiny_hf  # noqa: E402  (needs transformers)
+
+TOL = dict(rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(("kind", "scale"), [("qwen2", 1.0), ("cohere", 0.5), ("granite", 0.25)])
+def test_logit_scale_is_read_from_the_config_and_folded_into_the_temperature(kind, scale):
+    model = tiny_hf(kind)
+    assert logit_transform(model) == (scale, None)
+    weight, bias, temperature = linear_lm_head(model, 0.8)
+    assert weight is model.get_output_embeddings().weight and temperature == pytest.approx(0.8 / scale)
+    # the model's own forward applies that scale: its logits are the lm_head's times `scale`
+    ids, mask = padded_batch()
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), output_hidden_states=True
+    )
+    torch.testing.assert_close(out.logits, torch.nn.functional.linear(out.hidden_states[-1], weight, bias) * scale)
+
+
+@pytest.mark.parametrize("kind", ["cohere", "granite"])
+def test_every_fused_helper_matches_the_models_own_logits(kind):
+    model = tiny_hf(kind)
+    ids, mask = padded_batch()
+    expected, expected_entropy = full_logprobs(model, ids, mask, 5, temperature=0.8)
+    with torch.no_grad():
+        lp = sequence_logprobs(model, ids, mask, 5, temperature=0.8, fused_linear=True)
+        shared_lp, entropy, values = logprobs_and_values(
+            model, ValueHead(32), ids, mask, 5, temperature=0.8, return_entropy=True
+        )
+        token_lp = causal_lm_token_logprobs(model, ids, mask, labels=ids, fused_linear=True)
+        unfused_token_lp = causal_lm_token_logprobs(model, ids, mask, labels=ids, fused_linear=False)
+    torch.testing.assert_close(lp.double(), expected, **TOL)
+    torch.testing.assert_close(shared_lp.double(), expected, **TOL)
+    torch.testing.assert_close(entropy.double(), expected_entropy, **TOL)
+    assert values.shape == (3, 7) and not values.any()  # the value head starts at zero
+    torch.testing.assert_close(token_lp[:, 4:].double(), full_logprobs(model, ids, mask, 5)[0], **TOL)
+    torch.testing.assert_close(token_lp, unfused_token_lp, **TOL)
+
+
+def test_every_fused_helper_refuses_a_softcap():
+    model = tiny_hf("gemma2")
+    ids, mask = padded_batch()
+    assert logit_transform(model) == (1.0, 3.0)
+    for call in (
+        lambda: linear_lm_head(model),
+        lambda: sequence_logprobs(model, ids, mask, 5, fused_linear=True),
+        lambda: logprobs_and_values(model, ValueHead(32), ids, mask, 5),
+        lambda: causal_lm_token_logprobs(model, ids, mask, labels=ids, fused_linear=True),
+    ):
+        with pytest.raises(ValueError, match="Gemma2ForCausalLM applies a final logit softcap"):
+            call()
