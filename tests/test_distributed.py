@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 import tests.conftest  # noqa: F401  (a spawned process imports this module first; stand-ins before rlhf_ext.trainers)
-from tests.test_ppo import target_fraction
+from tests.trainer_helpers import target_fraction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,6 +13,7 @@ import os
 import sys
 import textwrap
 
+# algorithm -> (its trainer module, which also exports the config, config class, trainer class)
 ALGORITHMS = {
     "sft": ("rlhf_ext.trainers.sft", "SFTConfig", "SFTTrainer"),
     "reward": ("rlhf_ext.trainers.reward", "RewardConfig", "RewardTrainer"),
@@ -63,7 +64,7 @@ def _classes(algorithm):
 
 
 def algorithm_help(algorithm: str) -> str:
-    from rlhf_ext.trainers.config import SUPPORTED_TRAINING_ARGUMENTS
+    from rlhf_ext.trainers.base_config import SUPPORTED_TRAINING_ARGUMENTS
 
     config_cls, _ = _classes(algorithm)
     from transformers import TrainingArguments
@@ -106,7 +107,7 @@ def load_reward_function(spec: str):
 
 def build(algorithm: str, values: dict):
     """(trainer, config) from a flat mapping of script keys and config fields."""
-    from rlhf_ext.trainers.config import config_from_dict
+    from rlhf_ext.commands.parsing import config_from_dict
     from rlhf_ext.trainers.data import load_local_dataset
 
     config_cls, trainer_cls = _classes(algorithm)
@@ -213,7 +214,7 @@ def lora_config(script: dict, algorithm: str):
     """A peft.LoraConfig from TRL's ModelConfig keys when use_peft is set, else None."""
     from typing import Optional
 
-    from rlhf_ext.trainers.config import coerce
+    from rlhf_ext.commands.parsing import coerce
 
     lora_keys = [k for k in script if k.startswith("lora_")]
     if not coerce(script.get("use_peft", False), bool, "use_peft"):
@@ -234,7 +235,7 @@ def lora_config(script: dict, algorithm: str):
 
 def parse_options(options: list):
     """(config_path, overrides dict, wants_help) from the tokens after the algorithm."""
-    from rlhf_ext.trainers.config import parse_overrides
+    from rlhf_ext.commands.parsing import parse_overrides
 
     if any(tok in ("-h", "--help") for tok in options):
         return None, {}, True
@@ -247,8 +248,8 @@ def _one_line(err) -> str:
 
 
 def run(args) -> int:
+    from rlhf_ext.trainers.base import NonFiniteError
     from rlhf_ext.trainers.checkpoint import CheckpointError
-    from rlhf_ext.trainers.common import NonFiniteError
 
     prefix = f"rlhf-ext train {args.algorithm}"
     try:
@@ -256,7 +257,7 @@ def run(args) -> int:
         if wants_help:
             print(algorithm_help(args.algorithm))
             return 0
-        from rlhf_ext.trainers.config import load_yaml
+        from rlhf_ext.commands.parsing import load_yaml
 
         values = load_yaml(config_path) if config_path else {}
         values.update(overrides)

@@ -1,11 +1,15 @@
-"""Critic-free advantage estimators: GRPO, RLOO and REINFORCE++ (with and without a group baseline).
+"""Rewards into advantages, as pure tensor maths: per-token reward assembly (PPO, REINFORCE++) and the
+critic-free estimators GRPO, RLOO and REINFORCE++ (with and without a group baseline). PPO's GAE is the fused
+`rlhf_ext.ops.gae`.
 
-Rewards come in the global batch layout the trainers use: completion j of prompt i sits at row
-i * num_generations + j, so a group is a run of `num_generations` consecutive rows. Every function
-here is pure tensor maths on that layout (tested against plain Python loops in tests/test_advantages.py).
+Group rewards come in the global batch layout the trainers use: completion j of prompt i sits at row
+i * num_generations + j, so a group is a run of `num_generations` consecutive rows (tested against plain
+Python loops in tests/test_advantages.py).
 """
 
 import torch
+
+from rlhf_ext.models.heads import last_token_index
 
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -64,3 +68,12 @@ def token_returns(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     zeros = torch.zeros_like(token_rewards)
     _, returns = gae(token_rewards, zeros, mask, gamma=1.0, lam=1.0)
     return returns * mask
+
+
+def assemble_rewards(non_score_reward: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`[B, R]` per-token rewards: non_score_reward everywhere, plus `scores[b]` on row b's last real token (its
+    stop token, or the last token of a truncated completion; never a pad position)."""
+    rewards = non_score_reward.clone()
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores.to(rewards.device, rewards.dtype)
+    return rewards

@@ -12,8 +12,10 @@ all-reduced here. Only rank 0 writes checkpoints, metrics and samples.
 
 With an FSDP config (accelerate's, or fsdp=/fsdp_config) the policy, critic and reference are sharded
 instead (rlhf_ext.trainers.sharding); the statistics above are computed the same way. DeepSpeed configs are
-refused when the trainer config is built (rlhf_ext.trainers.config).
+refused when the trainer config is built (rlhf_ext.trainers.base_config).
 """
+
+import dataclasses
 
 import torch
 import torch.distributed as td
@@ -64,6 +66,12 @@ class Distributed:
         out = tensor.detach().clone()
         td.all_reduce(out, op=td.ReduceOp.SUM)
         return out
+
+    def sum_fields(self, stats):
+        """A dataclass of 0-dim tensors summed over ranks in one all-reduce: the same dataclass, holding floats."""
+        names = [f.name for f in dataclasses.fields(stats)]
+        totals = self.sum(torch.stack([getattr(stats, name) for name in names]))
+        return dataclasses.replace(stats, **dict(zip(names, totals.tolist())))
 
     def max(self, value: int) -> int:
         if not self.enabled:

@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch import nn
 
-from rlhf_ext.trainers.config import TrainerConfig
+from rlhf_ext.trainers.base_config import TrainerConfig
 
 # Checkpoints whose head a loader would initialise at random, by the Auto class asked for.
 _HEAD_SUFFIXES = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequenceClassification"}

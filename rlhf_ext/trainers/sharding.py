@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from rlhf_ext.trainers.config import env_flag
+from rlhf_ext.trainers.base_config import env_flag
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ around `Reporter`. Each algorithm file keeps its own update loop, top to bottom.
 """
 
 import contextlib
+import fnmatch
 import json
 import os
 from typing import Optional
@@ -13,10 +14,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from rlhf_ext.trainers import checkpoint as ckpt
-from rlhf_ext.trainers.config import TrainerConfig
+from rlhf_ext.trainers.base_config import TrainerConfig
 from rlhf_ext.trainers.data import as_dataset, check_finite_columns
 from rlhf_ext.trainers.distributed import Distributed
-from rlhf_ext.trainers.loading import load_model, load_tokenizer  # noqa: F401  (the trainers import them from here)
 from rlhf_ext.trainers.lora import apply_peft, is_peft_model, merged_from_full_state, save_model_folder
 from rlhf_ext.trainers.reporting import Reporter
 from rlhf_ext.trainers.sharding import (
@@ -38,6 +38,13 @@ def disable_dropout(model: nn.Module):
             module.attention_dropout = 0.0
 
 
+def autocast(args, device):
+    """bf16 autocast on `device` when args.bf16, else nothing."""
+    if args.bf16:
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class NonFiniteError(FloatingPointError):
     """Training met a non-finite loss, gradient norm or weight; nothing non-finite was applied or saved."""
 
@@ -45,7 +52,9 @@ class NonFiniteError(FloatingPointError):
 class BaseTrainer:
     """Holds args, device, models to train, optimizer, scheduler, the Reporter and the process group."""
 
-    progress_keys: dict = {}
+    # The keys `train` logs each step ("*" stands for a reward source's name); end_step refuses any other key.
+    metric_keys: tuple = ()
+    progress_keys: dict = {}  # progress-bar label -> metric key
     supports_multi_process: bool = False  # PPO and GRPO train data-parallel under torchrun / accelerate launch
 
     def __init__(self, args: TrainerConfig, processing_class, callbacks=None):
@@ -161,9 +170,7 @@ class BaseTrainer:
         return stack
 
     def autocast(self):
-        if self.args.bf16:
-            return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.args, self.device)
 
     # ---- optimisation ----
     def create_optimizer_and_scheduler(self, modules: list, num_training_steps: int, optimizers=(None, None)):
@@ -432,6 +439,9 @@ class BaseTrainer:
     def end_step(self, metrics: dict) -> bool:
         """Log, checkpoint and evaluate when due; returns True when training should stop. A non-finite loss
         or gradient norm stops training here, before the step is counted or checkpointed."""
+        undeclared = [k for k in metrics if not any(fnmatch.fnmatchcase(k, p) for p in self.metric_keys)]
+        if undeclared:
+            raise RuntimeError(f"{type(self).__name__}: metrics {undeclared} are missing from its metric_keys")
         self.check_finite_metrics(metrics)
         self.reporter.step_end(metrics)
         if self.reporter.should_evaluate():
@@ -440,9 +450,12 @@ class BaseTrainer:
             self.save_checkpoint()
         return self.reporter.control.should_training_stop
 
+    def evaluate(self) -> dict:
+        """Evaluation metrics ("eval_..." or "eval/..."); each trainer defines its own."""
+        raise NotImplementedError
+
     def evaluate_and_log(self):
-        """Trainers with an eval loop override this; the default evaluates nothing."""
-        self.reporter.control.should_evaluate = False
+        self.reporter.evaluated(self.evaluate())
 
     def end_training(self):
         self.reporter.flush()
