@@ -12,7 +12,14 @@ from rlhf_ext import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from rlhf_ext.ops.reference import masked_whiten_reference
 from rlhf_ext.trainers.advantages import group_advantages, rloo_advantages
 from rlhf_ext.trainers.experience import policy_logprobs
-from tests.trainer_helpers import eos_biased, grpo_args, next_token_mass, rows_for, target_fraction
+from tests.trainer_helpers import (
+    assert_declared_metrics,
+    eos_biased,
+    grpo_args,
+    next_token_mass,
+    rows_for,
+    target_fraction,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -74,6 +81,7 @@ def test_grpo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cp
     assert sum(rewards[-3:]) > 1.5 * sum(rewards[:3]), rewards
     assert low_mass(trainer.ref_model, tiny_tokenizer, prompt_rows) == pytest.approx(before, abs=1e-6)
     assert set(TRL_METRICS) <= set(logs[0]), set(TRL_METRICS) - set(logs[0])
+    assert_declared_metrics(trainer, logs)
     assert all(math.isfinite(logs[-1][k]) for k in TRL_METRICS)
     assert logs[-1]["kl"] > 0
 

@@ -7,7 +7,14 @@ import torch
 
 from rlhf_ext import PPOTrainer
 from rlhf_ext.trainers.advantages import assemble_rewards
-from tests.trainer_helpers import TARGET, eos_biased, next_token_mass, ppo_args, target_fraction
+from tests.trainer_helpers import (
+    TARGET,
+    assert_declared_metrics,
+    eos_biased,
+    next_token_mass,
+    ppo_args,
+    target_fraction,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -63,6 +70,7 @@ def test_ppo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu
         "episode",
     ]
     assert set(names) <= set(logs[0])
+    assert_declared_metrics(trainer, logs)
     assert all(math.isfinite(logs[-1][n]) for n in names)
 
 

@@ -1,6 +1,8 @@
 """What the trainer and CLI tests share: reward functions, config builders, model tweaks, CLI config files (the
 CLI's `workspace` fixture is in conftest.py). Test modules import from here, never from one another."""
 
+import fnmatch
+
 import torch
 import yaml
 from torch import nn
@@ -81,3 +83,11 @@ def write_config(path, **values):
     with open(path, "w") as fh:
         yaml.safe_dump(values, fh)
     return str(path)
+
+
+def assert_declared_metrics(trainer, logs: list):
+    """Every key a trainer logged at a training step is one it declares in `metric_keys` ("*": a source name)."""
+    logged = {k for entry in logs if "learning_rate" in entry for k in entry}  # the training steps' entries
+    logged -= {"step", "epoch"}
+    undeclared = sorted(k for k in logged if not any(fnmatch.fnmatchcase(k, p) for p in trainer.metric_keys))
+    assert not undeclared, f"{type(trainer).__name__} logs {undeclared}, which its metric_keys do not declare"

@@ -1,7 +1,7 @@
 """The critic-free policy-gradient trainer behind GRPOTrainer and RLOOTrainer (rlhf_ext.trainers.grpo / .rloo, which
 give it their config class): one loop, four advantage estimators (GRPO, RLOO, REINFORCE++ with and without a baseline).
 
-One optimizer step, top to bottom (`train` -> `generate_and_score` -> `compute_advantages` -> `update`):
+One optimizer step, top to bottom (`train` -> `generate_and_score` -> `critic_free_advantages` -> `update`):
   at the start of each generation round (every steps_per_generation * num_iterations micro-batches):
     this process's share of the round's prompts, each repeated num_generations times -> `sample_completions`
     -> old log-probs (only when the policy moves between sampling and use) and reference log-probs
@@ -24,25 +24,16 @@ One optimizer step, top to bottom (`train` -> `generate_and_score` -> `compute_a
 
 import copy
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from rlhf_ext.ops import kl_penalty, ppo_loss
-from rlhf_ext.trainers.advantages import (
-    assemble_rewards,
-    group_advantages,
-    group_stats,
-    rloo_advantages,
-    token_returns,
-)
+from rlhf_ext.trainers.advantages import critic_free_advantages, group_stats
 from rlhf_ext.trainers.base import BaseTrainer
 from rlhf_ext.trainers.data import StepBatches, require_pad_token, tokenize_prompts
-from rlhf_ext.trainers.distributed import global_masked_whiten
 from rlhf_ext.trainers.experience import (
     Experience,
     completion_records,
@@ -96,32 +87,13 @@ class CriticFreeTrainer(BaseTrainer):
     """
 
     config_class = GRPOConfig
-    metric_keys = (
-        "reward",
-        "reward_std",
-        "frac_reward_zero_std",
-        "rewards/*/mean",
-        "rewards/*/std",
-        "completions/mean_length",
-        "completions/min_length",
-        "completions/max_length",
-        "completions/clipped_ratio",
-        "completions/mean_terminated_length",
-        "completions/min_terminated_length",
-        "completions/max_terminated_length",
-        "time/rollout",
-        "time/scoring",
-        "time/update",
-        "loss",
-        "grad_norm",
-        "entropy",
-        "kl",
-        "clip_ratio/low_mean",
-        "clip_ratio/high_mean",
-        "clip_ratio/region_mean",
-        "clip_ratio/low_min",
-        "clip_ratio/high_max",
-        "learning_rate",
+    metric_keys = tuple(
+        "reward reward_std frac_reward_zero_std rewards/*/mean rewards/*/std completions/mean_length "
+        "completions/min_length completions/max_length completions/clipped_ratio "
+        "completions/mean_terminated_length completions/min_terminated_length "
+        "completions/max_terminated_length time/rollout time/scoring time/update loss grad_norm entropy kl "
+        "clip_ratio/low_mean clip_ratio/high_mean clip_ratio/region_mean clip_ratio/low_min "
+        "clip_ratio/high_max learning_rate ".split()
     )
     progress_keys = {"reward": "reward", "kl": "kl"}
     supports_multi_process = True
@@ -267,7 +239,9 @@ class CriticFreeTrainer(BaseTrainer):
             ref_logprobs = ref_logprobs * response_mask
         scores, per_source = self.reward_sources.score(rows, rollout)  # (B,), (B, S)
         all_scores = dist.all_gather(scores.float())  # (N,) every process's rewards, in global row order
-        advantages = self.compute_advantages(scores, all_scores, response_mask, old_logprobs, ref_logprobs, row_offset)
+        advantages = critic_free_advantages(
+            args, scores, all_scores, response_mask, old_logprobs, ref_logprobs, row_offset, dist
+        )
         loss_mask = response_mask * rollout.finished[:, None] if args.mask_truncated_completions else response_mask
         metrics = self.rollout_metrics(
             all_scores,
@@ -299,28 +273,6 @@ class CriticFreeTrainer(BaseTrainer):
             time_scoring=metrics["time/scoring"],
         )
         return experience, metrics
-
-    def compute_advantages(self, scores, all_scores, mask, old_logprobs, ref_logprobs, row_offset):
-        """`[B, R]` advantages of this process's rows (see the module docstring for each estimator)."""
-        args, G = self.args, self.args.num_generations
-        mine = slice(row_offset, row_offset + scores.shape[0])
-        if args.advantage_estimator == "grpo":
-            return group_advantages(all_scores, G, args.scale_rewards)[mine, None] * mask
-        kl = (
-            kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
-            if args.beta > 0
-            else torch.zeros_like(mask)
-        )
-        if args.advantage_estimator == "rloo":
-            shaped = all_scores - args.beta * self.dist.all_gather(kl.sum(1))
-            advantages = rloo_advantages(shaped, G)
-            if args.normalize_advantages:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            return advantages[mine, None] * mask
-        if args.advantage_estimator == "reinforce_pp_baseline":
-            scores = (all_scores - group_stats(all_scores, G)[0])[mine]
-        returns = token_returns(assemble_rewards(-args.beta * kl, scores, mask), mask)
-        return global_masked_whiten(returns, mask, self.dist)
 
     def rollout_metrics(self, scores, per_source, lengths, finished) -> dict:
         """TRL's names, over the completions of every process."""
@@ -469,10 +421,7 @@ class CriticFreeTrainer(BaseTrainer):
         rows, self.last_completions = self.last_completions, []
         if not self.dist.is_main:
             return
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(os.path.join(self.args.output_dir, "completions.jsonl"), "a") as fh:
-            for row in rows:
-                fh.write(json.dumps({"step": step, **row}, default=str) + "\n")
+        self.reporter.write_rows("completions.jsonl", step, rows)
         for row in rows[: self.args.num_completions_to_print]:
             print(f"[step {step}] reward {row['reward']:+.3f} | {row['prompt']!r} -> {row['completion']!r}")
 
@@ -513,28 +462,19 @@ class CriticFreeTrainer(BaseTrainer):
             "eval_completions/clipped_ratio": total.truncated / n,
         }
 
-    @torch.no_grad()
-    def generate_completions(
-        self, dataset=None, max_rows: Optional[int] = None, greedy: bool = False, seed: Optional[int] = None
-    ) -> list:
-        """Sample (or greedily decode) completions for a tokenized prompt dataset (default: eval_dataset) and
-        score them. Returns [{"prompt", "completion", "score", "kl", "finished"}] ("kl" is None when beta = 0 and
-        there is no adapter). Uses its own RNG, so calling it never changes the training run."""
+    def generate_completions(self, dataset=None, max_rows=None, greedy: bool = False, seed=None) -> list:
+        """Scored completions of a tokenized prompt dataset (default: eval_dataset); see `completion_records`."""
         dataset = self.eval_dataset if dataset is None else dataset
-        if dataset is None:
-            raise ValueError("generate_completions: no dataset given and no eval_dataset")
-        count = len(dataset) if max_rows is None else min(max_rows, len(dataset))
-        generator = torch.Generator(device=self.device).manual_seed(self.args.seed if seed is None else seed)
-        settings = self.sampling.greedy() if greedy else self.sampling
         with self.gathered(self.policy, self.ref_model):  # FSDP: every rank runs this; no collective inside
             return completion_records(
                 self.policy,
                 self.ref_model,
                 self.reward_sources,
                 dataset,
-                settings,
+                self.sampling,
                 self.args,
-                count=count,
-                generator=generator,
+                max_rows=max_rows,
+                greedy=greedy,
+                seed=seed,
                 run=self.run,
             )

@@ -151,14 +151,29 @@ def reference_logprobs(policy, ref_model, sequences, attention_mask, prompt_leng
 
 @torch.no_grad()
 def completion_records(
-    policy, ref_model, reward_sources, dataset, settings: SamplingSettings, args, *, count: int, generator, run=call
+    policy,
+    ref_model,
+    reward_sources,
+    dataset,
+    settings: SamplingSettings,
+    args,
+    *,
+    max_rows: Optional[int] = None,
+    greedy: bool = False,
+    seed: Optional[int] = None,
+    run=call,
 ) -> list:
-    """[{"prompt", "completion", "score", "kl", "finished"}] for the first `count` rows of a tokenized prompt dataset,
-    sampled per_device_eval_batch_size prompts at a time from one `generator` stream (pass `settings.greedy()` to
-    decode greedily). "kl" is the summed k1 KL to the reference, None without one. Under FSDP call it with the
-    weights gathered."""
-    results = []
+    """[{"prompt", "completion", "score", "kl", "finished"}] for the first `max_rows` rows (default: all) of a
+    tokenized prompt dataset, sampled (or with `greedy` decoded) per_device_eval_batch_size prompts at a time from
+    one generator seeded with `seed` (default args.seed), so that it never changes a training run's draws. "kl" is
+    the summed k1 KL to the reference, None without one. Under FSDP call it with the weights gathered."""
+    if dataset is None:
+        raise ValueError("generate_completions: no dataset given and no eval_dataset")
+    count = len(dataset) if max_rows is None else min(max_rows, len(dataset))
     device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed if seed is None else seed)
+    settings = settings.greedy() if greedy else settings
+    results = []
     policy.eval()
     for first in range(0, count, args.per_device_eval_batch_size):
         rows = dataset[first : min(count, first + args.per_device_eval_batch_size)]

@@ -18,26 +18,20 @@ With `peft_config` only the adapter trains and the reference policy is the polic
 
 import collections
 import copy
-import json
-import os
 import time
 from typing import Optional
 
 import torch
-from torch import nn
 from transformers import TrainerState
 
 from rlhf_ext.models.heads import (
     ValueHead,
     critic_from_causal_lm,
-    hidden_states,
     logprobs_and_values,
-    position_ids_from_mask,
-    score_head,
     token_values,
 )
-from rlhf_ext.ops import gae, kl_penalty, masked_var, ppo_loss
-from rlhf_ext.trainers.advantages import assemble_rewards
+from rlhf_ext.ops import gae, kl_penalty, ppo_loss
+from rlhf_ext.trainers.advantages import assemble_rewards, explained_variance
 from rlhf_ext.trainers.base import BaseTrainer
 from rlhf_ext.trainers.data import StepBatches, require_pad_token, tokenize_prompts
 from rlhf_ext.trainers.distributed import global_masked_whiten
@@ -54,6 +48,7 @@ from rlhf_ext.trainers.loading import load_model, load_tokenizer
 from rlhf_ext.trainers.lora import is_peft_model
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.reward_sources import build_reward_sources
+from rlhf_ext.trainers.trl_compat import PolicyAndValue, check_data_collator
 
 __all__ = ["PPOConfig", "PPOTrainer"]
 
@@ -64,32 +59,12 @@ class PPOTrainer(BaseTrainer):
     peft_config=None, *, reward_funcs=None, reward_processing_class=None)`: TRL's positional order, then our
     keyword-only extras. See the module docstring and PPOConfig."""
 
-    metric_keys = (
-        "objective/kl",
-        "objective/entropy",
-        "objective/non_score_reward",
-        "objective/rlhf_reward",
-        "objective/scores",
-        "objective/kl_coef",
-        "val/num_eos_tokens",
-        "val/vf_explained_var",
-        "completions/mean_length",
-        "rewards/*/mean",
-        "time/rollout",
-        "time/scoring",
-        "time/update",
-        "tokens_per_second",
-        "policy/approxkl_avg",
-        "policy/clipfrac_avg",
-        "policy/entropy_avg",
-        "loss/policy_avg",
-        "loss/value_avg",
-        "val/clipfrac_avg",
-        "val/ratio",
-        "grad_norm",
-        "policy/early_stopped",
-        "learning_rate",
-        "episode",
+    metric_keys = tuple(
+        "objective/kl objective/entropy objective/non_score_reward objective/rlhf_reward objective/scores "
+        "objective/kl_coef val/num_eos_tokens val/vf_explained_var completions/mean_length rewards/*/mean "
+        "time/rollout time/scoring time/update tokens_per_second policy/approxkl_avg policy/clipfrac_avg "
+        "policy/entropy_avg loss/policy_avg loss/value_avg val/clipfrac_avg val/ratio grad_norm "
+        "policy/early_stopped learning_rate episode ".split()
     )
     progress_keys = {"reward": "objective/scores", "kl": "objective/kl"}
     supports_multi_process = True
@@ -482,30 +457,20 @@ class PPOTrainer(BaseTrainer):
         return metrics
 
     # ---- evaluation: scored completions of eval_dataset ----
-    @torch.no_grad()
-    def generate_completions(
-        self, dataset=None, max_rows: Optional[int] = None, greedy: bool = False, seed: Optional[int] = None
-    ) -> list:
-        """Sample (or greedily decode) completions for a tokenized prompt dataset (default: eval_dataset) and
-        score them. Returns [{"prompt", "completion", "score", "kl", "finished"}]. Uses its own RNG, so
-        calling it never changes the training run."""
-        args = self.args
+    def generate_completions(self, dataset=None, max_rows=None, greedy: bool = False, seed=None) -> list:
+        """Scored completions of a tokenized prompt dataset (default: eval_dataset); see `completion_records`."""
         dataset = self.eval_dataset if dataset is None else dataset
-        if dataset is None:
-            raise ValueError("generate_completions: no dataset given and no eval_dataset")
-        count = len(dataset) if max_rows is None else min(max_rows, len(dataset))
-        generator = torch.Generator(device=self.device).manual_seed(args.seed if seed is None else seed)
-        settings = self.sampling.greedy() if greedy else self.sampling
         with self.gathered(self.policy, self.ref_model):  # FSDP: every rank runs this; no collective inside
             return completion_records(
                 self.policy,
                 self.ref_model,
                 self.reward_sources,
                 dataset,
-                settings,
-                args,
-                count=count,
-                generator=generator,
+                self.sampling,
+                self.args,
+                max_rows=max_rows,
+                greedy=greedy,
+                seed=seed,
                 run=self.run,
             )
 
@@ -524,58 +489,5 @@ class PPOTrainer(BaseTrainer):
     def write_samples(self, step: int, max_rows: int = 8):
         """Append a few eval completions to <output_dir>/samples.jsonl (rank 0 writes; with FSDP every rank
         must call this, as the sharded weights are gathered for it)."""
-        if not self.dist.is_main and self.fsdp is None:
-            return
-        samples = self.generate_completions(max_rows=max_rows)
-        if not self.dist.is_main:
-            return
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(os.path.join(self.args.output_dir, "samples.jsonl"), "a") as fh:
-            for sample in samples:
-                fh.write(json.dumps({"step": step, **sample}, default=str) + "\n")
-
-
-def check_data_collator(data_collator):
-    """TRL's default collator (DataCollatorWithPadding) pads prompts, as PPOTrainer does itself; refuse others."""
-    from transformers import DataCollatorWithPadding
-
-    if data_collator is None:
-        return
-    plain = (
-        isinstance(data_collator, DataCollatorWithPadding)
-        and data_collator.padding in (True, "longest")
-        and data_collator.max_length is None
-        and data_collator.pad_to_multiple_of is None
-    )
-    if not plain:
-        raise ValueError(
-            f"data_collator: only None or a default transformers.DataCollatorWithPadding is supported "
-            f"(PPOTrainer left-pads the prompts itself), got {data_collator!r}"
-        )
-
-
-class PolicyAndValue(nn.Module):
-    """`trainer.model`, as in TRL: the policy and the critic in one module (parameters, state_dict, train/eval).
-    `forward(input_ids, attention_mask)` returns (the policy's output, values [B, L] at every position)."""
-
-    def __init__(self, policy: nn.Module, value_model: nn.Module, shared_critic: bool):
-        super().__init__()
-        self.policy, self.value_model, self.shared_critic = policy, value_model, shared_critic
-        self.config = policy.config
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        kwargs.setdefault("position_ids", position_ids_from_mask(attention_mask))  # left padding needs them
-        output = self.policy(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if self.shared_critic:  # the value head reads the policy's last hidden states
-            return output, self.value_model(hidden_states(self.policy, input_ids, attention_mask))
-        hidden = hidden_states(self.value_model, input_ids, attention_mask)  # (B, L, H)
-        return output, score_head(self.value_model)(hidden)[..., 0].float()
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over real tokens (1: perfect critic, <= 0: useless)."""
-    var_returns = float(masked_var(returns, mask, unbiased=False))
-    residual = returns - values
-    var_residual = float(masked_var(residual, mask, unbiased=False))
-    return float("nan") if var_returns == 0 else 1.0 - var_residual / var_returns
+        if self.dist.is_main or self.fsdp is not None:
+            self.reporter.write_rows("samples.jsonl", step, self.generate_completions(max_rows=max_rows))

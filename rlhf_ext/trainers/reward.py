@@ -89,6 +89,8 @@ class RewardTrainer(BaseTrainer):
     callbacks=None, optimizers=(None, None))`; model: a sequence classifier (num_labels=1) or a local path
     (a causal LM checkpoint gets a fresh score head, which this trainer trains)."""
 
+    # accuracy: when the batch has decisive pairs; tie_gap: when it has tied ones
+    metric_keys = ("loss", "grad_norm", "learning_rate", "margin", "mean_reward", "accuracy", "tie_gap")
     progress_keys = {"loss": "loss", "acc": "accuracy"}
 
     def __init__(

@@ -76,6 +76,7 @@ class SFTTrainer(BaseTrainer):
     """`SFTTrainer(model, args, train_dataset, eval_dataset=None, processing_class=None, callbacks=None,
     optimizers=(None, None), peft_config=None, formatting_func=None)`; model: a causal LM or a local path."""
 
+    metric_keys = ("loss", "grad_norm", "learning_rate", "num_tokens")
     progress_keys = {"loss": "loss"}
 
     def __init__(
