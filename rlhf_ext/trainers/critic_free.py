@@ -23,7 +23,6 @@ One optimizer step, top to bottom (`train` -> `generate_and_score` -> `critic_fr
 """
 
 import copy
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -34,9 +33,10 @@ from rlhf_ext.ops import kl_penalty, ppo_loss
 from rlhf_ext.trainers.advantages import critic_free_advantages, group_stats
 from rlhf_ext.trainers.base import BaseTrainer
 from rlhf_ext.trainers.data import StepBatches, require_pad_token, tokenize_prompts
+from rlhf_ext.trainers.distributed import zero_fields
+from rlhf_ext.trainers.evaluation import completion_records, group_eval_metrics, group_eval_sums
 from rlhf_ext.trainers.experience import (
     Experience,
-    completion_records,
     policy_logprobs,
     reference_logprobs,
     row_chunks,
@@ -59,22 +59,6 @@ class StepSums:
     clip_low: torch.Tensor  # trained tokens whose ratio was clipped below 1 - epsilon
     clip_high: torch.Tensor  # ... above 1 + epsilon_high
     clip_region: torch.Tensor  # clip_low + clip_high
-
-
-@dataclass
-class EvalSums:
-    """evaluate's totals over this process's eval completions (0-dim float64 tensors), then over processes."""
-
-    rewards: torch.Tensor
-    group_stds: torch.Tensor  # the std of each completion's group, summed over completions
-    lengths: torch.Tensor  # response tokens
-    truncated: torch.Tensor  # completions without a stop token
-    rows: torch.Tensor  # completions
-
-
-def zeros(cls, device):
-    """A StepSums / EvalSums of zeros on `device`."""
-    return cls(**{f.name: torch.zeros((), dtype=torch.float64, device=device) for f in dataclasses.fields(cls)})
 
 
 class CriticFreeTrainer(BaseTrainer):
@@ -314,7 +298,7 @@ class CriticFreeTrainer(BaseTrainer):
         step_rows = micro * accum * dist.world_size
         use_kl_loss = args.advantage_estimator == "grpo" and args.beta > 0
         self.policy.train()
-        sums = zeros(StepSums, self.device)
+        sums = zero_fields(StepSums, self.device)
         lengths, P = exp.response_lengths, exp.prompt_length
         for part in parts:
             R = int(lengths[part].max())  # response columns that are padding in every row are dropped
@@ -425,42 +409,14 @@ class CriticFreeTrainer(BaseTrainer):
         for row in rows[: self.args.num_completions_to_print]:
             print(f"[step {step}] reward {row['reward']:+.3f} | {row['prompt']!r} -> {row['completion']!r}")
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """eval_reward, eval_reward_std and eval_completions/* over num_generations samples of every eval
-        prompt (the prompts are split over the processes)."""
-        args, dist, G = self.args, self.dist, self.args.num_generations
-        prompts_per_chunk = max(1, args.per_device_eval_batch_size // G)
-        mine = list(range(dist.rank, len(self.eval_dataset), dist.world_size))
-        sums = zeros(EvalSums, self.device)
+        """eval_reward, eval_reward_std and eval_completions/* over num_generations samples of every eval prompt."""
         with self.gathered(self.policy):  # FSDP: no collective inside, as ranks may sample different chunk counts
-            for first in range(0, len(mine), prompts_per_chunk):
-                indices = [i for i in mine[first : first + prompts_per_chunk] for _ in range(G)]
-                rows = self.eval_dataset[indices]
-                # keyed apart from training's (step >= 0) and from the other processes' chunks
-                rollout = sample_completions(
-                    self.policy,
-                    rows["input_ids"],
-                    self.sampling,
-                    seed=args.seed,
-                    step=-1 - first,
-                    row_offset=dist.rank * 1_000_003,
-                )
-                scores, _ = self.reward_sources.score(rows, rollout)
-                sums.rewards += scores.sum().double()
-                sums.group_stds += group_stats(scores, G)[1].sum().double()
-                sums.lengths += rollout.response_mask.sum().double()
-                sums.truncated += (~rollout.finished).sum().double()
-                sums.rows += len(indices)
-        total = dist.sum_fields(sums)
-        n = max(total.rows, 1.0)
+            sums = group_eval_sums(
+                self.policy, self.reward_sources, self.eval_dataset, self.sampling, self.args, self.dist
+            )
         self.policy.train()
-        return {
-            "eval_reward": total.rewards / n,
-            "eval_reward_std": total.group_stds / n,
-            "eval_completions/mean_length": total.lengths / n,
-            "eval_completions/clipped_ratio": total.truncated / n,
-        }
+        return group_eval_metrics(self.dist.sum_fields(sums))
 
     def generate_completions(self, dataset=None, max_rows=None, greedy: bool = False, seed=None) -> list:
         """Scored completions of a tokenized prompt dataset (default: eval_dataset); see `completion_records`."""

@@ -20,6 +20,12 @@ import dataclasses
 import torch
 import torch.distributed as td
 
+
+def zero_fields(cls, device):
+    """A dataclass of 0-dim float64 zeros on `device`: named statistics to add up, then `Distributed.sum_fields`."""
+    return cls(**{f.name: torch.zeros((), dtype=torch.float64, device=device) for f in dataclasses.fields(cls)})
+
+
 # Gradients are all-reduced in flat buckets of at most this many elements (fewer, larger messages).
 _BUCKET_NUMEL = 32 * 1024 * 1024
 

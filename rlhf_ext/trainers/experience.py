@@ -16,10 +16,8 @@ import torch
 
 from rlhf_ext.generation import Rollout, SamplingSettings, complete, left_pad
 from rlhf_ext.models.logprobs import sequence_logprobs
-from rlhf_ext.ops import kl_penalty
 from rlhf_ext.trainers.base import autocast
 from rlhf_ext.trainers.lora import is_peft_model
-from rlhf_ext.trainers.reward_sources import decode_completions
 
 
 @dataclass
@@ -147,54 +145,3 @@ def reference_logprobs(policy, ref_model, sequences, attention_mask, prompt_leng
         raise RuntimeError("reference_logprobs: there is no reference policy (no ref_model, no adapter)")
     with policy.disable_adapter():
         return policy_logprobs(policy, sequences, attention_mask, prompt_length, args, run=run)
-
-
-@torch.no_grad()
-def completion_records(
-    policy,
-    ref_model,
-    reward_sources,
-    dataset,
-    settings: SamplingSettings,
-    args,
-    *,
-    max_rows: Optional[int] = None,
-    greedy: bool = False,
-    seed: Optional[int] = None,
-    run=call,
-) -> list:
-    """[{"prompt", "completion", "score", "kl", "finished"}] for the first `max_rows` rows (default: all) of a
-    tokenized prompt dataset, sampled (or with `greedy` decoded) per_device_eval_batch_size prompts at a time from
-    one generator seeded with `seed` (default args.seed), so that it never changes a training run's draws. "kl" is
-    the summed k1 KL to the reference, None without one. Under FSDP call it with the weights gathered."""
-    if dataset is None:
-        raise ValueError("generate_completions: no dataset given and no eval_dataset")
-    count = len(dataset) if max_rows is None else min(max_rows, len(dataset))
-    device = next(policy.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(args.seed if seed is None else seed)
-    settings = settings.greedy() if greedy else settings
-    results = []
-    policy.eval()
-    for first in range(0, count, args.per_device_eval_batch_size):
-        rows = dataset[first : min(count, first + args.per_device_eval_batch_size)]
-        prompt_ids, prompt_mask = left_pad(rows["input_ids"], settings.pad_token_id, device)
-        rollout = complete(policy, prompt_ids, prompt_mask, settings, generator=generator)
-        scores, _ = reward_sources.score(rows, rollout)
-        sequences, attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length
-        kl = [None] * len(scores)  # no reference policy (e.g. GRPO with beta = 0): no KL to report
-        if has_reference(policy, ref_model):
-            logprobs = policy_logprobs(policy, sequences, attention_mask, P, args)
-            ref = reference_logprobs(policy, ref_model, sequences, attention_mask, P, args, run=run)
-            kl = (kl_penalty(logprobs, ref, "k1") * rollout.response_mask.float()).sum(1).tolist()
-        prompts, completions, _ = decode_completions(reward_sources.tokenizer, rows, rollout)
-        for i in range(len(prompts)):
-            results.append(
-                {
-                    "prompt": prompts[i],
-                    "completion": completions[i],
-                    "score": float(scores[i]),
-                    "kl": kl[i],
-                    "finished": bool(rollout.finished[i]),
-                }
-            )
-    return results

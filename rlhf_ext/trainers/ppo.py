@@ -19,10 +19,8 @@ With `peft_config` only the adapter trains and the reference policy is the polic
 import collections
 import copy
 import time
-from typing import Optional
 
 import torch
-from transformers import TrainerState
 
 from rlhf_ext.models.heads import (
     ValueHead,
@@ -35,9 +33,9 @@ from rlhf_ext.trainers.advantages import assemble_rewards, explained_variance
 from rlhf_ext.trainers.base import BaseTrainer
 from rlhf_ext.trainers.data import StepBatches, require_pad_token, tokenize_prompts
 from rlhf_ext.trainers.distributed import global_masked_whiten
+from rlhf_ext.trainers.evaluation import completion_metrics, completion_records
 from rlhf_ext.trainers.experience import (
     Experience,
-    completion_records,
     has_reference,
     policy_logprobs,
     reference_logprobs,
@@ -154,9 +152,6 @@ class PPOTrainer(BaseTrainer):
         if args.total_episodes is None:  # as TRL does, so that args.num_total_batches is known from here on
             args.total_episodes = int(args.num_train_epochs * len(self.train_dataset))
         self.model = PolicyAndValue(self.policy, self.critic, args.shared_critic)
-        self._state_before_training = TrainerState(
-            is_world_process_zero=self.dist.is_main, is_local_process_zero=args.local_process_index == 0
-        )
         self.kl_coef = args.kl_coef
         self._optimizers = optimizers
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
@@ -180,31 +175,6 @@ class PPOTrainer(BaseTrainer):
     def value_model(self):
         """The critic: a sequence classifier, or with shared_critic the value head on the policy."""
         return self.critic
-
-    @property
-    def state(self) -> TrainerState:
-        """The run's transformers.TrainerState (global_step, log_history, ...), also before train()."""
-        return self.reporter.state if self.reporter is not None else self._state_before_training
-
-    def add_callback(self, callback):
-        """Add a TrainerCallback (an instance or a class); it receives the events from the next one on."""
-        self.callbacks.append(callback)
-        if self.reporter is not None:
-            self.reporter.callbacks.append(callback() if isinstance(callback, type) else callback)
-
-    def log(self, logs: dict, start_time: Optional[float] = None):
-        """Record `logs` at the current step: log_history, metrics.jsonl, TensorBoard and on_log once training
-        has begun; before train() only state.log_history (train() keeps it)."""
-        if self.reporter is None:
-            self._state_before_training.log_history.append({**{k: float(v) for k, v in logs.items()}, "step": 0})
-        else:
-            self.reporter.log(logs)
-
-    def is_world_process_zero(self) -> bool:
-        return self.dist.is_main
-
-    def is_local_process_zero(self) -> bool:
-        return self.args.local_process_index == 0
 
     # ---- state that checkpoints carry ----
     def models_to_save(self) -> dict:
@@ -390,8 +360,6 @@ class PPOTrainer(BaseTrainer):
             resume_from_checkpoint or args.resume_from_checkpoint,
             self.policy,
         )
-        if start == 0:  # what log() recorded before train() stays in the history
-            self.state.log_history[:0] = self._state_before_training.log_history
         sample_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
         for step in range(start, total_steps):
             self.reporter.step_begin()
@@ -476,15 +444,7 @@ class PPOTrainer(BaseTrainer):
 
     def evaluate(self) -> dict:
         """Mean score, KL to the reference (when there is one) and EOS rate of sampled completions on eval_dataset."""
-        results = self.generate_completions()
-        n = len(results)
-        metrics = {
-            "eval/scores": sum(r["score"] for r in results) / n,
-            "eval/eos_fraction": sum(r["finished"] for r in results) / n,
-        }
-        if has_reference(self.policy, self.ref_model):
-            metrics["eval/kl"] = sum(r["kl"] for r in results) / n
-        return metrics
+        return completion_metrics(self.generate_completions(), has_reference(self.policy, self.ref_model))
 
     def write_samples(self, step: int, max_rows: int = 8):
         """Append a few eval completions to <output_dir>/samples.jsonl (rank 0 writes; with FSDP every rank

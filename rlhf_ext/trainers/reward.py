@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from rlhf_ext.models.heads import score_head, sequence_scores
 from rlhf_ext.trainers.base import BaseTrainer
-from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, require_pad_token, text_ids
+from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, prepare_dataset, require_pad_token, text_ids
 from rlhf_ext.trainers.loading import load_model, load_tokenizer
 from rlhf_ext.trainers.reward_config import RewardConfig
 
@@ -217,9 +217,7 @@ class RewardTrainer(BaseTrainer):
         """{"eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"} on `eval_dataset` (pairs in the
         train_dataset formats; default: the trainer's eval_dataset). `metric_key_prefix` replaces "eval"."""
         data = (
-            self.eval_dataset
-            if eval_dataset is None
-            else self.prepare_dataset(eval_dataset, "eval_dataset", self._tokenize)
+            self.eval_dataset if eval_dataset is None else prepare_dataset(eval_dataset, "eval_dataset", self._tokenize)
         )
         if data is None:
             raise ValueError("eval_dataset: none given to evaluate() and none passed to RewardTrainer")
