@@ -56,10 +56,6 @@ def low_fraction(prompts, completions, completion_ids, **columns):
     return [sum(t in LOW for t in ids) / len(ids) for ids in completion_ids]
 
 
-def low_mass(model, tokenizer, rows):
-    return next_token_mass(model, tokenizer, rows, LOW)
-
-
 def test_grpo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
     args = grpo_args(
         cpu_args,
@@ -73,13 +69,13 @@ def test_grpo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cp
     trainer = GRPOTrainer(
         make_lm(), [low_fraction], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
     )
-    before = low_mass(trainer.policy, tiny_tokenizer, prompt_rows)
+    before = next_token_mass(trainer.policy, tiny_tokenizer, prompt_rows, LOW)
     logs = trainer.train().log_history
-    after = low_mass(trainer.policy, tiny_tokenizer, prompt_rows)
+    after = next_token_mass(trainer.policy, tiny_tokenizer, prompt_rows, LOW)
     assert after > 1.8 * before, (before, after)  # 2.5x-4x for seeds 0-3 and 42
     rewards = [h["reward"] for h in logs]
     assert sum(rewards[-3:]) > 1.5 * sum(rewards[:3]), rewards
-    assert low_mass(trainer.ref_model, tiny_tokenizer, prompt_rows) == pytest.approx(before, abs=1e-6)
+    assert next_token_mass(trainer.ref_model, tiny_tokenizer, prompt_rows, LOW) == pytest.approx(before, abs=1e-6)
     assert set(TRL_METRICS) <= set(logs[0]), set(TRL_METRICS) - set(logs[0])
     assert_declared_metrics(trainer, logs)
     assert all(math.isfinite(logs[-1][k]) for k in TRL_METRICS)

@@ -23,10 +23,6 @@ def length_reward(prompts, completions, **columns):
     return [float(len(c)) for c in completions]
 
 
-def target_mass(model, tokenizer, rows):
-    return next_token_mass(model, tokenizer, rows, TARGET)
-
-
 def test_ppo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
     args = ppo_args(
         cpu_args,
@@ -38,13 +34,13 @@ def test_ppo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu
         kl_coef=0.01,
     )
     trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows)
-    before = target_mass(trainer.policy, tiny_tokenizer, prompt_rows)
+    before = next_token_mass(trainer.policy, tiny_tokenizer, prompt_rows, TARGET)
     state = trainer.train()
-    after = target_mass(trainer.policy, tiny_tokenizer, prompt_rows)
+    after = next_token_mass(trainer.policy, tiny_tokenizer, prompt_rows, TARGET)
     # seeds 0-5 give 7x-15x here; 3x leaves room for another sampler's random stream
     assert after > 3.0 * before, (before, after)
     # the reference stayed where it was
-    assert target_mass(trainer.ref_model, tiny_tokenizer, prompt_rows) == pytest.approx(before, abs=1e-6)
+    assert next_token_mass(trainer.ref_model, tiny_tokenizer, prompt_rows, TARGET) == pytest.approx(before, abs=1e-6)
     logs = state.log_history
     scores = [h["objective/scores"] for h in logs]
     assert sum(scores[-3:]) > 2 * sum(scores[:3]), scores

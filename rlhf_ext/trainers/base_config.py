@@ -15,6 +15,8 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
+from rlhf_ext.generation import SamplingSettings
+
 SUPPORTED_TRAINING_ARGUMENTS = frozenset(
     {
         # what and where
@@ -224,6 +226,15 @@ def require(config, name: str, ok: bool, expected: str):
     """Raise a ValueError naming the config field when `ok` is false."""
     if not ok:
         raise ValueError(f"{type(config).__name__}.{name}: expected {expected}, got {getattr(config, name)!r}")
+
+
+def sampling_settings(config, tokenizer, max_new_tokens: int, stop_token_id: Optional[int]) -> SamplingSettings:
+    """The SamplingSettings of a config with the sampling fields (PPOConfig, GRPOConfig): its temperature, top_k,
+    top_p and min_p, the tokenizer's pad token, and the length limit and stop token the config chooses."""
+    knobs = {name: getattr(config, name) for name in ("temperature", "top_k", "top_p", "min_p")}
+    return SamplingSettings(
+        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, stop_token_id=stop_token_id, **knobs
+    )
 
 
 def check_sampling_fields(config):

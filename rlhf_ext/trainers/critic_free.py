@@ -409,6 +409,7 @@ class CriticFreeTrainer(BaseTrainer):
         for row in rows[: self.args.num_completions_to_print]:
             print(f"[step {step}] reward {row['reward']:+.3f} | {row['prompt']!r} -> {row['completion']!r}")
 
+    @torch.no_grad()
     def evaluate(self) -> dict:
         """eval_reward, eval_reward_std and eval_completions/* over num_generations samples of every eval prompt."""
         with self.gathered(self.policy):  # FSDP: no collective inside, as ranks may sample different chunk counts
@@ -418,6 +419,7 @@ class CriticFreeTrainer(BaseTrainer):
         self.policy.train()
         return group_eval_metrics(self.dist.sum_fields(sums))
 
+    @torch.no_grad()  # and before gathered(): FSDP gathers weights only for no-grad work
     def generate_completions(self, dataset=None, max_rows=None, greedy: bool = False, seed=None) -> list:
         """Scored completions of a tokenized prompt dataset (default: eval_dataset); see `completion_records`."""
         dataset = self.eval_dataset if dataset is None else dataset

@@ -19,6 +19,7 @@ from rlhf_ext.trainers.base_config import (
     TrainerConfig,
     check_sampling_fields,
     require,
+    sampling_settings,
 )
 
 # loss_type -> ppo_loss's loss_agg. grpo: mean over sequences of each one's token mean; bnpo: token mean
@@ -237,15 +238,7 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
 
     def sampling_settings(self, tokenizer) -> SamplingSettings:
         """How completions are sampled: max_completion_length new tokens at most, ending at the tokenizer's EOS."""
-        return SamplingSettings(
-            max_new_tokens=self.max_completion_length,
-            pad_token_id=tokenizer.pad_token_id,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            stop_token_id=tokenizer.eos_token_id,
-        )
+        return sampling_settings(self, tokenizer, self.max_completion_length, tokenizer.eos_token_id)
 
     @property
     def loss_agg(self) -> str:

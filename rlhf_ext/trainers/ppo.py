@@ -425,6 +425,7 @@ class PPOTrainer(BaseTrainer):
         return metrics
 
     # ---- evaluation: scored completions of eval_dataset ----
+    @torch.no_grad()  # and before gathered(): FSDP gathers weights only for no-grad work
     def generate_completions(self, dataset=None, max_rows=None, greedy: bool = False, seed=None) -> list:
         """Scored completions of a tokenized prompt dataset (default: eval_dataset); see `completion_records`."""
         dataset = self.eval_dataset if dataset is None else dataset

@@ -20,6 +20,7 @@ from rlhf_ext.trainers.base_config import (
     TrainerConfig,
     check_sampling_fields,
     require,
+    sampling_settings,
 )
 
 # TRL PPOConfig fields we accept only at their default, so a TRL script fails loudly, naming them: name -> why.
@@ -171,15 +172,7 @@ class PPOConfig(TrainerConfig, _UnsupportedTRLOptions):
         stop = self.stop_token_id
         if stop is None and self.stop_token == "eos":
             stop = tokenizer.eos_token_id
-        return SamplingSettings(
-            max_new_tokens=self.response_length,
-            pad_token_id=tokenizer.pad_token_id,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            stop_token_id=stop,
-        )
+        return sampling_settings(self, tokenizer, self.response_length, stop)
 
     # ---- TRL's batch arithmetic (TRL writes these into args in PPOTrainer.__init__; here they are computed) ----
     @property
