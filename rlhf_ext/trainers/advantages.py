@@ -1,6 +1,7 @@
 """Rewards into advantages, as pure tensor maths: per-token reward assembly (PPO, REINFORCE++) and the
-critic-free estimators GRPO, RLOO and REINFORCE++ (with and without a group baseline), and how well PPO's critic
-predicts the returns (`explained_variance`). PPO's GAE is the fused `rlhf_ext.ops.gae`.
+critic-free estimators GRPO, RLOO and REINFORCE++ (with and without a group baseline), whitening over every
+process's tokens (`global_masked_whiten`), and how well PPO's critic predicts the returns (`explained_variance`).
+PPO's GAE is the fused `rlhf_ext.ops.gae`.
 
 Group rewards come in the global batch layout the trainers use: completion j of prompt i sits at row
 i * num_generations + j, so a group is a run of `num_generations` consecutive rows (tested against plain
@@ -10,8 +11,7 @@ Python loops in tests/test_advantages.py).
 import torch
 
 from rlhf_ext.models.heads import last_token_index
-from rlhf_ext.ops import gae, kl_penalty, masked_var
-from rlhf_ext.trainers.distributed import global_masked_whiten
+from rlhf_ext.ops import gae, kl_penalty, masked_var, masked_whiten
 
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -85,6 +85,26 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     residual = returns - values
     var_residual = float(masked_var(residual, mask, unbiased=False))
     return float("nan") if var_returns == 0 else 1.0 - var_residual / var_returns
+
+
+def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, dist, shift_mean: bool = True, eps: float = 1e-8):
+    """`masked_whiten` with the mean and unbiased variance taken over the real tokens of every rank (`dist`: the
+    trainer's rlhf_ext.trainers.distributed.Distributed). One process: the fused op itself. Several: the moments
+    are all-reduced (sum, sum of squares around a shared mean, count) and the same formula is applied:
+    (x - mean) * rsqrt(var + eps), 0 where masked."""
+    if not dist.enabled:
+        return masked_whiten(x, mask, shift_mean=shift_mean)
+    m = mask.to(torch.float64)
+    xf = x.to(torch.float64)
+    count, total = dist.sum(torch.stack([m.sum(), (xf * m).sum()])).unbind()
+    if count < 2:
+        raise ValueError(f"mask: whitening needs at least 2 real tokens over all ranks, got {int(count)}")
+    mean = total / count
+    var = dist.sum((((xf - mean) * m) ** 2).sum()) / (count - 1)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        y = y + mean
+    return (y * m).to(torch.float32 if x.dtype != torch.float64 else x.dtype)
 
 
 def critic_free_advantages(args, scores, all_scores, mask, old_logprobs, ref_logprobs, row_offset: int, dist):

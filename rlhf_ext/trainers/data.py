@@ -259,9 +259,6 @@ class StepBatches:
         self.batches_per_epoch = num_rows // batch_size
         self._epoch, self._order = None, None
 
-    def epoch_of(self, step: int) -> float:
-        return step / self.batches_per_epoch
-
     def indices(self, step: int) -> list:
         epoch, within = divmod(step, self.batches_per_epoch)
         if epoch != self._epoch:

@@ -145,26 +145,3 @@ class Distributed:
             for grad in same:
                 grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
                 offset += grad.numel()
-
-
-def global_masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, dist: Distributed, shift_mean: bool = True, eps: float = 1e-8
-) -> torch.Tensor:
-    """`masked_whiten` with the mean and unbiased variance taken over the real tokens of every rank.
-    One process: the fused op itself. Several: the moments are all-reduced (sum, sum of squares around a
-    shared mean, count) and the same formula is applied: (x - mean) * rsqrt(var + eps), 0 where masked."""
-    from rlhf_ext.ops import masked_whiten
-
-    if not dist.enabled:
-        return masked_whiten(x, mask, shift_mean=shift_mean)
-    m = mask.to(torch.float64)
-    xf = x.to(torch.float64)
-    count, total = dist.sum(torch.stack([m.sum(), (xf * m).sum()])).unbind()
-    if count < 2:
-        raise ValueError(f"mask: whitening needs at least 2 real tokens over all ranks, got {int(count)}")
-    mean = total / count
-    var = dist.sum((((xf - mean) * m) ** 2).sum()) / (count - 1)
-    y = (xf - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        y = y + mean
-    return (y * m).to(torch.float32 if x.dtype != torch.float64 else x.dtype)

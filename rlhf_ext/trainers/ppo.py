@@ -29,10 +29,9 @@ from rlhf_ext.models.heads import (
     token_values,
 )
 from rlhf_ext.ops import gae, kl_penalty, ppo_loss
-from rlhf_ext.trainers.advantages import assemble_rewards, explained_variance
+from rlhf_ext.trainers.advantages import assemble_rewards, explained_variance, global_masked_whiten
 from rlhf_ext.trainers.base import BaseTrainer
 from rlhf_ext.trainers.data import StepBatches, require_pad_token, tokenize_prompts
-from rlhf_ext.trainers.distributed import global_masked_whiten
 from rlhf_ext.trainers.evaluation import completion_metrics, completion_records
 from rlhf_ext.trainers.experience import (
     Experience,
