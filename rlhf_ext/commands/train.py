@@ -134,20 +134,15 @@ def build(algorithm: str, values: dict):
         evaluation = None
     tokenizer = load_script_tokenizer(script.get("tokenizer_name_or_path"), model)
     peft_config = lora_config(script, algorithm)
+    common = dict(
+        args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, peft_config=peft_config
+    )
     if algorithm in ("sft", "reward"):
         unused = [k for k in ("reward_model_path", "ref_model_path", "value_model_path", "reward_funcs") if k in script]
         if unused:
             users = ON_POLICY if unused[0] in ("reward_model_path", "reward_funcs") else ("ppo",)
             raise ValueError(f"{unused[0]}: only used by " + ", ".join(f"`rlhf-ext train {a}`" for a in users))
-        trainer = trainer_cls(
-            model,
-            args=config,
-            train_dataset=train,
-            eval_dataset=evaluation,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
-        return trainer, config
+        return trainer_cls(model, **common), config
     funcs = script.get("reward_funcs") or []
     funcs = [funcs] if isinstance(funcs, str) else list(funcs)
     if algorithm in ("grpo", "rloo"):
@@ -160,27 +155,14 @@ def build(algorithm: str, values: dict):
         sources = [f if os.path.isdir(f) else load_reward_function(f) for f in funcs]
         if script.get("reward_model_path"):
             sources.insert(0, script["reward_model_path"])
-        trainer = trainer_cls(
-            model,
-            sources,
-            args=config,
-            train_dataset=train,
-            eval_dataset=evaluation,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
-        return trainer, config
+        return trainer_cls(model, sources, **common), config
     trainer = trainer_cls(
-        config,
-        tokenizer,
-        model,
+        model=model,
         ref_model=script.get("ref_model_path"),
         reward_model=script.get("reward_model_path"),
         reward_funcs=[load_reward_function(s) for s in funcs] or None,
         value_model=script.get("value_model_path"),
-        train_dataset=train,
-        eval_dataset=evaluation,
-        peft_config=peft_config,
+        **common,
     )
     return trainer, config
 
