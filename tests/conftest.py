@@ -1,6 +1,7 @@
 """Shared fixtures: a tokenizer trained locally and tiny Llama / GPT-2 / Qwen2 models (rlhf_ext.models.tiny)."""
 
 import copy
+import json
 
 import pytest
 
@@ -111,3 +112,28 @@ def prompt_rows(corpus):
 def cpu_args(tmp_path):
     """Common quiet CPU settings for the trainer configs."""
     return dict(output_dir=str(tmp_path / "out"), use_cpu=True, disable_tqdm=True, report_to="none", seed=0)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, make_lm, make_rm, tiny_tokenizer, corpus):
+    """Local model folders and data files, as a user of `rlhf-ext train` would have them."""
+    root = tmp_path_factory.mktemp("cli")
+    make_lm().save_pretrained(root / "policy")
+    tiny_tokenizer.save_pretrained(root / "policy")
+    make_rm().save_pretrained(root / "rm")
+    tiny_tokenizer.save_pretrained(root / "rm")
+    with open(root / "text.jsonl", "w") as fh:
+        for line in corpus[:16]:
+            fh.write(json.dumps({"text": line}) + "\n")
+    with open(root / "pairs.jsonl", "w") as fh:
+        for _ in range(8):
+            fh.write(json.dumps({"prompt": "the movie", "chosen": " was great", "rejected": " was awful"}) + "\n")
+    with open(root / "prompts.jsonl", "w") as fh:
+        for line in corpus[:16]:
+            fh.write(json.dumps({"prompt": " ".join(line.split()[:2]), "topic": line.split()[1]}) + "\n")
+    (root / "my_rewards.py").write_text(
+        "def short(prompts, completions, topic, **kw):\n"
+        "    assert len(topic) == len(completions)\n"
+        "    return [-len(c) / 10 for c in completions]\n"
+    )
+    return root

@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from rlhf_ext.ops.reference import masked_whiten_reference
-from rlhf_ext.trainers.advantages import group_advantages, group_stats, rloo_advantages, token_returns
-from rlhf_ext.trainers.distributed import global_masked_whiten
+from rlhf_ext.trainers.advantages import (
+    global_masked_whiten,
+    group_advantages,
+    group_stats,
+    rloo_advantages,
+    token_returns,
+)
 
 
 def reference_group_advantages(rewards, G, scale):

@@ -7,12 +7,9 @@ from transformers import TrainerCallback
 
 from rlhf_ext import PPOConfig, PPOTrainer, SFTConfig, SFTTrainer
 from rlhf_ext.trainers import checkpoint as ckpt
+from tests.trainer_helpers import target_fraction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def target_fraction(prompts, completions, completion_ids, **columns):
-    return [sum(100 <= t < 120 for t in ids) / len(ids) for ids in completion_ids]
 
 
 class StopAt(TrainerCallback):

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from rlhf_ext.cli import main
-from tests.test_cli_train import workspace, write_config  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -56,7 +55,7 @@ def sft_argv(model, data, out):
     ]
 
 
-def test_model_path_that_does_not_exist_or_is_not_a_model(workspace, tmp_path, capsys):  # noqa: F811
+def test_model_path_that_does_not_exist_or_is_not_a_model(workspace, tmp_path, capsys):
     data = workspace / "text.jsonl"
     code, err = run_cli(capsys, sft_argv(tmp_path / "nowhere", data, tmp_path / "o"))
     assert_one_line_error(code, err, "model_name_or_path:", "nowhere", "does not exist")
@@ -72,7 +71,7 @@ def test_model_path_that_does_not_exist_or_is_not_a_model(workspace, tmp_path, c
     assert_one_line_error(code, err, "model_name_or_path:", "holds no tokenizer")
 
 
-def test_wrong_kind_of_model_is_refused_by_name(workspace, tmp_path, capsys):  # noqa: F811
+def test_wrong_kind_of_model_is_refused_by_name(workspace, tmp_path, capsys):
     code, err = run_cli(capsys, sft_argv(workspace / "rm", workspace / "text.jsonl", tmp_path / "o"))
     assert_one_line_error(code, err, "model:", "is a sequence classifier", "expected a causal LM")
     code, err = run_cli(
@@ -96,7 +95,7 @@ def test_wrong_kind_of_model_is_refused_by_name(workspace, tmp_path, capsys):  #
 
 
 @pytest.mark.parametrize("case", ["empty", "blank lines", "bad json", "not an object", "not utf-8"])
-def test_bad_data_files_name_the_file_and_line(case, workspace, tmp_path, capsys):  # noqa: F811
+def test_bad_data_files_name_the_file_and_line(case, workspace, tmp_path, capsys):
     path = tmp_path / "data.jsonl"
     expected = {
         "empty": (lambda: path.write_text(""), "holds no rows"),
@@ -116,7 +115,7 @@ def test_bad_data_files_name_the_file_and_line(case, workspace, tmp_path, capsys
     assert_one_line_error(code, err, expected[1])
 
 
-def test_empty_prompt_is_refused_before_training(workspace, tmp_path, capsys):  # noqa: F811
+def test_empty_prompt_is_refused_before_training(workspace, tmp_path, capsys):
     data = write_lines(tmp_path / "prompts.jsonl", [json.dumps({"prompt": p}) for p in ["the cat", "", "a dog", "x"]])
     code, err = run_cli(
         capsys,
@@ -179,7 +178,7 @@ def test_stray_positional_argument_through_the_real_command(tmp_path):
         ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "row 1: column 'margin' must be a number"),
     ],
 )
-def test_reward_rows_are_named(row, fragment, workspace, tmp_path, capsys):  # noqa: F811
+def test_reward_rows_are_named(row, fragment, workspace, tmp_path, capsys):
     good = {"prompt": "p", "chosen": "a", "rejected": "b"}
     data = write_lines(
         tmp_path / "pairs.jsonl", [json.dumps(good), json.dumps({**good, **row})] + [json.dumps(good)] * 2

@@ -2,42 +2,11 @@ import json
 import os
 
 import pytest
-import yaml
 
 from rlhf_ext.cli import main
+from tests.trainer_helpers import write_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, make_lm, make_rm, tiny_tokenizer, corpus):
-    """Local model folders and data files, as a user would have them."""
-    root = tmp_path_factory.mktemp("cli")
-    make_lm().save_pretrained(root / "policy")
-    tiny_tokenizer.save_pretrained(root / "policy")
-    make_rm().save_pretrained(root / "rm")
-    tiny_tokenizer.save_pretrained(root / "rm")
-    with open(root / "text.jsonl", "w") as fh:
-        for line in corpus[:16]:
-            fh.write(json.dumps({"text": line}) + "\n")
-    with open(root / "pairs.jsonl", "w") as fh:
-        for _ in range(8):
-            fh.write(json.dumps({"prompt": "the movie", "chosen": " was great", "rejected": " was awful"}) + "\n")
-    with open(root / "prompts.jsonl", "w") as fh:
-        for line in corpus[:16]:
-            fh.write(json.dumps({"prompt": " ".join(line.split()[:2]), "topic": line.split()[1]}) + "\n")
-    (root / "my_rewards.py").write_text(
-        "def short(prompts, completions, topic, **kw):\n"
-        "    assert len(topic) == len(completions)\n"
-        "    return [-len(c) / 10 for c in completions]\n"
-    )
-    return root
-
-
-def write_config(path, **values):
-    with open(path, "w") as fh:
-        yaml.safe_dump(values, fh)
-    return str(path)
 
 
 def test_train_sft_from_yaml_with_overrides(workspace, tmp_path):

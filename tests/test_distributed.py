@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import tests.conftest  # noqa: F401  (a spawned process imports this module first; stand-ins before rlhf_ext.trainers)
-from tests.test_ppo import target_fraction
+from tests.trainer_helpers import target_fraction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -57,11 +56,9 @@ def lora_config():
     return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 
 
-def run_grpo(out, per_device, max_steps, resume=None, eval_rows=None, lora=False, **overrides):
-    from rlhf_ext import GRPOConfig, GRPOTrainer
-
-    tok, model, rows = _models()
-    args = GRPOConfig(
+def quiet(out, per_device, max_steps) -> dict:
+    """The CPU settings both runs share (one process or two), with this run's folder, batch and length."""
+    return dict(
         output_dir=out,
         use_cpu=True,
         disable_tqdm=True,
@@ -69,8 +66,14 @@ def run_grpo(out, per_device, max_steps, resume=None, eval_rows=None, lora=False
         seed=0,
         max_steps=max_steps,
         per_device_train_batch_size=per_device,
-        **{**GRPO, **overrides},
     )
+
+
+def run_grpo(out, per_device, max_steps, resume=None, eval_rows=None, lora=False, **overrides):
+    from rlhf_ext import GRPOConfig, GRPOTrainer
+
+    tok, model, rows = _models()
+    args = GRPOConfig(**quiet(out, per_device, max_steps), **{**GRPO, **overrides})
     trainer = GRPOTrainer(
         model,
         [target_fraction],
@@ -88,16 +91,7 @@ def run_ppo(out, per_device, max_steps, eval_rows=None, **overrides):
     from rlhf_ext import PPOConfig, PPOTrainer
 
     tok, model, rows = _models()
-    args = PPOConfig(
-        output_dir=out,
-        use_cpu=True,
-        disable_tqdm=True,
-        report_to="none",
-        seed=0,
-        max_steps=max_steps,
-        per_device_train_batch_size=per_device,
-        **{**PPO, **overrides},
-    )
+    args = PPOConfig(**quiet(out, per_device, max_steps), **{**PPO, **overrides})
     trainer = PPOTrainer(
         args,
         tok,

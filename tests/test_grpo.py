@@ -12,8 +12,15 @@ from rlhf_ext import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from rlhf_ext.models import position_ids_from_mask
 from rlhf_ext.ops.reference import masked_whiten_reference
 from rlhf_ext.trainers.advantages import group_advantages, rloo_advantages
-from rlhf_ext.trainers.data import pad
-from tests.test_ppo import eos_biased, target_fraction
+from rlhf_ext.trainers.experience import policy_logprobs
+from tests.trainer_helpers import (
+    assert_declared_metrics,
+    eos_biased,
+    grpo_args,
+    next_token_mass,
+    rows_for,
+    target_fraction,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -39,25 +46,6 @@ TRL_METRICS = [
 ]
 
 
-def grpo_args(cpu_args, cls=GRPOConfig, **overrides):
-    base = dict(
-        max_steps=2,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        learning_rate=1e-3,
-        save_strategy="no",
-        logging_steps=1,
-    )
-    base.update(overrides)
-    return cls(**base, **cpu_args)
-
-
-def rows_for(trainer, prompts: int):
-    G = trainer.args.num_generations
-    return trainer.train_dataset[[i for i in range(prompts) for _ in range(G)]]
-
-
 def length_reward(prompts, completions, completion_ids, **columns):
     return [len(ids) / 6 for ids in completion_ids]
 
@@ -67,13 +55,6 @@ LOW = list(range(7, 100))  # a quarter of the vocabulary: ~24% of a random polic
 
 def low_fraction(prompts, completions, completion_ids, **columns):
     return [sum(t in LOW for t in ids) / len(ids) for ids in completion_ids]
-
-
-def low_mass(model, tokenizer, rows):
-    ids, mask = pad([tokenizer(r["prompt"])["input_ids"] for r in rows], tokenizer.pad_token_id, "left")
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
-    return float(logits.softmax(-1)[:, LOW].sum(-1).mean())
 
 
 def test_grpo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
@@ -89,14 +70,15 @@ def test_grpo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cp
     trainer = GRPOTrainer(
         make_lm(), [low_fraction], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
     )
-    before = low_mass(trainer.policy, tiny_tokenizer, prompt_rows)
+    before = next_token_mass(trainer.policy, tiny_tokenizer, prompt_rows, LOW)
     logs = trainer.train().log_history
-    after = low_mass(trainer.policy, tiny_tokenizer, prompt_rows)
+    after = next_token_mass(trainer.policy, tiny_tokenizer, prompt_rows, LOW)
     assert after > 1.8 * before, (before, after)  # 2.5x-4x for seeds 0-3 and 42
     rewards = [h["reward"] for h in logs]
     assert sum(rewards[-3:]) > 1.5 * sum(rewards[:3]), rewards
-    assert low_mass(trainer.ref_model, tiny_tokenizer, prompt_rows) == pytest.approx(before, abs=1e-6)
+    assert next_token_mass(trainer.ref_model, tiny_tokenizer, prompt_rows, LOW) == pytest.approx(before, abs=1e-6)
     assert set(TRL_METRICS) <= set(logs[0]), set(TRL_METRICS) - set(logs[0])
+    assert_declared_metrics(trainer, logs)
     assert all(math.isfinite(logs[-1][k]) for k in TRL_METRICS)
     assert logs[-1]["kl"] > 0
 
@@ -119,28 +101,31 @@ def test_loss_types_match_trl_formulas(loss_type, make_lm, tiny_tokenizer, promp
     trainer = GRPOTrainer(
         policy, [length_reward], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
     )
-    buf, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
-    assert buf.finished.any() and (~buf.finished).any()
-    noise = torch.randn(buf.mask.shape, generator=torch.Generator().manual_seed(0))
-    buf.old_logprobs = (trainer.policy_logprobs(buf.ids, buf.attn, buf.P).detach() + 0.3 * noise) * (
-        buf.lengths[:, None] > torch.arange(buf.mask.shape[1])
-    )
+    exp, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
+    assert exp.finished.any() and (~exp.finished).any()
+    noise = torch.randn(exp.loss_mask.shape, generator=torch.Generator().manual_seed(0))
+    exp.old_logprobs = (
+        policy_logprobs(trainer.policy, exp.sequences, exp.attention_mask, exp.prompt_length, args).detach()
+        + 0.3 * noise
+    ) * (exp.response_lengths[:, None] > torch.arange(exp.loss_mask.shape[1]))
 
     grads = {}
     trainer.clip_and_step = lambda params: grads.update({id(p): p.grad.clone() for p in params}) or 0.0
-    trainer.update(buf, 0)
+    trainer.update(exp, 0)
     trainer.policy.zero_grad()
 
-    P, T = buf.P, args.temperature
-    position_ids = position_ids_from_mask(buf.attn)
-    logits = trainer.policy(input_ids=buf.ids, attention_mask=buf.attn, position_ids=position_ids).logits[:, P - 1 : -1]
-    logp = F.log_softmax(logits.float() / T, -1).gather(-1, buf.ids[:, P:, None])[..., 0]
-    ratio = torch.exp(logp - buf.old_logprobs)
-    A = buf.advantages
+    P, T = exp.prompt_length, args.temperature
+    position_ids = position_ids_from_mask(exp.attention_mask)
+    logits = trainer.policy(
+        input_ids=exp.sequences, attention_mask=exp.attention_mask, position_ids=position_ids
+    ).logits[:, P - 1 : -1]
+    logp = F.log_softmax(logits.float() / T, -1).gather(-1, exp.sequences[:, P:, None])[..., 0]
+    ratio = torch.exp(logp - exp.old_logprobs)
+    A = exp.advantages
     per_token = -torch.min(ratio * A, ratio.clamp(1 - 0.2, 1 + 0.28) * A)
-    d = buf.ref_logprobs - logp
+    d = exp.ref_logprobs - logp
     per_token = per_token + 0.1 * (torch.expm1(d) - d)  # k3 without the exp(d) - 1 cancellation
-    m = buf.mask
+    m = exp.loss_mask
     if loss_type == "grpo":
         loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
     elif loss_type == "bnpo":
@@ -174,16 +159,16 @@ def test_reward_functions_returning_none(make_lm, tiny_tokenizer, prompt_rows, c
     trainer = GRPOTrainer(
         policy, [only_long, only_short, never], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
     )
-    buf, metrics = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
-    lengths = buf.lengths.tolist()
+    exp, metrics = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
+    lengths = exp.response_lengths.tolist()
     assert min(lengths) <= 4 < max(lengths)
     expected = torch.tensor([float(n) if n > 4 else 0.5 for n in lengths])
-    torch.testing.assert_close(buf.scores.cpu(), expected)
+    torch.testing.assert_close(exp.scores.cpu(), expected)
     longs = torch.tensor([float(n) for n in lengths if n > 4])
     assert metrics["rewards/only_long/mean"] == pytest.approx(float(longs.mean()))
     assert metrics["rewards/only_short/mean"] == pytest.approx(1.0)
     assert math.isnan(metrics["rewards/never/mean"])
-    torch.testing.assert_close(buf.advantages[:, 0], group_advantages(expected, 4, "group"))
+    torch.testing.assert_close(exp.advantages[:, 0], group_advantages(expected, 4, "group"))
 
 
 def test_rloo_folds_sequence_kl_into_the_reward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
@@ -193,12 +178,12 @@ def test_rloo_folds_sequence_kl_into_the_reward(make_lm, tiny_tokenizer, prompt_
         make_lm(), target_fraction, args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
     )
     trainer.policy.lm_head.weight.data.add_(0.05)  # move the policy away from the reference: KL > 0
-    buf, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
-    response = (buf.lengths[:, None] > torch.arange(buf.mask.shape[1])).float()
-    seq_kl = ((buf.old_logprobs - buf.ref_logprobs) * response).sum(1)
+    exp, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
+    response = (exp.response_lengths[:, None] > torch.arange(exp.loss_mask.shape[1])).float()
+    seq_kl = ((exp.old_logprobs - exp.ref_logprobs) * response).sum(1)
     assert seq_kl.abs().max() > 0
-    expected = rloo_advantages(buf.scores - 0.5 * seq_kl, 4)
-    torch.testing.assert_close(buf.advantages, expected[:, None] * response)
+    expected = rloo_advantages(exp.scores - 0.5 * seq_kl, 4)
+    torch.testing.assert_close(exp.advantages, expected[:, None] * response)
     logs = trainer.train().log_history
     assert "kl" in logs[0] and math.isfinite(logs[-1]["loss"])
 
@@ -214,15 +199,15 @@ def test_reinforce_pp_whitens_token_returns_over_the_batch(estimator, make_lm, t
         processing_class=tiny_tokenizer,
     )
     trainer.policy.lm_head.weight.data.add_(0.05)
-    buf, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
-    mask = (buf.lengths[:, None] > torch.arange(buf.mask.shape[1])).float()
-    scores = buf.scores.clone()
+    exp, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
+    mask = (exp.response_lengths[:, None] > torch.arange(exp.loss_mask.shape[1])).float()
+    scores = exp.scores.clone()
     if estimator == "reinforce_pp_baseline":
         scores = scores - scores.view(-1, 4).mean(1).repeat_interleave(4)
-    token_rewards = -0.2 * (buf.old_logprobs - buf.ref_logprobs) * mask
-    token_rewards[torch.arange(8), buf.lengths - 1] += scores
+    token_rewards = -0.2 * (exp.old_logprobs - exp.ref_logprobs) * mask
+    token_rewards[torch.arange(8), exp.response_lengths - 1] += scores
     returns = token_rewards.flip(-1).cumsum(-1).flip(-1) * mask
-    torch.testing.assert_close(buf.advantages, masked_whiten_reference(returns, mask), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(exp.advantages, masked_whiten_reference(returns, mask), rtol=1e-4, atol=1e-5)
 
 
 def test_mid_round_checkpoint_resumes_exactly(make_lm, tiny_tokenizer, prompt_rows, cpu_args, tmp_path):

@@ -9,8 +9,8 @@ from peft import LoraConfig
 
 from rlhf_ext import GRPOTrainer, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 from rlhf_ext.models.logprobs import sequence_logprobs
-from tests.test_grpo import grpo_args, rows_for
-from tests.test_ppo import ppo_args, target_fraction
+from rlhf_ext.trainers.experience import reference_logprobs
+from tests.trainer_helpers import grpo_args, ppo_args, rows_for, target_fraction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -102,12 +102,14 @@ def test_grpo_lora_reference_is_the_base_model_and_stays_fixed(make_lm, tiny_tok
         peft_config=lora(),
     )
     assert trainer.ref_model is None  # no second copy of the weights
-    buf, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
-    ref_before = trainer.reference_logprobs(buf.ids, buf.attn, buf.P)
-    torch.testing.assert_close(ref_before, sequence_logprobs(original, buf.ids, buf.attn, buf.P))
+    exp, _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
+    batch = (exp.sequences, exp.attention_mask, exp.prompt_length)
+    ref_before = reference_logprobs(trainer.policy, trainer.ref_model, *batch, args)
+    torch.testing.assert_close(ref_before, sequence_logprobs(original, *batch))
     frozen = base_weights(trainer.policy)
     logs = trainer.train().log_history
-    torch.testing.assert_close(trainer.reference_logprobs(buf.ids, buf.attn, buf.P), ref_before, rtol=0, atol=0)
+    ref_after = reference_logprobs(trainer.policy, trainer.ref_model, *batch, args)
+    torch.testing.assert_close(ref_after, ref_before, rtol=0, atol=0)
     assert all(torch.equal(v, frozen[k]) for k, v in base_weights(trainer.policy).items())
     assert logs[-1]["kl"] > 0
 

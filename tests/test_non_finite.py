@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from rlhf_ext import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
-from rlhf_ext.trainers.common import NonFiniteError
+from rlhf_ext.trainers.base import NonFiniteError
 from rlhf_ext.trainers.data import load_local_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")

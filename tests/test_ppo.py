@@ -4,62 +4,23 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
-from rlhf_ext import PPOConfig, PPOTrainer
-from rlhf_ext.models import position_ids_from_mask
-from rlhf_ext.trainers.data import pad
-from rlhf_ext.trainers.ppo import assemble_rewards
+from rlhf_ext import PPOTrainer
+from rlhf_ext.trainers.advantages import assemble_rewards
+from tests.trainer_helpers import (
+    TARGET,
+    assert_declared_metrics,
+    eos_biased,
+    next_token_mass,
+    ppo_args,
+    target_fraction,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-TARGET = list(range(100, 120))  # 20 of ~380 token ids: ~5% of a random policy's samples
-
-
-def target_fraction(prompts, completions, completion_ids, **columns):
-    return [sum(t in TARGET for t in ids) / len(ids) for ids in completion_ids]
 
 
 def length_reward(prompts, completions, **columns):
     return [float(len(c)) for c in completions]
-
-
-def eos_biased(model, tokenizer, bias=4.0):
-    """Untie the LM head and give it a bias towards EOS, so short rollouts contain finished rows."""
-    emb = model.get_input_embeddings().weight
-    head = nn.Linear(emb.shape[1], emb.shape[0], bias=True)
-    head.weight.data.copy_(emb.data)
-    head.bias.data.zero_()
-    head.bias.data[tokenizer.eos_token_id] = bias
-    model.lm_head = head
-    model.config.tie_word_embeddings = False
-    return model
-
-
-def ppo_args(cpu_args, **overrides):
-    # a step: 4 x 2 = 8 prompts (16 with per_device_train_batch_size=8) in 2 minibatches
-    base = dict(
-        max_steps=2,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        num_mini_batches=2,
-        num_ppo_epochs=2,
-        response_length=6,
-        learning_rate=1e-3,
-        temperature=1.0,
-        save_strategy="no",
-        num_sample_generations=0,
-        logging_steps=1,
-    )
-    base.update(overrides)
-    return PPOConfig(**base, **cpu_args)
-
-
-def target_mass(model, tokenizer, rows):
-    ids, mask = pad([tokenizer(r["prompt"])["input_ids"] for r in rows], tokenizer.pad_token_id, "left")
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
-    return float(logits.softmax(-1)[:, TARGET].sum(-1).mean())
 
 
 def test_ppo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
@@ -73,13 +34,13 @@ def test_ppo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu
         kl_coef=0.01,
     )
     trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows)
-    before = target_mass(trainer.policy, tiny_tokenizer, prompt_rows)
+    before = next_token_mass(trainer.policy, tiny_tokenizer, prompt_rows, TARGET)
     state = trainer.train()
-    after = target_mass(trainer.policy, tiny_tokenizer, prompt_rows)
+    after = next_token_mass(trainer.policy, tiny_tokenizer, prompt_rows, TARGET)
     # seeds 0-5 give 7x-15x here; 3x leaves room for another sampler's random stream
     assert after > 3.0 * before, (before, after)
     # the reference stayed where it was
-    assert target_mass(trainer.ref_model, tiny_tokenizer, prompt_rows) == pytest.approx(before, abs=1e-6)
+    assert next_token_mass(trainer.ref_model, tiny_tokenizer, prompt_rows, TARGET) == pytest.approx(before, abs=1e-6)
     logs = state.log_history
     scores = [h["objective/scores"] for h in logs]
     assert sum(scores[-3:]) > 2 * sum(scores[:3]), scores
@@ -101,10 +62,11 @@ def test_ppo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu
         "time/rollout",
         "time/update",
         "tokens_per_second",
-        "lr",
+        "learning_rate",
         "episode",
     ]
     assert set(names) <= set(logs[0])
+    assert_declared_metrics(trainer, logs)
     assert all(math.isfinite(logs[-1][n]) for n in names)
 
 
@@ -113,19 +75,19 @@ def test_score_sits_on_the_last_real_token(make_lm, tiny_tokenizer, prompt_rows,
     policy = eos_biased(make_lm(), tiny_tokenizer)
     trainer = PPOTrainer(args, tiny_tokenizer, policy, reward_funcs=[length_reward], train_dataset=prompt_rows)
     exp = trainer.make_experience(trainer.train_dataset[list(range(16))])
-    lengths = exp.mask.sum(1).long()
+    lengths = exp.response_mask.sum(1).long()
     assert exp.finished.any() and (~exp.finished).any()
     for b in range(16):
         last = int(lengths[b]) - 1
         expected = torch.zeros_like(exp.rewards[b])
         expected[last] = exp.scores[b]
         torch.testing.assert_close(exp.rewards[b], expected)
-        token = int(exp.ids[b, exp.P + last])
+        token = int(exp.sequences[b, exp.prompt_length + last])
         if exp.finished[b]:
             assert token == tiny_tokenizer.eos_token_id
         else:
             assert last == args.response_length - 1 and token != tiny_tokenizer.pad_token_id
-    assert (exp.old_logprobs[exp.mask == 0] == 0).all() and (exp.values[exp.mask == 0] == 0).all()
+    assert (exp.old_logprobs[exp.response_mask == 0] == 0).all() and (exp.values[exp.response_mask == 0] == 0).all()
 
 
 def test_assemble_rewards_places_score_at_last_real_token():

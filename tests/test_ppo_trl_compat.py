@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from rlhf_ext import PPOConfig, PPOTrainer
-from tests.test_ppo import ppo_args, target_fraction
+from tests.trainer_helpers import ppo_args, target_fraction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -267,7 +267,7 @@ def test_without_max_steps_trains_num_total_batches(make_lm, tiny_tokenizer, pro
 def test_unsupported_trl_fields_are_refused_by_name(field, value, cpu_args):
     from transformers import HfArgumentParser
 
-    from rlhf_ext.trainers.config import config_from_dict
+    from rlhf_ext.commands.parsing import config_from_dict
 
     with pytest.raises(ValueError, match=f"^{field}: .*not supported by PPOConfig"):
         PPOConfig(**{field: value}, **cpu_args)

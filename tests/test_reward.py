@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from rlhf_ext import RewardConfig, RewardTrainer
 from rlhf_ext.models.heads import sequence_scores
 from rlhf_ext.trainers.data import pad
+from tests.trainer_helpers import assert_declared_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -55,6 +56,7 @@ def test_reward_model_learns_preferences(make_rm, tiny_tokenizer, cpu_args):
     assert {"accuracy", "margin", "mean_reward", "grad_norm", "learning_rate"} <= set(train_logs[0])
     evals = [h for h in state.log_history if "eval_accuracy" in h]
     assert evals and evals[-1]["eval_accuracy"] >= 0.9 and evals[-1]["eval_margin"] > 0.5
+    assert_declared_metrics(trainer, state.log_history)
 
 
 def test_evaluate_on_a_dataset_given_to_it(make_rm, tiny_tokenizer, cpu_args):

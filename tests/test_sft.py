@@ -8,6 +8,7 @@ from rlhf_ext import SFTConfig, SFTTrainer
 from rlhf_ext.models.heads import causal_lm_token_logprobs
 from rlhf_ext.trainers.data import pad
 from rlhf_ext.trainers.sft import tokenize_sft_row
+from tests.trainer_helpers import assert_declared_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,6 +43,7 @@ def test_sft_text_loss_decreases_and_writes_outputs(make_lm, tiny_tokenizer, cor
     assert [r["step"] for r in lines if "loss" in r] == [4, 8, 12]
     assert {"loss", "grad_norm", "learning_rate", "num_tokens", "epoch"} <= set(lines[0])
     assert any("eval_loss" in r for r in lines)
+    assert_declared_metrics(trainer, state.log_history)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])

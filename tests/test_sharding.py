@@ -6,7 +6,7 @@ import pytest
 
 from rlhf_ext import GRPOConfig, GRPOTrainer, PPOConfig, SFTConfig, SFTTrainer
 from rlhf_ext.trainers.sharding import FSDPPlan, fsdp_plan
-from tests.test_ppo import target_fraction
+from tests.trainer_helpers import target_fraction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,6 +13,7 @@ import os
 import sys
 import textwrap
 
+# algorithm -> (its trainer module, which also exports the config, config class, trainer class)
 ALGORITHMS = {
     "sft": ("rlhf_ext.trainers.sft", "SFTConfig", "SFTTrainer"),
     "reward": ("rlhf_ext.trainers.reward", "RewardConfig", "RewardTrainer"),
@@ -63,7 +64,7 @@ def _classes(algorithm):
 
 
 def algorithm_help(algorithm: str) -> str:
-    from rlhf_ext.trainers.config import SUPPORTED_TRAINING_ARGUMENTS
+    from rlhf_ext.trainers.base_config import SUPPORTED_TRAINING_ARGUMENTS
 
     config_cls, _ = _classes(algorithm)
     from transformers import TrainingArguments
@@ -106,7 +107,7 @@ def load_reward_function(spec: str):
 
 def build(algorithm: str, values: dict):
     """(trainer, config) from a flat mapping of script keys and config fields."""
-    from rlhf_ext.trainers.config import config_from_dict
+    from rlhf_ext.commands.parsing import config_from_dict
     from rlhf_ext.trainers.data import load_local_dataset
 
     config_cls, trainer_cls = _classes(algorithm)
@@ -133,20 +134,15 @@ def build(algorithm: str, values: dict):
         evaluation = None
     tokenizer = load_script_tokenizer(script.get("tokenizer_name_or_path"), model)
     peft_config = lora_config(script, algorithm)
+    common = dict(
+        args=config, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, peft_config=peft_config
+    )
     if algorithm in ("sft", "reward"):
         unused = [k for k in ("reward_model_path", "ref_model_path", "value_model_path", "reward_funcs") if k in script]
         if unused:
             users = ON_POLICY if unused[0] in ("reward_model_path", "reward_funcs") else ("ppo",)
             raise ValueError(f"{unused[0]}: only used by " + ", ".join(f"`rlhf-ext train {a}`" for a in users))
-        trainer = trainer_cls(
-            model,
-            args=config,
-            train_dataset=train,
-            eval_dataset=evaluation,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
-        return trainer, config
+        return trainer_cls(model, **common), config
     funcs = script.get("reward_funcs") or []
     funcs = [funcs] if isinstance(funcs, str) else list(funcs)
     if algorithm in ("grpo", "rloo"):
@@ -159,27 +155,14 @@ def build(algorithm: str, values: dict):
         sources = [f if os.path.isdir(f) else load_reward_function(f) for f in funcs]
         if script.get("reward_model_path"):
             sources.insert(0, script["reward_model_path"])
-        trainer = trainer_cls(
-            model,
-            sources,
-            args=config,
-            train_dataset=train,
-            eval_dataset=evaluation,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
-        return trainer, config
+        return trainer_cls(model, sources, **common), config
     trainer = trainer_cls(
-        config,
-        tokenizer,
-        model,
+        model=model,
         ref_model=script.get("ref_model_path"),
         reward_model=script.get("reward_model_path"),
         reward_funcs=[load_reward_function(s) for s in funcs] or None,
         value_model=script.get("value_model_path"),
-        train_dataset=train,
-        eval_dataset=evaluation,
-        peft_config=peft_config,
+        **common,
     )
     return trainer, config
 
@@ -213,7 +196,7 @@ def lora_config(script: dict, algorithm: str):
     """A peft.LoraConfig from TRL's ModelConfig keys when use_peft is set, else None."""
     from typing import Optional
 
-    from rlhf_ext.trainers.config import coerce
+    from rlhf_ext.commands.parsing import coerce
 
     lora_keys = [k for k in script if k.startswith("lora_")]
     if not coerce(script.get("use_peft", False), bool, "use_peft"):
@@ -234,7 +217,7 @@ def lora_config(script: dict, algorithm: str):
 
 def parse_options(options: list):
     """(config_path, overrides dict, wants_help) from the tokens after the algorithm."""
-    from rlhf_ext.trainers.config import parse_overrides
+    from rlhf_ext.commands.parsing import parse_overrides
 
     if any(tok in ("-h", "--help") for tok in options):
         return None, {}, True
@@ -247,8 +230,8 @@ def _one_line(err) -> str:
 
 
 def run(args) -> int:
+    from rlhf_ext.trainers.base import NonFiniteError
     from rlhf_ext.trainers.checkpoint import CheckpointError
-    from rlhf_ext.trainers.common import NonFiniteError
 
     prefix = f"rlhf-ext train {args.algorithm}"
     try:
@@ -256,7 +239,7 @@ def run(args) -> int:
         if wants_help:
             print(algorithm_help(args.algorithm))
             return 0
-        from rlhf_ext.trainers.config import load_yaml
+        from rlhf_ext.commands.parsing import load_yaml
 
         values = load_yaml(config_path) if config_path else {}
         values.update(overrides)

@@ -1,11 +1,17 @@
-"""Critic-free advantage estimators: GRPO, RLOO and REINFORCE++ (with and without a group baseline).
+"""Rewards into advantages, as pure tensor maths: per-token reward assembly (PPO, REINFORCE++) and the
+critic-free estimators GRPO, RLOO and REINFORCE++ (with and without a group baseline), whitening over every
+process's tokens (`global_masked_whiten`), and how well PPO's critic predicts the returns (`explained_variance`).
+PPO's GAE is the fused `rlhf_ext.ops.gae`.
 
-Rewards come in the global batch layout the trainers use: completion j of prompt i sits at row
-i * num_generations + j, so a group is a run of `num_generations` consecutive rows. Every function
-here is pure tensor maths on that layout (tested against plain Python loops in tests/test_advantages.py).
+Group rewards come in the global batch layout the trainers use: completion j of prompt i sits at row
+i * num_generations + j, so a group is a run of `num_generations` consecutive rows (tested against plain
+Python loops in tests/test_advantages.py).
 """
 
 import torch
+
+from rlhf_ext.models.heads import last_token_index
+from rlhf_ext.ops import gae, kl_penalty, masked_var, masked_whiten
 
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -59,8 +65,65 @@ def rloo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor
 def token_returns(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`[B, R]` undiscounted reward-to-go sum_{s >= t} r_s over the real tokens (REINFORCE++'s return),
     through the fused `gae` op with zero values and gamma = lam = 1."""
-    from rlhf_ext.ops import gae
-
     zeros = torch.zeros_like(token_rewards)
     _, returns = gae(token_rewards, zeros, mask, gamma=1.0, lam=1.0)
     return returns * mask
+
+
+def assemble_rewards(non_score_reward: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`[B, R]` per-token rewards: non_score_reward everywhere, plus `scores[b]` on row b's last real token (its
+    stop token, or the last token of a truncated completion; never a pad position)."""
+    rewards = non_score_reward.clone()
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores.to(rewards.device, rewards.dtype)
+    return rewards
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over real tokens (1: perfect critic, <= 0: useless)."""
+    var_returns = float(masked_var(returns, mask, unbiased=False))
+    residual = returns - values
+    var_residual = float(masked_var(residual, mask, unbiased=False))
+    return float("nan") if var_returns == 0 else 1.0 - var_residual / var_returns
+
+
+def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, dist, shift_mean: bool = True, eps: float = 1e-8):
+    """`masked_whiten` with the mean and unbiased variance taken over the real tokens of every rank (`dist`: the
+    trainer's rlhf_ext.trainers.distributed.Distributed). One process: the fused op itself. Several: the moments
+    are all-reduced (sum, sum of squares around a shared mean, count) and the same formula is applied:
+    (x - mean) * rsqrt(var + eps), 0 where masked."""
+    if not dist.enabled:
+        return masked_whiten(x, mask, shift_mean=shift_mean)
+    m = mask.to(torch.float64)
+    xf = x.to(torch.float64)
+    count, total = dist.sum(torch.stack([m.sum(), (xf * m).sum()])).unbind()
+    if count < 2:
+        raise ValueError(f"mask: whitening needs at least 2 real tokens over all ranks, got {int(count)}")
+    mean = total / count
+    var = dist.sum((((xf - mean) * m) ** 2).sum()) / (count - 1)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        y = y + mean
+    return (y * m).to(torch.float32 if x.dtype != torch.float64 else x.dtype)
+
+
+def critic_free_advantages(args, scores, all_scores, mask, old_logprobs, ref_logprobs, row_offset: int, dist):
+    """`[B, R]` advantages of this process's rows for args.advantage_estimator (see rlhf_ext.trainers.critic_free):
+    scores (B,) its rewards, all_scores (N,) every process's (global row order, this process's rows from
+    row_offset), mask (B, R) its response mask, old/ref log-probs (B, R) or None (no KL when beta = 0). Statistics
+    over the global batch (RLOO's shaped rewards, REINFORCE++'s whitening) go through `dist`."""
+    G = args.num_generations
+    mine = slice(row_offset, row_offset + scores.shape[0])
+    if args.advantage_estimator == "grpo":
+        return group_advantages(all_scores, G, args.scale_rewards)[mine, None] * mask
+    kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask if args.beta > 0 else torch.zeros_like(mask)
+    if args.advantage_estimator == "rloo":
+        shaped = all_scores - args.beta * dist.all_gather(kl.sum(1))
+        advantages = rloo_advantages(shaped, G)
+        if args.normalize_advantages:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        return advantages[mine, None] * mask
+    if args.advantage_estimator == "reinforce_pp_baseline":
+        scores = (all_scores - group_stats(all_scores, G)[0])[mine]
+    returns = token_returns(assemble_rewards(-args.beta * kl, scores, mask), mask)
+    return global_masked_whiten(returns, mask, dist)

@@ -1,4 +1,4 @@
-"""Atomic checkpoints and RNG state capture.
+"""Atomic checkpoints, RNG state capture, and the HF-format model folders they (and save_model) write.
 
 A checkpoint is written in full to a hidden temporary folder next to its final place, then renamed
 with os.replace (atomic on POSIX). A crash at any moment leaves either the previous complete
@@ -25,6 +25,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from rlhf_ext.trainers.lora import is_peft_model, merged_from_full_state, save_model_folder
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -265,3 +267,26 @@ def load_weights(model: torch.nn.Module, folder: str):
     untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
     if untied:
         raise KeyError(f"checkpoint: {folder} lacks weights for {untied[:5]}")
+
+
+def write_models(models: dict, states: dict, output_dir: str, processing_class, merge_adapter: bool = False):
+    """Each {subfolder: module} in HF format under output_dir ("" is the main model; `save_pretrained`, a bare head
+    as model.safetensors) and the tokenizer. states: {subfolder: full state dict} of FSDP-sharded modules, written
+    in place of theirs. A LoRA model writes its adapter, or with `merge_adapter` the base weights with it merged."""
+    for sub, module in models.items():
+        folder = os.path.join(output_dir, sub)
+        os.makedirs(folder, exist_ok=True)
+        if sub in states and merge_adapter and is_peft_model(module):
+            merged_from_full_state(module, states[sub]).save_pretrained(folder)
+        elif sub in states:
+            module.save_pretrained(folder, state_dict=states[sub])
+        elif hasattr(module, "save_pretrained"):
+            save_model_folder(module, folder, merge_adapter)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.contiguous() for k, v in module.state_dict().items()}, os.path.join(folder, "model.safetensors")
+            )
+    if processing_class is not None:
+        processing_class.save_pretrained(output_dir)

@@ -242,9 +242,6 @@ class StepBatches:
         self.batches_per_epoch = num_rows // batch_size
         self._epoch, self._order = None, None
 
-    def epoch_of(self, step: int) -> float:
-        return step / self.batches_per_epoch
-
     def indices(self, step: int) -> list:
         epoch, within = divmod(step, self.batches_per_epoch)
         if epoch != self._epoch:
@@ -260,3 +257,15 @@ class StepBatches:
         if max_steps and max_steps > 0:
             return int(max_steps)
         return max(1, math.ceil(num_train_epochs * self.batches_per_epoch))
+
+
+def prepare_dataset(data, name: str, tokenize):
+    """`tokenize(dataset, name)` of `data` as a datasets.Dataset (None stays None; an empty one is refused; NaN/inf
+    in a numeric column is refused, naming the row, so that it never reaches a loss)."""
+    data = as_dataset(data, name)
+    if data is None:
+        return None
+    if len(data) == 0:
+        raise ValueError(f"{name}: is empty")
+    check_finite_columns(data, lambda row: f"{name}: row {row}")
+    return tokenize(data, name)

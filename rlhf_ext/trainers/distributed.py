@@ -12,11 +12,19 @@ all-reduced here. Only rank 0 writes checkpoints, metrics and samples.
 
 With an FSDP config (accelerate's, or fsdp=/fsdp_config) the policy, critic and reference are sharded
 instead (rlhf_ext.trainers.sharding); the statistics above are computed the same way. DeepSpeed configs are
-refused when the trainer config is built (rlhf_ext.trainers.config).
+refused when the trainer config is built (rlhf_ext.trainers.base_config).
 """
+
+import dataclasses
 
 import torch
 import torch.distributed as td
+
+
+def zero_fields(cls, device):
+    """A dataclass of 0-dim float64 zeros on `device`: named statistics to add up, then `Distributed.sum_fields`."""
+    return cls(**{f.name: torch.zeros((), dtype=torch.float64, device=device) for f in dataclasses.fields(cls)})
+
 
 # Gradients are all-reduced in flat buckets of at most this many elements (fewer, larger messages).
 _BUCKET_NUMEL = 32 * 1024 * 1024
@@ -64,6 +72,12 @@ class Distributed:
         out = tensor.detach().clone()
         td.all_reduce(out, op=td.ReduceOp.SUM)
         return out
+
+    def sum_fields(self, stats):
+        """A dataclass of 0-dim tensors summed over ranks in one all-reduce: the same dataclass, holding floats."""
+        names = [f.name for f in dataclasses.fields(stats)]
+        totals = self.sum(torch.stack([getattr(stats, name) for name in names]))
+        return dataclasses.replace(stats, **dict(zip(names, totals.tolist())))
 
     def max(self, value: int) -> int:
         if not self.enabled:
@@ -131,26 +145,3 @@ class Distributed:
             for grad in same:
                 grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
                 offset += grad.numel()
-
-
-def global_masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, dist: Distributed, shift_mean: bool = True, eps: float = 1e-8
-) -> torch.Tensor:
-    """`masked_whiten` with the mean and unbiased variance taken over the real tokens of every rank.
-    One process: the fused op itself. Several: the moments are all-reduced (sum, sum of squares around a
-    shared mean, count) and the same formula is applied: (x - mean) * rsqrt(var + eps), 0 where masked."""
-    from rlhf_ext.ops import masked_whiten
-
-    if not dist.enabled:
-        return masked_whiten(x, mask, shift_mean=shift_mean)
-    m = mask.to(torch.float64)
-    xf = x.to(torch.float64)
-    count, total = dist.sum(torch.stack([m.sum(), (xf * m).sum()])).unbind()
-    if count < 2:
-        raise ValueError(f"mask: whitening needs at least 2 real tokens over all ranks, got {int(count)}")
-    mean = total / count
-    var = dist.sum((((xf - mean) * m) ** 2).sum()) / (count - 1)
-    y = (xf - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        y = y + mean
-    return (y * m).to(torch.float32 if x.dtype != torch.float64 else x.dtype)

@@ -11,12 +11,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from rlhf_ext.generation import SamplingSettings
 from rlhf_ext.trainers.advantages import ESTIMATORS, SCALE_REWARDS
-from rlhf_ext.trainers.config import (
+from rlhf_ext.trainers.base_config import (
     MULTI_PROCESS_TRAINING_ARGUMENTS,
     SUPPORTED_TRAINING_ARGUMENTS,
     TrainerConfig,
+    check_sampling_fields,
     require,
+    sampling_settings,
 )
 
 # loss_type -> ppo_loss's loss_agg. grpo: mean over sequences of each one's token mean; bnpo: token mean
@@ -119,7 +122,9 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
     # extras
     advantage_estimator: str = field(
         default="grpo",
-        metadata={"help": "extra: grpo | rloo | reinforce_pp | reinforce_pp_baseline (see rlhf_ext.trainers.grpo)"},
+        metadata={
+            "help": "extra: grpo | rloo | reinforce_pp | reinforce_pp_baseline (see rlhf_ext.trainers.critic_free)"
+        },
     )
     kl_estimator: str = field(
         default="k1",
@@ -175,14 +180,8 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
             self.max_completion_length is not None and self.max_completion_length >= 1,
             "an integer >= 1",
         )
-        require(
-            self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, "None or >= 1"
-        )
+        check_sampling_fields(self)
         require(self, "num_iterations", self.num_iterations >= 1, "an integer >= 1")
-        require(self, "temperature", self.temperature > 0, "a value > 0")
-        require(self, "top_k", self.top_k >= 0, "None or an integer >= 0")
-        require(self, "top_p", 0.0 < self.top_p <= 1.0, "a value in (0, 1]")
-        require(self, "min_p", 0.0 <= self.min_p < 1.0, "None or a value in [0, 1)")
         require(self, "beta", self.beta >= 0, "a value >= 0")
         require(self, "epsilon", 0.0 < self.epsilon < 1.0, "a value in (0, 1)")
         require(self, "epsilon_high", self.epsilon_high is None or self.epsilon_high > 0, "None or a value > 0")
@@ -237,18 +236,9 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
                 f"{self.steps_per_generation}); with this batch num_generations can be one of {possible}"
             )
 
-    # ---- names the shared rollout code reads (PPOConfig has them as fields) ----
-    @property
-    def response_length(self) -> int:
-        return self.max_completion_length
-
-    @property
-    def stop_token(self) -> str:
-        return "eos"
-
-    @property
-    def stop_token_id(self) -> Optional[int]:
-        return None
+    def sampling_settings(self, tokenizer) -> SamplingSettings:
+        """How completions are sampled: max_completion_length new tokens at most, ending at the tokenizer's EOS."""
+        return sampling_settings(self, tokenizer, self.max_completion_length, tokenizer.eos_token_id)
 
     @property
     def loss_agg(self) -> str:

@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch import nn
 
-from rlhf_ext.trainers.config import TrainerConfig
+from rlhf_ext.trainers.base_config import TrainerConfig
 
 # Checkpoints whose head a loader would initialise at random, by the Auto class asked for.
 _HEAD_SUFFIXES = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequenceClassification"}
@@ -107,3 +107,13 @@ def load_tokenizer(processing_class, model_path=None, name: str = "processing_cl
             "a folder (expected a local model folder)"
         )
     raise ValueError(f"{name}: required when the model is not given as a local path that holds a tokenizer")
+
+
+def disable_dropout(model: nn.Module):
+    """Dropout off everywhere: nn.Dropout modules and the float `attention_dropout` attributes that SDPA
+    attention reads directly (PPO's ratios assume the same network computes the old and new log-probs)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

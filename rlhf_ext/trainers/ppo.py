@@ -1,7 +1,9 @@
 """PPO with a critic (InstructGPT / TRL's PPOTrainer), built on the fused ops.
 
-One step, as read top to bottom in `train` / `make_experience` / `ppo_update`:
-  prompts -> `generate` (KV-cached sampling) -> old log-probs, reference log-probs, values, scores
+One step, as read top to bottom in `train` / `make_experience` / `ppo_update` (the helpers they call are free
+functions in experience.py, reward_sources.py and advantages.py):
+  prompts -> `sample_completions` (the KV-cached completion path, keyed by seed, step and row)
+  -> old log-probs, reference log-probs (`policy_logprobs`), values, scores (`RewardSources.score`)
   -> per-token reward: -kl_coef * KL(policy || ref) on every response token, + score on the last real one
   -> `gae` -> `masked_whiten` -> num_ppo_epochs x num_mini_batches minibatch updates with `ppo_loss`
      (gradient accumulation over per_device_train_batch_size micro-batches, gradient clipping)
@@ -14,41 +16,53 @@ processes, and gradients are averaged across them (rlhf_ext.trainers.distributed
 With `peft_config` only the adapter trains and the reference policy is the policy with the adapter disabled.
 """
 
+import collections
 import copy
 import time
-from types import SimpleNamespace
-from typing import Optional
 
 import torch
-from torch import nn
-from transformers import TrainerState
 
 from rlhf_ext.models.heads import (
     ValueHead,
     critic_from_causal_lm,
-    hidden_states,
-    last_token_index,
     logprobs_and_values,
-    position_ids_from_mask,
-    score_head,
     token_values,
 )
-from rlhf_ext.models.logprobs import sequence_logprobs
-from rlhf_ext.ops import gae, kl_penalty, masked_var, ppo_loss
-from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
-from rlhf_ext.trainers.data import StepBatches, require_pad_token
-from rlhf_ext.trainers.distributed import global_masked_whiten
+from rlhf_ext.ops import gae, kl_penalty, ppo_loss
+from rlhf_ext.trainers.advantages import assemble_rewards, explained_variance, global_masked_whiten
+from rlhf_ext.trainers.base import BaseTrainer
+from rlhf_ext.trainers.data import StepBatches, require_pad_token, tokenize_prompts
+from rlhf_ext.trainers.evaluation import completion_metrics, completion_records
+from rlhf_ext.trainers.experience import (
+    Experience,
+    has_reference,
+    policy_logprobs,
+    reference_logprobs,
+    row_chunks,
+    sample_completions,
+)
+from rlhf_ext.trainers.loading import load_model, load_tokenizer
 from rlhf_ext.trainers.lora import is_peft_model
 from rlhf_ext.trainers.ppo_config import PPOConfig
-from rlhf_ext.trainers.rollout import RolloutMixin
+from rlhf_ext.trainers.reward_sources import build_reward_sources
+from rlhf_ext.trainers.trl_compat import PolicyAndValue, check_data_collator
+
+__all__ = ["PPOConfig", "PPOTrainer"]
 
 
-class PPOTrainer(RolloutMixin, BaseTrainer):
+class PPOTrainer(BaseTrainer):
     """`PPOTrainer(args, processing_class, model, ref_model=None, reward_model=None, train_dataset=None,
     value_model=None, data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None,
     peft_config=None, *, reward_funcs=None, reward_processing_class=None)`: TRL's positional order, then our
     keyword-only extras. See the module docstring and PPOConfig."""
 
+    metric_keys = tuple(
+        "objective/kl objective/entropy objective/non_score_reward objective/rlhf_reward objective/scores "
+        "objective/kl_coef val/num_eos_tokens val/vf_explained_var completions/mean_length rewards/*/mean "
+        "time/rollout time/scoring time/update tokens_per_second policy/approxkl_avg policy/clipfrac_avg "
+        "policy/entropy_avg loss/policy_avg loss/value_avg val/clipfrac_avg val/ratio grad_norm "
+        "policy/early_stopped learning_rate episode ".split()
+    )
     progress_keys = {"reward": "objective/scores", "kl": "objective/kl"}
     supports_multi_process = True
 
@@ -98,7 +112,14 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
                 reward_processing_class = load_tokenizer(None, reward_model, "reward_processing_class")
             reward_model_obj = load_model(reward_model, "sequence_classification", args, "reward_model", num_labels=1)
         self.reward_model = reward_model_obj
-        self.reward_sources = self.build_reward_sources(reward_model_obj, reward_funcs, reward_processing_class)
+        self.reward_sources = build_reward_sources(
+            reward_model_obj,
+            reward_funcs,
+            args,
+            tokenizer,
+            lambda source: self.prepare_model(source, trainable=False),
+            reward_processing_class=reward_processing_class,
+        )
 
         # Critic: a value head on the policy, the value_model given, a copy of the reward model (as
         # InstructGPT initialises it), or the policy's backbone with a fresh head.
@@ -121,13 +142,15 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             self.critic = self.prepare_model(critic.requires_grad_(True), trainable=True)
         self.policy = self.prepare_model(self.apply_peft(policy, peft_config), trainable=True)
 
-        self.load_datasets(train_dataset, eval_dataset, self.tokenize_prompt_dataset)
+        self.load_datasets(
+            train_dataset,
+            eval_dataset,
+            lambda data, name: tokenize_prompts(data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name),
+        )
+        self.sampling = args.sampling_settings(tokenizer)
         if args.total_episodes is None:  # as TRL does, so that args.num_total_batches is known from here on
             args.total_episodes = int(args.num_train_epochs * len(self.train_dataset))
         self.model = PolicyAndValue(self.policy, self.critic, args.shared_critic)
-        self._state_before_training = TrainerState(
-            is_world_process_zero=self.dist.is_main, is_local_process_zero=args.local_process_index == 0
-        )
         self.kl_coef = args.kl_coef
         self._optimizers = optimizers
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
@@ -152,37 +175,12 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         """The critic: a sequence classifier, or with shared_critic the value head on the policy."""
         return self.critic
 
-    @property
-    def state(self) -> TrainerState:
-        """The run's transformers.TrainerState (global_step, log_history, ...), also before train()."""
-        return self.reporter.state if self.reporter is not None else self._state_before_training
-
-    def add_callback(self, callback):
-        """Add a TrainerCallback (an instance or a class); it receives the events from the next one on."""
-        self.callbacks.append(callback)
-        if self.reporter is not None:
-            self.reporter.callbacks.append(callback() if isinstance(callback, type) else callback)
-
-    def log(self, logs: dict, start_time: Optional[float] = None):
-        """Record `logs` at the current step: log_history, metrics.jsonl, TensorBoard and on_log once training
-        has begun; before train() only state.log_history (train() keeps it)."""
-        if self.reporter is None:
-            self._state_before_training.log_history.append({**{k: float(v) for k, v in logs.items()}, "step": 0})
-        else:
-            self.reporter.log(logs)
-
-    def is_world_process_zero(self) -> bool:
-        return self.dist.is_main
-
-    def is_local_process_zero(self) -> bool:
-        return self.args.local_process_index == 0
-
     # ---- state that checkpoints carry ----
     def models_to_save(self) -> dict:
         return {"": self.policy, "critic": self.critic}
 
     def rng_generators(self) -> dict:
-        # Sampling is keyed by (seed, step, row) (RolloutMixin.sample), so only the minibatch shuffle has a stream.
+        # Sampling is keyed by (seed, step, row) (experience.sampling_key): only the minibatch shuffle has a stream.
         return {"shuffle": self.shuffle_generator}
 
     def trainer_extra_state(self) -> dict:
@@ -191,53 +189,60 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
     def load_trainer_extra_state(self, state: dict):
         self.kl_coef = state["kl_coef"]
 
-    # ---- forward passes ----
-    def policy_forward(self, ids, attn, P, return_entropy=False):
-        """(logprobs [B, R], entropy [B, R] or None, values [B, R]) for the responses ids[:, P:]."""
+    # ---- one step: experience, then the update ----
+    def policy_forward(self, sequences, attention_mask, P, return_entropy=False):
+        """(logprobs [B, R], entropy [B, R] or None, values [B, R]) for the responses sequences[:, P:]."""
         args = self.args
-        with self.autocast():
-            if args.shared_critic:
+        if args.shared_critic:  # one forward: the value head reads the policy's last hidden states
+            with self.autocast():
                 return self.run(
                     self.policy,
                     logprobs_and_values,
                     self.critic,
-                    ids,
-                    attn,
+                    sequences,
+                    attention_mask,
                     P,
                     args.temperature,
                     return_entropy,
                     args.logprobs_chunk_size,
                 )
-            out = self.run(
-                self.policy,
-                sequence_logprobs,
-                ids,
-                attn,
-                P,
-                temperature=args.temperature,
-                return_entropy=return_entropy,
-                fused_linear=args.fused_linear_logprobs,
-                chunk_size=args.logprobs_chunk_size,
-            )
-            logprobs, entropy = out if return_entropy else (out, None)
-            return logprobs, entropy, self.run(self.critic, token_values, ids, attn, P)
+        out = policy_logprobs(
+            self.policy, sequences, attention_mask, P, args, return_entropy=return_entropy, run=self.run
+        )
+        logprobs, entropy = out if return_entropy else (out, None)
+        with self.autocast():
+            values = self.run(self.critic, token_values, sequences, attention_mask, P)
+        return logprobs, entropy, values
 
     @torch.no_grad()
-    def make_experience(self, rows: dict, step: int = 0, row_offset: int = 0) -> SimpleNamespace:
+    def make_experience(self, rows: dict, step: int = 0, row_offset: int = 0) -> Experience:
         """Rollout, scoring, per-token rewards, advantages and returns for one batch of prompts (this
         process's share of step `step`'s batch, starting at global row `row_offset`; they key the sampling)."""
         args = self.args
-        rollout, prompt_mask, attn, time_rollout = self.roll_out(
-            rows, step=step, row_offset=row_offset, chunk_size=args.local_rollout_forward_batch_size
-        )
         timer = time.perf_counter()
-        P, ids = rollout.prompt_length, rollout.sequences  # (B, P + R)
-        mask = rollout.response_mask.float()  # (B, R): 1 up to and including EOS
-        chunks = self.forward_chunks(ids.shape[0])
-        old_logprobs, values = map(torch.cat, zip(*[self.policy_forward(ids[c], attn[c], P)[::2] for c in chunks]))
-        ref_logprobs = torch.cat([self.reference_logprobs(ids[c], attn[c], P) for c in chunks])
-        old_logprobs, ref_logprobs, values = old_logprobs * mask, ref_logprobs * mask, values * mask
-        scores, per_source = self.score_rollout(rows, rollout, prompt_mask, attn)
+        with self.gathered(self.policy):  # FSDP: weights in full, no collective inside (decode lengths differ by rank)
+            rollout = sample_completions(
+                self.policy,
+                rows["input_ids"],
+                self.sampling,
+                seed=args.seed,
+                step=step,
+                row_offset=row_offset,
+                chunk_size=args.local_rollout_forward_batch_size,
+            )
+        time_rollout = time.perf_counter() - timer
+        timer = time.perf_counter()
+        sequences, attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length  # (B, P + R)
+        mask = rollout.response_mask.float()  # (B, R): 1 up to and including the stop token
+        old_logprobs, ref_logprobs, values = [], [], []
+        for rows_chunk in row_chunks(sequences.shape[0], args.local_rollout_forward_batch_size):
+            chunk = (sequences[rows_chunk], attention_mask[rows_chunk], P)
+            logprobs, _, chunk_values = self.policy_forward(*chunk)
+            old_logprobs.append(logprobs)
+            values.append(chunk_values)
+            ref_logprobs.append(reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run))
+        old_logprobs, ref_logprobs, values = (torch.cat(parts) * mask for parts in (old_logprobs, ref_logprobs, values))
+        scores, per_source = self.reward_sources.score(rows, rollout)  # (B,) on the device, (B, S)
         time_scoring = time.perf_counter() - timer
 
         # Per-token rewards: the KL leash on every real token, the score on the last real token (EOS, or
@@ -251,46 +256,44 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         if args.reward_clip is not None:
             scores = scores.clamp(-args.reward_clip, args.reward_clip)
         kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask  # (B, R)
-        non_score_reward = -self.kl_coef * kl
-        rewards = assemble_rewards(non_score_reward, scores, mask)
+        rewards = assemble_rewards(-self.kl_coef * kl, scores, mask)
         if args.whiten_rewards:
             rewards = global_masked_whiten(rewards, mask, self.dist, shift_mean=False)
         advantages, returns = gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
         advantages = global_masked_whiten(advantages, mask, self.dist)
-        return SimpleNamespace(
-            ids=ids,
-            attn=attn,
-            P=P,
-            mask=mask,
-            old_logprobs=old_logprobs,
-            values=values,
+        return Experience(
+            sequences=sequences,
+            attention_mask=attention_mask,
+            prompt_length=P,
+            response_mask=mask,
+            loss_mask=mask,
             advantages=advantages,
-            returns=returns,
-            rewards=rewards,
-            kl=kl,
-            non_score_reward=non_score_reward,
             scores=raw_scores,
             per_source=per_source,
             finished=rollout.finished,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            returns=returns,
+            rewards=rewards,
+            kl=kl,
             time_rollout=time_rollout,
             time_scoring=time_scoring,
         )
 
-    def ppo_update(self, exp: SimpleNamespace) -> dict:
+    def ppo_update(self, exp: Experience) -> dict:
         """num_ppo_epochs x num_mini_batches optimiser steps on one batch of experience."""
         args = self.args
         params = [p for m in (self.policy, self.critic) for p in m.parameters() if p.requires_grad]
         self.policy.train()
         self.critic.train()
-        stats = {
-            k: []
-            for k in ("approxkl", "clipfrac", "policy", "value", "value_clipfrac", "entropy", "ratio", "grad_norm")
-        }
+        # metric -> its value at each micro-batch (grad_norm: each minibatch), kept on the device until the end
+        stats = collections.defaultdict(list)
         # TRL's layout: B = local_batch_size rows in num_mini_batches minibatches (one optimizer step each) of
         # local_mini_batch_size rows, each as micro-batches of per_device_train_batch_size rows (the last may be short)
-        B, mini = exp.ids.shape[0], args.local_mini_batch_size
+        B, mini, P = exp.sequences.shape[0], args.local_mini_batch_size, exp.prompt_length
         micro = min(args.per_device_train_batch_size, mini)
-        lengths = exp.mask.sum(1).long().cpu()  # (B,) on the host, so trimming needs no device sync
+        lengths = exp.response_lengths.cpu()  # (B,) on the host, so trimming needs no device sync
         stop = False
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(B, generator=self.shuffle_generator)
@@ -300,13 +303,13 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
                     rows = order[micro_start : min(micro_start + micro, mb_start + mini)]
                     R = int(lengths[rows].max())  # drop response columns that are padding in every row
                     idx = rows.to(self.device)
-                    ids, attn = exp.ids[idx, : exp.P + R], exp.attn[idx, : exp.P + R]
-                    logprobs, entropy, values = self.policy_forward(ids, attn, exp.P, return_entropy=True)
+                    sequences, attention_mask = exp.sequences[idx, : P + R], exp.attention_mask[idx, : P + R]
+                    logprobs, entropy, values = self.policy_forward(sequences, attention_mask, P, return_entropy=True)
                     out = ppo_loss(
                         logprobs,
                         exp.old_logprobs[idx, :R],
                         exp.advantages[idx, :R],
-                        exp.mask[idx, :R],
+                        exp.loss_mask[idx, :R],
                         values=values,
                         old_values=exp.values[idx, :R],
                         returns=exp.returns[idx, :R],
@@ -317,18 +320,18 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
                         entropy_coef=args.entropy_coef,
                     )
                     (out.loss / (mini / len(rows))).backward()  # the minibatch's loss: micro-batches weighted by rows
-                    # statistics stay on the device until the end of the update (no host sync per micro-batch)
-                    for key, value in (
-                        ("approxkl", out.stats["approxkl"]),
-                        ("clipfrac", out.stats["clipfrac"]),
-                        ("policy", out.policy_loss),
-                        ("value", out.value_loss),
-                        ("entropy", out.entropy),
-                        ("value_clipfrac", out.stats["value_clipfrac"]),
-                        ("ratio", out.stats["ratio_mean"]),
-                    ):
+                    micro_stats = {
+                        "policy/approxkl_avg": out.stats["approxkl"],
+                        "policy/clipfrac_avg": out.stats["clipfrac"],
+                        "policy/entropy_avg": out.entropy,
+                        "loss/policy_avg": out.policy_loss,
+                        "loss/value_avg": out.value_loss,
+                        "val/clipfrac_avg": out.stats["value_clipfrac"],
+                        "val/ratio": out.stats["ratio_mean"],
+                    }
+                    for key, value in micro_stats.items():
                         stats[key].append(value.detach().float())
-                    minibatch_kl.append(stats["approxkl"][-1])
+                    minibatch_kl.append(stats["policy/approxkl_avg"][-1])
                 stats["grad_norm"].append(self.clip_and_step(params).float())
                 if (
                     args.early_stop_kl is not None
@@ -338,18 +341,9 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
                     break
             if stop:
                 break
-        mean = self.dist.mean({k: float(torch.stack(v).mean()) for k, v in stats.items()})
-        return {
-            "policy/approxkl_avg": mean["approxkl"],
-            "policy/clipfrac_avg": mean["clipfrac"],
-            "policy/entropy_avg": mean["entropy"],
-            "loss/policy_avg": mean["policy"],
-            "loss/value_avg": mean["value"],
-            "val/clipfrac_avg": mean["value_clipfrac"],
-            "val/ratio": mean["ratio"],
-            "grad_norm": mean["grad_norm"],
-            "policy/early_stopped": float(stop),
-        }
+        metrics = self.dist.mean({k: float(torch.stack(v).mean()) for k, v in stats.items()})
+        metrics["policy/early_stopped"] = float(stop)
+        return metrics
 
     def train(self, resume_from_checkpoint=None):
         args = self.args
@@ -365,8 +359,6 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             resume_from_checkpoint or args.resume_from_checkpoint,
             self.policy,
         )
-        if start == 0:  # what log() recorded before train() stays in the history
-            self.state.log_history[:0] = self._state_before_training.log_history
         sample_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
         for step in range(start, total_steps):
             self.reporter.step_begin()
@@ -375,7 +367,7 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             timer = time.perf_counter()
             update = self.ppo_update(exp)
             time_update = time.perf_counter() - timer
-            lr = self.lr_scheduler.get_last_lr()[0]
+            learning_rate = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
 
             metrics = self.rollout_metrics(exp)
@@ -384,7 +376,8 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
                     "time/rollout": exp.time_rollout,
                     "time/scoring": exp.time_scoring,
                     "time/update": time_update,
-                    "tokens_per_second": float(exp.mask.sum()) / (exp.time_rollout + exp.time_scoring + time_update),
+                    "tokens_per_second": float(exp.response_mask.sum())
+                    / (exp.time_rollout + exp.time_scoring + time_update),
                 }
             )
             metrics = self.dist.mean(metrics)  # every process's means, averaged (equal batch sizes)
@@ -392,7 +385,13 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
             metrics["tokens_per_second"] *= self.dist.world_size
             mean_kl = metrics["objective/kl"]
             metrics.update(update)
-            metrics.update({"lr": lr, "episode": (step + 1) * args.batch_size, "objective/kl_coef": self.kl_coef})
+            metrics.update(
+                {
+                    "learning_rate": learning_rate,
+                    "episode": (step + 1) * args.batch_size,
+                    "objective/kl_coef": self.kl_coef,
+                }
+            )
             if args.target_kl is not None:  # adaptive KL controller (Ziegler et al. 2019)
                 error = max(-0.2, min(0.2, mean_kl / args.target_kl - 1.0))
                 self.kl_coef *= 1.0 + error * args.batch_size / args.kl_horizon
@@ -403,75 +402,52 @@ class PPOTrainer(RolloutMixin, BaseTrainer):
         self.end_training()
         return self.reporter.state
 
-    def rollout_metrics(self, exp: SimpleNamespace) -> dict:
+    def rollout_metrics(self, exp: Experience) -> dict:
         mean_kl = float(exp.kl.sum(1).mean())
-        non_score = float(exp.non_score_reward.sum(1).mean())
+        # the KL part of the rewards (kl_coef has not changed since make_experience: the controller runs after this)
+        non_score = float((-self.kl_coef * exp.kl).sum(1).mean())
         scores = float(exp.scores.mean())
+        mask = exp.response_mask
         metrics = {
             "objective/kl": mean_kl,
-            "objective/entropy": float((-exp.old_logprobs * exp.mask).sum(1).mean()),
+            "objective/entropy": float((-exp.old_logprobs * mask).sum(1).mean()),
             "objective/non_score_reward": non_score,
             "objective/rlhf_reward": scores + non_score,
             "objective/scores": scores,
             "val/num_eos_tokens": float(exp.finished.sum()),
-            "val/vf_explained_var": explained_variance(exp.values, exp.returns, exp.mask),
-            "completions/mean_length": float(exp.mask.sum(1).mean()),
+            "val/vf_explained_var": explained_variance(exp.values, exp.returns, mask),
+            "completions/mean_length": float(mask.sum(1).mean()),
         }
         if len(self.reward_sources) > 1:
             for i, name in enumerate(self.reward_sources.names):
                 metrics[f"rewards/{name}/mean"] = float(torch.nanmean(exp.per_source[:, i]))
         return metrics
 
+    # ---- evaluation: scored completions of eval_dataset ----
+    @torch.no_grad()  # and before gathered(): FSDP gathers weights only for no-grad work
+    def generate_completions(self, dataset=None, max_rows=None, greedy: bool = False, seed=None) -> list:
+        """Scored completions of a tokenized prompt dataset (default: eval_dataset); see `completion_records`."""
+        dataset = self.eval_dataset if dataset is None else dataset
+        with self.gathered(self.policy, self.ref_model):  # FSDP: every rank runs this; no collective inside
+            return completion_records(
+                self.policy,
+                self.ref_model,
+                self.reward_sources,
+                dataset,
+                self.sampling,
+                self.args,
+                max_rows=max_rows,
+                greedy=greedy,
+                seed=seed,
+                run=self.run,
+            )
 
-def check_data_collator(data_collator):
-    """TRL's default collator (DataCollatorWithPadding) pads prompts, as PPOTrainer does itself; refuse others."""
-    from transformers import DataCollatorWithPadding
+    def evaluate(self) -> dict:
+        """Mean score, KL to the reference (when there is one) and EOS rate of sampled completions on eval_dataset."""
+        return completion_metrics(self.generate_completions(), has_reference(self.policy, self.ref_model))
 
-    if data_collator is None:
-        return
-    plain = (
-        isinstance(data_collator, DataCollatorWithPadding)
-        and data_collator.padding in (True, "longest")
-        and data_collator.max_length is None
-        and data_collator.pad_to_multiple_of is None
-    )
-    if not plain:
-        raise ValueError(
-            f"data_collator: only None or a default transformers.DataCollatorWithPadding is supported "
-            f"(PPOTrainer left-pads the prompts itself), got {data_collator!r}"
-        )
-
-
-class PolicyAndValue(nn.Module):
-    """`trainer.model`, as in TRL: the policy and the critic in one module (parameters, state_dict, train/eval).
-    `forward(input_ids, attention_mask)` returns (the policy's output, values [B, L] at every position)."""
-
-    def __init__(self, policy: nn.Module, value_model: nn.Module, shared_critic: bool):
-        super().__init__()
-        self.policy, self.value_model, self.shared_critic = policy, value_model, shared_critic
-        self.config = policy.config
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        kwargs.setdefault("position_ids", position_ids_from_mask(attention_mask))  # left padding needs them
-        output = self.policy(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if self.shared_critic:  # the value head reads the policy's last hidden states
-            return output, self.value_model(hidden_states(self.policy, input_ids, attention_mask))
-        hidden = hidden_states(self.value_model, input_ids, attention_mask)  # (B, L, H)
-        return output, score_head(self.value_model)(hidden)[..., 0].float()
-
-
-def assemble_rewards(non_score_reward: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`[B, R]` per-token rewards: non_score_reward everywhere, plus `scores[b]` on row b's last real token."""
-    rewards = non_score_reward.clone()
-    rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last_token_index(mask)] += scores.to(rewards.device, rewards.dtype)
-    return rewards
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over real tokens (1: perfect critic, <= 0: useless)."""
-    var_returns = float(masked_var(returns, mask, unbiased=False))
-    residual = returns - values
-    var_residual = float(masked_var(residual, mask, unbiased=False))
-    return float("nan") if var_returns == 0 else 1.0 - var_residual / var_returns
+    def write_samples(self, step: int, max_rows: int = 8):
+        """Append a few eval completions to <output_dir>/samples.jsonl (rank 0 writes; with FSDP every rank
+        must call this, as the sharded weights are gathered for it)."""
+        if self.dist.is_main or self.fsdp is not None:
+            self.reporter.write_rows("samples.jsonl", step, self.generate_completions(max_rows=max_rows))

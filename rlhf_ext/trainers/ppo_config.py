@@ -13,11 +13,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rlhf_ext.trainers.config import (
+from rlhf_ext.generation import SamplingSettings
+from rlhf_ext.trainers.base_config import (
     MULTI_PROCESS_TRAINING_ARGUMENTS,
     SUPPORTED_TRAINING_ARGUMENTS,
     TrainerConfig,
+    check_sampling_fields,
     require,
+    sampling_settings,
 )
 
 # TRL PPOConfig fields we accept only at their default, so a TRL script fails loudly, naming them: name -> why.
@@ -149,14 +152,8 @@ class PPOConfig(TrainerConfig, _UnsupportedTRLOptions):
         )
         require(self, "num_sample_generations", self.num_sample_generations >= 0, "an integer >= 0")
         require(self, "total_episodes", self.total_episodes is None or self.total_episodes >= 1, "None or >= 1")
-        require(
-            self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, "None or >= 1"
-        )
         require(self, "stop_token", self.stop_token in (None, "eos"), "'eos' or None")
-        require(self, "temperature", self.temperature > 0, "a value > 0")
-        require(self, "top_k", self.top_k >= 0, "an integer >= 0")
-        require(self, "top_p", 0.0 < self.top_p <= 1.0, "a value in (0, 1]")
-        require(self, "min_p", 0.0 <= self.min_p < 1.0, "a value in [0, 1)")
+        check_sampling_fields(self)
         require(self, "kl_coef", self.kl_coef >= 0, "a value >= 0")
         require(self, "kl_estimator", self.kl_estimator in ("k1", "k3"), "'k1' or 'k3'")
         require(self, "target_kl", self.target_kl is None or self.target_kl > 0, "None or a value > 0")
@@ -168,6 +165,14 @@ class PPOConfig(TrainerConfig, _UnsupportedTRLOptions):
         require(self, "lam", 0.0 <= self.lam <= 1.0, "a value in [0, 1]")
         require(self, "reward_clip", self.reward_clip is None or self.reward_clip > 0, "None or a value > 0")
         require(self, "early_stop_kl", self.early_stop_kl is None or self.early_stop_kl > 0, "None or a value > 0")
+
+    def sampling_settings(self, tokenizer) -> SamplingSettings:
+        """How completions are sampled: response_length new tokens at most, ending at stop_token_id, else at the
+        tokenizer's EOS when stop_token is 'eos', else only at the length limit."""
+        stop = self.stop_token_id
+        if stop is None and self.stop_token == "eos":
+            stop = tokenizer.eos_token_id
+        return sampling_settings(self, tokenizer, self.response_length, stop)
 
     # ---- TRL's batch arithmetic (TRL writes these into args in PPOTrainer.__init__; here they are computed) ----
     @property

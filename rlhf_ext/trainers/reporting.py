@@ -149,6 +149,15 @@ class Reporter:
             self._tb.flush()
         self.event("on_log", logs=logs)
 
+    def write_rows(self, file_name: str, step: int, rows: list):
+        """Append `rows` (dicts) to <output_dir>/file_name as JSON lines tagged with `step` (main process only)."""
+        if not self.is_main:
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, file_name), "a") as fh:
+            for row in rows:
+                fh.write(json.dumps({"step": step, **row}, default=str) + "\n")
+
     # ---- saving and evaluation decisions ----
     def _due(self, strategy, every_steps) -> bool:
         """Whether a "steps"/"epoch" schedule falls on the current step ("no" never does)."""

@@ -1,4 +1,5 @@
-"""Reward model training: the pairwise Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin).
+"""Reward-model training: the pairwise Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin). (What PPO and
+GRPO score completions with, reward models and functions together, is rlhf_ext.trainers.reward_sources.)
 
 Dataset columns: `chosen` and `rejected` (text, or chat conversations), optionally a `prompt` (text or
 chat messages) that both continue, an optional `margin` column, and an optional boolean `tie` column (as
@@ -14,41 +15,20 @@ centring (`center_rewards_coefficient`) adds c * mean((r_chosen + r_rejected)^2)
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from rlhf_ext.models.heads import score_head, sequence_scores
-from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
-from rlhf_ext.trainers.config import TrainerConfig, require
-from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, require_pad_token, text_ids
+from rlhf_ext.trainers.base import BaseTrainer
+from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, prepare_dataset, require_pad_token, text_ids
+from rlhf_ext.trainers.loading import load_model, load_tokenizer
+from rlhf_ext.trainers.reward_config import RewardConfig
+
+__all__ = ["RewardConfig", "RewardTrainer", "tokenize_pair"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RewardConfig(TrainerConfig):
-    """Config of RewardTrainer (TRL field names)."""
-
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
-    max_length: Optional[int] = field(
-        default=1024, metadata={"help": "pairs with a longer side are dropped (with a warning)"}
-    )
-    center_rewards_coefficient: Optional[float] = field(
-        default=None, metadata={"help": "weight of mean((r_chosen + r_rejected)^2), which centres rewards on 0"}
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        require(self, "max_length", self.max_length is None or self.max_length >= 2, "None or >= 2")
-        require(
-            self,
-            "center_rewards_coefficient",
-            self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
-            "None or >= 0",
-        )
 
 
 def _check_text(value, column: str, where: str, allow_none: bool = False):
@@ -109,6 +89,8 @@ class RewardTrainer(BaseTrainer):
     callbacks=None, optimizers=(None, None))`; model: a sequence classifier (num_labels=1) or a local path
     (a causal LM checkpoint gets a fresh score head, which this trainer trains)."""
 
+    # accuracy: when the batch has decisive pairs; tie_gap: when it has tied ones
+    metric_keys = ("loss", "grad_norm", "learning_rate", "margin", "mean_reward", "accuracy", "tie_gap")
     progress_keys = {"loss": "loss", "acc": "accuracy"}
 
     def __init__(
@@ -235,9 +217,7 @@ class RewardTrainer(BaseTrainer):
         """{"eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"} on `eval_dataset` (pairs in the
         train_dataset formats; default: the trainer's eval_dataset). `metric_key_prefix` replaces "eval"."""
         data = (
-            self.eval_dataset
-            if eval_dataset is None
-            else self.prepare_dataset(eval_dataset, "eval_dataset", self._tokenize)
+            self.eval_dataset if eval_dataset is None else prepare_dataset(eval_dataset, "eval_dataset", self._tokenize)
         )
         if data is None:
             raise ValueError("eval_dataset: none given to evaluate() and none passed to RewardTrainer")
@@ -254,6 +234,3 @@ class RewardTrainer(BaseTrainer):
             **self._pair_metrics(chosen, rejected, ties),
         }
         return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
-
-    def evaluate_and_log(self):
-        self.reporter.evaluated(self.evaluate())

@@ -9,42 +9,17 @@ hidden states with the fused linear+log-softmax op (no `[B, L, V]` logits).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from rlhf_ext.models.heads import causal_lm_token_logprobs
-from rlhf_ext.trainers.common import BaseTrainer, load_model, load_tokenizer
-from rlhf_ext.trainers.config import TrainerConfig, require
+from rlhf_ext.trainers.base import BaseTrainer
 from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, require_pad_token, text_ids
+from rlhf_ext.trainers.loading import load_model, load_tokenizer
+from rlhf_ext.trainers.sft_config import SFTConfig
 
-
-@dataclass
-class SFTConfig(TrainerConfig):
-    """Config of SFTTrainer (TRL field names)."""
-
-    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate"})
-    max_length: Optional[int] = field(default=1024, metadata={"help": "truncate tokenized examples to this length"})
-    dataset_text_field: str = field(default="text", metadata={"help": "column with plain text examples"})
-    completion_only_loss: Optional[bool] = field(
-        default=None, metadata={"help": "prompt/completion data: train only on the completion (None means True)"}
-    )
-    assistant_only_loss: bool = field(default=False, metadata={"help": "chat data: train only on assistant turns"})
-    eos_token: Optional[str] = field(
-        default=None, metadata={"help": "token appended to text examples (default: the tokenizer's EOS)"}
-    )
-    packing: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
-    padding_free: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
-    fused_linear_logprobs: bool = field(
-        default=True, metadata={"help": "loss from hidden states via the fused op (False: via the model's logits)"}
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        require(self, "max_length", self.max_length is None or self.max_length >= 2, "None or >= 2")
-        require(self, "packing", not self.packing, "False (packing is not supported)")
-        require(self, "padding_free", not self.padding_free, "False (padding-free batches are not supported)")
+__all__ = ["SFTConfig", "SFTTrainer", "tokenize_sft_row"]
 
 
 def tokenize_sft_row(row: dict, tokenizer, args: SFTConfig, formatting_func=None) -> dict:
@@ -101,6 +76,7 @@ class SFTTrainer(BaseTrainer):
     """`SFTTrainer(model, args, train_dataset, eval_dataset=None, processing_class=None, callbacks=None,
     optimizers=(None, None), peft_config=None, formatting_func=None)`; model: a causal LM or a local path."""
 
+    metric_keys = ("loss", "grad_norm", "learning_rate", "num_tokens")
     progress_keys = {"loss": "loss"}
 
     def __init__(
@@ -195,6 +171,3 @@ class SFTTrainer(BaseTrainer):
             tokens += int((labels[:, 1:] != -100).sum())
         self.model.train(was_training)
         return {"eval_loss": total / max(tokens, 1)}
-
-    def evaluate_and_log(self):
-        self.reporter.evaluated(self.evaluate())

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from rlhf_ext.trainers.config import env_flag
+from rlhf_ext.trainers.base_config import env_flag
 
 
 @dataclass(frozen=True)
@@ -265,6 +265,24 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, full: dict):
             }
         state[index] = entry
     optimizer.load_state_dict({"state": state, "param_groups": full["param_groups"]})
+
+
+def optimizer_param_groups(params: list, weight_decay: float, split_shards: bool) -> list:
+    """AdamW parameter groups: weight decay on matrices, none on biases and norm weights (fewer than 2 dims). With
+    `split_shards` DTensor shards and plain tensors (a replicated value head) get groups of their own: one optimizer
+    kernel cannot mix them."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    if split_shards:
+        groups = [
+            {**g, "params": [p for p in g["params"] if _is_dtensor(p) == sharded]}
+            for g in groups
+            for sharded in (True, False)
+        ]
+        groups = [g for g in groups if g["params"]]
+    return groups
 
 
 def clip_grad_norm(params: list, max_norm: float, dist) -> torch.Tensor:

@@ -5,17 +5,23 @@ are the dataset's prompt values (text or chat messages), `completions` the decod
 or `[{"role": "assistant", "content": ...}]` for chat prompts); every other dataset column comes as a
 keyword list, plus `completion_ids`. A reward model is an `AutoModelForSequenceClassification` with
 `num_labels=1`, scored at the last real token. When it does not share the policy's tokenizer, the
-completion is decoded and re-encoded with the reward model's own tokenizer.
+completion is decoded and re-encoded with the reward model's own tokenizer. `RewardSources.score(rows, rollout)`
+scores a sampled batch; `build_reward_sources` makes the sources from what a trainer was given.
 """
 
 import logging
 import math
+import os
 from typing import Optional
 
 import torch
 
+from rlhf_ext.generation import Rollout, response_texts
 from rlhf_ext.models.heads import sequence_scores
 from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, text_ids
+from rlhf_ext.trainers.loading import load_model, load_tokenizer
+
+PROMPT_COLUMNS = ("prompt", "input_ids")  # the dataset columns that are not passed to reward functions
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +160,21 @@ class RewardSources:
             out.append(float(v))
         return torch.tensor(out, dtype=torch.float32)
 
+    def score(self, rows: dict, rollout: Rollout) -> tuple:
+        """(scores [B] float32 on the rollout's device, per_source [B, S] float32 on the CPU) of a rollout sampled
+        from the tokenized prompt `rows` (a dataset slice: its other columns go to the reward functions)."""
+        prompts, completions, completion_ids = decode_completions(self.tokenizer, rows, rollout)
+        total, per_source = self(
+            prompts=prompts,
+            completions=completions,
+            completion_ids=completion_ids,
+            finished=rollout.finished,
+            sequences=rollout.sequences,
+            attention_mask=rollout.attention_mask,
+            columns={k: v for k, v in rows.items() if k not in PROMPT_COLUMNS},
+        )
+        return total.to(rollout.sequences.device), per_source
+
     def __call__(self, *, prompts, completions, completion_ids, finished, sequences, attention_mask, columns):
         """prompts/completions: lists of B; sequences/attention_mask: `[B, L]` prompt+completion in the
         policy's tokens; finished: `[B]` bool (EOS reached). Returns (total [B], per_source [B, S]) on CPU."""
@@ -174,3 +195,73 @@ class RewardSources:
             )
         total = torch.nansum(per_source * self.weights, dim=1)
         return total, per_source
+
+
+def decode_completions(tokenizer, rows: dict, rollout: Rollout) -> tuple:
+    """(prompts, completions, completion_ids) of a rollout sampled from the tokenized prompt `rows`: prompts as in
+    the dataset (or decoded), completions as text, or `[{"role": "assistant", "content": text}]` when the prompt
+    is a conversation, and each completion's token ids up to and including its stop token."""
+    texts, completion_ids = response_texts(tokenizer, rollout)
+    prompts = (
+        rows["prompt"] if "prompt" in rows else tokenizer.batch_decode(rows["input_ids"], skip_special_tokens=True)
+    )
+    completions = [[{"role": "assistant", "content": t}] if is_conversational(p) else t for p, t in zip(prompts, texts)]
+    return prompts, completions, completion_ids
+
+
+def build_reward_sources(
+    reward_model,
+    reward_funcs,
+    args,
+    processing_class,
+    prepare,
+    *,
+    reward_processing_class=None,
+    reward_processing_classes=None,
+    allow_none: bool = False,
+) -> RewardSources:
+    """[reward_model, *reward_funcs] as a RewardSources weighted by args.reward_weights; local paths in
+    reward_funcs load as reward models (with the tokenizer stored next to them), and every model goes through
+    `prepare(model)` (the trainer freezes it on its device). reward_processing_class: the reward model's tokenizer;
+    reward_processing_classes: one entry (or None) per reward_funcs entry, the tokenizer of a reward model that does
+    not share the policy's."""
+    funcs = (
+        []
+        if reward_funcs is None
+        else list(reward_funcs)
+        if isinstance(reward_funcs, (list, tuple))
+        else [reward_funcs]
+    )
+    func_tokenizers = reward_processing_classes
+    if func_tokenizers is not None and not isinstance(func_tokenizers, (list, tuple)):
+        func_tokenizers = [func_tokenizers]
+    if func_tokenizers is not None and len(func_tokenizers) != len(funcs):
+        raise ValueError(
+            f"reward_processing_classes: expected {len(funcs)} entries (one per reward_funcs entry), "
+            f"got {len(func_tokenizers)}"
+        )
+    func_tokenizers = list(func_tokenizers or [None] * len(funcs))
+    sources, tokenizers = [], []
+    if reward_model is not None:
+        sources.append(reward_model)
+        tokenizers.append(reward_processing_class)
+    for i, func in enumerate(funcs):
+        if isinstance(func, (str, os.PathLike)):
+            if func_tokenizers[i] is None:
+                func_tokenizers[i] = load_tokenizer(None, func, f"reward_processing_classes[{i}]")
+            func = load_model(func, "sequence_classification", args, f"reward_funcs[{i}]", num_labels=1)
+        sources.append(func)
+        tokenizers.append(func_tokenizers[i])
+    if not sources:
+        raise ValueError("reward_model / reward_funcs: pass a reward model, reward functions, or both")
+    for source in sources:
+        if isinstance(source, torch.nn.Module):
+            prepare(source)
+    return RewardSources(
+        sources,
+        args.reward_weights,
+        processing_class,
+        tokenizers,
+        forward_batch_size=args.local_rollout_forward_batch_size,
+        allow_none=allow_none,
+    )

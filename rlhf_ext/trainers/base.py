@@ -11,13 +11,14 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from transformers import TrainerState
 
 from rlhf_ext.trainers import checkpoint as ckpt
-from rlhf_ext.trainers.config import TrainerConfig
-from rlhf_ext.trainers.data import as_dataset, check_finite_columns
+from rlhf_ext.trainers.base_config import TrainerConfig
+from rlhf_ext.trainers.data import prepare_dataset
 from rlhf_ext.trainers.distributed import Distributed
-from rlhf_ext.trainers.loading import load_model, load_tokenizer  # noqa: F401  (the trainers import them from here)
-from rlhf_ext.trainers.lora import apply_peft, is_peft_model, merged_from_full_state, save_model_folder
+from rlhf_ext.trainers.loading import disable_dropout
+from rlhf_ext.trainers.lora import apply_peft
 from rlhf_ext.trainers.reporting import Reporter
 from rlhf_ext.trainers.sharding import (
     ShardedModel,
@@ -25,17 +26,15 @@ from rlhf_ext.trainers.sharding import (
     fsdp_plan,
     full_optimizer_state,
     load_full_optimizer_state,
+    optimizer_param_groups,
 )
 
 
-def disable_dropout(model: nn.Module):
-    """Dropout off everywhere: nn.Dropout modules and the float `attention_dropout` attributes that SDPA
-    attention reads directly (PPO's ratios assume the same network computes the old and new log-probs)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+def autocast(args, device):
+    """bf16 autocast on `device` when args.bf16, else nothing."""
+    if args.bf16:
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class NonFiniteError(FloatingPointError):
@@ -45,7 +44,9 @@ class NonFiniteError(FloatingPointError):
 class BaseTrainer:
     """Holds args, device, models to train, optimizer, scheduler, the Reporter and the process group."""
 
-    progress_keys: dict = {}
+    # The keys `train` logs at each step ("*" stands for a reward source's name): what a dashboard can rely on.
+    metric_keys: tuple = ()
+    progress_keys: dict = {}  # progress-bar label -> metric key
     supports_multi_process: bool = False  # PPO and GRPO train data-parallel under torchrun / accelerate launch
 
     def __init__(self, args: TrainerConfig, processing_class, callbacks=None):
@@ -75,6 +76,35 @@ class BaseTrainer:
         self.optimizer = None
         self.lr_scheduler = None
         self.reporter: Optional[Reporter] = None
+        self._state_before_training = TrainerState(
+            is_world_process_zero=self.dist.is_main, is_local_process_zero=args.local_process_index == 0
+        )
+
+    # ---- what TRL's trainers (transformers.Trainer subclasses) offer scripts and callbacks ----
+    @property
+    def state(self) -> TrainerState:
+        """The run's transformers.TrainerState (global_step, log_history, ...), also before train()."""
+        return self.reporter.state if self.reporter is not None else self._state_before_training
+
+    def add_callback(self, callback):
+        """Add a TrainerCallback (an instance or a class); it receives the events from the next one on."""
+        self.callbacks.append(callback)
+        if self.reporter is not None:
+            self.reporter.callbacks.append(callback() if isinstance(callback, type) else callback)
+
+    def log(self, logs: dict, start_time: Optional[float] = None):
+        """Record `logs` at the current step: log_history, metrics.jsonl, TensorBoard and on_log once training
+        has begun; before train() only state.log_history (train() keeps it)."""
+        if self.reporter is None:
+            self._state_before_training.log_history.append({**{k: float(v) for k, v in logs.items()}, "step": 0})
+        else:
+            self.reporter.log(logs)
+
+    def is_world_process_zero(self) -> bool:
+        return self.dist.is_main
+
+    def is_local_process_zero(self) -> bool:
+        return self.args.local_process_index == 0
 
     # ---- models ----
     def apply_peft(self, model: nn.Module, peft_config, name: str = "model") -> nn.Module:
@@ -104,23 +134,13 @@ class BaseTrainer:
         return model
 
     # ---- data ----
-    def prepare_dataset(self, data, name: str, tokenize):
-        """`tokenize(dataset, name)` of `data` as a datasets.Dataset (None stays None; an empty one is refused)."""
-        data = as_dataset(data, name)
-        if data is None:
-            return None
-        if len(data) == 0:
-            raise ValueError(f"{name}: is empty")
-        check_finite_columns(data, lambda row: f"{name}: row {row}")  # NaN/inf never reach a loss
-        return tokenize(data, name)
-
     def load_datasets(self, train_dataset, eval_dataset, tokenize, expected: str = ""):
         """Sets train_dataset (required; `expected` says what it should hold) and eval_dataset (required when
-        eval_strategy evaluates), each through `prepare_dataset`."""
+        eval_strategy evaluates), each through `data.prepare_dataset`."""
         if train_dataset is None:
             raise ValueError("train_dataset: required" + (f" ({expected})" if expected else ""))
-        self.train_dataset = self.prepare_dataset(train_dataset, "train_dataset", tokenize)
-        self.eval_dataset = self.prepare_dataset(eval_dataset, "eval_dataset", tokenize)
+        self.train_dataset = prepare_dataset(train_dataset, "train_dataset", tokenize)
+        self.eval_dataset = prepare_dataset(eval_dataset, "eval_dataset", tokenize)
         if self.args.eval_strategy != "no" and self.eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy.value!r} needs an eval_dataset")
 
@@ -161,9 +181,7 @@ class BaseTrainer:
         return stack
 
     def autocast(self):
-        if self.args.bf16:
-            return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.args, self.device)
 
     # ---- optimisation ----
     def create_optimizer_and_scheduler(self, modules: list, num_training_steps: int, optimizers=(None, None)):
@@ -182,17 +200,7 @@ class BaseTrainer:
                     "create_optimizer_and_scheduler: an FSDP model holds gathered parameters here; "
                     "the optimizer must be built over its shards"
                 )
-            groups = [
-                {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-            ]
-            if self._sharded:  # one optimizer kernel cannot mix DTensor shards with replicated tensors (a value head)
-                groups = [
-                    {**g, "params": [p for p in g["params"] if isinstance(p, DTensor) == sharded]}
-                    for g in groups
-                    for sharded in (True, False)
-                ]
-                groups = [g for g in groups if g["params"]]
+            groups = optimizer_param_groups(params, args.weight_decay, split_shards=bool(self._sharded))
             kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
             optimizer = torch.optim.AdamW(groups, fused=args.optim == "adamw_torch_fused" or None, **kwargs)
         if scheduler is None:
@@ -265,33 +273,15 @@ class BaseTrainer:
         """Every model in HF format (`save_pretrained`; a bare head as safetensors) plus the tokenizer. A LoRA
         model saves its adapter, or with `merge_adapter=True` the base weights with the adapter merged in.
         Only the main process writes (call it from every process: FSDP-sharded weights are gathered)."""
-        self._write_models(output_dir or self.args.output_dir, self._gather_models(), merge_adapter)
+        states = self._gather_models()
+        if self.dist.is_main:
+            ckpt.write_models(
+                self.models_to_save(), states, output_dir or self.args.output_dir, self.processing_class, merge_adapter
+            )
 
     def _gather_models(self) -> dict:
         """{subfolder: full state dict} of the FSDP-sharded models (on rank 0). Collective."""
         return {sub: self.sharded(m).full_state_dict() for sub, m in self.models_to_save().items() if self.sharded(m)}
-
-    def _write_models(self, output_dir: str, states: dict, merge_adapter: bool = False):
-        if not self.dist.is_main:
-            return
-        for sub, module in self.models_to_save().items():
-            folder = os.path.join(output_dir, sub)
-            os.makedirs(folder, exist_ok=True)
-            if sub in states and merge_adapter and is_peft_model(module):
-                merged_from_full_state(module, states[sub]).save_pretrained(folder)
-            elif sub in states:
-                module.save_pretrained(folder, state_dict=states[sub])
-            elif hasattr(module, "save_pretrained"):
-                save_model_folder(module, folder, merge_adapter)
-            else:
-                from safetensors.torch import save_file
-
-                save_file(
-                    {k: v.contiguous() for k, v in module.state_dict().items()},
-                    os.path.join(folder, "model.safetensors"),
-                )
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
 
     def trainer_extra_state(self) -> dict:
         """Algorithm state that a resumed run needs (e.g. the KL controller). JSON-serialisable."""
@@ -321,7 +311,7 @@ class BaseTrainer:
         optimizer_state = full_optimizer_state(self.optimizer) if self._sharded else None
 
         def write(folder):
-            self._write_models(folder, model_states)
+            ckpt.write_models(self.models_to_save(), model_states, folder, self.processing_class)
             torch.save(optimizer_state or self.optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
             torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
             torch.save(ckpt.capture_rng(self.rng_generators()), os.path.join(folder, "rng_state.pt"))
@@ -410,6 +400,8 @@ class BaseTrainer:
                 f"resume_from_checkpoint: {path} is at step {start}, beyond this run's {total_steps} steps"
             )
         self.reporter.begin(total_steps, start, steps_per_epoch, batch_size)
+        if start == 0:  # what log() recorded before train() stays in the history
+            self.reporter.state.log_history[:0] = self._state_before_training.log_history
         return start
 
     def begin_window_training(self, model: nn.Module, resume_from_checkpoint):
@@ -440,9 +432,12 @@ class BaseTrainer:
             self.save_checkpoint()
         return self.reporter.control.should_training_stop
 
+    def evaluate(self) -> dict:
+        """Evaluation metrics ("eval_..." or "eval/..."); each trainer defines its own."""
+        raise NotImplementedError
+
     def evaluate_and_log(self):
-        """Trainers with an eval loop override this; the default evaluates nothing."""
-        self.reporter.control.should_evaluate = False
+        self.reporter.evaluated(self.evaluate())
 
     def end_training(self):
         self.reporter.flush()
