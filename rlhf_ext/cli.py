@@ -10,11 +10,11 @@ import sys
 COMMANDS = {
     "env": "rlhf_ext.commands.env",
     "bench": "rlhf_ext.commands.bench",
-    # ---- train (issue 6) ----
+    # ---- train ----
     "train": "rlhf_ext.commands.train",
-    # ---- demo (issue 7) ----
+    # ---- demo ----
     "demo": "rlhf_ext.commands.demo",
-    # ---- label (issue 9) ----
+    # ---- label ----
     "label": "rlhf_ext.commands.label",
 }
 

@@ -4,25 +4,25 @@ plain-PyTorch twins."""
 
 __all__ = []
 
-# ---- gae / whiten (issue 2) ----
+# ---- gae / whiten ----
 from rlhf_ext.ops.gae import gae  # noqa: E402
 from rlhf_ext.ops.whiten import masked_mean, masked_var, masked_whiten  # noqa: E402
 
 __all__ += ["gae", "masked_mean", "masked_var", "masked_whiten"]
 
-# ---- logprobs (issue 3) ----
+# ---- logprobs ----
 from rlhf_ext.ops.logprobs import fused_linear_logprobs, gather_logprobs  # noqa: E402
 
 __all__ += ["gather_logprobs", "fused_linear_logprobs"]
 
 
-# ---- ppo_loss (issue 4) ----
+# ---- ppo_loss ----
 from rlhf_ext.ops.ppo_loss import PPOLossOutput, kl_penalty, ppo_loss  # noqa: E402
 
 __all__ += ["PPOLossOutput", "kl_penalty", "ppo_loss"]
 
 
-# ---- sampling (issue 5) ----
+# ---- sampling ----
 from rlhf_ext.ops.sampling import sample  # noqa: E402
 
 __all__ += ["sample"]

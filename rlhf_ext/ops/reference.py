@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-# ---- gae / whiten (issue 2) ----
+# ---- gae / whiten ----
 
 
 def gae_reference(
@@ -77,7 +77,7 @@ def masked_whiten_reference(
     return torch.where(m, y, torch.zeros((), dtype=y.dtype))
 
 
-# ---- logprobs (issue 3) ----
+# ---- logprobs ----
 
 
 def gather_logprobs_reference(
@@ -148,7 +148,7 @@ def fused_linear_logprobs_reference(
     return gather_logprobs_reference(logits, labels, temperature, ignore_index, return_entropy, dtype)
 
 
-# ---- ppo_loss (issue 4) ----
+# ---- ppo_loss ----
 
 
 def _ppo_dtype(*tensors) -> torch.dtype:
@@ -317,7 +317,7 @@ def ppo_loss_reference(
     )
 
 
-# ---- sampling (issue 5) ----
+# ---- sampling ----
 
 
 def _per_row(value, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
