@@ -4,7 +4,6 @@ around `Reporter`. Each algorithm file keeps its own update loop, top to bottom.
 """
 
 import contextlib
-import json
 import os
 from typing import Optional
 
@@ -24,8 +23,6 @@ from rlhf_ext.trainers.sharding import (
     ShardedModel,
     clip_grad_norm,
     fsdp_plan,
-    full_optimizer_state,
-    load_full_optimizer_state,
     optimizer_param_groups,
 )
 
@@ -230,6 +227,13 @@ class BaseTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
 
+    def step_optimizer(self, params: list) -> dict:
+        """`clip_and_step`, then the schedule: {"grad_norm", "learning_rate"} (the rate this step was taken with)."""
+        grad_norm = float(self.clip_and_step(params))
+        learning_rate = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        return {"grad_norm": grad_norm, "learning_rate": learning_rate}
+
     # ---- non-finite values stop training ----
     @staticmethod
     def is_loss_metric(key: str) -> bool:
@@ -273,13 +277,13 @@ class BaseTrainer:
         """Every model in HF format (`save_pretrained`; a bare head as safetensors) plus the tokenizer. A LoRA
         model saves its adapter, or with `merge_adapter=True` the base weights with the adapter merged in.
         Only the main process writes (call it from every process: FSDP-sharded weights are gathered)."""
-        states = self._gather_models()
+        states = self.gather_models()
         if self.dist.is_main:
             ckpt.write_models(
                 self.models_to_save(), states, output_dir or self.args.output_dir, self.processing_class, merge_adapter
             )
 
-    def _gather_models(self) -> dict:
+    def gather_models(self) -> dict:
         """{subfolder: full state dict} of the FSDP-sharded models (on rank 0). Collective."""
         return {sub: self.sharded(m).full_state_dict() for sub, m in self.models_to_save().items() if self.sharded(m)}
 
@@ -303,28 +307,8 @@ class BaseTrainer:
         pass
 
     def save_checkpoint(self) -> str:
-        step = self.reporter.state.global_step
-        self.check_finite_weights()
-        payload = self.checkpoint_payload()
-        # Sharded weights and optimizer states are gathered by every rank, then written in full by rank 0.
-        model_states = self._gather_models()
-        optimizer_state = full_optimizer_state(self.optimizer) if self._sharded else None
-
-        def write(folder):
-            ckpt.write_models(self.models_to_save(), model_states, folder, self.processing_class)
-            torch.save(optimizer_state or self.optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
-            torch.save(ckpt.capture_rng(self.rng_generators()), os.path.join(folder, "rng_state.pt"))
-            with open(os.path.join(folder, "trainer_extra.json"), "w") as fh:
-                json.dump(self.trainer_extra_state(), fh)
-            self.reporter.state.save_to_json(os.path.join(folder, "trainer_state.json"))
-            for name, obj in payload.items():
-                torch.save(obj, os.path.join(folder, name))
-
-        path = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-        if self.dist.is_main:
-            path = ckpt.save_atomic(self.args.output_dir, step, write, self.args.save_total_limit)
-        self.dist.barrier()  # no process reads a checkpoint before it is published
+        """A checkpoint of the current step (see `checkpoint.write_trainer_checkpoint`); every process calls it."""
+        path = ckpt.write_trainer_checkpoint(self)
         self.reporter.saved(path)
         return path
 
@@ -342,42 +326,9 @@ class BaseTrainer:
         return ckpt.resolve_checkpoint(self.args.output_dir, resume_from_checkpoint)
 
     def load_checkpoint(self, path: str) -> int:
-        """Restore weights, optimizer, scheduler, RNGs and trainer state from `path`; returns its step. Every
-        error names the file it came from."""
-        from transformers import TrainerState
-
-        for sub, module in self.models_to_save().items():
-            folder = os.path.join(path, sub)
-            if self.sharded(module):
-                state = ckpt.read_weights(folder)
-                with ckpt.reading(folder):
-                    self.sharded(module).load_full_state_dict(state, source=f"checkpoint {folder}")
-            else:
-                ckpt.load_weights(module, folder)
-        file = os.path.join(path, "optimizer.pt")
-        with ckpt.reading(file):
-            optimizer_state = torch.load(file, map_location=self.device, weights_only=True)
-            if self._sharded:
-                load_full_optimizer_state(self.optimizer, optimizer_state)
-            else:
-                self.optimizer.load_state_dict(optimizer_state)
-        file = os.path.join(path, "scheduler.pt")
-        with ckpt.reading(file):
-            self.lr_scheduler.load_state_dict(torch.load(file, weights_only=True))
-        file = os.path.join(path, "rng_state.pt")
-        with ckpt.reading(file):  # our own file (NumPy RNG state is an ndarray inside a tuple: weights_only refuses it)
-            ckpt.restore_rng(torch.load(file, weights_only=False), self.rng_generators())
-        file = os.path.join(path, "trainer_extra.json")
-        with ckpt.reading(file):
-            with open(file) as fh:
-                self.load_trainer_extra_state(json.load(fh))
-        with ckpt.reading(path):  # the algorithm's own files (they name themselves where they can)
-            self.load_checkpoint_payload(path)
-        file = os.path.join(path, "trainer_state.json")
-        with ckpt.reading(file):
-            saved = TrainerState.load_from_json(file)
-        self.reporter.state.log_history = saved.log_history
-        return saved.global_step
+        """Restore the state `save_checkpoint` wrote at `path` (see `checkpoint.read_trainer_checkpoint`); returns
+        its step."""
+        return ckpt.read_trainer_checkpoint(self, path)
 
     # ---- the loop's bookkeeping ----
     def begin_training(

@@ -1,4 +1,5 @@
-"""Atomic checkpoints, RNG state capture, and the HF-format model folders they (and save_model) write.
+"""Atomic checkpoints, RNG state capture, the HF-format model folders they (and save_model) write, and what a
+trainer's checkpoint holds (`write_trainer_checkpoint` / `read_trainer_checkpoint`).
 
 A checkpoint is written in full to a hidden temporary folder next to its final place, then renamed
 with os.replace (atomic on POSIX). A crash at any moment leaves either the previous complete
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from rlhf_ext.trainers.lora import is_peft_model, merged_from_full_state, save_model_folder
+from rlhf_ext.trainers.sharding import full_optimizer_state, load_full_optimizer_state
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -290,3 +292,72 @@ def write_models(models: dict, states: dict, output_dir: str, processing_class, 
             )
     if processing_class is not None:
         processing_class.save_pretrained(output_dir)
+
+
+def write_trainer_checkpoint(trainer) -> str:
+    """Publish `checkpoint-<global_step>` in the trainer's output_dir: weights, optimizer, scheduler, RNGs,
+    trainer_extra.json (the algorithm's state), trainer_state.json and the trainer's payload files. Call from
+    every process: sharded weights and optimizer states are gathered by every rank, then written by rank 0."""
+    args, optimizer = trainer.args, trainer.optimizer
+    step = trainer.reporter.state.global_step
+    trainer.check_finite_weights()
+    payload = trainer.checkpoint_payload()
+    model_states = trainer.gather_models()
+    optimizer_state = full_optimizer_state(optimizer) if trainer._sharded else None
+
+    def write(folder):
+        write_models(trainer.models_to_save(), model_states, folder, trainer.processing_class)
+        torch.save(optimizer_state or optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+        torch.save(trainer.lr_scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
+        torch.save(capture_rng(trainer.rng_generators()), os.path.join(folder, "rng_state.pt"))
+        with open(os.path.join(folder, "trainer_extra.json"), "w") as fh:
+            json.dump(trainer.trainer_extra_state(), fh)
+        trainer.reporter.state.save_to_json(os.path.join(folder, "trainer_state.json"))
+        for name, obj in payload.items():
+            torch.save(obj, os.path.join(folder, name))
+
+    path = os.path.join(args.output_dir, f"checkpoint-{step}")
+    if trainer.dist.is_main:
+        path = save_atomic(args.output_dir, step, write, args.save_total_limit)
+    trainer.dist.barrier()  # no process reads a checkpoint before it is published
+    return path
+
+
+def read_trainer_checkpoint(trainer, path: str) -> int:
+    """Restore the trainer's weights, optimizer, scheduler, RNGs and state (log history) from `path`, the
+    inverse of `write_trainer_checkpoint`; returns its step. Every error names the file it came from."""
+    from transformers import TrainerState
+
+    for sub, module in trainer.models_to_save().items():
+        folder = os.path.join(path, sub)
+        sharded = trainer.sharded(module)
+        if sharded:
+            state = read_weights(folder)
+            with reading(folder):
+                sharded.load_full_state_dict(state, source=f"checkpoint {folder}")
+        else:
+            load_weights(module, folder)
+    file = os.path.join(path, "optimizer.pt")
+    with reading(file):
+        optimizer_state = torch.load(file, map_location=trainer.device, weights_only=True)
+        if trainer._sharded:
+            load_full_optimizer_state(trainer.optimizer, optimizer_state)
+        else:
+            trainer.optimizer.load_state_dict(optimizer_state)
+    file = os.path.join(path, "scheduler.pt")
+    with reading(file):
+        trainer.lr_scheduler.load_state_dict(torch.load(file, weights_only=True))
+    file = os.path.join(path, "rng_state.pt")
+    with reading(file):  # our own file (NumPy RNG state is an ndarray inside a tuple: weights_only refuses it)
+        restore_rng(torch.load(file, weights_only=False), trainer.rng_generators())
+    file = os.path.join(path, "trainer_extra.json")
+    with reading(file):
+        with open(file) as fh:
+            trainer.load_trainer_extra_state(json.load(fh))
+    with reading(path):  # the algorithm's own files (they name themselves where they can)
+        trainer.load_checkpoint_payload(path)
+    file = os.path.join(path, "trainer_state.json")
+    with reading(file):
+        saved = TrainerState.load_from_json(file)
+    trainer.reporter.state.log_history = saved.log_history
+    return saved.global_step

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_ext.ops import kl_penalty, ppo_loss
-from rlhf_ext.trainers.advantages import critic_free_advantages, group_stats
+from rlhf_ext.trainers.advantages import critic_free_advantages
 from rlhf_ext.trainers.base import BaseTrainer
-from rlhf_ext.trainers.data import StepBatches, require_pad_token, tokenize_prompts
+from rlhf_ext.trainers.data import StepBatches, tokenize_prompts
 from rlhf_ext.trainers.distributed import zero_fields
-from rlhf_ext.trainers.evaluation import completion_records, group_eval_metrics, group_eval_sums
+from rlhf_ext.trainers.evaluation import group_eval_metrics, group_eval_sums, trainer_completions
 from rlhf_ext.trainers.experience import (
     Experience,
     policy_logprobs,
@@ -43,9 +43,10 @@ from rlhf_ext.trainers.experience import (
     sample_completions,
 )
 from rlhf_ext.trainers.grpo_config import GRPOConfig
-from rlhf_ext.trainers.loading import load_model, load_tokenizer
+from rlhf_ext.trainers.loading import load_model, load_padding_tokenizer
 from rlhf_ext.trainers.lora import is_peft_model
 from rlhf_ext.trainers.reward_sources import build_reward_sources, decode_completions
+from rlhf_ext.trainers.rollout_metrics import group_rollout_metrics
 
 
 @dataclass
@@ -110,8 +111,7 @@ class CriticFreeTrainer(BaseTrainer):
             raise TypeError(f"args: expected a {self.config_class.__name__}, got {type(args).__name__}")
         if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
             raise ValueError("reward_funcs: required (reward functions, reward models, or a list of them)")
-        tokenizer = load_tokenizer(processing_class, model)
-        require_pad_token(tokenizer)
+        tokenizer = load_padding_tokenizer(processing_class, model)
         super().__init__(args, tokenizer, callbacks)
 
         # The policy; the reference is a frozen copy only when beta > 0 and there is no adapter to disable.
@@ -227,11 +227,13 @@ class CriticFreeTrainer(BaseTrainer):
             args, scores, all_scores, response_mask, old_logprobs, ref_logprobs, row_offset, dist
         )
         loss_mask = response_mask * rollout.finished[:, None] if args.mask_truncated_completions else response_mask
-        metrics = self.rollout_metrics(
+        metrics = group_rollout_metrics(
             all_scores,
             dist.all_gather(per_source.to(self.device)),
             dist.all_gather(response_mask.sum(1)),
             dist.all_gather(rollout.finished.long()).bool(),
+            args.num_generations,
+            self.reward_sources.names,
         )
         metrics.update({"time/rollout": time_rollout, "time/scoring": time.perf_counter() - timer})
         if args.log_completions:
@@ -257,35 +259,6 @@ class CriticFreeTrainer(BaseTrainer):
             time_scoring=metrics["time/scoring"],
         )
         return experience, metrics
-
-    def rollout_metrics(self, scores, per_source, lengths, finished) -> dict:
-        """TRL's names, over the completions of every process."""
-        G = self.args.num_generations
-        group_std = group_stats(scores, G)[1]
-        metrics = {
-            "reward": float(scores.mean()),
-            "reward_std": float(group_std.mean()),
-            "frac_reward_zero_std": float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()),
-        }
-        for i, name in enumerate(self.reward_sources.names):
-            column = per_source[:, i]
-            present = column[~torch.isnan(column)]
-            metrics[f"rewards/{name}/mean"] = float(present.mean()) if present.numel() else float("nan")
-            metrics[f"rewards/{name}/std"] = float(present.std()) if present.numel() > 1 else float("nan")
-        lengths = lengths.float()
-        done = lengths[finished]
-        metrics.update(
-            {
-                "completions/mean_length": float(lengths.mean()),
-                "completions/min_length": float(lengths.min()),
-                "completions/max_length": float(lengths.max()),
-                "completions/clipped_ratio": float((~finished).float().mean()),
-                "completions/mean_terminated_length": float(done.mean()) if done.numel() else 0.0,
-                "completions/min_terminated_length": float(done.min()) if done.numel() else 0.0,
-                "completions/max_terminated_length": float(done.max()) if done.numel() else 0.0,
-            }
-        )
-        return metrics
 
     # ---- one optimizer step ----
     def update(self, exp: Experience, window: int) -> dict:
@@ -419,20 +392,6 @@ class CriticFreeTrainer(BaseTrainer):
         self.policy.train()
         return group_eval_metrics(self.dist.sum_fields(sums))
 
-    @torch.no_grad()  # and before gathered(): FSDP gathers weights only for no-grad work
     def generate_completions(self, dataset=None, max_rows=None, greedy: bool = False, seed=None) -> list:
         """Scored completions of a tokenized prompt dataset (default: eval_dataset); see `completion_records`."""
-        dataset = self.eval_dataset if dataset is None else dataset
-        with self.gathered(self.policy, self.ref_model):  # FSDP: every rank runs this; no collective inside
-            return completion_records(
-                self.policy,
-                self.ref_model,
-                self.reward_sources,
-                dataset,
-                self.sampling,
-                self.args,
-                max_rows=max_rows,
-                greedy=greedy,
-                seed=seed,
-                run=self.run,
-            )
+        return trainer_completions(self, dataset, max_rows, greedy, seed)

@@ -65,6 +65,26 @@ def completion_records(
     return results
 
 
+@torch.no_grad()  # and before gathered(): FSDP gathers weights only for no-grad work
+def trainer_completions(trainer, dataset=None, max_rows=None, greedy: bool = False, seed=None) -> list:
+    """A PPO or critic-free trainer's `generate_completions`: `completion_records` of its policy, reference and
+    reward sources over `dataset` (default: its eval_dataset). Every FSDP rank calls it (no collective inside)."""
+    dataset = trainer.eval_dataset if dataset is None else dataset
+    with trainer.gathered(trainer.policy, trainer.ref_model):
+        return completion_records(
+            trainer.policy,
+            trainer.ref_model,
+            trainer.reward_sources,
+            dataset,
+            trainer.sampling,
+            trainer.args,
+            max_rows=max_rows,
+            greedy=greedy,
+            seed=seed,
+            run=trainer.run,
+        )
+
+
 def completion_metrics(records: list, with_reference: bool) -> dict:
     """PPO's eval metrics over `completion_records`: mean score, EOS rate and (with a reference) summed KL."""
     n = len(records)

@@ -1,13 +1,18 @@
 """Loading the models and tokenizers a trainer is given as local paths, refusing the wrong kind of checkpoint
-by name: a causal LM where a trained score head is needed, a sequence classifier where a policy is."""
+by name: a causal LM where a trained score head is needed, a sequence classifier where a policy is; and PPO's
+critic, built from what it is given (`load_critic`)."""
 
+import copy
 import json
 import os
 from typing import Optional
 
 from torch import nn
 
+from rlhf_ext.models.heads import ValueHead, critic_from_causal_lm
 from rlhf_ext.trainers.base_config import TrainerConfig
+from rlhf_ext.trainers.data import require_pad_token
+from rlhf_ext.trainers.lora import is_peft_model
 
 # Checkpoints whose head a loader would initialise at random, by the Auto class asked for.
 _HEAD_SUFFIXES = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequenceClassification"}
@@ -85,6 +90,24 @@ def load_model(
     return auto.from_pretrained(model, **kwargs)
 
 
+def load_critic(args, policy: nn.Module, value_model, reward_model: Optional[nn.Module], device, prepare) -> nn.Module:
+    """PPO's critic: with shared_critic a zero-initialised ValueHead on `policy`'s hidden states (moved to `device`);
+    else the value_model given (object or local path), a copy of the reward model (as InstructGPT initialises it),
+    or the policy's backbone with a fresh score head, made trainable and passed through `prepare`. With LoRA only
+    the policy gets the adapter (call this before it does): the critic is trained in full."""
+    if args.shared_critic:
+        if value_model is not None:
+            raise ValueError("value_model: must be None with shared_critic=True (the value head lives on the policy)")
+        return ValueHead(policy.config.get_text_config().hidden_size).to(device)
+    if value_model is not None:
+        critic = load_model(value_model, "sequence_classification", args, "value_model", num_labels=1)
+    elif reward_model is not None:
+        critic = copy.deepcopy(reward_model)
+    else:
+        critic = critic_from_causal_lm(copy.deepcopy(policy).merge_and_unload() if is_peft_model(policy) else policy)
+    return prepare(critic.requires_grad_(True))
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
@@ -107,6 +130,13 @@ def load_tokenizer(processing_class, model_path=None, name: str = "processing_cl
             "a folder (expected a local model folder)"
         )
     raise ValueError(f"{name}: required when the model is not given as a local path that holds a tokenizer")
+
+
+def load_padding_tokenizer(processing_class, model):
+    """A trainer's tokenizer (`load_tokenizer`), refused without a pad token: every trainer pads its batches."""
+    tokenizer = load_tokenizer(processing_class, model)
+    require_pad_token(tokenizer)
+    return tokenizer
 
 
 def disable_dropout(model: nn.Module):

@@ -22,17 +22,12 @@ import time
 
 import torch
 
-from rlhf_ext.models.heads import (
-    ValueHead,
-    critic_from_causal_lm,
-    logprobs_and_values,
-    token_values,
-)
+from rlhf_ext.models.heads import logprobs_and_values, token_values
 from rlhf_ext.ops import gae, kl_penalty, ppo_loss
-from rlhf_ext.trainers.advantages import assemble_rewards, explained_variance, global_masked_whiten
+from rlhf_ext.trainers.advantages import assemble_rewards, global_masked_whiten
 from rlhf_ext.trainers.base import BaseTrainer
-from rlhf_ext.trainers.data import StepBatches, require_pad_token, tokenize_prompts
-from rlhf_ext.trainers.evaluation import completion_metrics, completion_records
+from rlhf_ext.trainers.data import StepBatches, tokenize_prompts
+from rlhf_ext.trainers.evaluation import completion_metrics, trainer_completions
 from rlhf_ext.trainers.experience import (
     Experience,
     has_reference,
@@ -41,10 +36,11 @@ from rlhf_ext.trainers.experience import (
     row_chunks,
     sample_completions,
 )
-from rlhf_ext.trainers.loading import load_model, load_tokenizer
+from rlhf_ext.trainers.loading import load_critic, load_model, load_padding_tokenizer, load_tokenizer
 from rlhf_ext.trainers.lora import is_peft_model
 from rlhf_ext.trainers.ppo_config import PPOConfig
 from rlhf_ext.trainers.reward_sources import build_reward_sources
+from rlhf_ext.trainers.rollout_metrics import ppo_rollout_metrics
 from rlhf_ext.trainers.trl_compat import PolicyAndValue, check_data_collator
 
 __all__ = ["PPOConfig", "PPOTrainer"]
@@ -89,8 +85,7 @@ class PPOTrainer(BaseTrainer):
         if model is None:
             raise ValueError("model: required (a causal LM or a local path)")
         check_data_collator(data_collator)
-        tokenizer = load_tokenizer(processing_class, model)
-        require_pad_token(tokenizer)
+        tokenizer = load_padding_tokenizer(processing_class, model)
         super().__init__(args, tokenizer, callbacks)
 
         # Policy and the frozen reference: the ref_model given, else the policy with its LoRA adapter disabled
@@ -121,25 +116,11 @@ class PPOTrainer(BaseTrainer):
             reward_processing_class=reward_processing_class,
         )
 
-        # Critic: a value head on the policy, the value_model given, a copy of the reward model (as
-        # InstructGPT initialises it), or the policy's backbone with a fresh head.
-        # With LoRA only the policy gets the adapter; the critic is trained in full (or is the value head).
-        if args.shared_critic:
-            if value_model is not None:
-                raise ValueError(
-                    "value_model: must be None with shared_critic=True (the value head lives on the policy)"
-                )
-            self.critic = ValueHead(policy.config.get_text_config().hidden_size).to(self.device)
-        else:
-            if value_model is not None:
-                critic = load_model(value_model, "sequence_classification", args, "value_model", num_labels=1)
-            elif reward_model_obj is not None:
-                critic = copy.deepcopy(reward_model_obj)
-            else:
-                critic = critic_from_causal_lm(
-                    copy.deepcopy(policy).merge_and_unload() if is_peft_model(policy) else policy
-                )
-            self.critic = self.prepare_model(critic.requires_grad_(True), trainable=True)
+        # Critic: a value head on the policy (shared_critic), the value_model given, a copy of the reward model,
+        # or the policy's backbone with a fresh head (see `load_critic`); built before the policy gets its adapter.
+        self.critic = load_critic(
+            args, policy, value_model, reward_model_obj, self.device, lambda m: self.prepare_model(m, trainable=True)
+        )
         self.policy = self.prepare_model(self.apply_peft(policy, peft_config), trainable=True)
 
         self.load_datasets(
@@ -370,7 +351,7 @@ class PPOTrainer(BaseTrainer):
             learning_rate = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
 
-            metrics = self.rollout_metrics(exp)
+            metrics = ppo_rollout_metrics(exp, self.kl_coef, self.reward_sources)  # kl_coef: before the controller
             metrics.update(
                 {
                     "time/rollout": exp.time_rollout,
@@ -402,45 +383,10 @@ class PPOTrainer(BaseTrainer):
         self.end_training()
         return self.reporter.state
 
-    def rollout_metrics(self, exp: Experience) -> dict:
-        mean_kl = float(exp.kl.sum(1).mean())
-        # the KL part of the rewards (kl_coef has not changed since make_experience: the controller runs after this)
-        non_score = float((-self.kl_coef * exp.kl).sum(1).mean())
-        scores = float(exp.scores.mean())
-        mask = exp.response_mask
-        metrics = {
-            "objective/kl": mean_kl,
-            "objective/entropy": float((-exp.old_logprobs * mask).sum(1).mean()),
-            "objective/non_score_reward": non_score,
-            "objective/rlhf_reward": scores + non_score,
-            "objective/scores": scores,
-            "val/num_eos_tokens": float(exp.finished.sum()),
-            "val/vf_explained_var": explained_variance(exp.values, exp.returns, mask),
-            "completions/mean_length": float(mask.sum(1).mean()),
-        }
-        if len(self.reward_sources) > 1:
-            for i, name in enumerate(self.reward_sources.names):
-                metrics[f"rewards/{name}/mean"] = float(torch.nanmean(exp.per_source[:, i]))
-        return metrics
-
     # ---- evaluation: scored completions of eval_dataset ----
-    @torch.no_grad()  # and before gathered(): FSDP gathers weights only for no-grad work
     def generate_completions(self, dataset=None, max_rows=None, greedy: bool = False, seed=None) -> list:
         """Scored completions of a tokenized prompt dataset (default: eval_dataset); see `completion_records`."""
-        dataset = self.eval_dataset if dataset is None else dataset
-        with self.gathered(self.policy, self.ref_model):  # FSDP: every rank runs this; no collective inside
-            return completion_records(
-                self.policy,
-                self.ref_model,
-                self.reward_sources,
-                dataset,
-                self.sampling,
-                self.args,
-                max_rows=max_rows,
-                greedy=greedy,
-                seed=seed,
-                run=self.run,
-            )
+        return trainer_completions(self, dataset, max_rows, greedy, seed)
 
     def evaluate(self) -> dict:
         """Mean score, KL to the reference (when there is one) and EOS rate of sampled completions on eval_dataset."""

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from rlhf_ext.models.heads import score_head, sequence_scores
 from rlhf_ext.trainers.base import BaseTrainer
-from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, prepare_dataset, require_pad_token, text_ids
-from rlhf_ext.trainers.loading import load_model, load_tokenizer
+from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, prepare_dataset, text_ids
+from rlhf_ext.trainers.loading import load_model, load_padding_tokenizer
 from rlhf_ext.trainers.reward_config import RewardConfig
 
 __all__ = ["RewardConfig", "RewardTrainer", "tokenize_pair"]
@@ -108,8 +108,7 @@ class RewardTrainer(BaseTrainer):
         args = args if args is not None else RewardConfig()
         if data_collator is not None:
             raise ValueError("data_collator: not supported; RewardTrainer pads pairs itself")
-        tokenizer = load_tokenizer(processing_class, model)
-        require_pad_token(tokenizer)
+        tokenizer = load_padding_tokenizer(processing_class, model)
         super().__init__(args, tokenizer, callbacks)
         model = load_model(model, "sequence_classification", args, num_labels=1)
         if getattr(model.config, "num_labels", None) != 1:
@@ -198,13 +197,9 @@ class RewardTrainer(BaseTrainer):
                 all_chosen.append(chosen.detach())
                 all_rejected.append(rejected.detach())
                 all_tie.append(tie)
-            grad_norm = float(self.clip_and_step(list(self.model.parameters())))
-            lr = self.lr_scheduler.get_last_lr()[0]
-            self.lr_scheduler.step()
             metrics = {
                 "loss": loss_sum,
-                "grad_norm": grad_norm,
-                "learning_rate": lr,
+                **self.step_optimizer(list(self.model.parameters())),
                 **self._pair_metrics(torch.cat(all_chosen), torch.cat(all_rejected), torch.cat(all_tie)),
             }
             if self.end_step(metrics):

@@ -15,8 +15,8 @@ import torch
 
 from rlhf_ext.models.heads import causal_lm_token_logprobs
 from rlhf_ext.trainers.base import BaseTrainer
-from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, require_pad_token, text_ids
-from rlhf_ext.trainers.loading import load_model, load_tokenizer
+from rlhf_ext.trainers.data import chat_ids, is_conversational, pad, text_ids
+from rlhf_ext.trainers.loading import load_model, load_padding_tokenizer
 from rlhf_ext.trainers.sft_config import SFTConfig
 
 __all__ = ["SFTConfig", "SFTTrainer", "tokenize_sft_row"]
@@ -95,8 +95,7 @@ class SFTTrainer(BaseTrainer):
         args = args if args is not None else SFTConfig()
         if data_collator is not None:
             raise ValueError("data_collator: not supported; SFTTrainer pads and masks batches itself")
-        tokenizer = load_tokenizer(processing_class, model)
-        require_pad_token(tokenizer)
+        tokenizer = load_padding_tokenizer(processing_class, model)
         super().__init__(args, tokenizer, callbacks)
         self.model = self.prepare_model(
             self.apply_peft(load_model(model, "causal_lm", args), peft_config), trainable=True
@@ -144,13 +143,9 @@ class SFTTrainer(BaseTrainer):
                 nll = self._token_nll_sum(ids[part], mask[part], labels[part])
                 (nll / num_tokens).backward()
                 loss_sum += float(nll.detach())
-            grad_norm = float(self.clip_and_step(list(self.model.parameters())))
-            lr = self.lr_scheduler.get_last_lr()[0]
-            self.lr_scheduler.step()
             metrics = {
                 "loss": loss_sum / num_tokens,
-                "grad_norm": grad_norm,
-                "learning_rate": lr,
+                **self.step_optimizer(list(self.model.parameters())),
                 "num_tokens": num_tokens,
             }
             if self.end_step(metrics):
