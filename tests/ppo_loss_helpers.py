@@ -4,6 +4,8 @@ import torch
 
 LOSS_AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 OPTIONAL = ("values", "old_values", "returns", "ref_logprobs", "entropy")
+# The op's tensor arguments, in the order of its schema (csrc/ops.cpp); its scalars follow them.
+TENSOR_ARGS = ("logprobs", "old_logprobs", "advantages", "mask", *OPTIONAL)
 GRAD_LEAVES = ("logprobs", "values", "entropy")
 STAT_KEYS = [
     "clipfrac",
@@ -50,13 +52,17 @@ def make_case(
     return case
 
 
+def call(fn, case, **kwargs):
+    """fn (ppo_loss or its reference) on a make_case() dict: its four required tensors, the optional ones it holds."""
+    optional = {k: case[k] for k in OPTIONAL if k in case}
+    return fn(case["logprobs"], case["old_logprobs"], case["advantages"], case["mask"], **optional, **kwargs)
+
+
 def run(fn, case, dtype=None, **kwargs):
     """Calls fn on fresh leaves (cast to dtype if given); returns (output, grads of loss by leaf name)."""
     t = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v.clone()) for k, v in case.items()}
     leaves = {k: t[k].requires_grad_() for k in GRAD_LEAVES if k in t}
-    out = fn(
-        t["logprobs"], t["old_logprobs"], t["advantages"], t["mask"], **{k: t[k] for k in OPTIONAL if k in t}, **kwargs
-    )
+    out = call(fn, t, **kwargs)
     grads = torch.autograd.grad(out.loss, list(leaves.values()))
     return out, dict(zip(leaves, grads))
 

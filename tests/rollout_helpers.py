@@ -2,34 +2,23 @@
 (test_rollout.py, test_rollout_cache.py)."""
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
 from rlhf_ext.generation import Rollout
 from rlhf_ext.models import position_ids_from_mask
+from rlhf_ext.models.tiny import tiny_config
 
 VOCAB, PAD = 96, 0
 
 
 def tiny(kind: str):
+    """A `kind` ("llama", "qwen2" or "gpt2") causal LM of rlhf_ext's tiny_config (hidden 48, 2 layers, 4 heads),
+    untied, with sharp logits, in eval mode."""
+    model_class = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel}[kind]
+    extra = {} if kind == "gpt2" else {"tie_word_embeddings": False}  # the stock llama / qwen2 default
+    config = tiny_config(kind, vocab_size=VOCAB, hidden_size=48, pad_token_id=PAD, **extra)
     torch.manual_seed(0)
-    if kind in ("llama", "qwen2"):
-        config_class, model_class = (
-            (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-        )
-        cfg = config_class(
-            vocab_size=VOCAB,
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=PAD,
-        )
-        model = model_class(cfg)
-    else:
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=256, pad_token_id=PAD)
-        model = GPT2LMHeadModel(cfg)
+    model = model_class(config)
     # Sharper logits than the default init, so that sampled trajectories are not near-uniform.
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)

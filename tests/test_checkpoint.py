@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from rlhf_ext import PPOConfig, PPOTrainer, SFTConfig, SFTTrainer
+from rlhf_ext import SFTConfig, SFTTrainer
 from rlhf_ext.trainers import checkpoint as ckpt
-from tests.trainer_helpers import target_fraction
+from tests.trainer_helpers import ppo_args, target_ppo
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -41,32 +41,16 @@ class Recorder(TrainerCallback):
 def ppo(make_lm, tokenizer, rows, output_dir, callbacks=None, **overrides):
     settings = dict(
         max_steps=4,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        num_mini_batches=2,
-        num_ppo_epochs=2,
         response_length=5,
         learning_rate=3e-3,
-        temperature=1.0,
+        save_strategy="steps",
         save_steps=2,
-        num_sample_generations=0,
-        logging_steps=1,
         target_kl=0.05,
         kl_horizon=50,
-        output_dir=output_dir,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
     )
-    settings.update(overrides)
-    return PPOTrainer(
-        PPOConfig(**settings),
-        tokenizer,
-        make_lm(),
-        reward_funcs=[target_fraction],
-        train_dataset=rows,
-        callbacks=callbacks,
-    )
+    quiet_cpu = dict(output_dir=output_dir, use_cpu=True, disable_tqdm=True, seed=0)
+    args = ppo_args(quiet_cpu, **{**settings, **overrides})
+    return target_ppo(args, tokenizer, make_lm(), train_dataset=rows, callbacks=callbacks)
 
 
 def weights(trainer):

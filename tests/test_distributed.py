@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.trainer_helpers import target_fraction
+from tests.trainer_helpers import target_fraction, target_ppo
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -88,15 +88,14 @@ def run_grpo(out, per_device, max_steps, resume=None, eval_rows=None, lora=False
 
 
 def run_ppo(out, per_device, max_steps, eval_rows=None, **overrides):
-    from rlhf_ext import PPOConfig, PPOTrainer
+    from rlhf_ext import PPOConfig
 
     tok, model, rows = _models()
     args = PPOConfig(**quiet(out, per_device, max_steps), **{**PPO, **overrides})
-    trainer = PPOTrainer(
+    trainer = target_ppo(
         args,
         tok,
         model,
-        reward_funcs=[target_fraction],
         train_dataset=rows,
         eval_dataset=rows[:eval_rows] if eval_rows else None,
     )

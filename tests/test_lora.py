@@ -7,10 +7,10 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from rlhf_ext import GRPOTrainer, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+from rlhf_ext import GRPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 from rlhf_ext.models.logprobs import sequence_logprobs
 from rlhf_ext.trainers.experience import reference_logprobs
-from tests.trainer_helpers import grpo_args, ppo_args, rows_for, target_fraction
+from tests.trainer_helpers import grpo_args, ppo_args, rows_for, target_fraction, target_ppo
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -125,11 +125,10 @@ def test_ppo_lora_checkpoint_resumes(shared_critic, make_lm, tiny_tokenizer, pro
             lr_scheduler_type="constant",
             shared_critic=shared_critic,
         )
-        trainer = PPOTrainer(
+        trainer = target_ppo(
             args,
             tiny_tokenizer,
             make_lm(),
-            reward_funcs=[target_fraction],
             train_dataset=prompt_rows,
             peft_config=lora(),
         )

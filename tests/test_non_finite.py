@@ -89,10 +89,7 @@ def test_ppo_stops_on_non_finite_gradient_norm(make_lm, tiny_tokenizer, prompt_r
         train_dataset=prompt_rows[:16],
         callbacks=[poison],
     )
-    with pytest.raises(NonFiniteError, match=r"step 3: the gradient norm is nan .*checkpoint-2"):
-        trainer.train()
-    assert checkpoints(args.output_dir) == ["checkpoint-1", "checkpoint-2"]
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert_stops_at_step_3(trainer, model, args.output_dir)
 
 
 def test_grpo_stops_on_non_finite_gradient_norm(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
@@ -109,10 +106,7 @@ def test_grpo_stops_on_non_finite_gradient_norm(make_lm, tiny_tokenizer, prompt_
         processing_class=tiny_tokenizer,
         callbacks=[poison],
     )
-    with pytest.raises(NonFiniteError, match=r"step 3: the gradient norm is nan .*checkpoint-2"):
-        trainer.train()
-    assert checkpoints(args.output_dir) == ["checkpoint-1", "checkpoint-2"]
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert_stops_at_step_3(trainer, model, args.output_dir)
 
 
 def test_non_finite_loss_metric_stops_before_the_save(make_lm, tiny_tokenizer, corpus, cpu_args):

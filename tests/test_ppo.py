@@ -14,6 +14,7 @@ from tests.trainer_helpers import (
     next_token_mass,
     ppo_args,
     target_fraction,
+    target_ppo,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -171,11 +172,10 @@ def test_separate_critic_from_policy_and_saving(make_lm, tiny_tokenizer, prompt_
 
 def test_samples_file(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
     args = ppo_args(cpu_args, num_sample_generations=2)
-    trainer = PPOTrainer(
+    trainer = target_ppo(
         args,
         tiny_tokenizer,
         make_lm(),
-        reward_funcs=[target_fraction],
         train_dataset=prompt_rows,
         eval_dataset=prompt_rows[:3],
     )

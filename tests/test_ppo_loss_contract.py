@@ -6,7 +6,15 @@ import torch
 import rlhf_ext  # noqa: F401
 from rlhf_ext.ops import kl_penalty, ppo_loss
 from rlhf_ext.ops.reference import kl_penalty_reference, ppo_loss_reference
-from tests.ppo_loss_helpers import LOSS_AGGS, STAT_KEYS, assert_grads_close, assert_outputs_close, make_case, run
+from tests.ppo_loss_helpers import (
+    LOSS_AGGS,
+    STAT_KEYS,
+    TENSOR_ARGS,
+    assert_grads_close,
+    assert_outputs_close,
+    make_case,
+    run,
+)
 
 
 def op_args(case, **overrides):
@@ -25,20 +33,7 @@ def op_args(case, **overrides):
         max_log_ratio=20.0,
     )
     scalars.update(overrides)
-    tensors = [
-        case.get(k)
-        for k in (
-            "logprobs",
-            "old_logprobs",
-            "advantages",
-            "mask",
-            "values",
-            "old_values",
-            "returns",
-            "ref_logprobs",
-            "entropy",
-        )
-    ]
+    tensors = [case.get(k) for k in TENSOR_ARGS]
     return tuple(tensors) + tuple(scalars.values())
 
 

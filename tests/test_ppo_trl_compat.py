@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from rlhf_ext import PPOConfig, PPOTrainer
-from tests.trainer_helpers import ppo_args, target_fraction
+from tests.trainer_helpers import ppo_args, target_fraction, target_ppo
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -253,9 +253,7 @@ def test_without_max_steps_trains_num_total_batches(make_lm, tiny_tokenizer, pro
         num_ppo_epochs=1,
         response_length=2,
     )
-    trainer = PPOTrainer(
-        args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows[:10]
-    )
+    trainer = target_ppo(args, tiny_tokenizer, make_lm(), train_dataset=prompt_rows[:10])
     assert args.total_episodes == 10 and args.num_total_batches == 3
     assert trainer.train().global_step == 3
 
@@ -288,21 +286,19 @@ def test_trl_fields_accepted_and_bad_layouts_named(make_lm, tiny_tokenizer, prom
     with pytest.raises(ValueError, match="PPOConfig.num_mini_batches: expected a divisor of local_batch_size .* = 4"):
         PPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, num_mini_batches=3, **cpu_args)
     args = ppo_args(cpu_args, max_steps=1)
-    trainer = PPOTrainer(
+    trainer = target_ppo(
         args,
         tiny_tokenizer,
         make_lm(),
-        reward_funcs=[target_fraction],
         train_dataset=prompt_rows,
         data_collator=DataCollatorWithPadding(tiny_tokenizer),
     )  # TRL's default collator: accepted
     assert trainer.is_world_process_zero() and trainer.is_local_process_zero()
     with pytest.raises(ValueError, match="^data_collator: only None or a default"):
-        PPOTrainer(
+        target_ppo(
             args,
             tiny_tokenizer,
             make_lm(),
-            reward_funcs=[target_fraction],
             train_dataset=prompt_rows,
             data_collator=DataCollatorWithPadding(tiny_tokenizer, pad_to_multiple_of=8),
         )
@@ -311,11 +307,10 @@ def test_trl_fields_accepted_and_bad_layouts_named(make_lm, tiny_tokenizer, prom
 def test_trainer_state_log_and_model_before_training(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
     import torch
 
-    trainer = PPOTrainer(
+    trainer = target_ppo(
         ppo_args(cpu_args, max_steps=1),
         tiny_tokenizer,
         make_lm(),
-        reward_funcs=[target_fraction],
         train_dataset=prompt_rows,
     )
     assert trainer.state.global_step == 0 and trainer.state.is_world_process_zero

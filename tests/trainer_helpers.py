@@ -7,7 +7,7 @@ import torch
 import yaml
 from torch import nn
 
-from rlhf_ext import GRPOConfig, PPOConfig
+from rlhf_ext import GRPOConfig, PPOConfig, PPOTrainer
 from rlhf_ext.generation import left_pad
 from rlhf_ext.models import position_ids_from_mask
 
@@ -17,6 +17,11 @@ TARGET = list(range(100, 120))  # 20 of ~380 token ids: ~5% of a random policy's
 def target_fraction(prompts, completions, completion_ids, **columns):
     """The fraction of a completion's tokens in TARGET: a reward PPO and GRPO can raise within a few steps."""
     return [sum(t in TARGET for t in ids) / len(ids) for ids in completion_ids]
+
+
+def target_ppo(args, tokenizer, model, **kwargs) -> PPOTrainer:
+    """A PPOTrainer rewarded by `target_fraction` alone; kwargs go to PPOTrainer (train_dataset, eval_dataset, ...)."""
+    return PPOTrainer(args, tokenizer, model, reward_funcs=[target_fraction], **kwargs)
 
 
 def eos_biased(model, tokenizer, bias=4.0):
