@@ -8,6 +8,7 @@ import torch
 from benchmarks.conftest import sizes, sync
 from rlhf_ext.ops import ppo_loss
 from rlhf_ext.ops.reference import ppo_loss_reference
+from tests.ppo_loss_helpers import TENSOR_ARGS
 
 SHAPES = sizes([(64, 512), (64, 2048)], [(4, 16)])
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -107,20 +108,7 @@ def test_ppo_loss_fwd_bwd(benchmark, impl, B, T, device):
 
     def eager(with_item):
         loss, stats = eager_ppo_loss(
-            *(
-                x[k]
-                for k in (
-                    "logprobs",
-                    "old_logprobs",
-                    "advantages",
-                    "mask",
-                    "values",
-                    "old_values",
-                    "returns",
-                    "ref_logprobs",
-                    "entropy",
-                )
-            ),
+            *(x[k] for k in TENSOR_ARGS),
             **COEFS,
         )
         loss.backward()

@@ -113,6 +113,17 @@ class Demo:
             disable_tqdm=not self.progress,
         )
 
+    def epoch_args(self, stage: str, epochs: int) -> dict:
+        """The SFT and reward stages' recipe: `epochs` epochs of batches of 32, a cosine schedule after 5% warm-up."""
+        return dict(
+            **self.common_args(stage),
+            per_device_train_batch_size=32,
+            num_train_epochs=epochs,
+            lr_scheduler_type="cosine",
+            warmup_ratio=0.05,
+            logging_steps=10,
+        )
+
     def say(self, text: str):
         print(f"[demo {time.perf_counter() - self.start:6.1f}s] {text}", flush=True)
 
@@ -133,16 +144,7 @@ class Demo:
             num_heads=s.num_heads,
             max_position_embeddings=64,
         )
-        args = SFTConfig(
-            **self.common_args("sft"),
-            learning_rate=3e-3,
-            per_device_train_batch_size=32,
-            num_train_epochs=s.sft_epochs,
-            lr_scheduler_type="cosine",
-            warmup_ratio=0.05,
-            logging_steps=10,
-            max_length=64,
-        )
+        args = SFTConfig(**self.epoch_args("sft", s.sft_epochs), learning_rate=3e-3, max_length=64)
         trainer = SFTTrainer(
             model,
             args,
@@ -227,14 +229,7 @@ class Demo:
 
         s = self.sizes
         args = RewardConfig(
-            **self.common_args("reward"),
-            learning_rate=1e-3,
-            per_device_train_batch_size=32,
-            num_train_epochs=s.reward_epochs,
-            lr_scheduler_type="cosine",
-            warmup_ratio=0.05,
-            logging_steps=10,
-            per_device_eval_batch_size=128,
+            **self.epoch_args("reward", s.reward_epochs), learning_rate=1e-3, per_device_eval_batch_size=128
         )
         trainer = RewardTrainer(
             self.path("sft"),
