@@ -5,9 +5,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from rlhf_ext import SFTConfig, SFTTrainer
 from rlhf_ext.trainers import checkpoint as ckpt
-from tests.trainer_helpers import ppo_args, target_ppo
+from tests.trainer_helpers import ppo_args, sft_trainer, target_ppo
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -128,21 +127,11 @@ def test_callbacks_see_logs_steps_and_saves(uninterrupted):
 
 
 def test_sft_resume_is_exact(make_lm, tiny_tokenizer, corpus, tmp_path):
-    rows = [{"text": t} for t in corpus[:32]]
-
     def run(out, callbacks=None, resume=None):
-        args = SFTConfig(
-            output_dir=out,
-            max_steps=4,
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=2,
-            learning_rate=1e-3,
-            save_steps=2,
-            use_cpu=True,
-            disable_tqdm=True,
-            warmup_ratio=0.5,
+        # seed 42: TrainingArguments' default, which this test has always run with
+        trainer = sft_trainer(
+            make_lm, tiny_tokenizer, corpus, out, callbacks, gradient_accumulation_steps=2, warmup_ratio=0.5, seed=42
         )
-        trainer = SFTTrainer(make_lm(), args, train_dataset=rows, processing_class=tiny_tokenizer, callbacks=callbacks)
         trainer.train(resume_from_checkpoint=resume)
         return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 

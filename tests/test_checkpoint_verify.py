@@ -10,28 +10,11 @@ import shutil
 import pytest
 import torch
 
-from rlhf_ext import SFTConfig, SFTTrainer
 from rlhf_ext.trainers import checkpoint as ckpt
 from rlhf_ext.trainers.checkpoint import CheckpointError
+from tests.trainer_helpers import sft_trainer as sft
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def sft(make_lm, tokenizer, corpus, out, **overrides):
-    settings = dict(
-        output_dir=out,
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        save_steps=2,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    settings.update(overrides)
-    return SFTTrainer(
-        make_lm(), SFTConfig(**settings), train_dataset=[{"text": t} for t in corpus[:32]], processing_class=tokenizer
-    )
 
 
 def state(trainer):

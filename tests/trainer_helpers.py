@@ -7,7 +7,7 @@ import torch
 import yaml
 from torch import nn
 
-from rlhf_ext import GRPOConfig, PPOConfig, PPOTrainer
+from rlhf_ext import GRPOConfig, PPOConfig, PPOTrainer, SFTConfig, SFTTrainer
 from rlhf_ext.generation import left_pad
 from rlhf_ext.models import position_ids_from_mask
 
@@ -61,6 +61,25 @@ def ppo_args(cpu_args, **overrides):
     )
     base.update(overrides)
     return PPOConfig(**base, **cpu_args)
+
+
+def sft_trainer(make_lm, tokenizer, corpus, out, callbacks=None, **overrides) -> SFTTrainer:
+    """The checkpoint tests' SFT run: 4 steps of 4 rows of corpus[:32], checkpoints every 2 steps in `out`."""
+    settings = dict(
+        output_dir=out,
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        save_steps=2,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    rows = [{"text": t} for t in corpus[:32]]
+    return SFTTrainer(
+        make_lm(), SFTConfig(**settings), train_dataset=rows, processing_class=tokenizer, callbacks=callbacks
+    )
 
 
 def grpo_args(cpu_args, cls=GRPOConfig, **overrides):
