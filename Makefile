@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # extra `rlhf-ext demo` options, e.g. make demo DEMO_ARGS="--seed 1 --output-dir /tmp/demo"
 DEMO_ARGS ?=
 STAMP := $(VENV)/.rlhf_ext-installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
 # `make gpu-check` runs on a CUDA machine's own python (with a CUDA torch), not the CPU venv: the venv's python
 # only where one exists. Without a GPU it exits at once with code 2 and a one-line message. GPU_CHECK_ARGS: e.g.

@@ -114,10 +114,12 @@ def use_cuda(torch, cpp_extension) -> bool:
 
 
 def sources():
-    cpu = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cuda = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    headers = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "cuda", "*.cuh")))
-    return cpu, cuda, headers
+    """(C++ sources, CUDA bindings, headers) under csrc/: ops.cpp, checks/ and cpu/ are C++; cuda/*.cu the bindings."""
+
+    def under_csrc(pattern):
+        return sorted(glob.glob(os.path.join("csrc", "**", pattern), recursive=True))
+
+    return under_csrc("*.cpp"), under_csrc("*.cu"), under_csrc("*.h") + under_csrc("*.cuh")
 
 
 def write_build_record(torch_version: str, cuda_version):

@@ -13,15 +13,15 @@
 #endif
 
 TORCH_LIBRARY(rlhf_ext, m) {
-  // ---- advantages (csrc/gae.cpp, csrc/cuda/gae.cu) ----
+  // ---- advantages (csrc/cpu/gae.cpp, csrc/cuda/gae.cu) ----
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, Tensor? last_values) -> (Tensor, Tensor)");
 
-  // ---- masked statistics (csrc/whiten.cpp, csrc/cuda/whiten.cu) ----
+  // ---- masked statistics (csrc/cpu/whiten.cpp, csrc/cuda/whiten.cu) ----
   // Returns float32 [3]: (count, mean, M2) where M2 = sum over masked-in x of (x - mean)^2.
   m.def("masked_moments(Tensor x, Tensor mask) -> Tensor");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
 
-  // ---- logprobs (csrc/logprobs.cpp, csrc/cuda/logprobs.cu) ----
+  // ---- logprobs (csrc/cpu/logprobs.cpp, csrc/cuda/logprobs.cu) ----
   // logits [..., V] (last dim contiguous), labels [...] int64. Returns (logprobs, entropy, lse), each [...]
   // float32 (float64 for float64 logits): log_softmax(logits / T)[label], its entropy (zeros unless
   // with_entropy) and logsumexp(logits / T). Rows whose label == ignore_index give 0 everywhere.
@@ -35,9 +35,9 @@ TORCH_LIBRARY(rlhf_ext, m) {
   m.def("logprobs_backward_inplace(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> ()");
 
 
-  // ---- ppo_loss (csrc/ppo_loss.cpp, csrc/cuda/ppo_loss.cu) ----
+  // ---- ppo_loss (csrc/cpu/ppo_loss.cpp, csrc/cuda/ppo_loss.cu) ----
   // Returns one float32 vector (float64 for float64 inputs) of length 16, laid out as
-  // csrc/ppo_loss_math.h `Out`: loss, policy_loss, value_loss, kl, entropy, clipfrac, clipfrac_low,
+  // csrc/maths/ppo_loss.h `Out`: loss, policy_loss, value_loss, kl, entropy, clipfrac, clipfrac_low,
   // clipfrac_high, dual_clipfrac, approxkl, approxkl_k3, ratio_mean, ratio_max, value_clipfrac,
   // num_tokens, num_seqs. rlhf_ext/ops/ppo_loss.py names them; nothing leaves the device.
   m.def("ppo_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? values, "
@@ -55,7 +55,7 @@ TORCH_LIBRARY(rlhf_ext, m) {
   m.def("kl_penalty(Tensor logprobs, Tensor ref_logprobs, str estimator, float max_log_ratio) -> Tensor");
 
 
-  // ---- sampling (csrc/sampling.cpp, csrc/cuda/sampling.cu) ----
+  // ---- sampling (csrc/cpu/sampling.cpp, csrc/cuda/sampling.cu) ----
   // Returns (tokens int64 [B], logprobs float32 [B] under the unfiltered tempered distribution, filtered_logprobs
   // float32 [B] under the renormalised top-k/top-p/min-p distribution). Each row_* tensor [B], when given, replaces
   // the scalar beside it for its row. temperature 0 = greedy; top_k 0, top_p 1, min_p 0 = off.

@@ -1,5 +1,5 @@
 """gather_logprobs test helpers shared by test_logprobs.py (also inside its per-ISA subprocess) and
-test_logprobs_sim.py: tolerances (see test_logprobs.py's docstring for why), inputs, the float64 oracle."""
+test_cuda_sim_logprobs.py: tolerances (see test_logprobs.py's docstring for why), inputs, the float64 oracle."""
 
 import torch
 

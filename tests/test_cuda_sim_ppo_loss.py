@@ -32,7 +32,7 @@ DEFAULTS = dict(
 
 
 def _params(T, has_ref, kw):
-    """ppo::Params as the 11 doubles of the harness (what csrc/ppo_loss_checks.cpp fills in)."""
+    """ppo::Params as the 11 doubles of the harness (what csrc/checks/ppo_loss.cpp fills in)."""
     high = kw["cliprange"] if kw["cliprange_high"] is None else kw["cliprange_high"]
     return torch.tensor(
         [

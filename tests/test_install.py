@@ -9,6 +9,7 @@ Slow (`pytest -m slow tests/test_install.py`): real installs into fresh virtual 
 without build isolation, and against the newest torch on the package index.
 """
 
+import glob
 import os
 import shutil
 import subprocess
@@ -163,9 +164,9 @@ def test_cpu_sources_compile_as_cxx17():
     """torch < 2.13 builds extensions as C++17, current torch as C++20 (the real build here). The per-ISA
     variants (_avx2 / _avx512) are the _default file's kernels under another target and are left out."""
     sources = [
-        os.path.join(ROOT, "csrc", name)
-        for name in sorted(os.listdir(os.path.join(ROOT, "csrc")))
-        if name.endswith(".cpp") and not name.endswith(("_avx2.cpp", "_avx512.cpp"))
+        path
+        for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
+        if not path.endswith(("_avx2.cpp", "_avx512.cpp"))
     ]
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         results = list(pool.map(_cxx17_syntax_check, sources))
@@ -229,7 +230,14 @@ def test_python_m_build_makes_an_sdist_and_a_wheel_that_pins_torch(tmp_path, sou
 
     with tarfile.open(tmp_path / "dist" / sdist[0]) as tar:
         names = tar.getnames()
-    for header in ("csrc/cuda/logprobs.cuh", "csrc/cuda/common.cuh", "csrc/logprobs_cpu_kernels.h"):
+    for header in (
+        "csrc/cuda/logprobs.cuh",
+        "csrc/cuda/logprobs/forward.cuh",
+        "csrc/cuda/common.cuh",
+        "csrc/cpu/logprobs_rows.h",
+        "csrc/checks/checks.h",
+        "csrc/maths/acc_type.h",
+    ):
         assert any(name.endswith(header) for name in names), header
     with zipfile.ZipFile(tmp_path / "dist" / wheel[0]) as whl:
         metadata = next(whl.read(n).decode() for n in whl.namelist() if n.endswith(".dist-info/METADATA"))

@@ -124,7 +124,7 @@ def test_label_on_a_masked_entry_gives_minus_inf_and_finite_grad():
 @pytest.mark.parametrize("with_entropy_grad", [False, True])
 def test_nan_logit_makes_its_row_nan(dtype, inplace, with_entropy_grad):
     """A NaN logit (first entry, vectorised middle, scalar tail) makes its row's log-prob, entropy and every
-    gradient entry NaN, like the CUDA kernels (tests/test_logprobs_sim.py); the other rows stay finite."""
+    gradient entry NaN, like the CUDA kernels (tests/test_cuda_sim_logprobs.py); the other rows stay finite."""
     logits, labels = make_inputs((5, 333), dtype, ignore_p=0.0)
     logits[0, 0] = logits[1, 100] = logits[2, 332] = float("nan")
     lp, ent = gather_logprobs(logits, labels, return_entropy=True)

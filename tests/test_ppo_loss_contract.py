@@ -251,7 +251,7 @@ def test_unclipped_value_loss():
     assert out.stats["value_clipfrac"].item() == 0
 
 
-# ---- CUDA: the same kernels' maths (csrc/ppo_loss_math.h) on the GPU, checked against the CPU ----
+# ---- CUDA: the same kernels' maths (csrc/maths/ppo_loss.h) on the GPU, checked against the CPU ----
 
 
 @pytest.mark.cuda

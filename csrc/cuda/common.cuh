@@ -1,4 +1,5 @@
-// Framework-free helpers shared by the CUDA kernel headers: conversions to the accumulation type.
+// Framework-free helpers shared by the CUDA kernel headers: the accumulation type (csrc/maths/acc_type.h), the one
+// set of conversions between storage and accumulation types, and row addressing of [..., V] tensors.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,34 +8,28 @@
 
 #include <cstdint>
 
+#include "../maths/acc_type.h"
+
 namespace rlhf_ext {
 namespace cuda {
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t load_as(float x) { return static_cast<acc_t>(x); }
-template <typename acc_t>
-__device__ __forceinline__ acc_t load_as(double x) { return static_cast<acc_t>(x); }
-template <typename acc_t>
-__device__ __forceinline__ acc_t load_as(__half x) { return static_cast<acc_t>(__half2float(x)); }
-template <typename acc_t>
-__device__ __forceinline__ acc_t load_as(__nv_bfloat16 x) { return static_cast<acc_t>(__bfloat162float(x)); }
+// Storage -> accumulation type (acc_t: float for float/half/bfloat16, double for double). Exact.
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Accumulation -> storage type, rounding to nearest even.
 template <typename T>
-__device__ __forceinline__ T store_as(float x);
+__device__ __forceinline__ T from_acc(acc_t<T> x);
 template <>
-__device__ __forceinline__ float store_as<float>(float x) { return x; }
+__device__ __forceinline__ float from_acc<float>(float x) { return x; }
 template <>
-__device__ __forceinline__ double store_as<double>(float x) { return x; }
+__device__ __forceinline__ double from_acc<double>(double x) { return x; }
 template <>
-__device__ __forceinline__ __half store_as<__half>(float x) { return __float2half(x); }
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
 template <>
-__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-
-// Accumulation type: float for float/half/bf16, double for double.
-template <typename scalar_t>
-struct AccType { using type = float; };
-template <>
-struct AccType<double> { using type = double; };
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 inline unsigned int ceil_div(long long a, long long b) { return static_cast<unsigned int>((a + b - 1) / b); }
 

@@ -93,8 +93,8 @@ __global__ void __launch_bounds__(kGaeThreads) gae_kernel(const scalar_t* __rest
       const int64_t s = chunk + threadIdx.x * kGaeItems + j;
       const int64_t t = T - 1 - s;
       valid[j] = s < T && m[t];
-      value[j] = valid[j] ? load_as<acc_t>(v[t]) : acc_t(0);
-      reward[j] = valid[j] ? load_as<acc_t>(r[t]) : acc_t(0);
+      value[j] = valid[j] ? to_acc(v[t]) : acc_t(0);
+      reward[j] = valid[j] ? to_acc(r[t]) : acc_t(0);
       next[j] = {value[j], valid[j] ? 1 : 0};
     }
     NextScan(storage.next).ExclusiveScan(next, next, LastValidWins<acc_t>{}, next_prefix);

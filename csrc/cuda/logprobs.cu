@@ -1,18 +1,17 @@
 // Torch binding for the gather_logprobs CUDA kernels (csrc/cuda/logprobs.cuh): the same checks as the
-// CPU ops (csrc/logprobs.h), launches on the current stream, no host synchronisation.
+// CPU ops (csrc/checks/logprobs.cpp), launches on the current stream, no host synchronisation.
 //
 // Every dtype and every strided layout the CPU ops take (float64 accumulates in double, as on CPU).
 // Difference from CPU, by design: a label outside [0, V) cannot raise without a device->host sync, so
 // it trips a device-side assert (as torch's nll_loss does).
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
-#include <c10/cuda/CUDAException.h>
+#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../common.h"
-#include "../logprobs.h"
+#include "../checks/checks.h"
+#include "binding.h"
 #include "logprobs.cuh"
 
 namespace rlhf_ext {
@@ -40,24 +39,21 @@ void check_cuda_shape(const at::Tensor& logits) {
               " rows (prod(logits.shape[:-1])) on CUDA, got ", logits.numel() / logits.size(-1));
 }
 
-// The last dim must be contiguous (copied once otherwise, as on CPU); every leading layout is read in place.
-at::Tensor last_dim_contiguous(const at::Tensor& logits) {
-  return (logits.stride(-1) == 1 || logits.size(-1) == 1) ? logits : logits.contiguous();
-}
-
-template <typename T>
+template <typename scalar_t>
 void run_forward(const at::Tensor& logits, const lp::RowLayout& layout, const at::Tensor& labels, at::Tensor& logprobs,
                  at::Tensor& entropy, at::Tensor& lse, double temperature, int64_t ignore_index, bool with_entropy) {
-  using A = lp::acc_t<T>;
+  using T = cuda::device_t<scalar_t>;
+  using A = acc_t<T>;
   const int64_t rows = labels.numel(), vocab = logits.size(-1);
-  lp::ForwardParams<T> p{static_cast<const T*>(logits.const_data_ptr()), layout, rows, vocab,
+  lp::ForwardParams<T> p{cuda::device_ptr<scalar_t>(logits), layout, rows, vocab,
                          labels.const_data_ptr<int64_t>(), logprobs.data_ptr<A>(), entropy.data_ptr<A>(),
                          lse.data_ptr<A>(), static_cast<A>(1.0 / temperature), ignore_index, with_entropy};
   const int splits = lp::forward_splits(vocab, static_cast<int>(sizeof(T)));
   at::Tensor workspace;
   if (splits > 1) workspace = at::empty({lp::forward_workspace_size(rows, splits)}, logprobs.options());
-  C10_CUDA_CHECK(lp::launch_forward<T>(p, splits, splits > 1 ? workspace.data_ptr<A>() : nullptr,
-                                       c10::cuda::getCurrentCUDAStream()));
+  cuda::check_launch(lp::launch_forward<T>(p, splits, splits > 1 ? workspace.data_ptr<A>() : nullptr,
+                                           c10::cuda::getCurrentCUDAStream()),
+                     "logprobs_forward");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::Tensor& logits_in,
@@ -71,36 +67,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::T
   at::Tensor table;
   const lp::RowLayout layout = row_layout(logits, table);
   const at::Tensor labels = labels_in.contiguous();
-  const auto opts = logits.options().dtype(logprobs_acc_dtype(logits));
+  const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
   at::Tensor logprobs = at::empty(labels.sizes(), opts);
   at::Tensor entropy = at::empty(labels.sizes(), opts);
   at::Tensor lse = at::empty(labels.sizes(), opts);
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      run_forward<float>(logits, layout, labels, logprobs, entropy, lse, temperature, ignore_index, with_entropy);
-      break;
-    case at::kDouble:
-      run_forward<double>(logits, layout, labels, logprobs, entropy, lse, temperature, ignore_index, with_entropy);
-      break;
-    case at::kBFloat16:
-      run_forward<__nv_bfloat16>(logits, layout, labels, logprobs, entropy, lse, temperature, ignore_index,
-                                 with_entropy);
-      break;
-    default:  // kHalf (the checks admit nothing else)
-      run_forward<__half>(logits, layout, labels, logprobs, entropy, lse, temperature, ignore_index, with_entropy);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_forward_cuda", [&] {
+    run_forward<scalar_t>(logits, layout, labels, logprobs, entropy, lse, temperature, ignore_index, with_entropy);
+  });
   return {logprobs, entropy, lse};
 }
 
-template <typename T>
+template <typename scalar_t>
 void run_backward(const at::Tensor& g_lp, const at::Tensor& g_h, const at::Tensor& logits,
                   const lp::RowLayout& in_layout, const at::Tensor& grad, const lp::RowLayout& out_layout,
                   const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy, double temperature,
                   int64_t ignore_index) {
-  using A = lp::acc_t<T>;
-  lp::BackwardParams<T> p{static_cast<const T*>(logits.const_data_ptr()),
+  using T = cuda::device_t<scalar_t>;
+  using A = acc_t<T>;
+  lp::BackwardParams<T> p{cuda::device_ptr<scalar_t>(logits),
                           in_layout,
-                          static_cast<T*>(grad.data_ptr()),
+                          cuda::mutable_device_ptr<scalar_t>(grad),
                           out_layout,
                           labels.numel(),
                           logits.size(-1),
@@ -111,7 +97,7 @@ void run_backward(const at::Tensor& g_lp, const at::Tensor& g_h, const at::Tenso
                           entropy.const_data_ptr<A>(),
                           static_cast<A>(1.0 / temperature),
                           ignore_index};
-  C10_CUDA_CHECK(lp::launch_backward<T>(p, c10::cuda::getCurrentCUDAStream()));
+  cuda::check_launch(lp::launch_backward<T>(p, c10::cuda::getCurrentCUDAStream()), "logprobs_backward");
 }
 
 void backward_into(const c10::optional<at::Tensor>& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
@@ -122,27 +108,14 @@ void backward_into(const c10::optional<at::Tensor>& grad_logprobs, const c10::op
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor entropy = entropy_in.contiguous();
-  const auto acc = logprobs_acc_dtype(logits);
+  const auto acc = acc_dtype(logits.scalar_type());
   at::Tensor g_lp, g_h;  // O(rows): expanding a broadcast grad or casting it costs nothing
   if (grad_logprobs.has_value()) g_lp = grad_logprobs->to(acc).contiguous();
   if (grad_entropy.has_value()) g_h = grad_entropy->to(acc).contiguous();
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      run_backward<float>(g_lp, g_h, logits, in_layout, grad, out_layout, labels, lse, entropy, temperature,
-                          ignore_index);
-      break;
-    case at::kDouble:
-      run_backward<double>(g_lp, g_h, logits, in_layout, grad, out_layout, labels, lse, entropy, temperature,
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_backward_cuda", [&] {
+    run_backward<scalar_t>(g_lp, g_h, logits, in_layout, grad, out_layout, labels, lse, entropy, temperature,
                            ignore_index);
-      break;
-    case at::kBFloat16:
-      run_backward<__nv_bfloat16>(g_lp, g_h, logits, in_layout, grad, out_layout, labels, lse, entropy, temperature,
-                                  ignore_index);
-      break;
-    default:
-      run_backward<__half>(g_lp, g_h, logits, in_layout, grad, out_layout, labels, lse, entropy, temperature,
-                           ignore_index);
-  }
+  });
 }
 
 at::Tensor logprobs_backward_cuda(const c10::optional<at::Tensor>& grad_logprobs,
@@ -166,14 +139,8 @@ void logprobs_backward_inplace_cuda(const c10::optional<at::Tensor>& grad_logpro
                                     const c10::optional<at::Tensor>& grad_entropy, at::Tensor& logits,
                                     const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
                                     double temperature, int64_t ignore_index) {
-  check_logprobs_backward_inputs(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature);
+  check_logprobs_backward_inplace_inputs(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature);
   check_cuda_shape(logits);
-  TORCH_CHECK(logits.stride(-1) == 1 || logits.size(-1) == 1,
-              "logits: the in-place backward writes the gradient into logits, so its last dim must be contiguous "
-              "(stride 1), got strides ", logits.strides());
-  TORCH_CHECK(at::has_internal_overlap(logits) != at::MemOverlap::Yes,
-              "logits: the in-place backward writes the gradient into logits, so its rows must not share memory "
-              "(got an expanded/overlapping tensor); use inplace_backward=False");
   c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor table;
   const lp::RowLayout layout = row_layout(logits, table);

@@ -1,34 +1,23 @@
 // Torch binding of the CUDA ppo_loss / ppo_loss_backward / kl_penalty kernels (csrc/cuda/ppo_loss.cuh).
-// The boundary checks are the CPU ones (csrc/ppo_loss_checks.cpp); launches go on the current stream.
+// The boundary checks are csrc/checks/ppo_loss.cpp; launches go on the current stream.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one needs the cuBLAS/cuSPARSE headers
 #include <torch/library.h>
 
-#include "../ppo_loss.h"
+#include "../checks/checks.h"
+#include "binding.h"
 #include "ppo_loss.cuh"
 
 namespace rlhf_ext {
 
 namespace {
 
-template <typename scalar_t> struct CudaType { using type = scalar_t; };
-template <> struct CudaType<c10::BFloat16> { using type = __nv_bfloat16; };
-template <> struct CudaType<c10::Half> { using type = __half; };
+using cuda::device_ptr;
+using cuda::mutable_device_ptr;
 
 template <typename scalar_t>
-const typename CudaType<scalar_t>::type* device_ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const typename CudaType<scalar_t>::type*>(t.data_ptr<scalar_t>()) : nullptr;
-}
-
-template <typename scalar_t>
-typename CudaType<scalar_t>::type* mutable_device_ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<typename CudaType<scalar_t>::type*>(t.data_ptr<scalar_t>()) : nullptr;
-}
-
-template <typename scalar_t>
-ppo_cuda::TokenArgs<typename CudaType<scalar_t>::type> token_args(const PpoLossInputs& in) {
+ppo_cuda::TokenArgs<cuda::device_t<scalar_t>> token_args(const PpoLossInputs& in) {
   return {device_ptr<scalar_t>(in.logprobs), device_ptr<scalar_t>(in.old_logprobs), device_ptr<scalar_t>(in.advantages),
           device_ptr<scalar_t>(in.ref_logprobs), device_ptr<scalar_t>(in.values), device_ptr<scalar_t>(in.old_values),
           device_ptr<scalar_t>(in.returns), device_ptr<scalar_t>(in.entropy), in.mask.data_ptr<bool>(),
@@ -41,12 +30,12 @@ at::Tensor ppo_loss_cuda(RLHF_PPO_LOSS_PARAMS) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto options = in.logprobs.options();
   auto workspace = at::empty({ppo_cuda::forward_blocks(in.batch) * ppo::kNumPart}, options.dtype(at::kDouble));
-  auto out = at::empty({ppo::kNumOut}, options.dtype(ppo_out_dtype(in.compute_dtype)));
+  auto out = at::empty({ppo::kNumOut}, options.dtype(acc_dtype(in.compute_dtype)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.compute_dtype, "ppo_loss_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const cudaError_t err = ppo_cuda::launch_ppo_loss_forward(token_args<scalar_t>(in), in.params,
-                                                              workspace.data_ptr<double>(), out.data_ptr<acc_t>(), stream);
-    TORCH_CHECK(err == cudaSuccess, "ppo_loss: CUDA launch failed: ", cudaGetErrorString(err));
+    cuda::check_launch(ppo_cuda::launch_ppo_loss_forward(token_args<scalar_t>(in), in.params,
+                                                         workspace.data_ptr<double>(),
+                                                         out.data_ptr<acc_t<scalar_t>>(), stream),
+                       "ppo_loss");
   });
   return out;
 }
@@ -65,12 +54,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_backward_cuda(const at::
   auto grad_v = in.values.defined() ? at::empty({B, T}, in.values.options()) : at::Tensor();
   auto grad_ent = in.entropy.defined() ? at::empty({B, T}, in.entropy.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.compute_dtype, "ppo_loss_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const cudaError_t err = ppo_cuda::launch_ppo_loss_backward(
-        token_args<scalar_t>(in), in.params, grad_out.data_ptr<acc_t>(), out.data_ptr<acc_t>(),
-        mutable_device_ptr<scalar_t>(grad_lp), mutable_device_ptr<scalar_t>(grad_v),
-        mutable_device_ptr<scalar_t>(grad_ent), stream);
-    TORCH_CHECK(err == cudaSuccess, "ppo_loss_backward: CUDA launch failed: ", cudaGetErrorString(err));
+    using acc = acc_t<scalar_t>;
+    cuda::check_launch(ppo_cuda::launch_ppo_loss_backward(token_args<scalar_t>(in), in.params,
+                                                          grad_out.data_ptr<acc>(), out.data_ptr<acc>(),
+                                                          mutable_device_ptr<scalar_t>(grad_lp),
+                                                          mutable_device_ptr<scalar_t>(grad_v),
+                                                          mutable_device_ptr<scalar_t>(grad_ent), stream),
+                       "ppo_loss_backward");
   });
   return cast_ppo_loss_grads(grad_lp, grad_v, grad_ent, RLHF_PPO_LOSS_ARGS);
 }
@@ -82,13 +72,13 @@ at::Tensor kl_penalty_cuda(const at::Tensor& logprobs_in, const at::Tensor& ref_
   const at::Tensor& logprobs = inputs.first;
   const at::Tensor& ref_logprobs = inputs.second;
   const c10::cuda::CUDAGuard guard(logprobs.device());
-  auto out = at::empty(logprobs.sizes(), logprobs.options().dtype(ppo_out_dtype(logprobs.scalar_type())));
+  auto out = at::empty(logprobs.sizes(), logprobs.options().dtype(acc_dtype(logprobs.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "kl_penalty_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const cudaError_t err = ppo_cuda::launch_kl_penalty(
-        device_ptr<scalar_t>(logprobs), device_ptr<scalar_t>(ref_logprobs), logprobs.numel(), kl_estimator,
-        static_cast<acc_t>(max_log_ratio), out.data_ptr<acc_t>(), c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "kl_penalty: CUDA launch failed: ", cudaGetErrorString(err));
+    using acc = acc_t<scalar_t>;
+    cuda::check_launch(ppo_cuda::launch_kl_penalty(device_ptr<scalar_t>(logprobs), device_ptr<scalar_t>(ref_logprobs),
+                                                   logprobs.numel(), kl_estimator, static_cast<acc>(max_log_ratio),
+                                                   out.data_ptr<acc>(), c10::cuda::getCurrentCUDAStream()),
+                       "kl_penalty");
   });
   return out;
 }

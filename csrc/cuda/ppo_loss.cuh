@@ -1,5 +1,5 @@
 // Fused PPO / GRPO loss and kl_penalty on CUDA: framework-free kernels and launchers (raw pointers,
-// sizes, cudaStream_t). The per-token maths is csrc/ppo_loss_math.h, shared with the CPU kernels.
+// sizes, cudaStream_t). The per-token maths is csrc/maths/ppo_loss.h, shared with the CPU kernels.
 //
 // Forward: kernel 1 runs one thread block per row (grid-stride over rows, grid = min(B, kMaxBlocks),
 // fixed for a shape so the bits do not depend on the GPU model). Each row's loss terms are block-reduced
@@ -16,7 +16,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "../ppo_loss_math.h"
+#include "../maths/ppo_loss.h"
 #include "common.cuh"
 
 namespace rlhf_ext {
@@ -27,23 +27,13 @@ constexpr int kMaxBlocks = 1024;   // forward grid cap (rows beyond it are grid-
 constexpr int kMaxRowBlocks = 65535;
 
 
-using cuda::AccType;  // float32 compute for float32/bf16/fp16 data, float64 for float64 (gradcheck)
-
-template <typename scalar_t>
-__device__ __forceinline__ typename AccType<scalar_t>::type to_acc(scalar_t x) {
-  return cuda::load_as<typename AccType<scalar_t>::type>(x);
-}
-
-// Stores from the accumulation type (float64 stays float64; cuda::store_as takes a float).
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_acc(typename AccType<scalar_t>::type x) { return cuda::store_as<scalar_t>(x); }
-template <>
-__device__ __forceinline__ double from_acc<double>(double x) { return x; }
+using cuda::from_acc;
+using cuda::to_acc;
 
 // Largest finite value of the storage type, in the accumulation type: gradients saturate there when stored
 // (float16: 65504) instead of overflowing to inf, as on CPU (ppo::saturate).
 template <typename scalar_t>
-__device__ __forceinline__ typename AccType<scalar_t>::type max_finite();
+__device__ __forceinline__ acc_t<scalar_t> max_finite();
 template <>
 __device__ __forceinline__ float max_finite<float>() { return 3.40282347e38f; }
 template <>
@@ -54,7 +44,7 @@ template <>
 __device__ __forceinline__ float max_finite<__nv_bfloat16>() { return 3.38953139e38f; }
 
 template <typename scalar_t>
-__device__ __forceinline__ scalar_t store_grad(typename AccType<scalar_t>::type x) {
+__device__ __forceinline__ scalar_t store_grad(acc_t<scalar_t> x) {
   return from_acc<scalar_t>(ppo::saturate(x, max_finite<scalar_t>()));
 }
 
@@ -200,8 +190,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, int kKl>
 __global__ void __launch_bounds__(kThreads)
-    ppo_loss_backward_kernel(TokenArgs<scalar_t> x, ppo::Params p, const typename AccType<scalar_t>::type* grad_out,
-                             const typename AccType<scalar_t>::type* out, scalar_t* __restrict__ grad_logprobs,
+    ppo_loss_backward_kernel(TokenArgs<scalar_t> x, ppo::Params p, const acc_t<scalar_t>* grad_out,
+                             const acc_t<scalar_t>* out, scalar_t* __restrict__ grad_logprobs,
                              scalar_t* __restrict__ grad_values, scalar_t* __restrict__ grad_entropy) {
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ acc_t shared[1][32];
@@ -255,7 +245,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, int kKl>
 __global__ void __launch_bounds__(kThreads)
     kl_penalty_kernel(const scalar_t* __restrict__ logprobs, const scalar_t* __restrict__ ref_logprobs, int64_t n,
-                      typename AccType<scalar_t>::type max_lr, typename AccType<scalar_t>::type* __restrict__ out) {
+                      acc_t<scalar_t> max_lr, acc_t<scalar_t>* __restrict__ out) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -268,7 +258,7 @@ __global__ void __launch_bounds__(kThreads)
 // workspace: forward_blocks(batch) * kNumPart doubles; out: kNumOut values.
 template <typename scalar_t>
 cudaError_t launch_ppo_loss_forward(const TokenArgs<scalar_t>& x, const ppo::Params& p, double* workspace,
-                                    typename AccType<scalar_t>::type* out, cudaStream_t stream) {
+                                    acc_t<scalar_t>* out, cudaStream_t stream) {
   int blocks = 0;
   if (x.batch > 0 && x.length > 0) {
     blocks = forward_blocks(x.batch);
@@ -279,7 +269,7 @@ cudaError_t launch_ppo_loss_forward(const TokenArgs<scalar_t>& x, const ppo::Par
       default: ppo_loss_forward_kernel<scalar_t, ppo::kNoKl><<<blocks, kThreads, 0, stream>>>(x, p, workspace); break;
     }
   }
-  ppo_loss_combine_kernel<typename AccType<scalar_t>::type><<<1, kThreads, 0, stream>>>(workspace, blocks, p, out);
+  ppo_loss_combine_kernel<acc_t<scalar_t>><<<1, kThreads, 0, stream>>>(workspace, blocks, p, out);
   return cudaGetLastError();
 }
 
@@ -287,8 +277,8 @@ cudaError_t launch_ppo_loss_forward(const TokenArgs<scalar_t>& x, const ppo::Par
 // grad_entropy: nullptr when values / entropy are absent.
 template <typename scalar_t>
 cudaError_t launch_ppo_loss_backward(const TokenArgs<scalar_t>& x, const ppo::Params& p,
-                                     const typename AccType<scalar_t>::type* grad_out,
-                                     const typename AccType<scalar_t>::type* out, scalar_t* grad_logprobs,
+                                     const acc_t<scalar_t>* grad_out,
+                                     const acc_t<scalar_t>* out, scalar_t* grad_logprobs,
                                      scalar_t* grad_values, scalar_t* grad_entropy, cudaStream_t stream) {
   if (x.batch <= 0 || x.length <= 0) return cudaSuccess;
   const int blocks = static_cast<int>(x.batch < kMaxRowBlocks ? x.batch : kMaxRowBlocks);
@@ -307,7 +297,7 @@ cudaError_t launch_ppo_loss_backward(const TokenArgs<scalar_t>& x, const ppo::Pa
 
 template <typename scalar_t>
 cudaError_t launch_kl_penalty(const scalar_t* logprobs, const scalar_t* ref_logprobs, int64_t n, int estimator,
-                              typename AccType<scalar_t>::type max_lr, typename AccType<scalar_t>::type* out,
+                              acc_t<scalar_t> max_lr, acc_t<scalar_t>* out,
                               cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   const int64_t wanted = (n + kThreads - 1) / kThreads;
@@ -327,15 +317,14 @@ cudaError_t launch_kl_penalty(const scalar_t* logprobs, const scalar_t* ref_logp
 // Compiling this header alone generates the device code of every launcher and dtype.
 #define RLHF_PPO_INSTANTIATE(T)                                                                                  \
   template cudaError_t rlhf_ext::ppo_cuda::launch_ppo_loss_forward<T>(                                          \
-      const rlhf_ext::ppo_cuda::TokenArgs<T>&, const rlhf_ext::ppo::Params&, double*,                            \
-      rlhf_ext::ppo_cuda::AccType<T>::type*, cudaStream_t);                                                      \
-  template cudaError_t rlhf_ext::ppo_cuda::launch_ppo_loss_backward<T>(                                         \
-      const rlhf_ext::ppo_cuda::TokenArgs<T>&, const rlhf_ext::ppo::Params&,                                     \
-      const rlhf_ext::ppo_cuda::AccType<T>::type*, const rlhf_ext::ppo_cuda::AccType<T>::type*, T*, T*, T*,      \
+      const rlhf_ext::ppo_cuda::TokenArgs<T>&, const rlhf_ext::ppo::Params&, double*, rlhf_ext::acc_t<T>*,       \
       cudaStream_t);                                                                                             \
+  template cudaError_t rlhf_ext::ppo_cuda::launch_ppo_loss_backward<T>(                                         \
+      const rlhf_ext::ppo_cuda::TokenArgs<T>&, const rlhf_ext::ppo::Params&, const rlhf_ext::acc_t<T>*,          \
+      const rlhf_ext::acc_t<T>*, T*, T*, T*, cudaStream_t);                                                      \
   template cudaError_t rlhf_ext::ppo_cuda::launch_kl_penalty<T>(const T*, const T*, int64_t, int,                \
-                                                                rlhf_ext::ppo_cuda::AccType<T>::type,            \
-                                                                rlhf_ext::ppo_cuda::AccType<T>::type*, cudaStream_t);
+                                                                rlhf_ext::acc_t<T>, rlhf_ext::acc_t<T>*,         \
+                                                                cudaStream_t);
 RLHF_PPO_INSTANTIATE(float)
 RLHF_PPO_INSTANTIATE(__nv_bfloat16)
 RLHF_PPO_INSTANTIATE(__half)

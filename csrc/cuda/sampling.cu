@@ -1,21 +1,21 @@
-// Torch binding of the fused CUDA sampler (kernels in sampling.cuh). Same checks as the CPU kernel; per-row
+// Torch binding of the fused CUDA sampler (kernels in sampling.cuh). Same checks as the CPU kernel
+// (csrc/checks/sampling.cpp); per-row
 // setting values are checked by the Python wrapper (reading them here would synchronise), and a row the
 // kernel cannot sample comes back as token -1, which the wrapper turns into an error outside graph capture.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <mutex>
 
+#include "../checks/checks.h"
+#include "binding.h"
 #include "sampling.cuh"
 
 namespace rlhf_ext {
-
-void check_sample_inputs(const at::Tensor& logits, double temperature, int64_t top_k, double top_p, double min_p,
-                         const c10::optional<at::Tensor>& row_temperature, const c10::optional<at::Tensor>& row_top_k,
-                         const c10::optional<at::Tensor>& row_top_p, const c10::optional<at::Tensor>& row_min_p);
 
 namespace {
 
@@ -69,28 +69,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t err = cudaSuccess;
   const int64_t stride = logits.stride(0);
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      err = sampling::launch_sample<float>(logits.data_ptr<float>(), B, V, stride, settings, rng,
-                                           tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
-                                           filtered.data_ptr<float>(), stream);
-      break;
-    case at::kBFloat16:
-      err = sampling::launch_sample<__nv_bfloat16>(reinterpret_cast<const __nv_bfloat16*>(logits.data_ptr()), B, V,
-                                                   stride, settings, rng, tokens.data_ptr<int64_t>(),
-                                                   logprobs.data_ptr<float>(), filtered.data_ptr<float>(), stream);
-      break;
-    case at::kHalf:
-      err = sampling::launch_sample<__half>(reinterpret_cast<const __half*>(logits.data_ptr()), B, V, stride, settings,
-                                            rng, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
-                                            filtered.data_ptr<float>(), stream);
-      break;
-    default:
-      TORCH_CHECK(false, "logits: expected a float32/bfloat16/float16 tensor, got ", logits.scalar_type());
-  }
-  TORCH_CHECK(err == cudaSuccess, "sample: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  const auto launch = [&](const auto* typed_logits) {
+    cuda::check_launch(sampling::launch_sample(typed_logits, B, V, stride, settings, rng, tokens.data_ptr<int64_t>(),
+                                               logprobs.data_ptr<float>(), filtered.data_ptr<float>(), stream),
+                       "sample");
+  };
+  // The checks admit float32, bfloat16 and float16 only: the kernels exist for those.
+  AT_DISPATCH_SWITCH(logits.scalar_type(), "sample_cuda",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { launch(cuda::device_ptr<scalar_t>(logits)); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch(cuda::device_ptr<scalar_t>(logits)); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { launch(cuda::device_ptr<scalar_t>(logits)); }));
   return {tokens, logprobs, filtered};
 }
 

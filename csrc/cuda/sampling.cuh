@@ -8,7 +8,7 @@
 //   top-p    the same select by mass over keys >= tau_k, target top_p * mass(K);
 //   draw     Gumbel-max over kept tokens (key >= tau, exp(z - m) >= min_p): argmax of z_i - log(E_i), with
 //            E_i = -log(u_i) from Philox4x32-10 keyed by the generator seed, counter (i, row, offset).
-// The kept-set rule is the CPU kernel's (csrc/sampling.cpp). Masses in the selects are 32.32 fixed point and
+// The kept-set rule is the CPU kernel's (csrc/cpu/sampling.cpp). Masses in the selects are 32.32 fixed point and
 // summed with integer atomics, so results do not depend on the order in which threads add: the same seed and
 // offset give the same tokens. The seed/offset are read through PhiloxSeed, which points at device tensors
 // under CUDA-graph capture (as torch's PhiloxCudaState does), so a decode step can be captured.
@@ -23,8 +23,12 @@
 #include <cub/block/block_scan.cuh>
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace rlhf_ext {
 namespace sampling {
+
+using cuda::to_acc;
 
 constexpr int kThreads = 512;
 
@@ -59,10 +63,6 @@ __host__ __device__ inline uint4 philox4x32_10(uint4 c, uint2 k) {
   }
   return c;
 }
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 // Bit tests rather than isnan/isinf so that fast-math builds keep them.
 __device__ __forceinline__ bool is_nan(float v) { return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u; }
@@ -101,11 +101,11 @@ __device__ __forceinline__ void for_each_in_row(const T* row, int64_t V, bool ve
       const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
       const T* vals = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) f(v * kVec + j, to_float(vals[j]));
+      for (int j = 0; j < kVec; ++j) f(v * kVec + j, to_acc(vals[j]));
     }
     start = num_vec * kVec;
   }
-  for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) f(i, to_float(row[i]));
+  for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) f(i, to_acc(row[i]));
 }
 
 struct RowStats {  // pass 1: online (max, sum exp), first argmax, flags (1 NaN, 2 +inf)

@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(kMomentThreads) moments_partial_kernel(const s
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kMomentSegment;
   const int64_t end = begin + kMomentSegment < numel ? begin + kMomentSegment : numel;
 
-  // Pivot: the segment's first selected value (as on CPU, csrc/whiten.cpp). Deviations from it are summed,
+  // Pivot: the segment's first selected value (as on CPU, csrc/cpu/whiten.cpp). Deviations from it are summed,
   // so a constant segment has exactly zero deviations: an exact mean and M2 = 0 however large the values.
   // The first index is found as the largest `kMomentSegment - index` over the threads' own first selected
   // elements (0: none), with a shared-memory atomicMax (order-independent, so deterministic).
@@ -43,12 +43,12 @@ __global__ void __launch_bounds__(kMomentThreads) moments_partial_kernel(const s
   }
   __syncthreads();
   const unsigned int to_end = shared_to_end;
-  const double pivot = to_end > 0 ? load_as<double>(x[begin + kMomentSegment - to_end]) : 0.0;
+  const double pivot = to_end > 0 ? static_cast<double>(to_acc(x[begin + kMomentSegment - to_end])) : 0.0;
   double count = 0, sum = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kMomentThreads) {
     if (mask[i]) {
       count += 1;
-      sum += load_as<double>(x[i]) - pivot;
+      sum += static_cast<double>(to_acc(x[i])) - pivot;
     }
   }
   const double block_count = Reduce(storage).Sum(count);
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kMomentThreads) moments_partial_kernel(const s
   const double mean = shared_mean;
   double m2 = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kMomentThreads) {
-    const double d = mask[i] ? load_as<double>(x[i]) - mean : 0.0;
+    const double d = mask[i] ? static_cast<double>(to_acc(x[i])) - mean : 0.0;
     m2 += d * d;
   }
   const double block_m2 = Reduce(storage).Sum(m2);
@@ -105,7 +105,7 @@ __global__ void whiten_kernel(const scalar_t* __restrict__ x, const bool* __rest
   const acc_t add_back = shift_mean ? acc_t(0) : mean;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = mask[i] ? (load_as<acc_t>(x[i]) - mean) * inv_std + add_back : acc_t(0);
+    out[i] = mask[i] ? (static_cast<acc_t>(to_acc(x[i])) - mean) * inv_std + add_back : acc_t(0);
   }
 }
 

@@ -44,7 +44,7 @@ from rlhf_ext.ops._common import as_bool_mask, check_devices, check_tensor
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-# Entries of the op's output vector (csrc/ppo_loss_math.h `Out`), from index 5 on: the statistics.
+# Entries of the op's output vector (csrc/maths/ppo_loss.h `Out`), from index 5 on: the statistics.
 _OUT_NAMES = (
     "loss",
     "policy_loss",

@@ -8,7 +8,7 @@ using namespace driver;
 
 template <typename T>
 void run(Checker& check, int64_t B, int64_t L, bool with_last, unsigned seed) {
-  using acc_t = typename rlhf_ext::cuda::AccType<T>::type;
+  using acc_t = rlhf_ext::acc_t<T>;
   const double gamma = 0.99, lam = 0.95;
   auto rewards = normal<T>(B * L, 1.0, seed), values = normal<T>(B * L, 1.0, seed + 1);
   auto last = normal<acc_t>(B, 1.0, seed + 2);

@@ -1,7 +1,7 @@
 // compute-sanitizer driver for csrc/cuda/ppo_loss.cuh: forward (+ combine) and backward for every KL
 // estimator, with and without values / entropy, every dtype, more rows than one block handles at once,
 // masks with holes and an empty row; kl_penalty for k1/k2/k3. Checked on the host with the same per-token
-// maths (csrc/ppo_loss_math.h): the token count, the k3 KL per token, and the token-mean policy loss.
+// maths (csrc/maths/ppo_loss.h): the token count, the k3 KL per token, and the token-mean policy loss.
 #include <string>
 
 #include "driver.cuh"
@@ -13,7 +13,7 @@ namespace ppo = rlhf_ext::ppo;
 
 template <typename T>
 void run(Checker& check, int64_t B, int64_t L, int kl, bool full, unsigned seed) {
-  using acc_t = typename pc::AccType<T>::type;
+  using acc_t = rlhf_ext::acc_t<T>;
   const int64_t n = B * L;
   auto old = normal<T>(n, 1.0, seed), adv = normal<T>(n, 1.0, seed + 1), ref = normal<T>(n, 1.0, seed + 2);
   std::vector<T> logprobs(n);

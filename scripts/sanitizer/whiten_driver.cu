@@ -8,7 +8,7 @@ using namespace driver;
 
 template <typename T>
 void run(Checker& check, int64_t numel, bool shift_mean, unsigned seed) {
-  using stat_t = typename rlhf_ext::cuda::AccType<T>::type;
+  using stat_t = rlhf_ext::acc_t<T>;
   auto x = normal<T>(numel, 3.0, seed);
   auto mask = holey_mask(1, numel, seed + 1);
   const int segments = rlhf_ext::cuda::moments_num_segments(numel);

@@ -7,7 +7,7 @@
 
 namespace {
 
-template <typename T, typename acc_t = typename rlhf_ext::cuda::AccType<T>::type>
+template <typename T, typename acc_t = rlhf_ext::acc_t<T>>
 int run_gae(const T* rewards, const T* values, const bool* mask, const acc_t* last_values, acc_t* advantages,
             acc_t* returns, int64_t B, int64_t T_, double gamma, double lam) {
   rlhf_ext::sim::Scope s;

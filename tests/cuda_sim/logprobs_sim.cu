@@ -36,7 +36,7 @@ bool layout_of(int64_t lead_dims, const int64_t* sizes, const int64_t* strides, 
   return rlhf_ext::cuda::make_row_layout(static_cast<int>(lead_dims), sizes, strides, layout);
 }
 
-template <typename T, typename A = lp::acc_t<T>>
+template <typename T, typename A = rlhf_ext::acc_t<T>>
 int run_forward(const T* storage, int64_t n, int64_t offset, int64_t lead_dims, const int64_t* sizes,
                 const int64_t* strides, const int64_t* table, const int64_t* labels, A* logprobs, A* entropy, A* lse,
                 int64_t vocab, double temperature, int64_t ignore_index, int64_t with_entropy, int64_t splits) {
@@ -62,7 +62,7 @@ int run_forward(const T* storage, int64_t n, int64_t offset, int64_t lead_dims, 
   return code;
 }
 
-template <typename T, typename A = lp::acc_t<T>>
+template <typename T, typename A = rlhf_ext::acc_t<T>>
 int run_backward(T* storage, int64_t n, int64_t offset, int64_t lead_dims, const int64_t* sizes,
                  const int64_t* strides, const int64_t* table, T* grad, const int64_t* labels, const A* grad_logprobs,
                  const A* grad_entropy, const A* lse, const A* entropy, int64_t vocab, double temperature,

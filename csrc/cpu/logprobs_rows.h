@@ -1,6 +1,6 @@
 // Row kernels for gather_logprobs on CPU, written once with at::vec::Vectorized and compiled once per
-// vector ISA by csrc/logprobs_cpu_{default,avx2,avx512}.cpp (each defines CPU_CAPABILITY first, so the
-// Vectorized types resolve to that ISA). Everything here has internal linkage: every ISA gets its own
+// vector ISA by csrc/cpu/logprobs_isa.h (which defines CPU_CAPABILITY first, so the Vectorized types
+// resolve to that ISA). Everything here has internal linkage: every ISA gets its own
 // copy and no symbol is shared between differently compiled objects.
 //
 // Forward, per row of x = z / T (V entries), in ONE pass over memory: the row is walked in chunks of
@@ -29,7 +29,7 @@
 #include <cstring>
 #include <limits>
 
-#include "logprobs_cpu.h"
+#include "logprobs_kernels.h"
 
 namespace rlhf_ext::logprobs_cpu {
 namespace {

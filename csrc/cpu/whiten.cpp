@@ -15,16 +15,9 @@
 #include <cmath>
 #include <vector>
 
-#include "common.h"
+#include "../checks/checks.h"
 
 namespace rlhf_ext {
-
-void check_masked_inputs(const at::Tensor& x, const at::Tensor& mask) {
-  check_float(x, "x");
-  check_same_shape(mask, x, "mask", "x");
-  check_same_device(mask, x, "mask", "x");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask.scalar_type());
-}
 
 namespace {
 
@@ -175,10 +168,6 @@ Moments moments_of(const at::Tensor& x, const at::Tensor& mask) {
   return total;
 }
 
-at::ScalarType stat_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor masked_moments_cpu(const at::Tensor& x_in, const at::Tensor& mask_in) {
   check_masked_inputs(x_in, mask_in);
   auto x = x_in.contiguous();
@@ -189,21 +178,18 @@ at::Tensor masked_moments_cpu(const at::Tensor& x_in, const at::Tensor& mask_in)
   o[0] = mo.count;
   o[1] = mo.mean;
   o[2] = mo.m2;
-  return out.to(stat_dtype(x));
+  return out.to(acc_dtype(x.scalar_type()));
 }
 
 at::Tensor masked_whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, bool shift_mean,
                              bool unbiased, double eps) {
-  check_masked_inputs(x_in, mask_in);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps: expected a finite value >= 0, got ", eps);
+  check_masked_whiten_inputs(x_in, mask_in, eps);
   auto x = x_in.contiguous();
   auto mask = mask_in.contiguous();
   const Moments mo = moments_of(x, mask);
-  TORCH_CHECK(mo.count > 0, "mask: selects no element (mask.sum() == 0); masked statistics are undefined");
-  TORCH_CHECK(!unbiased || mo.count > 1,
-              "mask: selects a single element, so the unbiased variance is undefined; pass unbiased=False");
+  check_whiten_count(mo.count, unbiased);
   const double var = mo.m2 / (unbiased ? mo.count - 1 : mo.count);
-  auto out = at::empty(x.sizes(), x.options().dtype(stat_dtype(x)));
+  auto out = at::empty(x.sizes(), x.options().dtype(acc_dtype(x.scalar_type())));
   const int64_t numel = x.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_whiten_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

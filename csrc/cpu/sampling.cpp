@@ -13,7 +13,8 @@
 //   draw    inverse CDF on the kept mass (without filters: the block sums locate the block, then one block is
 //           scanned) with one uniform from Philox4x32-10 keyed by the seed drawn from the torch.Generator,
 //           counter = row, so the result does not depend on the thread count.
-// No pass sorts the vocabulary; the only full-row work is two vectorised passes.
+// No pass sorts the vocabulary; the only full-row work is two vectorised passes (csrc/cpu/sampling_rows.h,
+// compiled per ISA and picked by cpu_isa(); csrc/cpu/isa.h).
 // Kept-set rule (the reference in rlhf_ext/ops/reference.py implements the same, sort-based):
 //   top-k   keep i iff #{j : z_j > z_i} < k               (all tokens tied with the k-th largest stay)
 //   top-p   keep i in K iff mass_K{j : z_j > z_i} < top_p * mass(K)   (renormalised on the top-k set K;
@@ -33,43 +34,33 @@
 #include <mutex>
 #include <vector>
 
-#include "common.h"
-#include "sampling_row.h"
+#include "../checks/checks.h"
+#include "isa.h"
+#include "sampling_kernels.h"
+
+// The passes' bits were fixed with these flags (AVX2 without FMA contraction; AVX-512F alone), so they stay.
+#define RLHF_EXT_AVX2_FLAGS "avx2"
+#define RLHF_EXT_AVX512_FLAGS "avx512f"
+#define RLHF_EXT_ISA_ROWS "sampling_rows.h"
+#include "per_isa.h"
+
+#include "sampling_filters.h"
 
 namespace rlhf_ext {
 
-// Shared with csrc/cuda/sampling.cu: shapes, dtypes, devices and the scalar settings.
-void check_sample_inputs(const at::Tensor& logits, double temperature, int64_t top_k, double top_p, double min_p,
-                         const c10::optional<at::Tensor>& row_temperature, const c10::optional<at::Tensor>& row_top_k,
-                         const c10::optional<at::Tensor>& row_top_p, const c10::optional<at::Tensor>& row_min_p) {
-  check_dim(logits, 2, "logits", "[B, V]");
-  const auto st = logits.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
-              "logits: expected a float32/bfloat16/float16 tensor, got ", st);
-  TORCH_CHECK(logits.size(1) >= 1, "logits: expected a vocabulary of at least one token, got shape ", shape_str(logits));
-  TORCH_CHECK(logits.size(1) < (int64_t(1) << 31), "logits: vocabulary sizes of 2^31 or more are not supported, got ",
-              logits.size(1));
-  TORCH_CHECK(std::isfinite(temperature) && temperature >= 0, "temperature: expected a finite value >= 0, got ", temperature);
-  TORCH_CHECK(top_k >= 0, "top_k: expected a value >= 0 (0 = off), got ", top_k);
-  TORCH_CHECK(top_p > 0 && top_p <= 1, "top_p: expected a value in (0, 1] (1 = off), got ", top_p);
-  TORCH_CHECK(min_p >= 0 && min_p <= 1, "min_p: expected a value in [0, 1] (0 = off), got ", min_p);
-  const int64_t B = logits.size(0);
-  auto check_row = [&](const c10::optional<at::Tensor>& t, const char* name, bool integral) {
-    if (!t.has_value()) return;
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, name, ": expected a per-row tensor of shape [", B,
-                "] (the batch of logits), got shape ", shape_str(*t));
-    check_same_device(*t, logits, name, "logits");
-    const bool is_int = at::isIntegralType(t->scalar_type(), /*includeBool=*/false);
-    TORCH_CHECK(integral ? is_int : at::isFloatingType(t->scalar_type()), name, ": expected ",
-                integral ? "an integer" : "a floating-point", " tensor, got ", t->scalar_type());
-  };
-  check_row(row_temperature, "temperature", false);
-  check_row(row_top_k, "top_k", true);
-  check_row(row_top_p, "top_p", false);
-  check_row(row_min_p, "min_p", false);
-}
-
 namespace {
+
+using namespace sampling_cpu;
+
+const SimdPasses& simd_passes() {
+#ifdef RLHF_EXT_X86_ISAS
+  static const SimdPasses passes =
+      cpu::for_isa(cpu::cpu_isa(), isa_default::kPasses, isa_avx2::kPasses, isa_avx512::kPasses);
+#else
+  static const SimdPasses passes = isa_default::kPasses;
+#endif
+  return passes;
+}
 
 // Per-row settings as host vectors; a missing tensor repeats the scalar.
 template <typename T>
@@ -116,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   int64_t* tok = tokens.data_ptr<int64_t>();
   float* lp = logprobs.data_ptr<float>();
   float* flp = filtered.data_ptr<float>();
+  const SimdPasses& simd = simd_passes();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sample_cpu", [&] {
     const scalar_t* x = logits.data_ptr<scalar_t>();
     // Rows per task: at least ~64k logits, so small batches of small vocabularies are not split to death.
@@ -124,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
       Scratch buf(V);
       for (int64_t b = begin; b < end; ++b) {
         const RowSettings s{temps[b] == 0.0, static_cast<float>(temps[b]), ks[b], ps[b], static_cast<float>(mps[b])};
-        const RowResult r = sample_row<scalar_t>(x + b * V, V, s, seed, b, buf);
+        const RowResult r = sample_row<scalar_t>(x + b * V, V, s, seed, b, buf, simd);
         tok[b] = r.token;
         lp[b] = r.logprob;
         flp[b] = r.filtered_logprob;

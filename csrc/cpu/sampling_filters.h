@@ -1,131 +1,21 @@
-// Row kernel of the CPU sampler (csrc/sampling.cpp): everything that touches one row of logits. Included by
-// sampling.cpp only; internal linkage throughout. See sampling.cpp for the algorithm and the kept-set rule.
+// Row kernel of the CPU sampler (csrc/cpu/sampling.cpp): the filters and the draw on one row of logits, over the
+// vectorised passes of csrc/cpu/sampling_rows.h (`simd`, this CPU's ISA). Included by sampling.cpp only;
+// internal linkage throughout. See sampling.cpp for the algorithm and the kept-set rule.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "sampling_kernels.h"
+
 namespace rlhf_ext {
+namespace sampling_cpu {
 namespace {
-
-// ---- Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3") ----
-inline uint32_t philox_first_word(uint64_t key, uint64_t counter) {
-  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t p0 = uint64_t(0xD2511F53u) * c0, p1 = uint64_t(0xCD9E8D57u) * c2;
-    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0, n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(p1);
-    c3 = static_cast<uint32_t>(p0);
-    c0 = n0;
-    c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c0;
-}
-
-// Hot loops are compiled for AVX-512, AVX2 and the baseline ISA and picked at load time (GCC/Clang function
-// multi-versioning on x86-64); elsewhere they are plain loops for the compiler's default vectoriser.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
-#define RLHF_EXT_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RLHF_EXT_SIMD_CLONES
-#endif
-
-constexpr int64_t kBlock = 64;  // block maxima bound the kept set; block sums locate the inverse-CDF draw
-
-// exp(x) for x <= 0 (x = z - max), branch-free so that it vectorises: Cody-Waite reduction by ln 2, a degree-6
-// polynomial on [-ln2/2, ln2/2] (about 1 ulp), scaling by 2^n through the exponent bits. Results below
-// FLT_MIN (x < -87.3) flush to 0: such tokens are 1e-38 times less likely than the top one.
-inline float exp_nonpositive(float x) {
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float n_clamped = n < -126.0f ? -126.0f : n;
-  const int32_t bits = (static_cast<int32_t>(n_clamped) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.3f ? 0.0f : p * scale;
-}
-
-// Pass 1: z = src / t (src may alias z), per-block maxima; returns the row max and sets *has_nan.
-RLHF_EXT_SIMD_CLONES float temper_and_block_max(const float* src, float* z, int64_t n, float t, float* block_max,
-                                                bool* has_nan) {
-  float m = -std::numeric_limits<float>::infinity();
-  int nan = 0;
-  for (int64_t start = 0, blk = 0; start < n; start += kBlock, ++blk) {
-    const int64_t len = std::min(kBlock, n - start);
-    float bm = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : bm) reduction(| : nan)
-    for (int64_t j = 0; j < len; ++j) {
-      const float v = src[start + j] / t;
-      z[start + j] = v;
-      nan |= v != v;
-      bm = v > bm ? v : bm;
-    }
-    block_max[blk] = bm;
-    m = bm > m ? bm : m;
-  }
-  *has_nan = nan != 0;
-  return m;
-}
-
-// Pass 2: block_sum[b] = sum of exp(z - m) over block b; returns the row total S (double).
-RLHF_EXT_SIMD_CLONES double exp_block_sums(const float* z, int64_t n, float m, double* block_sum) {
-  double total = 0;
-  for (int64_t start = 0, blk = 0; start < n; start += kBlock, ++blk) {
-    const int64_t len = std::min(kBlock, n - start);
-    float s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < len; ++j) s += exp_nonpositive(z[start + j] - m);
-    block_sum[blk] = s;
-    total += s;
-  }
-  return total;
-}
-
-constexpr int kBins = 512;  // histogram fallback: d = m - z in steps of 1/16 over [0, 32); the last bin is open
-
-RLHF_EXT_SIMD_CLONES void weights_and_bins(const float* z, int64_t n, float m, float* w, int32_t* bin) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    w[i] = exp_nonpositive(z[i] - m);
-    const float d = (m - z[i]) * 16.0f;  // +inf for -inf logits
-    bin[i] = static_cast<int32_t>(d < static_cast<float>(kBins - 1) ? d : static_cast<float>(kBins - 1));
-  }
-}
-
-// Per-block sums of exp(z - m) over the kept tokens (z >= tau and exp(z - m) >= min_p); returns the total.
-RLHF_EXT_SIMD_CLONES double kept_block_sums(const float* z, int64_t n, float m, float tau, float min_p,
-                                           double* block_sum) {
-  double total = 0;
-  for (int64_t start = 0, blk = 0; start < n; start += kBlock, ++blk) {
-    const int64_t len = std::min(kBlock, n - start);
-    float s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < len; ++j) {
-      const float w = exp_nonpositive(z[start + j] - m);
-      s += (z[start + j] >= tau && w >= min_p) ? w : 0.0f;
-    }
-    block_sum[blk] = s;
-    total += s;
-  }
-  return total;
-}
 
 struct Candidate {
   float z;
@@ -206,10 +96,11 @@ void compact(std::vector<Candidate>& cand, Keep keep) {
 // The first filter's threshold when block maxima give no bound: a histogram of d = m - z (monotone in z) finds
 // the bin where the cumulative count reaches k (by_mass false) or the mass reaches target; tokens in lower
 // bins are all kept, and an exact select among that one bin's tokens gives the threshold.
-float histogram_threshold(const float* z, int64_t V, float m, bool by_mass, double target, Scratch& buf) {
+float histogram_threshold(const float* z, int64_t V, float m, bool by_mass, double target, Scratch& buf,
+                          const SimdPasses& simd) {
   buf.w.resize(V);
   buf.bin.resize(V);
-  weights_and_bins(z, V, m, buf.w.data(), buf.bin.data());
+  simd.weights_and_bins(z, V, m, buf.w.data(), buf.bin.data());
   std::vector<int64_t> count(kBins, 0);
   std::vector<double> mass(kBins, 0.0);
   for (int64_t i = 0; i < V; ++i) {
@@ -307,7 +198,8 @@ int64_t draw_from_blocks(const float* z, int64_t V, float m, const double* block
 }
 
 template <typename scalar_t>
-RowResult sample_row(const scalar_t* x, int64_t V, const RowSettings& s, uint64_t seed, int64_t row, Scratch& buf) {
+RowResult sample_row(const scalar_t* x, int64_t V, const RowSettings& s, uint64_t seed, int64_t row, Scratch& buf,
+                     const SimdPasses& simd) {
   RowResult out;
   const float t = s.greedy ? 1.0f : s.temperature;
   float* z = buf.z.data();
@@ -319,11 +211,11 @@ RowResult sample_row(const scalar_t* x, int64_t V, const RowSettings& s, uint64_
     src = z;
   }
   bool nan = false;
-  const float m = temper_and_block_max(src, z, V, t, buf.block_max.data(), &nan);
+  const float m = simd.temper_and_block_max(src, z, V, t, buf.block_max.data(), &nan);
   if (nan) return out.status = 1, out;
   if (m == std::numeric_limits<float>::infinity()) return out.status = 2, out;
   if (m == -std::numeric_limits<float>::infinity()) return out.status = 3, out;
-  const double S = exp_block_sums(z, V, m, buf.block_sum.data());
+  const double S = simd.exp_block_sums(z, V, m, buf.block_sum.data());
   const double log_S = std::log(S);
   const int64_t num_blocks = static_cast<int64_t>(buf.block_max.size());
 
@@ -376,7 +268,7 @@ RowResult sample_row(const scalar_t* x, int64_t V, const RowSettings& s, uint64_
       tau_k = values[s.top_k - 1];
       compact(cand, [&](const Candidate& c) { return c.z >= tau_k; });
     } else {
-      tau_k = histogram_threshold(z, V, m, false, static_cast<double>(s.top_k), buf);
+      tau_k = histogram_threshold(z, V, m, false, static_cast<double>(s.top_k), buf, simd);
       gather_above(tau_k);
     }
     double kept_mass = 0;  // mass(K): the top-p renormalisation
@@ -390,8 +282,8 @@ RowResult sample_row(const scalar_t* x, int64_t V, const RowSettings& s, uint64_
     const float tau_p = weighted_threshold(cand.data(), static_cast<int64_t>(cand.size()), s.top_p * S);
     compact(cand, [&](const Candidate& c) { return c.z >= tau_p; });
   } else if (p_on) {
-    const float tau_p = histogram_threshold(z, V, m, true, s.top_p * S, buf);
-    const double kept = kept_block_sums(z, V, m, tau_p, s.min_p, buf.block_sum.data());
+    const float tau_p = histogram_threshold(z, V, m, true, s.top_p * S, buf, simd);
+    const double kept = simd.kept_block_sums(z, V, m, tau_p, s.min_p, buf.block_sum.data());
     const auto keep = [&](int64_t i, float w) { return z[i] >= tau_p && w >= s.min_p; };
     const int64_t token = draw_from_blocks(z, V, m, buf.block_sum.data(), kept, u, keep);
     out.token = token;
@@ -426,4 +318,5 @@ RowResult sample_row(const scalar_t* x, int64_t V, const RowSettings& s, uint64_
 }
 
 }  // namespace
+}  // namespace sampling_cpu
 }  // namespace rlhf_ext

@@ -1,89 +1,38 @@
 // gather_logprobs on CPU: log_softmax(logits / T)[label], the entropy of softmax(logits / T) and the
 // per-row log-sum-exp, in one pass over each row, and the backward in one more. No [..., V] temporary.
 //
-// This file holds the boundary checks, the row layout and the threading (at::parallel_for over rows);
-// the row kernels themselves (csrc/logprobs_cpu_kernels.h) are compiled per vector ISA and the best
-// one this CPU supports is picked once, from at::get_cpu_capability() (so ATEN_CPU_CAPABILITY=default
-// forces the generic kernels, as it does for torch's own).
+// This file holds the row layout and the threading (at::parallel_for over rows); the boundary checks are
+// csrc/checks/logprobs.cpp, and the row kernels (csrc/cpu/logprobs_rows.h) are compiled per vector ISA and
+// the best one this CPU supports is picked once by cpu_isa() (csrc/cpu/isa.h).
 //
 // Logits may be any strided [..., V] tensor whose last dim is contiguous (e.g. logits[:, :-1] of a
 // [B, L, V] output): rows are addressed through an O(N) offset table, never copied.
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
 
-#include "common.h"
-#include "logprobs.h"
-#include "logprobs_cpu.h"
+#include "../checks/checks.h"
+#include "isa.h"
+#include "logprobs_kernels.h"
 
 namespace rlhf_ext {
 
 namespace {
 
-void check_rows_like(const at::Tensor& t, const at::Tensor& logits, const char* name) {
-  const auto rows = logits.sizes().slice(0, logits.dim() - 1);
-  TORCH_CHECK(t.sizes() == rows, name, ": expected shape ", at::IntArrayRef(rows),
-              " (logits.shape[:-1]), got ", shape_str(t));
-  check_same_device(t, logits, name, "logits");
-}
-
-}  // namespace
-
-void check_logprobs_forward_inputs(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
-  check_float(logits, "logits");
-  TORCH_CHECK(logits.dim() >= 1, "logits: expected a tensor of shape [..., V], got a 0-d tensor");
-  TORCH_CHECK(logits.size(-1) > 0, "logits: expected a non-empty vocabulary dimension (V > 0), got shape ",
-              shape_str(logits));
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels: expected an int64 tensor of token ids, got ",
-              labels.scalar_type());
-  check_rows_like(labels, logits, "labels");
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature: expected a finite value > 0, got ",
-              temperature);
-}
-
-void check_logprobs_backward_inputs(const c10::optional<at::Tensor>& grad_logprobs,
-                                    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
-                                    const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
-                                    double temperature) {
-  check_logprobs_forward_inputs(logits, labels, temperature);
-  if (grad_logprobs.has_value()) {
-    check_float(*grad_logprobs, "grad_logprobs");
-    check_rows_like(*grad_logprobs, logits, "grad_logprobs");
-  }
-  if (grad_entropy.has_value()) {
-    check_float(*grad_entropy, "grad_entropy");
-    check_rows_like(*grad_entropy, logits, "grad_entropy");
-  }
-  const auto acc = logprobs_acc_dtype(logits);
-  TORCH_CHECK(lse.scalar_type() == acc, "lse: expected dtype ", acc, " (from the forward), got ", lse.scalar_type());
-  check_rows_like(lse, logits, "lse");
-  TORCH_CHECK(entropy.scalar_type() == acc, "entropy: expected dtype ", acc, " (from the forward), got ",
-              entropy.scalar_type());
-  check_rows_like(entropy, logits, "entropy");
-}
-
-namespace {
-
 using namespace logprobs_cpu;
 
+// kernels_avx2() / kernels_avx512() are nullptr where this build has no such variant; cpu_isa() then never
+// names them (csrc/cpu/isa.h).
 const KernelTable& kernels() {
-  static const KernelTable* table = [] {
-    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    if (cap == "AVX512" && kernels_avx512()) return kernels_avx512();
-    if ((cap == "AVX512" || cap == "AVX2") && kernels_avx2()) return kernels_avx2();
-    return kernels_default();
-  }();
+  static const KernelTable* table = cpu::for_isa(cpu::cpu_isa(), kernels_default(), kernels_avx2(), kernels_avx512());
   return *table;
 }
 
@@ -128,11 +77,6 @@ void check_label_values(const at::Tensor& labels, int64_t vocab, int64_t ignore_
 
 int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 32768 / vocab); }
 
-// Logits with a strided last dim are copied once; every other layout is read in place.
-at::Tensor last_dim_contiguous(const at::Tensor& logits) {
-  return logits.stride(-1) == 1 || logits.size(-1) == 1 ? logits : logits.contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Tensor& logits_in,
                                                                     const at::Tensor& labels_in, double temperature,
                                                                     int64_t ignore_index, bool with_entropy,
@@ -142,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Te
   const at::Tensor labels = labels_in.contiguous();
   const int64_t vocab = logits.size(-1);
   check_label_values(labels, vocab, ignore_index);
-  const auto opts = logits.options().dtype(logprobs_acc_dtype(logits));
+  const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
   at::Tensor logprobs = at::empty(labels.sizes(), opts);
   at::Tensor entropy = at::empty(labels.sizes(), opts);
   at::Tensor lse = at::empty(labels.sizes(), opts);
@@ -170,13 +114,13 @@ void logprobs_backward_into(const c10::optional<at::Tensor>& grad_logprobs,
   check_label_values(labels, vocab, ignore_index);
   const int64_t rows = labels.numel();
   if (rows == 0) return;
-  const auto acc_dtype = logprobs_acc_dtype(logits);
+  const auto out_dtype = acc_dtype(logits.scalar_type());
   // Per-row inputs are O(N): making them contiguous (and expanding a broadcast grad) costs nothing.
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor entropy = entropy_in.contiguous();
   at::Tensor g_lp, g_h;
-  if (grad_logprobs.has_value()) g_lp = grad_logprobs->to(acc_dtype).contiguous();
-  if (grad_entropy.has_value()) g_h = grad_entropy->to(acc_dtype).contiguous();
+  if (grad_logprobs.has_value()) g_lp = grad_logprobs->to(out_dtype).contiguous();
+  if (grad_entropy.has_value()) g_h = grad_entropy->to(out_dtype).contiguous();
   const std::vector<int64_t> in_offsets = row_offsets(logits);
   const std::vector<int64_t> out_offsets = grad.is_same(logits) ? std::vector<int64_t>() : row_offsets(grad);
   const int64_t* out_off = grad.is_same(logits) ? in_offsets.data() : out_offsets.data();
@@ -235,13 +179,7 @@ void logprobs_backward_inplace_cpu(const c10::optional<at::Tensor>& grad_logprob
                                    const c10::optional<at::Tensor>& grad_entropy, at::Tensor& logits,
                                    const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
                                    double temperature, int64_t ignore_index) {
-  check_logprobs_backward_inputs(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature);
-  TORCH_CHECK(logits.stride(-1) == 1 || logits.size(-1) == 1,
-              "logits: the in-place backward writes the gradient into logits, so its last dim must be contiguous "
-              "(stride 1), got strides ", logits.strides());
-  TORCH_CHECK(at::has_internal_overlap(logits) != at::MemOverlap::Yes,
-              "logits: the in-place backward writes the gradient into logits, so its rows must not share memory "
-              "(got an expanded/overlapping tensor); use inplace_backward=False");
+  check_logprobs_backward_inplace_inputs(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature);
   logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index,
                          logits);
 }

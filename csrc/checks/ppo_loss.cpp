@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "ppo_loss.h"
+#include "checks.h"
 
 namespace rlhf_ext {
 
@@ -63,10 +63,6 @@ int parse_kl_estimator(std::string_view name, const char* arg) {
   return -1;
 }
 
-at::ScalarType ppo_out_dtype(at::ScalarType compute_dtype) {
-  return compute_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 PpoLossInputs prepare_ppo_loss_inputs(RLHF_PPO_LOSS_PARAMS) {
   check_dim(logprobs, 2, "logprobs", "[B, T]");
   check_float(logprobs, "logprobs");
@@ -74,7 +70,7 @@ PpoLossInputs prepare_ppo_loss_inputs(RLHF_PPO_LOSS_PARAMS) {
   check_token_tensor(advantages, logprobs, "advantages");
   check_same_shape(mask, logprobs, "mask", "logprobs");
   check_same_device(mask, logprobs, "mask", "logprobs");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask.scalar_type());
+  check_bool(mask, "mask");
 
   const bool has_values = values.has_value();
   TORCH_CHECK(!has_values || (old_values.has_value() && returns.has_value()), "values: given without ",
@@ -159,7 +155,7 @@ PpoLossInputs prepare_ppo_loss_inputs(RLHF_PPO_LOSS_PARAMS) {
 
 std::pair<at::Tensor, at::Tensor> prepare_ppo_loss_grad(const at::Tensor& grad_out, const at::Tensor& out,
                                                         const PpoLossInputs& in) {
-  const auto out_dtype = ppo_out_dtype(in.compute_dtype);
+  const auto out_dtype = acc_dtype(in.compute_dtype);
   for (const auto* t : {&grad_out, &out}) {
     const char* name = t == &grad_out ? "grad_out" : "out";
     TORCH_CHECK(t->dim() == 1 && t->size(0) == ppo::kNumOut, name, ": expected shape [", int(ppo::kNumOut),

@@ -1,4 +1,4 @@
-// Per-token maths of the fused PPO/GRPO loss, shared by the CPU kernel (csrc/ppo_loss.cpp) and the
+// Per-token maths of the fused PPO/GRPO loss, shared by the CPU kernel (csrc/cpu/ppo_loss.cpp) and the
 // CUDA kernels (csrc/cuda/ppo_loss.cuh) so that both compute exactly the same formulas. Framework-free:
 // plain C++ that nvcc and g++ both compile (host+device under nvcc).
 //

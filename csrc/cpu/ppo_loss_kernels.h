@@ -1,5 +1,5 @@
-// Types shared by the CPU kernels of ppo_loss (csrc/ppo_loss_cpu_kernels.h) and their caller
-// (csrc/ppo_loss.cpp).
+// Types shared by the CPU row kernels of ppo_loss (csrc/cpu/ppo_loss_rows.h, compiled per ISA) and their
+// caller (csrc/cpu/ppo_loss.cpp).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "ppo_loss_math.h"
+#include "../maths/ppo_loss.h"
 
 namespace rlhf_ext {
 namespace ppo_cpu {

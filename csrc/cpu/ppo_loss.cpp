@@ -3,16 +3,15 @@
 // Forward: rows are cut into fixed blocks (a function of T only, never of the thread count); blocks run
 // in parallel, each walks its rows in order and keeps double partial sums; the blocks are merged in
 // index order. So the result has the same bits whatever at::get_num_threads() is. Within a row the
-// token loop is an `omp simd` reduction over the per-token maths of ppo_loss_math.h (the CUDA kernels
-// use the same functions), done in float32 (float64 for float64 inputs) whatever the input dtype.
+// token loop is an `omp simd` reduction over the per-token maths of csrc/maths/ppo_loss.h (the CUDA
+// kernels use the same functions), done in float32 (float64 for float64 inputs) whatever the input dtype.
 // Backward: recomputes the per-token quantities (cheaper than storing them) and writes the gradients
 // wrt logprobs, values and entropy in one pass per row.
 //
-// Vectorisation: the token loops are plain C++ that g++ vectorises. The row kernels are compiled three
-// times (baseline x86-64, AVX2+FMA, AVX-512; csrc/ppo_loss_cpu_kernels.h, once per `target`) and the
-// widest one that at::get_cpu_capability() allows (it honours ATEN_CPU_CAPABILITY) runs. They differ
-// only in how many partial sums a row's `omp simd` reduction keeps (the vector width), so they agree
-// to rounding; on one machine the result is bit-identical run to run and across thread counts.
+// Vectorisation: the token loops are plain C++ that g++ vectorises. The row kernels (csrc/cpu/ppo_loss_rows.h)
+// are compiled per ISA through csrc/cpu/per_isa.h and cpu_isa() picks one (csrc/cpu/isa.h). They differ only in
+// how many partial sums a row's `omp simd` reduction keeps (the vector width), so they agree to rounding; on one
+// machine the result is bit-identical run to run and across thread counts.
 
 // g++ if-converts the selects of the token loops (and so vectorises them) only when comparisons may
 // not trap; torch itself is built with -fno-trapping-math. Set before any include, so every function
@@ -23,37 +22,19 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
-#include <string>
 #include <type_traits>
 #include <vector>
 
-#include "ppo_loss.h"
-#include "ppo_loss_cpu.h"
+#include "../checks/checks.h"
+#include "isa.h"
+#include "ppo_loss_kernels.h"
 
-// The row kernels, compiled once per instruction set (see csrc/ppo_loss_cpu_kernels.h).
-#define RLHF_PPO_ISA isa_default
-#define RLHF_PPO_TARGET
-#include "ppo_loss_cpu_kernels.h"
-#undef RLHF_PPO_ISA
-#undef RLHF_PPO_TARGET
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define RLHF_PPO_X86_ISAS 1
-#define RLHF_PPO_ISA isa_avx2
-#define RLHF_PPO_TARGET __attribute__((target("avx2,fma,f16c")))
-#include "ppo_loss_cpu_kernels.h"
-#undef RLHF_PPO_ISA
-#undef RLHF_PPO_TARGET
-#define RLHF_PPO_ISA isa_avx512
-#define RLHF_PPO_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#include "ppo_loss_cpu_kernels.h"
-#undef RLHF_PPO_ISA
-#undef RLHF_PPO_TARGET
-#endif
+#define RLHF_EXT_ISA_ROWS "ppo_loss_rows.h"
+#include "per_isa.h"
 
 namespace rlhf_ext {
 
@@ -73,20 +54,22 @@ struct RowKernels {
 
 template <typename scalar_t, int kKl>
 RowKernels<scalar_t, kKl> row_kernels() {
-#ifdef RLHF_PPO_X86_ISAS
-  // at::get_cpu_capability() is what the hardware supports, lowered by ATEN_CPU_CAPABILITY if set.
-  static const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX512") {
-    return {&ppo_cpu::isa_avx512::forward_rows<scalar_t, kKl>, &ppo_cpu::isa_avx512::backward_rows<scalar_t, kKl>,
-            &ppo_cpu::isa_avx512::kl_penalty_span<scalar_t, kKl>};
-  }
-  if (capability == "AVX2") {
-    return {&ppo_cpu::isa_avx2::forward_rows<scalar_t, kKl>, &ppo_cpu::isa_avx2::backward_rows<scalar_t, kKl>,
-            &ppo_cpu::isa_avx2::kl_penalty_span<scalar_t, kKl>};
-  }
+  using Kernels = RowKernels<scalar_t, kKl>;
+#ifdef RLHF_EXT_X86_ISAS
+  const Kernels avx2{&ppo_cpu::isa_avx2::forward_rows<scalar_t, kKl>, &ppo_cpu::isa_avx2::backward_rows<scalar_t, kKl>,
+                     &ppo_cpu::isa_avx2::kl_penalty_span<scalar_t, kKl>};
+  const Kernels avx512{&ppo_cpu::isa_avx512::forward_rows<scalar_t, kKl>,
+                       &ppo_cpu::isa_avx512::backward_rows<scalar_t, kKl>,
+                       &ppo_cpu::isa_avx512::kl_penalty_span<scalar_t, kKl>};
 #endif
-  return {&ppo_cpu::isa_default::forward_rows<scalar_t, kKl>, &ppo_cpu::isa_default::backward_rows<scalar_t, kKl>,
-          &ppo_cpu::isa_default::kl_penalty_span<scalar_t, kKl>};
+  const Kernels baseline{&ppo_cpu::isa_default::forward_rows<scalar_t, kKl>,
+                         &ppo_cpu::isa_default::backward_rows<scalar_t, kKl>,
+                         &ppo_cpu::isa_default::kl_penalty_span<scalar_t, kKl>};
+#ifdef RLHF_EXT_X86_ISAS
+  return cpu::for_isa(cpu::cpu_isa(), baseline, avx2, avx512);
+#else
+  return baseline;
+#endif
 }
 
 template <typename F>
@@ -141,7 +124,7 @@ at::Tensor ppo_loss_cpu(RLHF_PPO_LOSS_PARAMS) {
       total[i] = i == ppo::pRatioMax ? std::max(total[i], part[i]) : total[i] + part[i];
     }
   }
-  auto out = at::empty({ppo::kNumOut}, in.logprobs.options().dtype(ppo_out_dtype(in.compute_dtype)));
+  auto out = at::empty({ppo::kNumOut}, in.logprobs.options().dtype(acc_dtype(in.compute_dtype)));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ppo_loss_cpu_finalize",
                              [&] { ppo::finalize<scalar_t>(total.data(), p, out.data_ptr<scalar_t>()); });
   return out;
@@ -194,7 +177,7 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logprobs_in, const at::Tensor& ref_i
   const auto inputs = prepare_kl_penalty_inputs(logprobs_in, ref_in, max_log_ratio);
   const at::Tensor& logprobs = inputs.first;
   const at::Tensor& ref_logprobs = inputs.second;
-  auto out = at::empty(logprobs.sizes(), logprobs.options().dtype(ppo_out_dtype(logprobs.scalar_type())));
+  auto out = at::empty(logprobs.sizes(), logprobs.options().dtype(acc_dtype(logprobs.scalar_type())));
   const int64_t numel = logprobs.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logprobs.scalar_type(), "kl_penalty_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

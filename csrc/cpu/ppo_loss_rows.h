@@ -1,15 +1,13 @@
-// CPU row kernels of ppo_loss / kl_penalty. NO include guard: csrc/ppo_loss.cpp includes this file once
-// per instruction set, each time with RLHF_PPO_ISA (a namespace name) and RLHF_PPO_TARGET (a g++
-// `target` attribute, or nothing) defined. Every function holding a token loop must carry the
-// attribute itself: g++ sizes the `omp simd` reduction lanes when it lowers the function that holds
-// the loop, before inlining, from that function's own target.
-#if !defined(RLHF_PPO_ISA) || !defined(RLHF_PPO_TARGET)
-#error "define RLHF_PPO_ISA and RLHF_PPO_TARGET before including ppo_loss_cpu_kernels.h"
+// CPU row kernels of ppo_loss / kl_penalty, compiled once per ISA: csrc/cpu/ppo_loss.cpp includes this file
+// through csrc/cpu/per_isa.h, each time with RLHF_EXT_ISA (a namespace name) and RLHF_EXT_TARGET (a g++ `target`
+// attribute, or nothing) defined. NO include guard.
+#if !defined(RLHF_EXT_ISA) || !defined(RLHF_EXT_TARGET)
+#error "include ppo_loss_rows.h through per_isa.h"
 #endif
 
 namespace rlhf_ext {
 namespace ppo_cpu {
-namespace RLHF_PPO_ISA {
+namespace RLHF_EXT_ISA {
 namespace {
 
 template <typename acc_t>
@@ -20,7 +18,7 @@ struct PolicyRowSums {
 // One row's policy (+ KL) sums over its valid tokens. Masked positions are selected away, never
 // multiplied by 0, so garbage (inf/NaN) there cannot leak into the sums.
 template <typename scalar_t, int kKl, typename acc_t = at::opmath_type<scalar_t>>
-RLHF_PPO_TARGET PolicyRowSums<acc_t> policy_row_forward(const TokenPtrs<scalar_t>& x, int64_t off, int64_t T,
+RLHF_EXT_TARGET PolicyRowSums<acc_t> policy_row_forward(const TokenPtrs<scalar_t>& x, int64_t off, int64_t T,
                                                         const ppo::Params& p) {
   const scalar_t *lp = x.logprobs + off, *old = x.old_logprobs + off, *adv = x.advantages + off;
   const scalar_t* ref = kKl != ppo::kNoKl ? x.ref_logprobs + off : nullptr;
@@ -58,7 +56,7 @@ RLHF_PPO_TARGET PolicyRowSums<acc_t> policy_row_forward(const TokenPtrs<scalar_t
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-RLHF_PPO_TARGET void value_row_forward(const TokenPtrs<scalar_t>& x, int64_t off, int64_t T, acc_t clip,
+RLHF_EXT_TARGET void value_row_forward(const TokenPtrs<scalar_t>& x, int64_t off, int64_t T, acc_t clip,
                                        acc_t& loss, acc_t& clipped) {
   const scalar_t *v = x.values + off, *old = x.old_values + off, *ret = x.returns + off;
   const uint8_t* m = x.mask + off;
@@ -75,7 +73,7 @@ RLHF_PPO_TARGET void value_row_forward(const TokenPtrs<scalar_t>& x, int64_t off
 }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-RLHF_PPO_TARGET acc_t masked_row_sum(const scalar_t* x, const uint8_t* m, int64_t T) {
+RLHF_EXT_TARGET acc_t masked_row_sum(const scalar_t* x, const uint8_t* m, int64_t T) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t t = 0; t < T; ++t) {
@@ -85,7 +83,7 @@ RLHF_PPO_TARGET acc_t masked_row_sum(const scalar_t* x, const uint8_t* m, int64_
   return sum;
 }
 
-RLHF_PPO_TARGET int64_t row_count(const uint8_t* m, int64_t T) {
+RLHF_EXT_TARGET int64_t row_count(const uint8_t* m, int64_t T) {
   int64_t n = 0;
 #pragma omp simd reduction(+ : n)
   for (int64_t t = 0; t < T; ++t) n += m[t] ? 1 : 0;
@@ -94,7 +92,7 @@ RLHF_PPO_TARGET int64_t row_count(const uint8_t* m, int64_t T) {
 
 // Adds rows [row_begin, row_end) to the block's partial sums `part` (ppo::Part layout).
 template <typename scalar_t, int kKl, typename acc_t = at::opmath_type<scalar_t>>
-RLHF_PPO_TARGET void forward_rows(const TokenPtrs<scalar_t>& x, int64_t row_begin, int64_t row_end, int64_t T,
+RLHF_EXT_TARGET void forward_rows(const TokenPtrs<scalar_t>& x, int64_t row_begin, int64_t row_end, int64_t T,
                                   const ppo::Params& p, double* part) {
   const acc_t value_clip = static_cast<acc_t>(p.cliprange_value);
   for (int64_t b = row_begin; b < row_end; ++b) {
@@ -128,7 +126,7 @@ RLHF_PPO_TARGET void forward_rows(const TokenPtrs<scalar_t>& x, int64_t row_begi
 
 // Writes the gradients of rows [row_begin, row_end).
 template <typename scalar_t, int kKl, typename acc_t = at::opmath_type<scalar_t>>
-RLHF_PPO_TARGET void backward_rows(const TokenPtrs<scalar_t>& x, int64_t row_begin, int64_t row_end, int64_t T,
+RLHF_EXT_TARGET void backward_rows(const TokenPtrs<scalar_t>& x, int64_t row_begin, int64_t row_end, int64_t T,
                                    const ppo::Params& p, const GradScales& g) {
   const acc_t max_lr = p.max_log_ratio, lo = p.ratio_low, hi = p.ratio_high, dual_clip = p.dual_clip;
   const acc_t value_clip = static_cast<acc_t>(p.cliprange_value);
@@ -177,7 +175,7 @@ RLHF_PPO_TARGET void backward_rows(const TokenPtrs<scalar_t>& x, int64_t row_beg
 }
 
 template <typename scalar_t, int kKl, typename acc_t = at::opmath_type<scalar_t>>
-RLHF_PPO_TARGET void kl_penalty_span(const scalar_t* lp, const scalar_t* ref, int64_t n, acc_t max_lr, acc_t* out) {
+RLHF_EXT_TARGET void kl_penalty_span(const scalar_t* lp, const scalar_t* ref, int64_t n, acc_t max_lr, acc_t* out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     out[i] = ppo::kl_token<kKl, acc_t>(static_cast<acc_t>(lp[i]), static_cast<acc_t>(ref[i]), max_lr).kl;
@@ -185,6 +183,6 @@ RLHF_PPO_TARGET void kl_penalty_span(const scalar_t* lp, const scalar_t* ref, in
 }
 
 }  // namespace
-}  // namespace RLHF_PPO_ISA
+}  // namespace RLHF_EXT_ISA
 }  // namespace ppo_cpu
 }  // namespace rlhf_ext

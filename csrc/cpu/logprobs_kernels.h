@@ -1,8 +1,7 @@
-// Interface between the torch-facing CPU ops (csrc/logprobs.cpp, compiled for the baseline ISA) and
-// the row kernels (csrc/logprobs_cpu_kernels.h), which are compiled once per vector ISA
-// (csrc/logprobs_cpu_default.cpp, _avx2.cpp, _avx512.cpp) and picked at run time from
-// at::get_cpu_capability(), so one wheel is fast on AVX2/AVX-512 machines and still runs elsewhere.
-// Only plain pointers and sizes cross this boundary: no torch objects are built in ISA-specific code.
+// Interface between the torch-facing CPU ops (csrc/cpu/logprobs.cpp, compiled for the baseline ISA) and the row
+// kernels (csrc/cpu/logprobs_rows.h), which are compiled once per vector ISA (csrc/cpu/logprobs_isa.h) and
+// picked at run time by cpu_isa() (csrc/cpu/isa.h). Only plain pointers and sizes cross this boundary: no torch
+// objects are built in ISA-specific code.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -10,19 +9,9 @@
 
 #include <cstdint>
 
-namespace rlhf_ext::logprobs_cpu {
+#include "../maths/acc_type.h"
 
-// Accumulation / output type: float for float32, bfloat16 and float16 logits, double for float64.
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename scalar_t>
-using acc_t = typename AccType<scalar_t>::type;
+namespace rlhf_ext::logprobs_cpu {
 
 template <typename scalar_t>
 struct ForwardArgs {

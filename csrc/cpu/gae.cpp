@@ -8,51 +8,19 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
-
-#include "common.h"
+#include "../checks/checks.h"
 
 namespace rlhf_ext {
-
-void check_gae_inputs(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
-                      double gamma, double lam, const c10::optional<at::Tensor>& last_values) {
-  check_dim(rewards, 2, "rewards", "[B, T]");
-  check_float(rewards, "rewards");
-  check_float(values, "values");
-  check_same_shape(values, rewards, "values", "rewards");
-  check_same_shape(mask, rewards, "mask", "rewards");
-  check_same_device(values, rewards, "values", "rewards");
-  check_same_device(mask, rewards, "mask", "rewards");
-  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "values: expected dtype ",
-              rewards.scalar_type(), " (the dtype of rewards), got ", values.scalar_type());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask: expected a bool tensor, got ", mask.scalar_type());
-  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0.0 && gamma <= 1.0, "gamma: expected a finite value in [0, 1], got ", gamma);
-  TORCH_CHECK(std::isfinite(lam) && lam >= 0.0 && lam <= 1.0, "lam: expected a finite value in [0, 1], got ", lam);
-  if (last_values.has_value()) {
-    const auto& lv = *last_values;
-    check_dim(lv, 1, "last_values", "[B]");
-    TORCH_CHECK(lv.size(0) == rewards.size(0), "last_values: expected shape [", rewards.size(0),
-                "] (the batch of rewards), got ", shape_str(lv));
-    check_same_device(lv, rewards, "last_values", "rewards");
-    check_float(lv, "last_values");
-  }
-}
 
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards_in, const at::Tensor& values_in,
                                            const at::Tensor& mask_in, double gamma, double lam,
                                            const c10::optional<at::Tensor>& last_values_in) {
-  check_gae_inputs(rewards_in, values_in, mask_in, gamma, lam, last_values_in);
-  auto rewards = rewards_in.contiguous();
-  auto values = values_in.contiguous();
-  auto mask = mask_in.contiguous();
-  const int64_t B = rewards.size(0), T = rewards.size(1);
-  const auto out_dtype = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto advantages = at::empty({B, T}, rewards.options().dtype(out_dtype));
-  auto returns = at::empty({B, T}, rewards.options().dtype(out_dtype));
-  at::Tensor last_values;
-  if (last_values_in.has_value()) last_values = last_values_in->to(out_dtype).contiguous();
+  const GaeInputs in = prepare_gae_inputs(rewards_in, values_in, mask_in, gamma, lam, last_values_in);
+  const at::Tensor &rewards = in.rewards, &values = in.values, &mask = in.mask, &last_values = in.last_values;
+  const at::Tensor &advantages = in.advantages, &returns = in.returns;
+  const int64_t B = in.batch, T = in.length;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rewards.scalar_type(), "gae_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

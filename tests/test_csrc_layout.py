@@ -1,0 +1,55 @@
+"""The compiled core's layout (csrc/, see README "Ops"): every op family under one name in each folder, the
+framework-free headers free of torch, and every source file short enough to read."""
+
+import glob
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+FAMILIES = ("gae", "whiten", "logprobs", "ppo_loss", "sampling")
+TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](ATen|c10|torch|pybind11)/', re.M)
+
+
+def _csrc_files(*patterns):
+    return sorted(p for pattern in patterns for p in glob.glob(os.path.join(CSRC, "**", pattern), recursive=True))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_op_family_keeps_one_name_across_the_layers(family):
+    expected = [
+        f"csrc/checks/{family}.cpp",
+        f"csrc/cpu/{family}.cpp",
+        f"csrc/cuda/{family}.cuh",
+        f"csrc/cuda/{family}.cu",
+        f"rlhf_ext/ops/{family}.py",
+        f"tests/test_{family}.py",
+        f"benchmarks/bench_{family}.py",
+    ]
+    missing = [path for path in expected if not os.path.exists(os.path.join(ROOT, path))]
+    assert not missing, f"op family {family!r} lacks {missing}"
+
+
+def test_framework_free_headers_include_nothing_from_torch():
+    """The CUDA kernel headers and the shared maths compile with plain nvcc (CI has no CUDA torch)."""
+    headers = _csrc_files("*.cuh") + glob.glob(os.path.join(CSRC, "maths", "*.h"))
+    assert len(headers) >= len(FAMILIES) + 2
+    offenders = {}
+    for path in headers:
+        with open(path) as f:
+            found = TORCH_INCLUDE.findall(f.read())
+        if found:
+            offenders[os.path.relpath(path, ROOT)] = found
+    assert not offenders, f"framework-free headers include torch: {offenders}"
+
+
+def test_every_source_file_is_under_400_lines():
+    lengths = {}
+    for path in _csrc_files("*.cpp", "*.h", "*.cu", "*.cuh"):
+        with open(path) as f:
+            lengths[os.path.relpath(path, ROOT)] = sum(1 for _ in f)
+    assert lengths, "no sources found under csrc/"
+    too_long = {path: n for path, n in lengths.items() if n > 400}
+    assert not too_long, f"split these along a natural seam: {too_long}"
