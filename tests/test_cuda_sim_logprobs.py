@@ -174,6 +174,8 @@ def test_forward_matches_cpu_and_oracle(cuda_sim, dtype):
             torch.testing.assert_close(lp[finite].double(), ref_lp[finite], **tol)
             torch.testing.assert_close(ent[finite].double(), ref_ent[finite], **tol)
             assert lp[8] == ent[8] == lse[8] == 0  # the ignored row, NaN inside
+            if V < 100:
+                continue  # the no-entropy variant once per path, on the long rows (each launch costs ~1-2 s)
             lp_only, zero_ent, lse_only = sim_forward(
                 cuda_sim, storage, view, labels, 0.7, with_entropy=False, splits=splits
             )
@@ -267,7 +269,6 @@ def _views(dtype, V=97):
     out.append(("three levels", s, b[:, 1:, 1:3], False))
     out.append(("six levels", *gapped(6), False))
     out.append(("seven levels, table", *gapped(7), True))
-    out.append(("three levels, table", *out[3][1:3], True))
     return out
 
 
