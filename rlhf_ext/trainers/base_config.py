@@ -216,6 +216,25 @@ class TrainerConfig(TrainingArguments):
         return int(round(self.warmup_ratio * num_training_steps))
 
 
+@dataclass
+class PolicyGradientConfig(TrainerConfig):
+    """Fields PPOConfig and GRPOConfig share: how the no-grad scoring passes and the log-probs are computed."""
+
+    local_rollout_forward_batch_size: int = field(
+        default=64, metadata={"help": "rows per no-grad forward when scoring rollouts (old/ref log-probs, values)"}
+    )
+    fused_linear_logprobs: bool = field(
+        default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"}
+    )
+    logprobs_chunk_size: Optional[int] = field(
+        default=None, metadata={"help": "extra: vocabulary chunk of the fused op"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, "local_rollout_forward_batch_size", self.local_rollout_forward_batch_size >= 1, "an integer >= 1")
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 

@@ -37,10 +37,9 @@ from rlhf_ext.trainers.distributed import zero_fields
 from rlhf_ext.trainers.evaluation import group_eval_metrics, group_eval_sums, trainer_completions
 from rlhf_ext.trainers.experience import (
     Experience,
+    by_chunks,
     policy_logprobs,
     reference_logprobs,
-    row_chunks,
-    sample_completions,
 )
 from rlhf_ext.trainers.grpo_config import GRPOConfig
 from rlhf_ext.trainers.loading import load_model, load_padding_tokenizer
@@ -192,35 +191,23 @@ class CriticFreeTrainer(BaseTrainer):
     def generate_and_score(self, rows: dict, round_index: int, row_offset: int):
         """Sample, score and compute advantages for this process's rows; returns (experience, metrics)."""
         args, dist = self.args, self.dist
-        timer = time.perf_counter()
-        with self.gathered(self.policy):  # FSDP: weights in full, no collective inside (decode lengths differ by rank)
-            rollout = sample_completions(
-                self.policy,
-                rows["input_ids"],
-                self.sampling,
-                seed=args.seed,
-                step=round_index,
-                row_offset=row_offset,
-                chunk_size=args.generation_chunk_size,
-            )
-        time_rollout = time.perf_counter() - timer
+        rollout, time_rollout = self.sample(rows, round_index, row_offset, args.generation_chunk_size)
         timer = time.perf_counter()
         sequences, attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length  # (B, P + R)
         response_mask = rollout.response_mask.float()  # (B, R): 1 up to and including EOS
-        chunks = [
-            (sequences[c], attention_mask[c], P)
-            for c in row_chunks(sequences.shape[0], args.local_rollout_forward_batch_size)
-        ]
+        size = args.local_rollout_forward_batch_size
         kl_in_reward = args.advantage_estimator != "grpo" and args.beta > 0
         old_logprobs = ref_logprobs = None
         if self.steps_per_round > 1 or kl_in_reward:  # the policy moves before these samples are used up
-            old_logprobs = torch.cat([policy_logprobs(self.policy, *c, args, run=self.run) for c in chunks])
-            old_logprobs = old_logprobs * response_mask
-        if args.beta > 0:
-            ref_logprobs = torch.cat(
-                [reference_logprobs(self.policy, self.ref_model, *c, args, run=self.run) for c in chunks]
+            old_logprobs = by_chunks(
+                lambda *chunk: policy_logprobs(self.policy, *chunk, args, run=self.run), rollout, size
             )
-            ref_logprobs = ref_logprobs * response_mask
+        if args.beta > 0:
+            ref_logprobs = by_chunks(
+                lambda *chunk: reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run),
+                rollout,
+                size,
+            )
         scores, per_source = self.reward_sources.score(rows, rollout)  # (B,), (B, S)
         all_scores = dist.all_gather(scores.float())  # (N,) every process's rewards, in global row order
         advantages = critic_free_advantages(

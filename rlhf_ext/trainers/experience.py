@@ -7,6 +7,7 @@ generator seeded from (seed, step, g). A run therefore samples the same completi
 it is split over (given the same chunk size), and a resumed run needs no generator state.
 """
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ import torch
 
 from rlhf_ext.generation import Rollout, SamplingSettings, complete, left_pad
 from rlhf_ext.models.logprobs import sequence_logprobs
-from rlhf_ext.trainers.base import autocast
 from rlhf_ext.trainers.lora import is_peft_model
 
 
@@ -61,6 +61,13 @@ class Experience:
         return dataclasses.replace(self, **moved)
 
 
+def autocast(args, device):
+    """bf16 autocast on `device` when args.bf16, else nothing."""
+    if args.bf16:
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def sampling_key(seed: int, step: int, row: int) -> int:
     """The seed of the generator that samples the chunk starting at global row `row` of step `step`."""
     return (seed * 1_000_003 + step) * 1_000_033 + row
@@ -95,6 +102,19 @@ def sample_completions(
 def row_chunks(rows: int, size: int) -> list:
     """Slices of `size` rows covering `rows` (the no-grad scoring passes take local_rollout_forward_batch_size)."""
     return [slice(i, i + size) for i in range(0, rows, size)]
+
+
+def by_chunks(fn: Callable, rollout: Rollout, size: int):
+    """`fn(sequences, attention_mask, prompt_length)` over `size` rows of the rollout at a time, its (rows, R)
+    outputs joined into (B, R) and zeroed after each row's stop token; a tuple of them (None staying None) when `fn`
+    returns a tuple.
+    The no-grad scoring passes (old and reference log-probs, values) run this way to bound their memory."""
+    mask = rollout.response_mask.float()
+    sequences, attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length
+    parts = [fn(sequences[c], attention_mask[c], P) for c in row_chunks(sequences.shape[0], size)]
+    if isinstance(parts[0], tuple):
+        return tuple(None if outputs[0] is None else torch.cat(outputs) * mask for outputs in zip(*parts))
+    return torch.cat(parts) * mask
 
 
 def call(model, fn, *args, **kwargs):

@@ -30,11 +30,10 @@ from rlhf_ext.trainers.data import StepBatches, tokenize_prompts
 from rlhf_ext.trainers.evaluation import completion_metrics, trainer_completions
 from rlhf_ext.trainers.experience import (
     Experience,
+    by_chunks,
     has_reference,
     policy_logprobs,
     reference_logprobs,
-    row_chunks,
-    sample_completions,
 )
 from rlhf_ext.trainers.loading import load_critic, load_model, load_padding_tokenizer, load_tokenizer
 from rlhf_ext.trainers.lora import is_peft_model
@@ -200,29 +199,15 @@ class PPOTrainer(BaseTrainer):
         """Rollout, scoring, per-token rewards, advantages and returns for one batch of prompts (this
         process's share of step `step`'s batch, starting at global row `row_offset`; they key the sampling)."""
         args = self.args
-        timer = time.perf_counter()
-        with self.gathered(self.policy):  # FSDP: weights in full, no collective inside (decode lengths differ by rank)
-            rollout = sample_completions(
-                self.policy,
-                rows["input_ids"],
-                self.sampling,
-                seed=args.seed,
-                step=step,
-                row_offset=row_offset,
-                chunk_size=args.local_rollout_forward_batch_size,
-            )
-        time_rollout = time.perf_counter() - timer
+        size = args.local_rollout_forward_batch_size
+        rollout, time_rollout = self.sample(rows, step, row_offset, size)
         timer = time.perf_counter()
         sequences, attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length  # (B, P + R)
         mask = rollout.response_mask.float()  # (B, R): 1 up to and including the stop token
-        old_logprobs, ref_logprobs, values = [], [], []
-        for rows_chunk in row_chunks(sequences.shape[0], args.local_rollout_forward_batch_size):
-            chunk = (sequences[rows_chunk], attention_mask[rows_chunk], P)
-            logprobs, _, chunk_values = self.policy_forward(*chunk)
-            old_logprobs.append(logprobs)
-            values.append(chunk_values)
-            ref_logprobs.append(reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run))
-        old_logprobs, ref_logprobs, values = (torch.cat(parts) * mask for parts in (old_logprobs, ref_logprobs, values))
+        old_logprobs, _, values = by_chunks(self.policy_forward, rollout, size)
+        ref_logprobs = by_chunks(
+            lambda *chunk: reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run), rollout, size
+        )
         scores, per_source = self.reward_sources.score(rows, rollout)  # (B,) on the device, (B, S)
         time_scoring = time.perf_counter() - timer
 
