@@ -34,6 +34,7 @@ from rlhf_ext.trainers.advantages import critic_free_advantages
 from rlhf_ext.trainers.base import BaseTrainer
 from rlhf_ext.trainers.data import StepBatches, tokenize_prompts
 from rlhf_ext.trainers.distributed import zero_fields
+from rlhf_ext.trainers.episodes import EnvironmentRunner, group_episode_experience
 from rlhf_ext.trainers.evaluation import group_eval_metrics, group_eval_sums, trainer_completions
 from rlhf_ext.trainers.experience import (
     Experience,
@@ -63,11 +64,14 @@ class StepSums:
 
 class CriticFreeTrainer(BaseTrainer):
     """`<Trainer>(model, reward_funcs, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
-    reward_processing_classes=None, callbacks=None, optimizers=(None, None), peft_config=None)`.
+    reward_processing_classes=None, callbacks=None, optimizers=(None, None), peft_config=None, *, env_factory=None,
+    environment_factory=None, tools=None)`.
 
     model: a causal LM or a local path. reward_funcs: a callable `f(prompts, completions, **columns) ->
     list[float | None]`, a sequence-classification reward model (object or local path), or a list mixing them.
-    Subclasses set `config_class` (GRPOConfig, RLOOConfig).
+    Subclasses set `config_class` (GRPOConfig, RLOOConfig). env_factory (gym form) or TRL's environment_factory /
+    tools (tool form): each completion is a multi-turn episode (rlhf_ext.trainers.episodes; a group is
+    num_generations episodes from one reset seed and row); the dataset and reward_funcs are then optional.
     """
 
     config_class = GRPOConfig
@@ -77,7 +81,7 @@ class CriticFreeTrainer(BaseTrainer):
         "completions/mean_terminated_length completions/min_terminated_length "
         "completions/max_terminated_length time/rollout time/scoring time/update loss grad_norm entropy kl "
         "clip_ratio/low_mean clip_ratio/high_mean clip_ratio/region_mean clip_ratio/low_min "
-        "clip_ratio/high_max learning_rate ".split()
+        "clip_ratio/high_max learning_rate episodes/* ".split()
     )
     progress_keys = {"reward": "reward", "kl": "kl"}
     supports_multi_process = True
@@ -85,7 +89,7 @@ class CriticFreeTrainer(BaseTrainer):
     def __init__(
         self,
         model,
-        reward_funcs,
+        reward_funcs=None,
         args=None,
         train_dataset=None,
         eval_dataset=None,
@@ -94,6 +98,10 @@ class CriticFreeTrainer(BaseTrainer):
         callbacks=None,
         optimizers=(None, None),
         peft_config=None,
+        *,
+        env_factory=None,
+        environment_factory=None,
+        tools=None,
     ):
         if model is None:
             raise ValueError("model: required (a causal LM or a local path)")
@@ -108,9 +116,11 @@ class CriticFreeTrainer(BaseTrainer):
             )
         if not isinstance(args, self.config_class):
             raise TypeError(f"args: expected a {self.config_class.__name__}, got {type(args).__name__}")
-        if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
-            raise ValueError("reward_funcs: required (reward functions, reward models, or a list of them)")
         tokenizer = load_padding_tokenizer(processing_class, model)
+        self.env = EnvironmentRunner.build(env_factory, environment_factory, tools, args, tokenizer)
+        no_rewards = reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs)
+        if no_rewards and self.env is None:
+            raise ValueError("reward_funcs: required (reward functions, reward models, or a list of them)")
         super().__init__(args, tokenizer, callbacks)
 
         # The policy; the reference is a frozen copy only when beta > 0 and there is no adapter to disable.
@@ -118,19 +128,29 @@ class CriticFreeTrainer(BaseTrainer):
         ref = copy.deepcopy(policy) if args.beta > 0 and not is_peft_model(policy) else None
         self.policy = self.prepare_model(policy, trainable=True)
         self.ref_model = self.prepare_model(ref, trainable=False) if ref is not None else None
-        self.reward_sources = build_reward_sources(
-            None,
-            reward_funcs,
-            args,
-            tokenizer,
-            lambda source: self.prepare_model(source, trainable=False),
-            reward_processing_classes=reward_processing_classes,
-            allow_none=True,
+        self.reward_sources = (
+            build_reward_sources(
+                None,
+                reward_funcs,
+                args,
+                tokenizer,
+                lambda source: self.prepare_model(source, trainable=False),
+                reward_processing_classes=reward_processing_classes,
+                allow_none=True,
+            )
+            if not no_rewards
+            else None
         )
         self.load_datasets(
-            train_dataset,
-            eval_dataset,
-            lambda data, name: tokenize_prompts(data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name),
+            *EnvironmentRunner.datasets(
+                self.env,
+                train_dataset,
+                eval_dataset,
+                args.generation_batch_size // args.num_generations,
+                lambda data, name: tokenize_prompts(
+                    data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name
+                ),
+            ),
             expected="a 'prompt' column, text or chat messages",
         )
         self.sampling = args.sampling_settings(tokenizer)
@@ -190,6 +210,8 @@ class CriticFreeTrainer(BaseTrainer):
     @torch.no_grad()
     def generate_and_score(self, rows: dict, round_index: int, row_offset: int):
         """Sample, score and compute advantages for this process's rows; returns (experience, metrics)."""
+        if self.env is not None:
+            return group_episode_experience(self, rows, round_index, row_offset)
         args, dist = self.args, self.dist
         rollout, time_rollout = self.sample(rows, round_index, row_offset, args.generation_chunk_size)
         timer = time.perf_counter()

@@ -43,6 +43,9 @@ class Experience:
     returns: Optional[torch.Tensor] = None  # (B, R) float32: PPO's GAE returns (advantages + values)
     rewards: Optional[torch.Tensor] = None  # (B, R) float32: PPO's per-token rewards (KL penalty + score on the last)
     kl: Optional[torch.Tensor] = None  # (B, R) float32: PPO's per-token KL estimate to the reference, 0 where masked
+    # (B, R) float32 for multi-turn episodes: 1 on the tokens the agent sampled, 0 on environment tokens and
+    # padding (response_mask then covers both kinds); None: every response token is the agent's
+    agent_mask: Optional[torch.Tensor] = None
     time_rollout: float = 0.0  # seconds spent sampling
     time_scoring: float = 0.0  # seconds spent on log-probs, values and rewards
 

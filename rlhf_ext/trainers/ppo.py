@@ -27,6 +27,7 @@ from rlhf_ext.ops import gae, kl_penalty, ppo_loss
 from rlhf_ext.trainers.advantages import assemble_rewards, global_masked_whiten
 from rlhf_ext.trainers.base import BaseTrainer
 from rlhf_ext.trainers.data import StepBatches, tokenize_prompts
+from rlhf_ext.trainers.episodes import EnvironmentRunner, ppo_episode_experience
 from rlhf_ext.trainers.evaluation import completion_metrics, trainer_completions
 from rlhf_ext.trainers.experience import (
     Experience,
@@ -48,15 +49,17 @@ __all__ = ["PPOConfig", "PPOTrainer"]
 class PPOTrainer(BaseTrainer):
     """`PPOTrainer(args, processing_class, model, ref_model=None, reward_model=None, train_dataset=None,
     value_model=None, data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None,
-    peft_config=None, *, reward_funcs=None, reward_processing_class=None)`: TRL's positional order, then our
-    keyword-only extras. See the module docstring and PPOConfig."""
+    peft_config=None, *, reward_funcs=None, reward_processing_class=None, env_factory=None)`: TRL's positional
+    order, then our keyword-only extras. See the module docstring and PPOConfig. With `env_factory` (a callable
+    returning a fresh gym-style text environment) the policy plays multi-turn episodes (rlhf_ext.trainers.episodes);
+    train_dataset is then optional (its rows go to reset's options) and so are the reward model and functions."""
 
     metric_keys = tuple(
         "objective/kl objective/entropy objective/non_score_reward objective/rlhf_reward objective/scores "
         "objective/kl_coef val/num_eos_tokens val/vf_explained_var completions/mean_length rewards/*/mean "
         "time/rollout time/scoring time/update tokens_per_second policy/approxkl_avg policy/clipfrac_avg "
         "policy/entropy_avg loss/policy_avg loss/value_avg val/clipfrac_avg val/ratio grad_norm "
-        "policy/early_stopped learning_rate episode ".split()
+        "policy/early_stopped learning_rate episode episodes/* ".split()
     )
     progress_keys = {"reward": "objective/scores", "kl": "objective/kl"}
     supports_multi_process = True
@@ -78,6 +81,7 @@ class PPOTrainer(BaseTrainer):
         *,
         reward_funcs=None,
         reward_processing_class=None,
+        env_factory=None,
     ):
         if not isinstance(args, PPOConfig):
             raise TypeError(f"args: expected a PPOConfig, got {type(args).__name__}")
@@ -106,13 +110,19 @@ class PPOTrainer(BaseTrainer):
                 reward_processing_class = load_tokenizer(None, reward_model, "reward_processing_class")
             reward_model_obj = load_model(reward_model, "sequence_classification", args, "reward_model", num_labels=1)
         self.reward_model = reward_model_obj
-        self.reward_sources = build_reward_sources(
-            reward_model_obj,
-            reward_funcs,
-            args,
-            tokenizer,
-            lambda source: self.prepare_model(source, trainable=False),
-            reward_processing_class=reward_processing_class,
+        self.env = EnvironmentRunner.build(env_factory, None, None, args, tokenizer)
+        with_rewards = self.env is None or reward_model_obj is not None or bool(reward_funcs)
+        self.reward_sources = (
+            build_reward_sources(
+                reward_model_obj,
+                reward_funcs,
+                args,
+                tokenizer,
+                lambda source: self.prepare_model(source, trainable=False),
+                reward_processing_class=reward_processing_class,
+            )
+            if with_rewards
+            else None
         )
 
         # Critic: a value head on the policy (shared_critic), the value_model given, a copy of the reward model,
@@ -123,9 +133,15 @@ class PPOTrainer(BaseTrainer):
         self.policy = self.prepare_model(self.apply_peft(policy, peft_config), trainable=True)
 
         self.load_datasets(
-            train_dataset,
-            eval_dataset,
-            lambda data, name: tokenize_prompts(data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name),
+            *EnvironmentRunner.datasets(
+                self.env,
+                train_dataset,
+                eval_dataset,
+                args.batch_size,
+                lambda data, name: tokenize_prompts(
+                    data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name
+                ),
+            )
         )
         self.sampling = args.sampling_settings(tokenizer)
         if args.total_episodes is None:  # as TRL does, so that args.num_total_batches is known from here on
@@ -198,6 +214,8 @@ class PPOTrainer(BaseTrainer):
     def make_experience(self, rows: dict, step: int = 0, row_offset: int = 0) -> Experience:
         """Rollout, scoring, per-token rewards, advantages and returns for one batch of prompts (this
         process's share of step `step`'s batch, starting at global row `row_offset`; they key the sampling)."""
+        if self.env is not None:
+            return ppo_episode_experience(self, rows, step, row_offset)
         args = self.args
         size = args.local_rollout_forward_batch_size
         rollout, time_rollout = self.sample(rows, step, row_offset, size)
@@ -336,7 +354,9 @@ class PPOTrainer(BaseTrainer):
             learning_rate = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
 
-            metrics = ppo_rollout_metrics(exp, self.kl_coef, self.reward_sources)  # kl_coef: before the controller
+            # kl_coef: before the controller; episodes/*: what the environment runner measured on the rollout
+            metrics = ppo_rollout_metrics(exp, self.kl_coef, self.reward_sources or ())
+            metrics.update(self.env.last_metrics if self.env is not None else {})
             metrics.update(
                 {
                     "time/rollout": exp.time_rollout,
