@@ -205,7 +205,7 @@ def run_episodes(
 
     env.reset(seed=seeds[i], options=options[i]) gives the first observation (the prompt). An agent turn ends at
     a stop token (settings.stop_token_id, the tokenizer's eos, `stop_token_ids` such as a chat template's
-    end-of-turn token) or after settings.max_new_tokens tokens; its text (special tokens skipped) is the action.
+    end-of-turn token) or after settings.max_new_tokens tokens; its text (without the stop token) is the action.
     The episode ends when the environment terminates or truncates it, after `max_turns` steps (truncated), or
     when its tokens after the first observation reach `max_episode_tokens` (truncated; an observation that
     would exceed it is not appended). env_errors="log": an environment that raises or breaks the protocol in
@@ -249,7 +249,9 @@ def run_episodes(
             if episode.tokens >= budget and not stopped[i]:  # cut mid-turn: the action is incomplete
                 episode.done = episode.truncated = True
                 continue
-            action = tokenizer.decode(turn_ids[i], skip_special_tokens=True)
+            # The action is the turn's text without its stop token; other special tokens stay (a tool-call
+            # marker such as <tool_call> is often one, and the environment must see it).
+            action = tokenizer.decode(turn_ids[i][:-1] if stopped[i] else turn_ids[i], skip_special_tokens=False)
             episode.actions.append(action)
             result = _step(episode, turn, action, env_errors)
             if result is None:
