@@ -130,3 +130,43 @@ def test_bad_environment_arguments(make_lm, tiny_tokenizer, cpu_args):
         grpo_args(cpu_args, max_turns=0)
     with pytest.raises(ValueError, match="reward_funcs: required"):
         GRPOTrainer(make_lm(), args=grpo_args(cpu_args), processing_class=tiny_tokenizer)
+
+
+class Counter:
+    """TRL's tool form: public methods are the tools."""
+
+    def reset(self, **row):
+        self.total = 0
+
+    def increment(self, amount: int) -> int:
+        """Adds to the counter.
+
+        Args:
+            amount: how much to add
+        """
+        self.total += amount
+        return self.total
+
+
+def test_grpo_tool_form_passes_environments_to_reward_functions(make_lm, tiny_tokenizer, cpu_args):
+    pytest.importorskip("rlhf_ext.environments.tools", reason="the tool-form adapter (environments/tools.py)")
+    received = []
+
+    def counted(prompts, completions, environments, **columns):
+        received.append(environments)
+        return [float(env.total) for env in environments]
+
+    args = grpo_args(cpu_args, max_turns=2, max_completion_length=4, max_steps=1)
+    rows = [{"prompt": [{"role": "user", "content": "count up"}]} for _ in range(4)]
+    trainer = GRPOTrainer(
+        make_lm(),
+        counted,
+        args=args,
+        train_dataset=rows,
+        processing_class=tiny_tokenizer,
+        environment_factory=Counter,
+    )
+    state = trainer.train()
+    assert len(received) == 1 and len(received[0]) == args.generation_batch_size
+    assert all(isinstance(env, Counter) for env in received[0])
+    assert any("episodes/turns_mean" in entry for entry in state.log_history)
