@@ -21,6 +21,7 @@ from rlhf_ext.environments.rollout import EpisodeBatch, run_episodes
 from rlhf_ext.generation import Rollout
 from rlhf_ext.ops import gae, kl_penalty
 from rlhf_ext.trainers.advantages import assemble_rewards, critic_free_advantages, global_masked_whiten
+from rlhf_ext.trainers.data import tokenize_prompts
 from rlhf_ext.trainers.experience import Experience, by_chunks, policy_logprobs, reference_logprobs, sampling_key
 from rlhf_ext.trainers.rollout_metrics import group_rollout_metrics
 
@@ -51,13 +52,19 @@ class EnvironmentRunner:
         return None if env_factory is None else cls(env_factory, args, tokenizer)
 
     @staticmethod
-    def datasets(runner: Optional["EnvironmentRunner"], train_dataset, eval_dataset, rows: int, tokenize) -> tuple:
-        """(train_dataset, eval_dataset, tokenize) for `BaseTrainer.load_datasets`: as given without a runner.
-        With one: the rows whose dicts go to reset(options=...), or `rows` made-up rows {"episode": i} (then
-        options is None) when there is no train_dataset, and nothing to tokenize (environments render their own
-        prompts)."""
+    def datasets(runner: Optional["EnvironmentRunner"], train_dataset, eval_dataset, rows: int, args, tokenizer):
+        """(train_dataset, eval_dataset, tokenize) for `BaseTrainer.load_datasets`: without a runner, as given,
+        with the prompts tokenized. With one: the rows whose dicts go to reset(options=...), or `rows` made-up rows
+        {"episode": i} (then options is None) when there is no train_dataset, and nothing to tokenize
+        (environments render their own prompts)."""
         if runner is None:
-            return train_dataset, eval_dataset, tokenize
+            return (
+                train_dataset,
+                eval_dataset,
+                lambda data, name: tokenize_prompts(
+                    data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name
+                ),
+            )
         if eval_dataset is not None:
             raise ValueError("eval_dataset: not supported with an environment (evaluate by playing episodes)")
         if train_dataset is None:
@@ -160,6 +167,20 @@ def episode_metrics(batch: EpisodeBatch, dist) -> dict:
     }
 
 
+def _experience(batch: EpisodeBatch, **fields) -> Experience:
+    """An Experience over the packed episodes: response = every token after the first observation, agent_mask
+    splitting it; `fields` give the rest."""
+    return Experience(
+        sequences=batch.sequences,
+        attention_mask=batch.attention_mask,
+        prompt_length=batch.prompt_length,
+        response_mask=batch.episode_mask,
+        finished=batch.terminated,
+        agent_mask=batch.agent_mask,
+        **fields,
+    )
+
+
 @torch.no_grad()
 def ppo_episode_experience(trainer, rows: dict, step: int, row_offset: int) -> Experience:
     """PPOTrainer.make_experience on episodes: see the module docstring."""
@@ -185,23 +206,18 @@ def ppo_episode_experience(trainer, rows: dict, step: int, row_offset: int) -> E
     advantages, returns = gae(rewards, values, agent, gamma=args.gamma, lam=args.lam)
     loss_mask = agent * (~batch.failed)[:, None]
     advantages = global_masked_whiten(advantages, agent, trainer.dist) * loss_mask
-    return Experience(
-        sequences=batch.sequences,
-        attention_mask=batch.attention_mask,
-        prompt_length=batch.prompt_length,
-        response_mask=batch.episode_mask,
+    return _experience(
+        batch,
         loss_mask=loss_mask,
         advantages=advantages,
         scores=scores,
         per_source=per_source,
-        finished=batch.terminated,
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
         values=values,
         returns=returns,
         rewards=rewards,
         kl=kl,
-        agent_mask=agent,
         time_rollout=time_rollout,
         time_scoring=time_scoring,
     )
@@ -243,19 +259,14 @@ def group_episode_experience(trainer, rows: dict, round_index: int, row_offset: 
     )
     metrics.update(trainer.env.last_metrics)
     metrics.update({"time/rollout": time_rollout, "time/scoring": time.perf_counter() - timer})
-    experience = Experience(
-        sequences=batch.sequences,
-        attention_mask=batch.attention_mask,
-        prompt_length=batch.prompt_length,
-        response_mask=batch.episode_mask,
+    experience = _experience(
+        batch,
         loss_mask=loss_mask,
         advantages=advantages * loss_mask,
         scores=scores,
         per_source=per_source,
-        finished=batch.terminated,
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
-        agent_mask=agent,
         time_rollout=time_rollout,
         time_scoring=metrics["time/scoring"],
     )

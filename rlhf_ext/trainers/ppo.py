@@ -26,7 +26,7 @@ from rlhf_ext.models.heads import logprobs_and_values, token_values
 from rlhf_ext.ops import gae, kl_penalty, ppo_loss
 from rlhf_ext.trainers.advantages import assemble_rewards, global_masked_whiten
 from rlhf_ext.trainers.base import BaseTrainer
-from rlhf_ext.trainers.data import StepBatches, tokenize_prompts
+from rlhf_ext.trainers.data import StepBatches
 from rlhf_ext.trainers.episodes import EnvironmentRunner, ppo_episode_experience
 from rlhf_ext.trainers.evaluation import completion_metrics, trainer_completions
 from rlhf_ext.trainers.experience import (
@@ -111,18 +111,14 @@ class PPOTrainer(BaseTrainer):
             reward_model_obj = load_model(reward_model, "sequence_classification", args, "reward_model", num_labels=1)
         self.reward_model = reward_model_obj
         self.env = EnvironmentRunner.build(env_factory, None, None, args, tokenizer)
-        with_rewards = self.env is None or reward_model_obj is not None or bool(reward_funcs)
-        self.reward_sources = (
-            build_reward_sources(
-                reward_model_obj,
-                reward_funcs,
-                args,
-                tokenizer,
-                lambda source: self.prepare_model(source, trainable=False),
-                reward_processing_class=reward_processing_class,
-            )
-            if with_rewards
-            else None
+        self.reward_sources = build_reward_sources(
+            reward_model_obj,
+            reward_funcs,
+            args,
+            tokenizer,
+            lambda source: self.prepare_model(source, trainable=False),
+            reward_processing_class=reward_processing_class,
+            optional=self.env is not None,
         )
 
         # Critic: a value head on the policy (shared_critic), the value_model given, a copy of the reward model,
@@ -133,15 +129,7 @@ class PPOTrainer(BaseTrainer):
         self.policy = self.prepare_model(self.apply_peft(policy, peft_config), trainable=True)
 
         self.load_datasets(
-            *EnvironmentRunner.datasets(
-                self.env,
-                train_dataset,
-                eval_dataset,
-                args.batch_size,
-                lambda data, name: tokenize_prompts(
-                    data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name
-                ),
-            )
+            *EnvironmentRunner.datasets(self.env, train_dataset, eval_dataset, args.batch_size, args, tokenizer)
         )
         self.sampling = args.sampling_settings(tokenizer)
         if args.total_episodes is None:  # as TRL does, so that args.num_total_batches is known from here on
