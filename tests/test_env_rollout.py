@@ -2,6 +2,7 @@
 equality with a full forward over the whole episode, error handling, seeding, truncation and batching (one
 engine call per turn, model forwards independent of the number of episodes)."""
 
+import copy
 import logging
 
 import pytest
@@ -217,3 +218,22 @@ def test_bad_arguments(make_lm, tiny_tokenizer, kwargs, fragment):
     assert fragment in str(caught.value)
     with pytest.raises(ValueError, match="envs: expected a non-empty list"):
         run_episodes(make_lm(), tiny_tokenizer, [], settings_for(tiny_tokenizer), max_turns=1)
+
+
+def test_chat_turns_end_at_the_templates_end_of_turn_token(make_lm, tiny_tokenizer):
+    """A template closing assistant messages with a special token other than EOS: turns stop there too, and
+    the token is not part of the action."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = tiny_tokenizer.chat_template.replace("</s>{% endfor %}", "<|system|>{% endfor %}")
+    end = tok.convert_tokens_to_ids("<|system|>")
+    model = eos_biased(make_lm(), tok, 0.0)
+    with torch.no_grad():
+        model.lm_head.bias[end] = 3.0
+    batch = play(model.eval(), tok, [CountingEnv(3, chat=True) for _ in range(4)], settings=settings_for(tok))
+    ends = [
+        int(batch.sequences[b, batch.prompt_length + e - 1]) for b in range(4) for _, e in segments(batch.agent_mask[b])
+    ]
+    assert end in ends
+    assert all("<|system|>" not in action for actions in batch.actions for action in actions)
+    agent_tokens = batch.sequences[:, batch.prompt_length :][batch.agent_mask.bool()]
+    assert int((agent_tokens == end).sum()) == ends.count(end)  # never inside a turn: every one ended its turn
