@@ -170,3 +170,19 @@ def test_grpo_tool_form_passes_environments_to_reward_functions(make_lm, tiny_to
     assert len(received) == 1 and len(received[0]) == args.generation_batch_size
     assert all(isinstance(env, Counter) for env in received[0])
     assert any("episodes/turns_mean" in entry for entry in state.log_history)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
+def test_other_critic_free_estimators_on_episodes(make_lm, tiny_tokenizer, cpu_args, estimator):
+    """RLOO's sequence-level KL and REINFORCE++'s per-token returns run over agent tokens only."""
+    lengths = iter([1, 1, 2, 3] * 4)  # rewards differ within each group of 4 (the same reset seed)
+    args = grpo_args(cpu_args, max_turns=3, max_completion_length=3, beta=0.05, advantage_estimator=estimator)
+    trainer = GRPOTrainer(
+        make_lm(), args=args, processing_class=tiny_tokenizer, env_factory=lambda: CountingEnv(next(lengths))
+    )
+    rows, offset = trainer.round_rows(_batches(trainer), 0)
+    exp, metrics = trainer.generate_and_score(rows, 0, offset)
+    agent = exp.agent_mask.bool()
+    assert float(exp.advantages[~agent].abs().sum()) == 0.0 and bool(torch.isfinite(exp.advantages).all())
+    assert float(exp.advantages[agent].abs().sum()) > 0
+    assert exp.scores.tolist() == [1.0, 1.0, 3.0, 6.0] * 2
