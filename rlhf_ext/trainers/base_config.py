@@ -230,6 +230,12 @@ class PolicyGradientConfig(TrainerConfig):
     )
     fused_linear_logprobs: bool = option(False, "extra: log-probs from hidden states via the fused op")
     logprobs_chunk_size: Optional[int] = option(None, "extra: vocabulary chunk of the fused op")
+    recompute_old_logprobs: Optional[bool] = option(
+        None,
+        "extra: after sampling, recompute the old log-probs with a forward pass (True) or take the sampler's, equal "
+        "within float tolerance, saving that pass (False); None: recompute only under bf16, whose autocast forward "
+        "differs from sampling by more than that",
+    )
 
     _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | MULTI_PROCESS_TRAINING_ARGUMENTS
     # the dataclass of the TRL fields the subclass declares with `unsupported` (refused when changed)
@@ -254,6 +260,11 @@ class PolicyGradientConfig(TrainerConfig):
             self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, "None or >= 1"
         )
         require(self, "local_rollout_forward_batch_size", self.local_rollout_forward_batch_size >= 1, "an integer >= 1")
+
+    @property
+    def old_logprobs_from_sampler(self) -> bool:
+        """Whether the old log-probs are the sampler's (see recompute_old_logprobs)."""
+        return not (self.bf16 if self.recompute_old_logprobs is None else self.recompute_old_logprobs)
 
     def completion_limit(self, tokenizer) -> tuple:
         """(max_new_tokens, stop_token_id or None): how long a completion may grow and which token ends it."""
