@@ -4,7 +4,8 @@ give it their config class): one loop, four advantage estimators (GRPO, RLOO, RE
 One optimizer step, top to bottom (`train` -> `generate_and_score` -> `critic_free_advantages` -> `update`):
   at the start of each generation round (every steps_per_generation * num_iterations micro-batches):
     this process's share of the round's prompts, each repeated num_generations times -> `sample_completions`
-    -> old log-probs (only when the policy moves between sampling and use) and reference log-probs
+    -> old log-probs (only when the policy moves between sampling and use: the sampler's, or recomputed with
+       recompute_old_logprobs) and reference log-probs
        (only when beta > 0; with LoRA the reference is the policy with its adapter disabled)
     -> reward functions / reward models -> rewards of every process all-gathered
     -> advantages (below), of which this process keeps its own rows
@@ -210,7 +211,9 @@ class CriticFreeTrainer(BaseTrainer):
         size = args.local_rollout_forward_batch_size
         kl_in_reward = args.advantage_estimator != "grpo" and args.beta > 0
         old_logprobs = ref_logprobs = None
-        if self.steps_per_round > 1 or kl_in_reward:  # the policy moves before these samples are used up
+        if (self.steps_per_round > 1 or kl_in_reward) and args.old_logprobs_from_sampler:
+            old_logprobs = rollout.logprobs * response_mask  # needed: the policy moves before the samples are used up
+        elif self.steps_per_round > 1 or kl_in_reward:
             old_logprobs = by_chunks(
                 lambda *chunk: policy_logprobs(self.policy, *chunk, args, run=self.run), rollout, size
             )

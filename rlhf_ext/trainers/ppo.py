@@ -3,7 +3,8 @@
 One step, as read top to bottom in `train` / `make_experience` / `ppo_update` (the helpers they call are free
 functions in experience.py, reward_sources.py and advantages.py):
   prompts -> `sample_completions` (the KV-cached completion path, keyed by seed, step and row)
-  -> old log-probs, reference log-probs (`policy_logprobs`), values, scores (`RewardSources.score`)
+  -> old log-probs (the sampler's, or recomputed: recompute_old_logprobs), reference log-probs
+     (`reference_logprobs`), values, scores (`RewardSources.score`)
   -> per-token reward: -kl_coef * KL(policy || ref) on every response token, + score on the last real one
   -> `gae` -> `masked_whiten` -> num_ppo_epochs x num_mini_batches minibatch updates with `ppo_loss`
      (gradient accumulation over per_device_train_batch_size micro-batches, gradient clipping)
@@ -194,9 +195,14 @@ class PPOTrainer(BaseTrainer):
             self.policy, sequences, attention_mask, P, args, return_entropy=return_entropy, run=self.run
         )
         logprobs, entropy = out if return_entropy else (out, None)
+        return logprobs, entropy, self.critic_values(sequences, attention_mask, P)
+
+    def critic_values(self, sequences, attention_mask, P):
+        """(B, R) values of the responses sequences[:, P:] (with shared_critic: from the policy's forward)."""
+        if self.args.shared_critic:
+            return self.policy_forward(sequences, attention_mask, P)[2]
         with self.autocast():
-            values = self.run(self.critic, token_values, sequences, attention_mask, P)
-        return logprobs, entropy, values
+            return self.run(self.critic, token_values, sequences, attention_mask, P)
 
     @torch.no_grad()
     def make_experience(self, rows: dict, step: int = 0, row_offset: int = 0) -> Experience:
@@ -210,7 +216,10 @@ class PPOTrainer(BaseTrainer):
         timer = time.perf_counter()
         sequences, attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length  # (B, P + R)
         mask = rollout.response_mask.float()  # (B, R): 1 up to and including the stop token
-        old_logprobs, _, values = by_chunks(self.policy_forward, rollout, size)
+        if args.old_logprobs_from_sampler:  # the policy has not moved since it sampled: no forward for them
+            old_logprobs, values = rollout.logprobs * mask, by_chunks(self.critic_values, rollout, size)
+        else:
+            old_logprobs, _, values = by_chunks(self.policy_forward, rollout, size)
         ref_logprobs = by_chunks(
             lambda *chunk: reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run), rollout, size
         )
