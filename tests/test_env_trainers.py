@@ -186,3 +186,19 @@ def test_other_critic_free_estimators_on_episodes(make_lm, tiny_tokenizer, cpu_a
     assert float(exp.advantages[~agent].abs().sum()) == 0.0 and bool(torch.isfinite(exp.advantages).all())
     assert float(exp.advantages[agent].abs().sum()) > 0
     assert exp.scores.tolist() == [1.0, 1.0, 3.0, 6.0] * 2
+
+
+def test_sampler_logprobs_serve_as_old_logprobs(make_lm, tiny_tokenizer, cpu_args):
+    """PPO keeps the sampler's log-probs of the agent tokens as old log-probs; recomputed by a forward pass over the
+    whole episodes they agree (the episode layout trained on is the one sampled)."""
+    exps = [
+        ppo_on(
+            make_lm, tiny_tokenizer, cpu_args, lambda: CountingEnv(3), recompute_old_logprobs=recompute
+        ).make_experience({"episode": list(range(8))})
+        for recompute in (False, True)
+    ]
+    assert torch.equal(exps[0].sequences, exps[1].sequences)
+    agent = exps[0].agent_mask.bool()
+    torch.testing.assert_close(exps[0].old_logprobs[agent], exps[1].old_logprobs[agent], atol=2e-3, rtol=0)
+    assert float(exps[0].old_logprobs[~agent].abs().sum()) == float(exps[1].old_logprobs[~agent].abs().sum()) == 0
+    torch.testing.assert_close(exps[0].values, exps[1].values)

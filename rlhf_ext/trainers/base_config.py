@@ -236,13 +236,11 @@ class PolicyGradientConfig(TrainerConfig):
         "within float tolerance, saving that pass (False); None: recompute only under bf16, whose autocast forward "
         "differs from sampling by more than that",
     )
-    max_turns: int = field(default=8, metadata={"help": "extra: environment steps per episode at most (env_factory)"})
-    max_episode_tokens: Optional[int] = field(
-        default=None, metadata={"help": "extra: agent + environment tokens per episode after its first observation"}
+    max_turns: int = option(8, "extra: environment steps per episode at most (env_factory)")
+    max_episode_tokens: Optional[int] = option(
+        None, "extra: agent + environment tokens per episode after its first observation (env_factory)"
     )
-    env_errors: str = field(
-        default="log", metadata={"help": "extra: an environment error ends its episode ('log') or training ('raise')"}
-    )
+    env_errors: str = option("log", "extra: an environment error ends its episode ('log') or training ('raise')")
 
     _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | MULTI_PROCESS_TRAINING_ARGUMENTS
     # the dataclass of the TRL fields the subclass declares with `unsupported` (refused when changed)

@@ -189,7 +189,10 @@ def ppo_episode_experience(trainer, rows: dict, step: int, row_offset: int) -> E
     timer = time.perf_counter()
     size = args.local_rollout_forward_batch_size
     agent = batch.agent_mask  # (B, T)
-    old_logprobs, _, values = by_chunks(trainer.policy_forward, rollout, size)
+    if args.old_logprobs_from_sampler:  # the policy has not moved since it sampled: no forward for them
+        old_logprobs, values = batch.logprobs, by_chunks(trainer.critic_values, rollout, size)
+    else:
+        old_logprobs, _, values = by_chunks(trainer.policy_forward, rollout, size)
     ref_logprobs = by_chunks(
         lambda *chunk: reference_logprobs(trainer.policy, trainer.ref_model, *chunk, args, run=trainer.run),
         rollout,
@@ -234,7 +237,9 @@ def group_episode_experience(trainer, rows: dict, round_index: int, row_offset: 
     agent = batch.agent_mask  # (B, T)
     kl_in_reward = args.advantage_estimator != "grpo" and args.beta > 0
     old_logprobs = ref_logprobs = None
-    if trainer.steps_per_round > 1 or kl_in_reward:  # the policy moves before these episodes are used up
+    if (trainer.steps_per_round > 1 or kl_in_reward) and args.old_logprobs_from_sampler:
+        old_logprobs = batch.logprobs  # needed: the policy moves before the episodes are used up
+    elif trainer.steps_per_round > 1 or kl_in_reward:
         old_logprobs = by_chunks(lambda *c: policy_logprobs(trainer.policy, *c, args, run=trainer.run), rollout, size)
         old_logprobs = old_logprobs * agent
     if args.beta > 0:
