@@ -202,3 +202,15 @@ def test_sampler_logprobs_serve_as_old_logprobs(make_lm, tiny_tokenizer, cpu_arg
     torch.testing.assert_close(exps[0].old_logprobs[agent], exps[1].old_logprobs[agent], atol=2e-3, rtol=0)
     assert float(exps[0].old_logprobs[~agent].abs().sum()) == float(exps[1].old_logprobs[~agent].abs().sum()) == 0
     torch.testing.assert_close(exps[0].values, exps[1].values)
+
+
+def test_grpo_logs_episodes_and_refuses_ppo_score_shaping(make_lm, tiny_tokenizer, cpu_args):
+    args = grpo_args(cpu_args, max_turns=2, max_completion_length=3, max_steps=1, log_completions=True)
+    trainer = GRPOTrainer(make_lm(), args=args, processing_class=tiny_tokenizer, env_factory=lambda: CountingEnv(2))
+    trainer.train()
+    with open(f"{args.output_dir}/completions.jsonl") as fh:
+        lines = fh.read().splitlines()
+    assert len(lines) == args.generation_batch_size and '"reward": 3.0' in lines[0] and "then" in lines[0]
+    for name, value in (("missing_eos_penalty", 1.0), ("normalize_rewards", True), ("reward_clip", 2.0)):
+        with pytest.raises(ValueError, match=f"^{name}: .* is not supported with an environment"):
+            ppo_on(make_lm, tiny_tokenizer, cpu_args, CountingEnv, **{name: value})

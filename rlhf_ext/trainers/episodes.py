@@ -27,6 +27,7 @@ from rlhf_ext.trainers.rollout_metrics import group_rollout_metrics
 
 PLACEHOLDER_COLUMN = "episode"  # the one column of the rows made up when there is no dataset
 SEED_RANGE = 2**31  # reset seeds stay in numpy's range
+SCORE_SHAPING = ("missing_eos_penalty", "normalize_rewards", "reward_clip")
 
 
 class EnvironmentRunner:
@@ -36,6 +37,12 @@ class EnvironmentRunner:
     def __init__(self, env_factory, args, tokenizer, *, tool_form: bool = False):
         if not callable(env_factory):
             raise TypeError(f"env_factory: expected a callable returning an environment, got {type(env_factory)}")
+        for name in SCORE_SHAPING:  # PPO's single-score options: an episode's rewards arrive per step
+            if getattr(args, name, None) not in (None, False):
+                raise ValueError(
+                    f"{name}: {getattr(args, name)!r} is not supported with an environment (rewards arrive per step, "
+                    "not as one score per completion); remove it"
+                )
         self.env_factory, self.args, self.tokenizer, self.tool_form = env_factory, args, tokenizer, tool_form
         self.placeholder = False
         self.last_metrics = {}
@@ -167,6 +174,21 @@ def episode_metrics(batch: EpisodeBatch, dist) -> dict:
     }
 
 
+def episode_records(trainer, batch: EpisodeBatch, scores: torch.Tensor) -> list:
+    """Every process's episodes as {"prompt", "completion", "reward"} rows (text without special tokens: the first
+    observation, then the rest of the episode), for GRPO's log_completions."""
+    tokenizer, P = trainer.processing_class, batch.prompt_length
+    rows = [
+        {
+            "prompt": tokenizer.decode(ids[:P][mask[:P].bool()].tolist(), skip_special_tokens=True),
+            "completion": tokenizer.decode(ids[P:][mask[P:].bool()].tolist(), skip_special_tokens=True),
+            "reward": float(score),
+        }
+        for ids, mask, score in zip(batch.sequences, batch.attention_mask, scores.tolist())
+    ]
+    return [row for part in trainer.dist.gather_objects(rows) for row in part]
+
+
 def _experience(batch: EpisodeBatch, **fields) -> Experience:
     """An Experience over the packed episodes: response = every token after the first observation, agent_mask
     splitting it; `fields` give the rest."""
@@ -263,6 +285,8 @@ def group_episode_experience(trainer, rows: dict, round_index: int, row_offset: 
         names,
     )
     metrics.update(trainer.env.last_metrics)
+    if args.log_completions:
+        trainer.last_completions = episode_records(trainer, batch, scores)
     metrics.update({"time/rollout": time_rollout, "time/scoring": time.perf_counter() - timer})
     experience = _experience(
         batch,
