@@ -7,7 +7,7 @@ import torch
 
 from rlhf_ext import GRPOTrainer, PPOTrainer
 from rlhf_ext.environments.protocol import EnvironmentStepError
-from rlhf_ext.environments.testing import CountingEnv
+from rlhf_ext.environments.testing import CountingEnv, VowelEnv
 from rlhf_ext.ops.reference import gae_reference
 from tests.trainer_helpers import grpo_args, ppo_args
 
@@ -214,3 +214,22 @@ def test_grpo_logs_episodes_and_refuses_ppo_score_shaping(make_lm, tiny_tokenize
     for name, value in (("missing_eos_penalty", 1.0), ("normalize_rewards", True), ("reward_clip", 2.0)):
         with pytest.raises(ValueError, match=f"^{name}: .* is not supported with an environment"):
             ppo_on(make_lm, tiny_tokenizer, cpu_args, CountingEnv, **{name: value})
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_training_raises_the_return_on_a_learnable_environment(make_lm, tiny_tokenizer, cpu_args, algorithm):
+    """Two turns per episode, each paying its vowel fraction: the episode return rises (seed 0: ~1.8x in 10
+    steps for both; 1.4x leaves room for another sampler's random stream)."""
+    common = dict(max_steps=10, max_turns=2, lr_scheduler_type="constant")
+    if algorithm == "ppo":
+        args = ppo_args(
+            cpu_args, per_device_train_batch_size=8, num_ppo_epochs=4, learning_rate=1e-2, kl_coef=0.01, **common
+        )
+        trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), env_factory=VowelEnv)
+    else:
+        args = grpo_args(
+            cpu_args, per_device_train_batch_size=16, learning_rate=5e-2, beta=0.02, max_completion_length=6, **common
+        )
+        trainer = GRPOTrainer(make_lm(), args=args, processing_class=tiny_tokenizer, env_factory=VowelEnv)
+    returns = [h["episodes/return_mean"] for h in trainer.train().log_history if "episodes/return_mean" in h]
+    assert len(returns) == 10 and sum(returns[-3:]) > 1.4 * sum(returns[:3]), returns
