@@ -19,8 +19,7 @@ import torch
 
 from rlhf_ext.environments.rollout import EpisodeBatch, run_episodes
 from rlhf_ext.generation import Rollout
-from rlhf_ext.ops import gae, kl_penalty
-from rlhf_ext.trainers.advantages import assemble_rewards, critic_free_advantages, global_masked_whiten
+from rlhf_ext.trainers.advantages import critic_free_advantages, ppo_targets
 from rlhf_ext.trainers.data import tokenize_prompts
 from rlhf_ext.trainers.experience import Experience, by_chunks, policy_logprobs, reference_logprobs, sampling_key
 from rlhf_ext.trainers.rollout_metrics import group_rollout_metrics
@@ -206,45 +205,35 @@ def _experience(batch: EpisodeBatch, **fields) -> Experience:
 @torch.no_grad()
 def ppo_episode_experience(trainer, rows: dict, step: int, row_offset: int) -> Experience:
     """PPOTrainer.make_experience on episodes: see the module docstring."""
-    args = trainer.args
     batch, rollout, time_rollout = trainer.env.play(trainer, rows, step, row_offset)
     timer = time.perf_counter()
-    size = args.local_rollout_forward_batch_size
     agent = batch.agent_mask  # (B, T)
-    if args.old_logprobs_from_sampler:  # the policy has not moved since it sampled: no forward for them
-        old_logprobs, values = batch.logprobs, by_chunks(trainer.critic_values, rollout, size)
-    else:
-        old_logprobs, _, values = by_chunks(trainer.policy_forward, rollout, size)
-    ref_logprobs = by_chunks(
-        lambda *chunk: reference_logprobs(trainer.policy, trainer.ref_model, *chunk, args, run=trainer.run),
-        rollout,
-        size,
-    )
-    old_logprobs, ref_logprobs, values = old_logprobs * agent, ref_logprobs * agent, values * agent
+    old_logprobs, ref_logprobs, values = (x * agent for x in trainer.scoring_passes(rollout))
     scores, per_source = trainer.env.scores(trainer, rows, batch, rollout)
     time_scoring = time.perf_counter() - timer
-    kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * agent
     # Step rewards already sit on agent tokens; the reward sources' part of the score goes on the last one.
-    rewards = assemble_rewards(-trainer.kl_coef * kl + batch.turn_rewards, scores - batch.returns, agent)
-    if args.whiten_rewards:
-        rewards = global_masked_whiten(rewards, agent, trainer.dist, shift_mean=False)
-    advantages, returns = gae(rewards, values, agent, gamma=args.gamma, lam=args.lam)
+    extra_scores = scores - batch.returns  # (B,) the reward sources' part
+    targets = ppo_targets(
+        trainer.args,
+        trainer.kl_coef,
+        trainer.dist,
+        old_logprobs,
+        ref_logprobs,
+        values,
+        extra_scores,
+        agent,
+        step_rewards=batch.turn_rewards,
+    )
     loss_mask = agent * (~batch.failed)[:, None]
-    advantages = global_masked_whiten(advantages, agent, trainer.dist) * loss_mask
+    targets["advantages"] = targets["advantages"] * loss_mask
     return _experience(
         batch,
         loss_mask=loss_mask,
-        advantages=advantages,
         scores=scores,
         per_source=per_source,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        values=values,
-        returns=returns,
-        rewards=rewards,
-        kl=kl,
         time_rollout=time_rollout,
         time_scoring=time_scoring,
+        **targets,
     )
 
 

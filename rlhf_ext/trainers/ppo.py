@@ -24,8 +24,8 @@ import time
 import torch
 
 from rlhf_ext.models.heads import logprobs_and_values, token_values
-from rlhf_ext.ops import gae, kl_penalty, ppo_loss
-from rlhf_ext.trainers.advantages import assemble_rewards, global_masked_whiten
+from rlhf_ext.ops import ppo_loss
+from rlhf_ext.trainers.advantages import ppo_targets
 from rlhf_ext.trainers.base import BaseTrainer
 from rlhf_ext.trainers.data import StepBatches
 from rlhf_ext.trainers.episodes import EnvironmentRunner, ppo_episode_experience
@@ -214,15 +214,8 @@ class PPOTrainer(BaseTrainer):
         size = args.local_rollout_forward_batch_size
         rollout, time_rollout = self.sample(rows, step, row_offset, size)
         timer = time.perf_counter()
-        sequences, attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length  # (B, P + R)
         mask = rollout.response_mask.float()  # (B, R): 1 up to and including the stop token
-        if args.old_logprobs_from_sampler:  # the policy has not moved since it sampled: no forward for them
-            old_logprobs, values = rollout.logprobs * mask, by_chunks(self.critic_values, rollout, size)
-        else:
-            old_logprobs, _, values = by_chunks(self.policy_forward, rollout, size)
-        ref_logprobs = by_chunks(
-            lambda *chunk: reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run), rollout, size
-        )
+        old_logprobs, ref_logprobs, values = self.scoring_passes(rollout)
         scores, per_source = self.reward_sources.score(rows, rollout)  # (B,) on the device, (B, S)
         time_scoring = time.perf_counter() - timer
 
@@ -236,31 +229,34 @@ class PPOTrainer(BaseTrainer):
             scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
         if args.reward_clip is not None:
             scores = scores.clamp(-args.reward_clip, args.reward_clip)
-        kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask  # (B, R)
-        rewards = assemble_rewards(-self.kl_coef * kl, scores, mask)
-        if args.whiten_rewards:
-            rewards = global_masked_whiten(rewards, mask, self.dist, shift_mean=False)
-        advantages, returns = gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
-        advantages = global_masked_whiten(advantages, mask, self.dist)
         return Experience(
-            sequences=sequences,
-            attention_mask=attention_mask,
-            prompt_length=P,
+            sequences=rollout.sequences,
+            attention_mask=rollout.attention_mask,
+            prompt_length=rollout.prompt_length,
             response_mask=mask,
             loss_mask=mask,
-            advantages=advantages,
             scores=raw_scores,
             per_source=per_source,
             finished=rollout.finished,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            values=values,
-            returns=returns,
-            rewards=rewards,
-            kl=kl,
             time_rollout=time_rollout,
             time_scoring=time_scoring,
+            **ppo_targets(args, self.kl_coef, self.dist, old_logprobs, ref_logprobs, values, scores, mask),
         )
+
+    def scoring_passes(self, rollout) -> tuple:
+        """(old_logprobs, ref_logprobs, values), each (B, R), of a rollout's responses, 0 after each row's stop:
+        the no-grad passes, `local_rollout_forward_batch_size` rows at a time (the old log-probs are the sampler's
+        unless recompute_old_logprobs)."""
+        args, size = self.args, self.args.local_rollout_forward_batch_size
+        if args.old_logprobs_from_sampler:  # the policy has not moved since it sampled: no forward for them
+            old_logprobs = rollout.logprobs * rollout.response_mask
+            values = by_chunks(self.critic_values, rollout, size)
+        else:
+            old_logprobs, _, values = by_chunks(self.policy_forward, rollout, size)
+        ref_logprobs = by_chunks(
+            lambda *chunk: reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run), rollout, size
+        )
+        return old_logprobs, ref_logprobs, values
 
     def ppo_update(self, exp: Experience) -> dict:
         """num_ppo_epochs x num_mini_batches optimiser steps on one batch of experience."""
