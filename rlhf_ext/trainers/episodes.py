@@ -191,15 +191,9 @@ def episode_records(trainer, batch: EpisodeBatch, scores: torch.Tensor) -> list:
 def _experience(batch: EpisodeBatch, **fields) -> Experience:
     """An Experience over the packed episodes: response = every token after the first observation, agent_mask
     splitting it; `fields` give the rest."""
-    return Experience(
-        sequences=batch.sequences,
-        attention_mask=batch.attention_mask,
-        prompt_length=batch.prompt_length,
-        response_mask=batch.episode_mask,
-        finished=batch.terminated,
-        agent_mask=batch.agent_mask,
-        **fields,
-    )
+    layout = (batch.sequences, batch.attention_mask, batch.prompt_length, batch.episode_mask, batch.terminated)
+    names = ("sequences", "attention_mask", "prompt_length", "response_mask", "finished")
+    return Experience(**dict(zip(names, layout)), agent_mask=batch.agent_mask, **fields)
 
 
 @torch.no_grad()
