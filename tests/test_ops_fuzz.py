@@ -247,9 +247,7 @@ PPO_TENSORS = ("values", "old_values", "returns", "ref_logprobs", "entropy")
         )
     ),
 )
-def test_fuzz_ppo_loss(
-    data, B, T, dtype, mixed, with_values, with_ref, with_entropy, per_sequence_advantages, scalars
-):
+def test_fuzz_ppo_loss(data, B, T, dtype, mixed, with_values, with_ref, with_entropy, per_sequence_advantages, scalars):
     """scalars: ppo_loss's clipping, aggregation and KL arguments; the coefficients follow the terms present."""
 
     def draw_dtype():
