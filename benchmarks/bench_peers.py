@@ -87,7 +87,7 @@ def parse_peer_python(items: list) -> dict:
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--algos", default="ppo,grpo", help="comma-separated: ppo, grpo")
-    parser.add_argument("--size", default="full", choices=("full", "quick"))
+    parser.add_argument("--size", default="small", choices=("full", "small", "quick"), help="peer_script.SIZES")
     parser.add_argument("--steps", type=int, default=4, help="steps per run, the first a warm-up (>= 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in both processes")
     parser.add_argument("--rounds", type=int, default=1, help="alternating TRL/ours runs per algorithm")

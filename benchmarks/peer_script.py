@@ -29,6 +29,12 @@ SIZES = {
         "ppo": dict(vocab=32000, hidden=384, layers=6, heads=6, batch=32, prompt=32, new_tokens=128, mini_batches=2),
         "grpo": dict(vocab=32000, hidden=384, layers=6, heads=6, batch=8, generations=8, prompt=32, new_tokens=128),
     },
+    # A step of a few seconds on a busy 2-core CPU (the default of bench_peers.py): the same Llama, narrower and
+    # shallower, half the batch and response length.
+    "small": {
+        "ppo": dict(vocab=32000, hidden=256, layers=4, heads=4, batch=16, prompt=32, new_tokens=64, mini_batches=2),
+        "grpo": dict(vocab=32000, hidden=256, layers=4, heads=4, batch=4, generations=8, prompt=32, new_tokens=64),
+    },
     # A smoke run for the tests: seconds, not minutes.
     "quick": {
         "ppo": dict(vocab=512, hidden=32, layers=1, heads=2, batch=4, prompt=8, new_tokens=8, mini_batches=2),
@@ -231,7 +237,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--algo", choices=("ppo", "grpo"), required=True)
     parser.add_argument("--impl", choices=("trl", "ours"), required=True)
-    parser.add_argument("--size", choices=tuple(SIZES), default="full")
+    parser.add_argument("--size", choices=tuple(SIZES), default="small")
     parser.add_argument("--steps", type=int, default=4, help="optimisation steps, the first one a warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--output-dir", default="/tmp/rlhf_ext_bench_peers")
