@@ -34,7 +34,9 @@ def run_child(python: str, algo: str, impl: str, size: str, steps: int, threads:
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{algo}/{impl} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {algo}/{impl}: {record['step_seconds']:.2f} s/step, peak RSS {record['peak_rss_mb']:.0f} MB", flush=True)
+    return record
 
 
 def compare(algo: str, peer_python: str, size: str, steps: int, threads: int, rounds: int, timeout: float) -> dict:
