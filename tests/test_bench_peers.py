@@ -80,6 +80,7 @@ def test_trl_builds_the_same_config(algo, tmp_path):
         assert trl_values[name] == str(getattr(ours, name)), name
 
 
+@pytest.mark.slow  # a TRL training run per algorithm: minutes on a busy machine
 @pytest.mark.parametrize("algo", ALGOS)
 def test_trl_side_runs(algo):
     record = bench_peers.run_child(peer_python(algo), algo, "trl", "quick", 2, 1, timeout=600)
