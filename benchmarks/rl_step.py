@@ -66,6 +66,16 @@ def logprobs_eager(model, ids, attn, P, temperature):
     return logp.gather(-1, ids[:, P:].unsqueeze(-1)).squeeze(-1), entropy
 
 
+def eager_optimizer_step(loss, params, optimizer, entropy, mask) -> None:
+    """The eager steps' update tail: backward, clip to norm 1, step, zero the grads, and read the masked mean
+    entropy back to the host as trainers do to log it."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+    _ = float((entropy.detach() * mask).sum() / mask.sum())
+
+
 def fresh_step(prepare, the_world: tuple, size: dict, device: str):
     """`prepare(tok, *copies of the models, rows, size, device)` from seed 0: a step that starts where every other
     implementation's starts (the models are copied, so a step never trains the next one's)."""
