@@ -29,8 +29,8 @@ SIZES = {
         "ppo": dict(vocab=32000, hidden=384, layers=6, heads=6, batch=32, prompt=32, new_tokens=128, mini_batches=2),
         "grpo": dict(vocab=32000, hidden=384, layers=6, heads=6, batch=8, generations=8, prompt=32, new_tokens=128),
     },
-    # A step of a few seconds on a busy 2-core CPU (the default of bench_peers.py): the same Llama, narrower and
-    # shallower, half the batch and response length.
+    # The default of bench_peers.py and the README's figures: the same Llama, narrower and shallower, half the
+    # batch and response length (seconds per step on a quiet 2-core CPU would be few; at load ~13 it took minutes).
     "small": {
         "ppo": dict(vocab=32000, hidden=256, layers=4, heads=4, batch=16, prompt=32, new_tokens=64, mini_batches=2),
         "grpo": dict(vocab=32000, hidden=256, layers=4, heads=4, batch=4, generations=8, prompt=32, new_tokens=64),
