@@ -30,7 +30,7 @@ SIZES = {
         "grpo": dict(vocab=32000, hidden=384, layers=6, heads=6, batch=8, generations=8, prompt=32, new_tokens=128),
     },
     # The default of bench_peers.py and the README's figures: the same Llama, narrower and shallower, half the
-    # batch and response length (seconds per step on a quiet 2-core CPU would be few; at load ~13 it took minutes).
+    # batch and response length (on the 2-core machine at load ~13 a step still took one to a few minutes).
     "small": {
         "ppo": dict(vocab=32000, hidden=256, layers=4, heads=4, batch=16, prompt=32, new_tokens=64, mini_batches=2),
         "grpo": dict(vocab=32000, hidden=256, layers=4, heads=4, batch=4, generations=8, prompt=32, new_tokens=64),
