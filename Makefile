@@ -17,7 +17,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 GPU_CHECK_ARGS ?=
 
-.PHONY: install lint format test test-all demo bench bench-full gpu-check clean
+.PHONY: install lint format test test-all demo bench bench-full bench-peers gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,21 @@ bench: install
 
 bench-full: install
 	$(PY) -m pytest benchmarks --benchmark-columns=median,iqr,rounds
+
+# The whole RL step against TRL (benchmarks/bench_peers.py). Each peer gets its own venv under .peers/ on first use
+# (scripts/peer_venv.sh: `pip install --no-deps trl==X` over our venv's torch and transformers, never into $(VENV)).
+# BENCH_PEERS_ARGS: e.g. --algos grpo --steps 4 --threads 2 --rounds 2 --out bench_peers.json
+PEERS ?= .peers
+TRL_GRPO ?= 1.16.0
+TRL_PPO ?= 1.12.0
+BENCH_PEERS_ARGS ?=
+
+$(PEERS)/trl-%/bin/python: | $(STAMP)
+	scripts/peer_venv.sh $(PEERS)/trl-$* trl==$* $(VENV)
+
+bench-peers: install $(PEERS)/trl-$(TRL_GRPO)/bin/python $(PEERS)/trl-$(TRL_PPO)/bin/python
+	$(PY) benchmarks/bench_peers.py --peer-python grpo=$(PEERS)/trl-$(TRL_GRPO)/bin/python \
+		--peer-python ppo=$(PEERS)/trl-$(TRL_PPO)/bin/python $(BENCH_PEERS_ARGS)
 
 gpu-check:
 	$(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)

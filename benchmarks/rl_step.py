@@ -11,30 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import benchmark_phases, print_phase_table, sync
+from benchmarks.peer_script import build_world
 from rlhf_ext.models import position_ids_from_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build(size: dict, device):
-    """(tokenizer, policy, reward model) with a real V-token word-level tokenizer."""
-    from rlhf_ext.models.tiny import build_tokenizer, tiny_causal_lm, tiny_sequence_classifier
-
-    words = [f"w{i}" for i in range(size["vocab"] - 7)]  # + 7 special tokens = V
-    tok = build_tokenizer(
-        [" ".join(words[i : i + 64]) for i in range(0, len(words), 64)],
-        vocab_size=size["vocab"],
-        kind="wordlevel",
-        chat_template=False,
-    )
-    kw = dict(
-        tokenizer=tok,
-        hidden_size=size["hidden"],
-        num_layers=size["layers"],
-        num_heads=size["heads"],
-        max_position_embeddings=size["prompt"] + size["new_tokens"] + 8,
-    )
-    return tok, tiny_causal_lm("llama", **kw).to(device), tiny_sequence_classifier("llama", seed=1, **kw).to(device)
+    """(tokenizer, policy, reward model) with a real V-token word-level tokenizer (the peer benchmark's world)."""
+    tok, policy, reward_model = build_world(size)
+    return tok, policy.to(device), reward_model.to(device)
 
 
 def prompts(tok, size):

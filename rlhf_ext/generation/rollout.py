@@ -1,6 +1,7 @@
 """KV-cached rollouts over any Hugging Face causal LM, sampling with the fused `rlhf_ext.ops.sample`.
 
-One prefill over the left-padded prompts (only the last position's logits are computed), then a decode loop that
+One prefill over the left-padded prompts (only the last position's logits are computed; consecutive rows with the
+same prompt, as GRPO's groups, share one prefill whose KV cache is expanded to the group), then a decode loop that
 feeds one token per row through the cache, samples, and stops as soon as every row has emitted a stop token.
 Finished rows keep emitting `pad_token_id` (masked out, log-prob 0) so the batch stays rectangular; rows that
 never stop are truncated at `max_new_tokens` and flagged `finished == False`. Nothing `[B, R, V]` is kept.
@@ -132,6 +133,18 @@ class _CacheArgs:
         return kwargs
 
 
+def _prompt_groups(input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Optional[tuple]:
+    """Runs of identical consecutive prompts (ids and mask): (first row of each run (G',) int64, each row's run
+    (B,) int64), or None when no two neighbours share a prompt (nothing to share)."""
+    if input_ids.shape[0] < 2:
+        return None
+    same = (input_ids[1:] == input_ids[:-1]).all(dim=1) & (prompt_mask[1:] == prompt_mask[:-1]).all(dim=1)  # (B-1,)
+    if not bool(same.any()):
+        return None
+    starts = torch.cat([same.new_ones(1), ~same])  # (B,) True where a new prompt begins
+    return starts.nonzero()[:, 0], starts.long().cumsum(0) - 1
+
+
 def _last_value(output) -> torch.Tensor:
     values = getattr(output, "values", None)
     if not isinstance(values, torch.Tensor):
@@ -160,6 +173,7 @@ def generate(
     return_values: bool = False,
     cache: str = "dynamic",
     cuda_graph: bool = False,
+    share_prompt_prefill: bool = True,
 ) -> Rollout:
     """Sample up to `max_new_tokens` tokens per prompt with a KV cache. See `Rollout` for the outputs.
 
@@ -172,6 +186,9 @@ def generate(
     cache: "dynamic" (DynamicCache) or "static" (StaticCache sized P + max_new_tokens, where the model supports it).
     cuda_graph: on CUDA with cache="static", capture the decode step (forward + sampler) in a CUDA graph and
     replay it for every further step.
+    share_prompt_prefill: with cache="dynamic" (and return_values off), prefill each run of identical consecutive
+    prompts once and expand its KV cache to the run's rows (GRPO's num_generations rows per prompt). The samples
+    are those of the unshared prefill for the same generator (same logits up to float rounding).
     """
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache: expected 'dynamic' or 'static', got {cache!r}")
@@ -185,6 +202,8 @@ def generate(
         )
     if cuda_graph and return_values:
         raise ValueError("cuda_graph=True does not support return_values=True")
+    if not isinstance(share_prompt_prefill, bool):
+        raise ValueError(f"share_prompt_prefill: expected a bool, got {share_prompt_prefill!r}")
     input_ids = input_ids.to(device=device, dtype=torch.long)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
     stop_ids = _stop_ids(eos_token_id, stop_token_ids, device)
@@ -205,14 +224,23 @@ def generate(
     sampling["generator"] = generator
     position_ids = position_ids_from_mask(prompt_mask)  # (B, P)
     cache_position = torch.arange(P, device=device)  # (P,) the cache slots the prompt fills
+    shared = None
+    if share_prompt_prefill and cache == "dynamic" and not return_values and hasattr(kv_cache, "batch_select_indices"):
+        shared = _prompt_groups(input_ids, prompt_mask)
+    # Shared: the prefill runs on the first row of each run (G' <= B rows); the cache's keys/values and the last
+    # logits are then gathered back to B rows (each row a copy of its run's prefill).
+    first, groups = shared if shared is not None else (slice(None), None)
     output = model(
-        input_ids=input_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids,
+        input_ids=input_ids[first],
+        attention_mask=prompt_mask[first],
+        position_ids=position_ids[first],
         **cache_args(cache_position),
         **extra,
     )
-    logits = output.logits[:, -1, :]  # (B, V)
+    logits = output.logits[:, -1, :]  # (G' or B, V)
+    if groups is not None:
+        kv_cache.batch_select_indices(groups)
+        logits = logits[groups]  # (B, V)
 
     response = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)

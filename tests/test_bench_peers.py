@@ -1,0 +1,88 @@
+"""The peer benchmark (benchmarks/bench_peers.py + peer_script.py) without TRL: our side runs end to end at a tiny
+shape, and the config both sides get is accepted by ours with TRL's math-changing defaults overridden. Where the
+peers' venvs exist (`make bench-peers` made them under .peers/), TRL's configs are built from the same fields and
+compared, and TRL's side runs too; otherwise those tests skip."""
+
+import dataclasses
+import json
+import os
+import subprocess
+
+import pytest
+
+from benchmarks import bench_peers, peer_script
+
+ALGOS = ("ppo", "grpo")
+
+
+def our_config(algo, tmp_path):
+    config_cls, _ = peer_script.trainer_classes(algo, "ours")
+    return peer_script.make_config(config_cls, algo, peer_script.SIZES["quick"][algo], 3, str(tmp_path))
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_our_config_takes_every_field_and_trl_defaults_are_overridden(algo, tmp_path):
+    kwargs = peer_script.config_kwargs(algo, peer_script.SIZES["quick"][algo], 3, str(tmp_path))
+    # TRL's defaults that compute something else than ours: each is set, to what ours computes.
+    assert kwargs["bf16"] is False and kwargs["gradient_checkpointing"] is False
+    assert kwargs["optim"] == "adamw_torch" and kwargs["seed"] == 0
+    config = our_config(algo, tmp_path)
+    for name, value in kwargs.items():
+        actual = getattr(getattr(config, name), "value", getattr(config, name))  # TrainingArguments' enums
+        assert actual == ([] if value == "none" else value), name  # report_to="none" is kept as []
+    names = {f.name for f in dataclasses.fields(config)}
+    assert not set(peer_script.TRL_ONLY) & names  # TRL-only knobs are never handed to our config
+
+
+def test_bad_impl_and_steps():
+    with pytest.raises(ValueError, match="impl: expected 'trl' or 'ours', got 'veRL'"):
+        peer_script.trainer_classes("ppo", "veRL")
+    with pytest.raises(SystemExit):
+        peer_script.main(["--algo", "ppo", "--impl", "ours", "--steps", "1"])
+    with pytest.raises(SystemExit, match="--algos: expected a comma-separated subset"):
+        bench_peers.main(["--algos", "dpo"])
+    with pytest.raises(SystemExit, match="--peer-python: expected ALGO=PATH"):
+        bench_peers.parse_peer_python(["ppo"])
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_our_side_runs_and_reports(algo):
+    record = bench_peers.run_child(bench_peers.sys.executable, algo, "ours", "quick", 2, 1, timeout=600)
+    assert record["algo"] == algo and record["impl"] == "ours" and record["threads"] == 1
+    assert len(record["all_step_seconds"]) == 2 and record["step_seconds"] > 0
+    assert set(record["phases"]) == {"rollout", "scoring", "update"}
+    assert all(v > 0 for v in record["phases"].values())
+    assert record["peak_rss_mb"] > 100  # torch alone is more than that
+
+
+def peer_python(algo):
+    path = bench_peers.DEFAULT_PEER_PYTHON[algo]
+    if not os.path.exists(path):
+        pytest.skip(f"no peer venv at {path} (make bench-peers creates it)")
+    return path
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_trl_builds_the_same_config(algo, tmp_path):
+    python = peer_python(algo)
+    fields = list(peer_script.config_kwargs(algo, peer_script.SIZES["quick"][algo], 3, str(tmp_path)))
+    code = (
+        "import json, sys; from benchmarks import peer_script as s; "
+        f"c = s.make_config(s.trainer_classes({algo!r}, 'trl')[0], {algo!r}, s.SIZES['quick'][{algo!r}], 3, "
+        f"{str(tmp_path)!r}); print(json.dumps({{k: str(getattr(c, k)) for k in {fields!r}}}))"
+    )
+    env = dict(os.environ, PYTHONPATH=bench_peers.ROOT)
+    done = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trl_values = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = our_config(algo, tmp_path)
+    for name in fields:
+        assert trl_values[name] == str(getattr(ours, name)), name
+
+
+@pytest.mark.slow  # a TRL training run per algorithm: minutes on a busy machine
+@pytest.mark.parametrize("algo", ALGOS)
+def test_trl_side_runs(algo):
+    record = bench_peers.run_child(peer_python(algo), algo, "trl", "quick", 2, 1, timeout=600)
+    assert record["trl"] == bench_peers.PEER_VERSIONS[algo]
+    assert len(record["all_step_seconds"]) == 2 and record["step_seconds"] > 0
