@@ -1,22 +1,12 @@
 """The guess-the-number text game follows the gym protocol (types, rewards, termination vs truncation, seeding),
 and the textbook Q-learning agent of examples/q_learning.py learns it through that protocol alone."""
 
-import importlib.util
 import math
-import pathlib
 
 import pytest
 
 from rlhf_ext.environments.games import GuessNumberEnv, play
-
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "q_learning.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("q_learning", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.example_helpers import load_example
 
 
 def test_reset_and_step_return_the_gym_tuples():
@@ -76,7 +66,7 @@ def test_bad_target_and_action_are_clear_errors():
 
 
 def test_q_learning_learns_the_game_from_the_protocol(capsys):
-    result = load_example().main("quick", seed=0)
+    result = load_example("q_learning.py").main("quick", seed=0)
     before, after = result["before"], result["after"]
     # an untrained (random) greedy policy wins about 40% of games; the learned table wins nearly all, faster
     assert before["success"] < 0.6
