@@ -5,6 +5,7 @@ around `Reporter`. Each algorithm file keeps its own update loop, top to bottom.
 
 import contextlib
 import os
+import time
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ from rlhf_ext.trainers import checkpoint as ckpt
 from rlhf_ext.trainers.base_config import TrainerConfig
 from rlhf_ext.trainers.data import prepare_dataset
 from rlhf_ext.trainers.distributed import Distributed
+from rlhf_ext.trainers.experience import autocast, sample_completions
 from rlhf_ext.trainers.loading import disable_dropout
 from rlhf_ext.trainers.lora import apply_peft
 from rlhf_ext.trainers.reporting import Reporter
@@ -25,13 +27,6 @@ from rlhf_ext.trainers.sharding import (
     fsdp_plan,
     optimizer_param_groups,
 )
-
-
-def autocast(args, device):
-    """bf16 autocast on `device` when args.bf16, else nothing."""
-    if args.bf16:
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class NonFiniteError(FloatingPointError):
@@ -179,6 +174,24 @@ class BaseTrainer:
 
     def autocast(self):
         return autocast(self.args, self.device)
+
+    def sample(self, rows: dict, step: int, row_offset: int, chunk_size: Optional[int]) -> tuple:
+        """(rollout, seconds): completions of this process's prompts `rows["input_ids"]` (global rows `row_offset`,
+        ... of step `step`, which key the sampling: experience.sample_completions), `chunk_size` rows at a time.
+        Under FSDP the policy's weights are held in full meanwhile, with no collective inside (decode lengths
+        differ by rank)."""
+        timer = time.perf_counter()
+        with self.gathered(self.policy):
+            rollout = sample_completions(
+                self.policy,
+                rows["input_ids"],
+                self.sampling,
+                seed=self.args.seed,
+                step=step,
+                row_offset=row_offset,
+                chunk_size=chunk_size,
+            )
+        return rollout, time.perf_counter() - timer
 
     # ---- optimisation ----
     def create_optimizer_and_scheduler(self, modules: list, num_training_steps: int, optimizers=(None, None)):

@@ -216,6 +216,41 @@ class TrainerConfig(TrainingArguments):
         return int(round(self.warmup_ratio * num_training_steps))
 
 
+@dataclass
+class PolicyGradientConfig(TrainerConfig):
+    """Fields PPOConfig and GRPOConfig share: how the no-grad scoring passes and the log-probs are computed."""
+
+    local_rollout_forward_batch_size: int = field(
+        default=64, metadata={"help": "rows per no-grad forward when scoring rollouts (old/ref log-probs, values)"}
+    )
+    fused_linear_logprobs: bool = field(
+        default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"}
+    )
+    logprobs_chunk_size: Optional[int] = field(
+        default=None, metadata={"help": "extra: vocabulary chunk of the fused op"}
+    )
+    max_turns: int = field(default=8, metadata={"help": "extra: environment steps per episode at most (env_factory)"})
+    max_episode_tokens: Optional[int] = field(
+        default=None, metadata={"help": "extra: agent + environment tokens per episode after its first observation"}
+    )
+    env_errors: str = field(
+        default="log", metadata={"help": "extra: an environment error ends its episode ('log') or training ('raise')"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, "local_rollout_forward_batch_size", self.local_rollout_forward_batch_size >= 1, "an integer >= 1")
+        require(self, "max_turns", isinstance(self.max_turns, int) and self.max_turns >= 1, "an integer >= 1")
+        require(
+            self,
+            "max_episode_tokens",
+            self.max_episode_tokens is None
+            or (isinstance(self.max_episode_tokens, int) and self.max_episode_tokens >= 1),
+            "None or an integer >= 1",
+        )
+        require(self, "env_errors", self.env_errors in ("log", "raise"), "'log' or 'raise'")
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 

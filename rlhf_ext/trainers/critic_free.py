@@ -34,13 +34,13 @@ from rlhf_ext.trainers.advantages import critic_free_advantages
 from rlhf_ext.trainers.base import BaseTrainer
 from rlhf_ext.trainers.data import StepBatches, tokenize_prompts
 from rlhf_ext.trainers.distributed import zero_fields
+from rlhf_ext.trainers.episodes import EnvironmentRunner, group_episode_experience
 from rlhf_ext.trainers.evaluation import group_eval_metrics, group_eval_sums, trainer_completions
 from rlhf_ext.trainers.experience import (
     Experience,
+    by_chunks,
     policy_logprobs,
     reference_logprobs,
-    row_chunks,
-    sample_completions,
 )
 from rlhf_ext.trainers.grpo_config import GRPOConfig
 from rlhf_ext.trainers.loading import load_model, load_padding_tokenizer
@@ -64,11 +64,14 @@ class StepSums:
 
 class CriticFreeTrainer(BaseTrainer):
     """`<Trainer>(model, reward_funcs, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
-    reward_processing_classes=None, callbacks=None, optimizers=(None, None), peft_config=None)`.
+    reward_processing_classes=None, callbacks=None, optimizers=(None, None), peft_config=None, *, env_factory=None,
+    environment_factory=None, tools=None)`.
 
     model: a causal LM or a local path. reward_funcs: a callable `f(prompts, completions, **columns) ->
     list[float | None]`, a sequence-classification reward model (object or local path), or a list mixing them.
-    Subclasses set `config_class` (GRPOConfig, RLOOConfig).
+    Subclasses set `config_class` (GRPOConfig, RLOOConfig). env_factory (gym form) or TRL's environment_factory /
+    tools (tool form): each completion is a multi-turn episode (rlhf_ext.trainers.episodes; a group is
+    num_generations episodes from one reset seed and row); the dataset and reward_funcs are then optional.
     """
 
     config_class = GRPOConfig
@@ -78,7 +81,7 @@ class CriticFreeTrainer(BaseTrainer):
         "completions/mean_terminated_length completions/min_terminated_length "
         "completions/max_terminated_length time/rollout time/scoring time/update loss grad_norm entropy kl "
         "clip_ratio/low_mean clip_ratio/high_mean clip_ratio/region_mean clip_ratio/low_min "
-        "clip_ratio/high_max learning_rate ".split()
+        "clip_ratio/high_max learning_rate episodes/* ".split()
     )
     progress_keys = {"reward": "reward", "kl": "kl"}
     supports_multi_process = True
@@ -86,7 +89,7 @@ class CriticFreeTrainer(BaseTrainer):
     def __init__(
         self,
         model,
-        reward_funcs,
+        reward_funcs=None,
         args=None,
         train_dataset=None,
         eval_dataset=None,
@@ -95,6 +98,10 @@ class CriticFreeTrainer(BaseTrainer):
         callbacks=None,
         optimizers=(None, None),
         peft_config=None,
+        *,
+        env_factory=None,
+        environment_factory=None,
+        tools=None,
     ):
         if model is None:
             raise ValueError("model: required (a causal LM or a local path)")
@@ -109,9 +116,11 @@ class CriticFreeTrainer(BaseTrainer):
             )
         if not isinstance(args, self.config_class):
             raise TypeError(f"args: expected a {self.config_class.__name__}, got {type(args).__name__}")
-        if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
-            raise ValueError("reward_funcs: required (reward functions, reward models, or a list of them)")
         tokenizer = load_padding_tokenizer(processing_class, model)
+        self.env = EnvironmentRunner.build(env_factory, environment_factory, tools, args, tokenizer)
+        no_rewards = reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs)
+        if no_rewards and self.env is None:
+            raise ValueError("reward_funcs: required (reward functions, reward models, or a list of them)")
         super().__init__(args, tokenizer, callbacks)
 
         # The policy; the reference is a frozen copy only when beta > 0 and there is no adapter to disable.
@@ -119,19 +128,29 @@ class CriticFreeTrainer(BaseTrainer):
         ref = copy.deepcopy(policy) if args.beta > 0 and not is_peft_model(policy) else None
         self.policy = self.prepare_model(policy, trainable=True)
         self.ref_model = self.prepare_model(ref, trainable=False) if ref is not None else None
-        self.reward_sources = build_reward_sources(
-            None,
-            reward_funcs,
-            args,
-            tokenizer,
-            lambda source: self.prepare_model(source, trainable=False),
-            reward_processing_classes=reward_processing_classes,
-            allow_none=True,
+        self.reward_sources = (
+            build_reward_sources(
+                None,
+                reward_funcs,
+                args,
+                tokenizer,
+                lambda source: self.prepare_model(source, trainable=False),
+                reward_processing_classes=reward_processing_classes,
+                allow_none=True,
+            )
+            if not no_rewards
+            else None
         )
         self.load_datasets(
-            train_dataset,
-            eval_dataset,
-            lambda data, name: tokenize_prompts(data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name),
+            *EnvironmentRunner.datasets(
+                self.env,
+                train_dataset,
+                eval_dataset,
+                args.generation_batch_size // args.num_generations,
+                lambda data, name: tokenize_prompts(
+                    data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name
+                ),
+            ),
             expected="a 'prompt' column, text or chat messages",
         )
         self.sampling = args.sampling_settings(tokenizer)
@@ -191,36 +210,26 @@ class CriticFreeTrainer(BaseTrainer):
     @torch.no_grad()
     def generate_and_score(self, rows: dict, round_index: int, row_offset: int):
         """Sample, score and compute advantages for this process's rows; returns (experience, metrics)."""
+        if self.env is not None:
+            return group_episode_experience(self, rows, round_index, row_offset)
         args, dist = self.args, self.dist
-        timer = time.perf_counter()
-        with self.gathered(self.policy):  # FSDP: weights in full, no collective inside (decode lengths differ by rank)
-            rollout = sample_completions(
-                self.policy,
-                rows["input_ids"],
-                self.sampling,
-                seed=args.seed,
-                step=round_index,
-                row_offset=row_offset,
-                chunk_size=args.generation_chunk_size,
-            )
-        time_rollout = time.perf_counter() - timer
+        rollout, time_rollout = self.sample(rows, round_index, row_offset, args.generation_chunk_size)
         timer = time.perf_counter()
         sequences, attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length  # (B, P + R)
         response_mask = rollout.response_mask.float()  # (B, R): 1 up to and including EOS
-        chunks = [
-            (sequences[c], attention_mask[c], P)
-            for c in row_chunks(sequences.shape[0], args.local_rollout_forward_batch_size)
-        ]
+        size = args.local_rollout_forward_batch_size
         kl_in_reward = args.advantage_estimator != "grpo" and args.beta > 0
         old_logprobs = ref_logprobs = None
         if self.steps_per_round > 1 or kl_in_reward:  # the policy moves before these samples are used up
-            old_logprobs = torch.cat([policy_logprobs(self.policy, *c, args, run=self.run) for c in chunks])
-            old_logprobs = old_logprobs * response_mask
-        if args.beta > 0:
-            ref_logprobs = torch.cat(
-                [reference_logprobs(self.policy, self.ref_model, *c, args, run=self.run) for c in chunks]
+            old_logprobs = by_chunks(
+                lambda *chunk: policy_logprobs(self.policy, *chunk, args, run=self.run), rollout, size
             )
-            ref_logprobs = ref_logprobs * response_mask
+        if args.beta > 0:
+            ref_logprobs = by_chunks(
+                lambda *chunk: reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run),
+                rollout,
+                size,
+            )
         scores, per_source = self.reward_sources.score(rows, rollout)  # (B,), (B, S)
         all_scores = dist.all_gather(scores.float())  # (N,) every process's rewards, in global row order
         advantages = critic_free_advantages(

@@ -7,6 +7,7 @@ generator seeded from (seed, step, g). A run therefore samples the same completi
 it is split over (given the same chunk size), and a resumed run needs no generator state.
 """
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ import torch
 
 from rlhf_ext.generation import Rollout, SamplingSettings, complete, left_pad
 from rlhf_ext.models.logprobs import sequence_logprobs
-from rlhf_ext.trainers.base import autocast
 from rlhf_ext.trainers.lora import is_peft_model
 
 
@@ -43,6 +43,9 @@ class Experience:
     returns: Optional[torch.Tensor] = None  # (B, R) float32: PPO's GAE returns (advantages + values)
     rewards: Optional[torch.Tensor] = None  # (B, R) float32: PPO's per-token rewards (KL penalty + score on the last)
     kl: Optional[torch.Tensor] = None  # (B, R) float32: PPO's per-token KL estimate to the reference, 0 where masked
+    # (B, R) float32 for multi-turn episodes: 1 on the tokens the agent sampled, 0 on environment tokens and
+    # padding (response_mask then covers both kinds); None: every response token is the agent's
+    agent_mask: Optional[torch.Tensor] = None
     time_rollout: float = 0.0  # seconds spent sampling
     time_scoring: float = 0.0  # seconds spent on log-probs, values and rewards
 
@@ -59,6 +62,13 @@ class Experience:
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
         return dataclasses.replace(self, **moved)
+
+
+def autocast(args, device):
+    """bf16 autocast on `device` when args.bf16, else nothing."""
+    if args.bf16:
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def sampling_key(seed: int, step: int, row: int) -> int:
@@ -95,6 +105,19 @@ def sample_completions(
 def row_chunks(rows: int, size: int) -> list:
     """Slices of `size` rows covering `rows` (the no-grad scoring passes take local_rollout_forward_batch_size)."""
     return [slice(i, i + size) for i in range(0, rows, size)]
+
+
+def by_chunks(fn: Callable, rollout: Rollout, size: int):
+    """`fn(sequences, attention_mask, prompt_length)` over `size` rows of the rollout at a time, its (rows, R)
+    outputs joined into (B, R) and zeroed after each row's stop token; a tuple of them (None staying None) when `fn`
+    returns a tuple.
+    The no-grad scoring passes (old and reference log-probs, values) run this way to bound their memory."""
+    mask = rollout.response_mask.float()
+    sequences, attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length
+    parts = [fn(sequences[c], attention_mask[c], P) for c in row_chunks(sequences.shape[0], size)]
+    if isinstance(parts[0], tuple):
+        return tuple(None if outputs[0] is None else torch.cat(outputs) * mask for outputs in zip(*parts))
+    return torch.cat(parts) * mask
 
 
 def call(model, fn, *args, **kwargs):

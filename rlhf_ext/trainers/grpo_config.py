@@ -16,7 +16,7 @@ from rlhf_ext.trainers.advantages import ESTIMATORS, SCALE_REWARDS
 from rlhf_ext.trainers.base_config import (
     MULTI_PROCESS_TRAINING_ARGUMENTS,
     SUPPORTED_TRAINING_ARGUMENTS,
-    TrainerConfig,
+    PolicyGradientConfig,
     check_sampling_fields,
     require,
     sampling_settings,
@@ -71,7 +71,7 @@ class _UnsupportedTRLOptions:
 
 
 @dataclass
-class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
+class GRPOConfig(PolicyGradientConfig, _UnsupportedTRLOptions):
     """Config of GRPOTrainer (TRL field names; the extras are marked)."""
 
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
@@ -136,15 +136,6 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
     generation_chunk_size: Optional[int] = field(
         default=None, metadata={"help": "extra: completions per generate() call (None: a process's whole share)"}
     )
-    local_rollout_forward_batch_size: int = field(
-        default=64, metadata={"help": "extra: rows per no-grad forward (old/ref log-probs)"}
-    )
-    fused_linear_logprobs: bool = field(
-        default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"}
-    )
-    logprobs_chunk_size: Optional[int] = field(
-        default=None, metadata={"help": "extra: vocabulary chunk of the fused op"}
-    )
 
     _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | MULTI_PROCESS_TRAINING_ARGUMENTS
 
@@ -191,7 +182,6 @@ class GRPOConfig(TrainerConfig, _UnsupportedTRLOptions):
             self.generation_chunk_size is None or self.generation_chunk_size >= 1,
             "None or >= 1",
         )
-        require(self, "local_rollout_forward_batch_size", self.local_rollout_forward_batch_size >= 1, "an integer >= 1")
         require(
             self,
             "num_completions_to_print",

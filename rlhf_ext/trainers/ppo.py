@@ -27,14 +27,14 @@ from rlhf_ext.ops import gae, kl_penalty, ppo_loss
 from rlhf_ext.trainers.advantages import assemble_rewards, global_masked_whiten
 from rlhf_ext.trainers.base import BaseTrainer
 from rlhf_ext.trainers.data import StepBatches, tokenize_prompts
+from rlhf_ext.trainers.episodes import EnvironmentRunner, ppo_episode_experience
 from rlhf_ext.trainers.evaluation import completion_metrics, trainer_completions
 from rlhf_ext.trainers.experience import (
     Experience,
+    by_chunks,
     has_reference,
     policy_logprobs,
     reference_logprobs,
-    row_chunks,
-    sample_completions,
 )
 from rlhf_ext.trainers.loading import load_critic, load_model, load_padding_tokenizer, load_tokenizer
 from rlhf_ext.trainers.lora import is_peft_model
@@ -49,15 +49,17 @@ __all__ = ["PPOConfig", "PPOTrainer"]
 class PPOTrainer(BaseTrainer):
     """`PPOTrainer(args, processing_class, model, ref_model=None, reward_model=None, train_dataset=None,
     value_model=None, data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None,
-    peft_config=None, *, reward_funcs=None, reward_processing_class=None)`: TRL's positional order, then our
-    keyword-only extras. See the module docstring and PPOConfig."""
+    peft_config=None, *, reward_funcs=None, reward_processing_class=None, env_factory=None)`: TRL's positional
+    order, then our keyword-only extras. See the module docstring and PPOConfig. With `env_factory` (a callable
+    returning a fresh gym-style text environment) the policy plays multi-turn episodes (rlhf_ext.trainers.episodes);
+    train_dataset is then optional (its rows go to reset's options) and so are the reward model and functions."""
 
     metric_keys = tuple(
         "objective/kl objective/entropy objective/non_score_reward objective/rlhf_reward objective/scores "
         "objective/kl_coef val/num_eos_tokens val/vf_explained_var completions/mean_length rewards/*/mean "
         "time/rollout time/scoring time/update tokens_per_second policy/approxkl_avg policy/clipfrac_avg "
         "policy/entropy_avg loss/policy_avg loss/value_avg val/clipfrac_avg val/ratio grad_norm "
-        "policy/early_stopped learning_rate episode ".split()
+        "policy/early_stopped learning_rate episode episodes/* ".split()
     )
     progress_keys = {"reward": "objective/scores", "kl": "objective/kl"}
     supports_multi_process = True
@@ -79,6 +81,7 @@ class PPOTrainer(BaseTrainer):
         *,
         reward_funcs=None,
         reward_processing_class=None,
+        env_factory=None,
     ):
         if not isinstance(args, PPOConfig):
             raise TypeError(f"args: expected a PPOConfig, got {type(args).__name__}")
@@ -107,13 +110,19 @@ class PPOTrainer(BaseTrainer):
                 reward_processing_class = load_tokenizer(None, reward_model, "reward_processing_class")
             reward_model_obj = load_model(reward_model, "sequence_classification", args, "reward_model", num_labels=1)
         self.reward_model = reward_model_obj
-        self.reward_sources = build_reward_sources(
-            reward_model_obj,
-            reward_funcs,
-            args,
-            tokenizer,
-            lambda source: self.prepare_model(source, trainable=False),
-            reward_processing_class=reward_processing_class,
+        self.env = EnvironmentRunner.build(env_factory, None, None, args, tokenizer)
+        with_rewards = self.env is None or reward_model_obj is not None or bool(reward_funcs)
+        self.reward_sources = (
+            build_reward_sources(
+                reward_model_obj,
+                reward_funcs,
+                args,
+                tokenizer,
+                lambda source: self.prepare_model(source, trainable=False),
+                reward_processing_class=reward_processing_class,
+            )
+            if with_rewards
+            else None
         )
 
         # Critic: a value head on the policy (shared_critic), the value_model given, a copy of the reward model,
@@ -124,9 +133,15 @@ class PPOTrainer(BaseTrainer):
         self.policy = self.prepare_model(self.apply_peft(policy, peft_config), trainable=True)
 
         self.load_datasets(
-            train_dataset,
-            eval_dataset,
-            lambda data, name: tokenize_prompts(data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name),
+            *EnvironmentRunner.datasets(
+                self.env,
+                train_dataset,
+                eval_dataset,
+                args.batch_size,
+                lambda data, name: tokenize_prompts(
+                    data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name
+                ),
+            )
         )
         self.sampling = args.sampling_settings(tokenizer)
         if args.total_episodes is None:  # as TRL does, so that args.num_total_batches is known from here on
@@ -199,30 +214,18 @@ class PPOTrainer(BaseTrainer):
     def make_experience(self, rows: dict, step: int = 0, row_offset: int = 0) -> Experience:
         """Rollout, scoring, per-token rewards, advantages and returns for one batch of prompts (this
         process's share of step `step`'s batch, starting at global row `row_offset`; they key the sampling)."""
+        if self.env is not None:
+            return ppo_episode_experience(self, rows, step, row_offset)
         args = self.args
-        timer = time.perf_counter()
-        with self.gathered(self.policy):  # FSDP: weights in full, no collective inside (decode lengths differ by rank)
-            rollout = sample_completions(
-                self.policy,
-                rows["input_ids"],
-                self.sampling,
-                seed=args.seed,
-                step=step,
-                row_offset=row_offset,
-                chunk_size=args.local_rollout_forward_batch_size,
-            )
-        time_rollout = time.perf_counter() - timer
+        size = args.local_rollout_forward_batch_size
+        rollout, time_rollout = self.sample(rows, step, row_offset, size)
         timer = time.perf_counter()
         sequences, attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length  # (B, P + R)
         mask = rollout.response_mask.float()  # (B, R): 1 up to and including the stop token
-        old_logprobs, ref_logprobs, values = [], [], []
-        for rows_chunk in row_chunks(sequences.shape[0], args.local_rollout_forward_batch_size):
-            chunk = (sequences[rows_chunk], attention_mask[rows_chunk], P)
-            logprobs, _, chunk_values = self.policy_forward(*chunk)
-            old_logprobs.append(logprobs)
-            values.append(chunk_values)
-            ref_logprobs.append(reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run))
-        old_logprobs, ref_logprobs, values = (torch.cat(parts) * mask for parts in (old_logprobs, ref_logprobs, values))
+        old_logprobs, _, values = by_chunks(self.policy_forward, rollout, size)
+        ref_logprobs = by_chunks(
+            lambda *chunk: reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run), rollout, size
+        )
         scores, per_source = self.reward_sources.score(rows, rollout)  # (B,) on the device, (B, S)
         time_scoring = time.perf_counter() - timer
 
@@ -351,7 +354,9 @@ class PPOTrainer(BaseTrainer):
             learning_rate = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
 
-            metrics = ppo_rollout_metrics(exp, self.kl_coef, self.reward_sources)  # kl_coef: before the controller
+            # kl_coef: before the controller; episodes/*: what the environment runner measured on the rollout
+            metrics = ppo_rollout_metrics(exp, self.kl_coef, self.reward_sources or ())
+            metrics.update(self.env.last_metrics if self.env is not None else {})
             metrics.update(
                 {
                     "time/rollout": exp.time_rollout,

@@ -17,7 +17,7 @@ from rlhf_ext.generation import SamplingSettings
 from rlhf_ext.trainers.base_config import (
     MULTI_PROCESS_TRAINING_ARGUMENTS,
     SUPPORTED_TRAINING_ARGUMENTS,
-    TrainerConfig,
+    PolicyGradientConfig,
     check_sampling_fields,
     require,
     sampling_settings,
@@ -47,7 +47,7 @@ class _UnsupportedTRLOptions:
 
 
 @dataclass
-class PPOConfig(TrainerConfig, _UnsupportedTRLOptions):
+class PPOConfig(PolicyGradientConfig, _UnsupportedTRLOptions):
     """Config of PPOTrainer (TRL field names; the extras are marked)."""
 
     learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (policy and critic)"})
@@ -58,9 +58,6 @@ class PPOConfig(TrainerConfig, _UnsupportedTRLOptions):
     total_episodes: Optional[int] = field(
         default=None,
         metadata={"help": "prompts to train on (PPOTrainer sets it to num_train_epochs * len(dataset) when None)"},
-    )
-    local_rollout_forward_batch_size: int = field(
-        default=64, metadata={"help": "rows per no-grad forward when scoring rollouts"}
     )
     num_sample_generations: int = field(
         default=10, metadata={"help": "times to write eval samples to samples.jsonl (0: never)"}
@@ -107,12 +104,6 @@ class PPOConfig(TrainerConfig, _UnsupportedTRLOptions):
     shared_critic: bool = field(
         default=False, metadata={"help": "extra: value head on the policy instead of a separate critic"}
     )
-    fused_linear_logprobs: bool = field(
-        default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"}
-    )
-    logprobs_chunk_size: Optional[int] = field(
-        default=None, metadata={"help": "extra: vocabulary chunk of the fused op"}
-    )
     # TRL's example script reads these two to load its models; PPOTrainer itself takes the models as arguments.
     sft_model_path: str = field(
         default="EleutherAI/pythia-160m",
@@ -138,7 +129,6 @@ class PPOConfig(TrainerConfig, _UnsupportedTRLOptions):
         for name in (
             "num_mini_batches",
             "num_ppo_epochs",
-            "local_rollout_forward_batch_size",
             "response_length",
             "kl_horizon",
         ):

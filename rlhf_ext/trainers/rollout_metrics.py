@@ -12,7 +12,7 @@ def ppo_rollout_metrics(exp, kl_coef: float, reward_sources) -> dict:
     mean_kl = float(exp.kl.sum(1).mean())
     non_score = float((-kl_coef * exp.kl).sum(1).mean())  # the KL part of the rewards
     scores = float(exp.scores.mean())
-    mask = exp.response_mask  # (B, R)
+    mask = exp.response_mask if exp.agent_mask is None else exp.agent_mask  # (B, R): the agent's tokens
     metrics = {
         "objective/kl": mean_kl,
         "objective/entropy": float((-exp.old_logprobs * mask).sum(1).mean()),
