@@ -25,9 +25,9 @@ import torch
 from rlhf_ext.environments.games import GuessNumberEnv
 
 SETTINGS = {
-    # training steps, episodes per step, learning rate, held-out episodes
-    "full": dict(steps=150, episodes=64, lr=2e-3, held_out=200),
-    "quick": dict(steps=1, episodes=8, lr=2e-3, held_out=8),
+    # training steps per algorithm, episodes per step, learning rate, held-out episodes
+    "full": dict(steps={"ppo": 80, "grpo": 150}, episodes=64, lr=2e-3, held_out=200),
+    "quick": dict(steps={"ppo": 1, "grpo": 1}, episodes=8, lr=2e-3, held_out=8),
 }
 NUM_GENERATIONS = 8  # GRPO: episodes per reset seed
 MAX_TURNS = 4
@@ -70,12 +70,12 @@ def evaluate(model, tok, episodes: int) -> dict:
 
 
 def train(algorithm: str, model, tok, s: dict, seed: int, output_dir: str):
-    """The trained policy after `s["steps"]` steps of PPO or GRPO on the game."""
+    """The trained policy after `s["steps"][algorithm]` steps of PPO or GRPO on the game."""
     from rlhf_ext import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
 
     common = dict(
         output_dir=os.path.join(output_dir, algorithm),
-        max_steps=s["steps"],
+        max_steps=s["steps"][algorithm],
         learning_rate=s["lr"],
         lr_scheduler_type="constant",
         temperature=1.0,
@@ -129,7 +129,8 @@ def main(mode: str = "full", algorithms=("ppo", "grpo"), seed: int = 0, output_d
         after = evaluate(policy, tok, s["held_out"])
         train_success = f"{logs[0]['episodes/success_rate']:.2f} -> {logs[-1]['episodes/success_rate']:.2f}"
         print(
-            f"{algorithm.upper()} ({s['steps']} steps x {s['episodes']} episodes, {time.time() - start:.0f} s): "
+            f"{algorithm.upper()} ({s['steps'][algorithm]} steps x {s['episodes']} episodes, "
+            f"{time.time() - start:.0f} s): "
             f"held-out success {before['success']:.1%} -> {after['success']:.1%}, turns {before['turns']:.2f} -> "
             f"{after['turns']:.2f}, return {before['return']:.2f} -> {after['return']:.2f} "
             f"(sampled training success {train_success})"

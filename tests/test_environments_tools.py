@@ -173,3 +173,26 @@ def test_tiny_tool_template_renders_calls_and_results_and_keeps_the_old_template
     old = build_tokenizer()
     assert old.chat_template == CHAT_TEMPLATE and "<|tool|>" not in old.get_vocab()
     assert tok.convert_tokens_to_ids("<|assistant|>") == old.convert_tokens_to_ids("<|assistant|>")
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_grpo_with_environment_factory_gives_reward_functions_the_environments(make_lm, tiny_tokenizer, cpu_args):
+    from rlhf_ext import GRPOTrainer
+    from tests.trainer_helpers import grpo_args
+
+    seen = []
+
+    def reward(prompts, completions, start, environments, **kwargs):
+        seen.append((list(start), list(environments)))
+        return [float(env.total) for env in environments]
+
+    rows = [{"prompt": "count up", "start": i} for i in range(8)]
+    args = grpo_args(cpu_args, max_steps=1, max_turns=2, max_completion_length=4)
+    trainer = GRPOTrainer(make_lm(), [reward], args=args, train_dataset=rows, processing_class=tiny_tokenizer,
+                          environment_factory=Counter)  # fmt: skip
+    trainer.train()
+    starts, environments = seen[0]
+    assert len(environments) == len(starts) == args.per_device_train_batch_size
+    assert all(isinstance(env, Counter) for env in environments)
+    assert len({id(env) for env in environments}) == len(environments)  # one instance per episode
+    assert [env.resets[0]["start"] for env in environments] == starts  # reset(**row) got each episode's row
