@@ -12,9 +12,9 @@ numbers, so the only way to be right is the tool:
     <|assistant|><tool_call>{"name": "multiply", "arguments": {"a": 23, "b": 47}}</tool_call></s>
     <|tool|>1081</s><|assistant|>answer:1081</s>
 
-SFT on a few such conversations teaches the format (assistant turns only); GRPO then trains on unlabelled
-questions with the rule reward. Accuracy (greedy) and the tool-use rate on held-out questions are printed after
-SFT and after GRPO.
+SFT on such conversations teaches the format (assistant turns only); it is stopped early, while the model
+still miscopies numbers now and then, and GRPO then trains on unlabelled questions with the rule reward.
+Accuracy (greedy) and the tool-use rate on held-out questions are printed after SFT and after GRPO.
 """
 
 import argparse
@@ -28,8 +28,8 @@ import torch
 
 SETTINGS = {
     # SFT conversations and steps, GRPO steps, questions per GRPO step, learning rates, held-out questions
-    "full": dict(sft_rows=64, sft_steps=60, grpo_steps=40, prompts=8, sft_lr=3e-3, grpo_lr=5e-4, held_out=100),
-    "quick": dict(sft_rows=16, sft_steps=4, grpo_steps=1, prompts=1, sft_lr=3e-3, grpo_lr=5e-4, held_out=4),
+    "full": dict(sft_rows=1000, sft_steps=220, grpo_steps=30, prompts=8, sft_lr=1e-3, grpo_lr=5e-4, held_out=100),
+    "quick": dict(sft_rows=16, sft_steps=4, grpo_steps=1, prompts=1, sft_lr=1e-3, grpo_lr=5e-4, held_out=4),
 }
 NUM_GENERATIONS = 8
 MAX_TURNS = 3
@@ -103,7 +103,7 @@ def build_tokenizer_and_model(seed: int):
         )
     tok = build_tokenizer(corpus, vocab_size=320, kind="bpe", tool_calls=True)
     model = tiny_causal_lm(
-        "llama", tokenizer=tok, seed=seed, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=160
+        "llama", tokenizer=tok, seed=seed, hidden_size=128, num_layers=2, num_heads=4, max_position_embeddings=160
     )
     return tok, model
 

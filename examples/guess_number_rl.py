@@ -26,7 +26,7 @@ from rlhf_ext.environments.games import GuessNumberEnv
 
 SETTINGS = {
     # training steps per algorithm, episodes per step, learning rate, held-out episodes
-    "full": dict(steps={"ppo": 80, "grpo": 150}, episodes=64, lr=2e-3, held_out=200),
+    "full": dict(steps={"ppo": 30, "grpo": 60}, episodes=64, lr=2e-3, held_out=200),
     "quick": dict(steps={"ppo": 1, "grpo": 1}, episodes=8, lr=2e-3, held_out=8),
 }
 NUM_GENERATIONS = 8  # GRPO: episodes per reset seed
