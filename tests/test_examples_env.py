@@ -43,7 +43,6 @@ def test_calculator_conversation_matches_what_the_adapter_parses():
     ]
 
 
-@pytest.mark.slow
 def test_calculator_quick_run_sft_then_grpo(tmp_path, capsys):
     result = load_example("calculator_tools.py").main("quick", seed=0, output_dir=str(tmp_path))
     for stage in ("before", "after"):
