@@ -20,7 +20,7 @@ import torch
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
 from benchmarks.conftest import sizes, sync
-from benchmarks.rl_step import DEVICE, bench_step, hf_generate, logprobs_eager, main, world
+from benchmarks.rl_step import DEVICE, bench_step, eager_phases, eager_update, hf_generate, logprobs_eager, main, world
 
 FULL = dict(vocab=32000, hidden=384, layers=6, heads=6, batch=8, generations=8, prompt=32, new_tokens=128)
 QUICK = dict(vocab=512, hidden=32, layers=1, heads=2, batch=2, generations=4, prompt=8, new_tokens=8)
@@ -110,13 +110,8 @@ def eager_step(policy, ref, optimizer, prompt_ids, prompt_mask, tok, G, size, de
     pg = -torch.min(ratio * advantages, ratio.clamp(1 - c["epsilon"], 1 + c["epsilon"]) * advantages)
     kl = torch.exp(ref_lp - logprobs) - (ref_lp - logprobs) - 1
     loss = ((pg + c["beta"] * kl) * mask).sum() / mask.sum()  # DAPO's token mean
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad()
-    _ = float((entropy.detach() * mask).sum() / mask.sum())  # logged, as trainers do
-    sync(device)
-    return {"rollout": t1 - t0, "scoring": t2 - t1, "update": time.perf_counter() - t2}
+    eager_update(loss, policy.parameters(), optimizer, entropy, mask)
+    return eager_phases(t0, t1, t2, device)
 
 
 PREPARE = {"eager": prepare_eager, "fused": prepare_ours}

@@ -8,7 +8,6 @@ import torch
 from benchmarks.conftest import sizes, sync
 from rlhf_ext.ops import ppo_loss
 from rlhf_ext.ops.reference import ppo_loss_reference
-from tests.ppo_loss_helpers import TENSOR_ARGS
 
 SHAPES = sizes([(64, 512), (64, 2048)], [(4, 16)])
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -94,23 +93,19 @@ def _inputs(B, T, device):
 def test_ppo_loss_fwd_bwd(benchmark, impl, B, T, device):
     x = _inputs(B, T, device)
     leaves = [x["logprobs"], x["values"], x["entropy"]]
-    optional = {k: x[k] for k in ("values", "old_values", "returns", "ref_logprobs", "entropy")}
 
     def fused():
-        out = ppo_loss(x["logprobs"], x["old_logprobs"], x["advantages"], x["mask"], **optional, **COEFS)
+        out = ppo_loss(**x, **COEFS)
         out.loss.backward()
         return out.stats
 
     def reference():
-        out = ppo_loss_reference(x["logprobs"], x["old_logprobs"], x["advantages"], x["mask"], **optional, **COEFS)
+        out = ppo_loss_reference(**x, **COEFS)
         out.loss.backward()
         return out.stats
 
     def eager(with_item):
-        loss, stats = eager_ppo_loss(
-            *(x[k] for k in TENSOR_ARGS),
-            **COEFS,
-        )
+        loss, stats = eager_ppo_loss(**x, **COEFS)
         loss.backward()
         return {k: v.item() for k, v in stats.items()} if with_item else stats
 

@@ -19,7 +19,7 @@ import torch
 
 import rlhf_ext  # noqa: F401  (loads the kernels)
 from benchmarks.conftest import sizes, sync
-from benchmarks.rl_step import DEVICE, bench_step, hf_generate, logprobs_eager, main, world
+from benchmarks.rl_step import DEVICE, bench_step, eager_phases, eager_update, hf_generate, logprobs_eager, main, world
 from rlhf_ext.models import hidden_states, last_token_index, score_head
 from rlhf_ext.ops.reference import gae_reference, masked_whiten_reference
 
@@ -128,13 +128,8 @@ def eager_step(policy, ref, critic, rm, optimizer, params, prompt_ids, prompt_ma
             vf = 0.5 * torch.max((new_values - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2)
             m = mask[idx]
             loss = (pg * m).sum() / m.sum() + c["vf_coef"] * (vf * m).sum() / m.sum()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
-            _ = float((entropy.detach() * m).sum() / m.sum())  # logged, as trainers do
-    sync(device)
-    return {"rollout": t1 - t0, "scoring": t2 - t1, "update": time.perf_counter() - t2}
+            eager_update(loss, params, optimizer, entropy, m)
+    return eager_phases(t0, t1, t2, device)
 
 
 PREPARE = {"eager": prepare_eager, "fused": prepare_ours}

@@ -183,18 +183,7 @@ def gae_ppo_figures(B: int, T: int) -> list:
         leaves = {k: (v.detach().requires_grad_() if k in grads and backward else v) for k, v in tensors.items()}
 
         def call():
-            loss = fn(
-                leaves["logprobs"],
-                leaves["old_logprobs"],
-                leaves["advantages"],
-                leaves["mask"],
-                values=leaves["values"],
-                old_values=leaves["old_values"],
-                returns=leaves["returns"],
-                ref_logprobs=leaves["ref_logprobs"],
-                entropy=leaves["entropy"],
-                **coefs,
-            ).loss
+            loss = fn(**leaves, **coefs).loss
             if backward:
                 loss.backward()
 

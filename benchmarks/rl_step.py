@@ -5,11 +5,12 @@ use, and running / timing / reporting one step of each implementation from the s
 import argparse
 import copy
 import functools
+import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import benchmark_phases, print_phase_table
+from benchmarks.conftest import benchmark_phases, print_phase_table, sync
 from rlhf_ext.models import position_ids_from_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,6 +79,23 @@ def logprobs_eager(model, ids, attn, P, temperature):
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, R, V): the tensor the fused ops never build
     entropy = -(logp.exp() * logp).sum(-1)
     return logp.gather(-1, ids[:, P:].unsqueeze(-1)).squeeze(-1), entropy
+
+
+def eager_update(loss, params, optimizer, entropy, mask) -> None:
+    """One optimizer step as TRL-style trainers take it: backward, gradient norm clipped to 1, step, and the masked
+    mean entropy (mask [B, R] float, 1 on response tokens) read back to the host, logged as trainers do."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+    _ = float((entropy.detach() * mask).sum() / mask.sum())
+
+
+def eager_phases(t0: float, t1: float, t2: float, device: str) -> dict:
+    """{phase: seconds} of an eager step that started rollout at t0, scoring at t1 and the update at t2 (perf_counter),
+    once the device has finished the update."""
+    sync(device)
+    return {"rollout": t1 - t0, "scoring": t2 - t1, "update": time.perf_counter() - t2}
 
 
 def fresh_step(prepare, the_world: tuple, size: dict, device: str):

@@ -6,9 +6,9 @@ KL estimator and loss aggregation, with holes, empty rows, extreme log-ratios an
 import pytest
 import torch
 
-from rlhf_ext.ops.ppo_loss import _OUT_NAMES
+from rlhf_ext.ops.ppo_loss import _OUT_NAMES, SCALAR_DEFAULTS, STAT_NAMES, op_args
 from rlhf_ext.ops.reference import kl_penalty_reference, ppo_loss_reference
-from tests.ppo_loss_helpers import OPTIONAL, STAT_KEYS, make_case
+from tests.ppo_loss_helpers import make_case
 
 pytestmark = pytest.mark.cuda_sim
 
@@ -16,19 +16,6 @@ SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", to
 KL = {"k1": 1, "k2": 2, "k3": 3}
 AGG = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
 TOKEN_KEYS = ("logprobs", "old_logprobs", "advantages", "ref_logprobs", "values", "old_values", "returns", "entropy")
-DEFAULTS = dict(
-    cliprange=0.2,
-    cliprange_high=None,
-    dual_clip=None,
-    cliprange_value=0.2,
-    vf_coef=0.1,
-    kl_coef=0.0,
-    kl_estimator="k3",
-    entropy_coef=0.0,
-    loss_agg="token-mean",
-    loss_agg_norm=None,
-    max_log_ratio=20.0,
-)
 
 
 def _params(T, has_ref, kw):
@@ -55,7 +42,7 @@ def _params(T, has_ref, kw):
 def sim_ppo_loss(cuda_sim, case, grad_outs, **kwargs):
     """Forward, then one backward per upstream gradient, on the simulator -> (out [16], [(grad_logprobs,
     grad_values, grad_entropy) per grad_out]). case: [B, T] tensors of one dtype (make_case keys)."""
-    kw = {**DEFAULTS, **kwargs}
+    kw = {**SCALAR_DEFAULTS, **kwargs}
     lp = case["logprobs"]
     B, T = lp.shape
     dtype = lp.dtype
@@ -90,33 +77,7 @@ def sim_ppo_loss(cuda_sim, case, grad_outs, **kwargs):
     return out, all_grads
 
 
-def _op_args(case, kw):
-    return (
-        case["logprobs"],
-        case["old_logprobs"],
-        case["advantages"],
-        case["mask"],
-        case.get("values"),
-        case.get("old_values"),
-        case.get("returns"),
-        case.get("ref_logprobs"),
-        case.get("entropy"),
-        kw["cliprange"],
-        kw["cliprange_high"],
-        kw["dual_clip"],
-        kw["cliprange_value"],
-        kw["vf_coef"],
-        kw["kl_coef"],
-        kw["kl_estimator"],
-        kw["entropy_coef"],
-        kw["loss_agg"],
-        kw["loss_agg_norm"],
-        kw["max_log_ratio"],
-    )
-
-
 def _check(cuda_sim, case, dtype, **kwargs):
-    kw = {**DEFAULTS, **kwargs}
     case = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in case.items()}
     # The op's raw backward takes a gradient for every output entry (the wrapper detaches all but the loss):
     # one upstream gradient on loss, policy, value, kl and entropy at once (against the CPU kernel), and the
@@ -129,10 +90,10 @@ def _check(cuda_sim, case, dtype, **kwargs):
     tight = dtype == torch.float64
     rtol, atol = (1e-10, 1e-12) if tight else (1e-5, 1e-6)
 
-    cpu_out = torch.ops.rlhf_ext.ppo_loss(*_op_args(case, kw))
+    cpu_out = torch.ops.rlhf_ext.ppo_loss(*op_args(case, **kwargs))
     torch.testing.assert_close(out, cpu_out, rtol=rtol, atol=atol)
     for grad_out, sim_grads in ((rich, rich_grads), (loss_only, grads)):
-        cpu_grads = torch.ops.rlhf_ext.ppo_loss_backward(grad_out.to(out.dtype), cpu_out, *_op_args(case, kw))
+        cpu_grads = torch.ops.rlhf_ext.ppo_loss_backward(grad_out.to(out.dtype), cpu_out, *op_args(case, **kwargs))
         for name, g, c in zip(("logprobs", "values", "entropy"), sim_grads, cpu_grads):
             if g is not None:
                 torch.testing.assert_close(
@@ -145,21 +106,14 @@ def _check(cuda_sim, case, dtype, **kwargs):
     clean = {k: torch.where(case["mask"], v.double(), 0.0) if v.is_floating_point() else v for k, v in case.items()}
     leaves = {k: clean[k].requires_grad_() for k in ("logprobs", "values", "entropy") if k in clean}
     ref_in = {k: leaves.get(k, v) for k, v in clean.items()}
-    ref = ppo_loss_reference(
-        ref_in["logprobs"],
-        ref_in["old_logprobs"],
-        ref_in["advantages"],
-        ref_in["mask"],
-        **{k: ref_in[k] for k in OPTIONAL if k in ref_in},
-        **kw,
-    )
+    ref = ppo_loss_reference(**ref_in, **kwargs)
     got = dict(zip(_OUT_NAMES, out.double()))
     rtol, atol = (1e-10, 1e-12) if tight else (2e-5, 2e-6)
     for name in ("loss", "policy_loss", "value_loss", "kl", "entropy"):
         torch.testing.assert_close(
             got[name], getattr(ref, name).double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}"
         )
-    for key in STAT_KEYS:
+    for key in STAT_NAMES:
         torch.testing.assert_close(
             got[key], ref.stats[key].double(), rtol=rtol, atol=atol, msg=lambda m: f"stats[{key}]: {m}"
         )

@@ -11,6 +11,7 @@ from rlhf_ext.environments.protocol import (
     EnvironmentStepError,
     check_reset,
     check_step,
+    end_of_turn_token,
     load_env_factory,
     render_observation,
 )
@@ -112,3 +113,16 @@ def test_load_env_factory():
         with pytest.raises(ValueError, match="^env: ") as caught:
             load_env_factory(spec)
         assert fragment in str(caught.value)
+
+
+def test_end_of_turn_token(tiny_tokenizer):
+    assert end_of_turn_token(tiny_tokenizer) == tiny_tokenizer.eos_token_id  # the tiny template closes turns with </s>
+    closing = copy.deepcopy(tiny_tokenizer)
+    closing.chat_template = tiny_tokenizer.chat_template.replace("</s>{% endfor %}", "<|system|>{% endfor %}")
+    assert end_of_turn_token(closing) == closing.convert_tokens_to_ids("<|system|>")
+    plain_newline = copy.deepcopy(tiny_tokenizer)
+    plain_newline.chat_template = "{% for m in messages %}{{ m.content }}\n{% endfor %}"
+    assert end_of_turn_token(plain_newline) is None  # not a special token
+    refusing = copy.deepcopy(tiny_tokenizer)
+    refusing.chat_template = "{{ raise_exception('a system message first') }}"
+    assert end_of_turn_token(refusing) is None

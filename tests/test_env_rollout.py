@@ -2,6 +2,7 @@
 equality with a full forward over the whole episode, error handling, seeding, truncation and batching (one
 engine call per turn, model forwards independent of the number of episodes)."""
 
+import copy
 import logging
 
 import pytest
@@ -13,6 +14,7 @@ from rlhf_ext.environments.rollout import run_episodes
 from rlhf_ext.environments.testing import CountingEnv
 from rlhf_ext.generation import SamplingSettings
 from rlhf_ext.models.logprobs import sequence_logprobs
+from tests.trainer_helpers import eos_biased
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,10 +50,16 @@ def segments(mask_row):
     return runs
 
 
-@pytest.mark.parametrize("chat", [False, True])
-def test_masks_separate_agent_and_environment_tokens(make_lm, tiny_tokenizer, chat):
+@pytest.mark.parametrize("chat, eos_bias", [(False, 0.0), (True, 0.0), (False, 3.0), (True, 3.0)])
+def test_masks_separate_agent_and_environment_tokens(make_lm, tiny_tokenizer, chat, eos_bias):
+    """eos_bias > 0: turns of different lengths ending on the stop token; 0: turns cut at max_new_tokens."""
     tok = tiny_tokenizer
-    batch = play(make_lm().eval(), tok, [CountingEnv(3, chat=chat) for _ in range(4)], lengths=[1, 2, 3, 3])
+    model = eos_biased(make_lm(), tok, eos_bias).eval()
+    batch = play(model, tok, [CountingEnv(3, chat=chat) for _ in range(4)], lengths=[1, 2, 3, 3])
+    ends = [
+        batch.sequences[b, batch.prompt_length + end - 1] for b in range(4) for _, end in segments(batch.agent_mask[b])
+    ]
+    assert (tok.eos_token_id in ends) == (eos_bias > 0)
     P = batch.prompt_length
     for b, env in enumerate(batch.envs):
         tokens = batch.sequences[b, P:]
@@ -62,7 +70,9 @@ def test_masks_separate_agent_and_environment_tokens(make_lm, tiny_tokenizer, ch
         turns = segments(batch.agent_mask[b])
         assert len(turns) == int(batch.turns[b]) == env.length == len(batch.actions[b])
         for (start, end), action in zip(turns, batch.actions[b]):
-            assert tok.decode(tokens[start:end].tolist(), skip_special_tokens=True) == action
+            ids = tokens[start:end].tolist()
+            ids = ids[:-1] if ids[-1] == tok.eos_token_id else ids  # the stop token is not part of the action
+            assert tok.decode(ids, skip_special_tokens=False) == action
         assert env.actions == batch.actions[b]  # the environment saw exactly the decoded turn
         # The environment tokens between turns are exactly the rendered observations (none after the last step).
         history = [{"role": "user", "content": "count" + " up" * (b % 3)}] if chat else None
@@ -94,15 +104,20 @@ def test_rewards_sit_on_the_last_agent_token_of_their_turn(make_lm, tiny_tokeniz
 
 
 @pytest.mark.parametrize(
-    "arch, chat, empty, temperature",
-    [("llama", False, False, 1.0), ("qwen2", True, False, 0.7), ("gpt2", False, True, 1.3), ("llama", True, True, 1)],
+    "arch, chat, empty, temperature, eos_bias",
+    [
+        ("llama", False, False, 1.0, 0.0),
+        ("qwen2", True, False, 0.7, 3.0),
+        ("gpt2", False, True, 1.3, 0.0),
+        ("llama", True, True, 1.0, 3.0),
+    ],
 )
 def test_rollout_logprobs_equal_a_full_forward_over_the_episode(
-    make_lm, tiny_tokenizer, arch, chat, empty, temperature
+    make_lm, tiny_tokenizer, arch, chat, empty, temperature, eos_bias
 ):
-    """Ragged observations, finished rows feeding holes, empty observations: the log-probs recorded while
-    sampling over the holey cache equal one forward over the packed episodes."""
-    model = make_lm(arch).eval()
+    """Ragged observations, ragged turns (eos_bias), finished rows feeding holes, empty observations: the log-probs
+    recorded while sampling over the holey cache equal one forward over the packed episodes."""
+    model = eos_biased(make_lm(arch), tiny_tokenizer, eos_bias).eval()
     envs = [CountingEnv(3, chat=chat, empty_observations=empty) for _ in range(5)]
     settings = settings_for(tiny_tokenizer, temperature=temperature)
     batch = play(model, tiny_tokenizer, envs, lengths=[3, 1, 2, 3, 2], settings=settings)
@@ -203,3 +218,22 @@ def test_bad_arguments(make_lm, tiny_tokenizer, kwargs, fragment):
     assert fragment in str(caught.value)
     with pytest.raises(ValueError, match="envs: expected a non-empty list"):
         run_episodes(make_lm(), tiny_tokenizer, [], settings_for(tiny_tokenizer), max_turns=1)
+
+
+def test_chat_turns_end_at_the_templates_end_of_turn_token(make_lm, tiny_tokenizer):
+    """A template closing assistant messages with a special token other than EOS: turns stop there too, and
+    the token is not part of the action."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = tiny_tokenizer.chat_template.replace("</s>{% endfor %}", "<|system|>{% endfor %}")
+    end = tok.convert_tokens_to_ids("<|system|>")
+    model = eos_biased(make_lm(), tok, 0.0)
+    with torch.no_grad():
+        model.lm_head.bias[end] = 3.0
+    batch = play(model.eval(), tok, [CountingEnv(3, chat=True) for _ in range(4)], settings=settings_for(tok))
+    ends = [
+        int(batch.sequences[b, batch.prompt_length + e - 1]) for b in range(4) for _, e in segments(batch.agent_mask[b])
+    ]
+    assert end in ends
+    assert all("<|system|>" not in action for actions in batch.actions for action in actions)
+    agent_tokens = batch.sequences[:, batch.prompt_length :][batch.agent_mask.bool()]
+    assert int((agent_tokens == end).sum()) == ends.count(end)  # never inside a turn: every one ended its turn

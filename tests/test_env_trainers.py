@@ -7,7 +7,7 @@ import torch
 
 from rlhf_ext import GRPOTrainer, PPOTrainer
 from rlhf_ext.environments.protocol import EnvironmentStepError
-from rlhf_ext.environments.testing import CountingEnv
+from rlhf_ext.environments.testing import CountingEnv, VowelEnv
 from rlhf_ext.ops.reference import gae_reference
 from tests.trainer_helpers import grpo_args, ppo_args
 
@@ -130,3 +130,106 @@ def test_bad_environment_arguments(make_lm, tiny_tokenizer, cpu_args):
         grpo_args(cpu_args, max_turns=0)
     with pytest.raises(ValueError, match="reward_funcs: required"):
         GRPOTrainer(make_lm(), args=grpo_args(cpu_args), processing_class=tiny_tokenizer)
+
+
+class Counter:
+    """TRL's tool form: public methods are the tools."""
+
+    def reset(self, **row):
+        self.total = 0
+
+    def increment(self, amount: int) -> int:
+        """Adds to the counter.
+
+        Args:
+            amount: how much to add
+        """
+        self.total += amount
+        return self.total
+
+
+def test_grpo_tool_form_passes_environments_to_reward_functions(make_lm, tiny_tokenizer, cpu_args):
+    pytest.importorskip("rlhf_ext.environments.tools", reason="the tool-form adapter (environments/tools.py)")
+    received = []
+
+    def counted(prompts, completions, environments, **columns):
+        received.append(environments)
+        return [float(env.total) for env in environments]
+
+    args = grpo_args(cpu_args, max_turns=2, max_completion_length=4, max_steps=1)
+    rows = [{"prompt": [{"role": "user", "content": "count up"}]} for _ in range(4)]
+    trainer = GRPOTrainer(
+        make_lm(),
+        counted,
+        args=args,
+        train_dataset=rows,
+        processing_class=tiny_tokenizer,
+        environment_factory=Counter,
+    )
+    state = trainer.train()
+    assert len(received) == 1 and len(received[0]) == args.generation_batch_size
+    assert all(isinstance(env, Counter) for env in received[0])
+    assert any("episodes/turns_mean" in entry for entry in state.log_history)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
+def test_other_critic_free_estimators_on_episodes(make_lm, tiny_tokenizer, cpu_args, estimator):
+    """RLOO's sequence-level KL and REINFORCE++'s per-token returns run over agent tokens only."""
+    lengths = iter([1, 1, 2, 3] * 4)  # rewards differ within each group of 4 (the same reset seed)
+    args = grpo_args(cpu_args, max_turns=3, max_completion_length=3, beta=0.05, advantage_estimator=estimator)
+    trainer = GRPOTrainer(
+        make_lm(), args=args, processing_class=tiny_tokenizer, env_factory=lambda: CountingEnv(next(lengths))
+    )
+    rows, offset = trainer.round_rows(_batches(trainer), 0)
+    exp, metrics = trainer.generate_and_score(rows, 0, offset)
+    agent = exp.agent_mask.bool()
+    assert float(exp.advantages[~agent].abs().sum()) == 0.0 and bool(torch.isfinite(exp.advantages).all())
+    assert float(exp.advantages[agent].abs().sum()) > 0
+    assert exp.scores.tolist() == [1.0, 1.0, 3.0, 6.0] * 2
+
+
+def test_sampler_logprobs_serve_as_old_logprobs(make_lm, tiny_tokenizer, cpu_args):
+    """PPO keeps the sampler's log-probs of the agent tokens as old log-probs; recomputed by a forward pass over the
+    whole episodes they agree (the episode layout trained on is the one sampled)."""
+    exps = [
+        ppo_on(
+            make_lm, tiny_tokenizer, cpu_args, lambda: CountingEnv(3), recompute_old_logprobs=recompute
+        ).make_experience({"episode": list(range(8))})
+        for recompute in (False, True)
+    ]
+    assert torch.equal(exps[0].sequences, exps[1].sequences)
+    agent = exps[0].agent_mask.bool()
+    torch.testing.assert_close(exps[0].old_logprobs[agent], exps[1].old_logprobs[agent], atol=2e-3, rtol=0)
+    assert float(exps[0].old_logprobs[~agent].abs().sum()) == float(exps[1].old_logprobs[~agent].abs().sum()) == 0
+    torch.testing.assert_close(exps[0].values, exps[1].values)
+
+
+def test_grpo_logs_episodes_and_refuses_ppo_score_shaping(make_lm, tiny_tokenizer, cpu_args):
+    args = grpo_args(cpu_args, max_turns=2, max_completion_length=3, max_steps=1, log_completions=True)
+    trainer = GRPOTrainer(make_lm(), args=args, processing_class=tiny_tokenizer, env_factory=lambda: CountingEnv(2))
+    trainer.train()
+    with open(f"{args.output_dir}/completions.jsonl") as fh:
+        lines = fh.read().splitlines()
+    assert len(lines) == args.generation_batch_size and '"reward": 3.0' in lines[0] and "then" in lines[0]
+    for name, value in (("missing_eos_penalty", 1.0), ("normalize_rewards", True), ("reward_clip", 2.0)):
+        with pytest.raises(ValueError, match=f"^{name}: .* is not supported with an environment"):
+            ppo_on(make_lm, tiny_tokenizer, cpu_args, CountingEnv, **{name: value})
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_training_raises_the_return_on_a_learnable_environment(make_lm, tiny_tokenizer, cpu_args, algorithm):
+    """Two turns per episode, each paying its vowel fraction: the episode return rises (seed 0: ~1.8x in 10
+    steps for both; 1.4x leaves room for another sampler's random stream)."""
+    common = dict(max_steps=10, max_turns=2, lr_scheduler_type="constant")
+    if algorithm == "ppo":
+        args = ppo_args(
+            cpu_args, per_device_train_batch_size=8, num_ppo_epochs=4, learning_rate=1e-2, kl_coef=0.01, **common
+        )
+        trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), env_factory=VowelEnv)
+    else:
+        args = grpo_args(
+            cpu_args, per_device_train_batch_size=16, learning_rate=5e-2, beta=0.02, max_completion_length=6, **common
+        )
+        trainer = GRPOTrainer(make_lm(), args=args, processing_class=tiny_tokenizer, env_factory=VowelEnv)
+    returns = [h["episodes/return_mean"] for h in trainer.train().log_history if "episodes/return_mean" in h]
+    assert len(returns) == 10 and sum(returns[-3:]) > 1.4 * sum(returns[:3]), returns

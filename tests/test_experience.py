@@ -7,6 +7,7 @@ import torch
 
 from rlhf_ext.generation import SamplingSettings, generate, left_pad
 from rlhf_ext.trainers.experience import Experience, sample_completions
+from tests.trainer_helpers import grpo_args, ppo_args, rows_for, target_fraction, target_ppo
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -68,3 +69,64 @@ def test_experience_moves_every_tensor_and_counts_response_tokens():
             assert value.device.type == "meta", field.name
         else:
             assert value == getattr(exp, field.name), field.name
+
+
+def _forward_counter(model):
+    """The input shapes of every pass through the model (a hook on its input embeddings: whatever runs the
+    backbone, HF's forward or the fused log-prob path, embeds its tokens first)."""
+    calls = []
+    model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape))
+    return calls
+
+
+@pytest.mark.parametrize("shared_critic", [False, True])
+def test_ppo_old_logprobs_from_the_sampler_equal_a_recomputed_forward(
+    make_lm, tiny_tokenizer, prompt_rows, cpu_args, shared_critic
+):
+    """The policy has not moved between sampling and make_experience: the sampler's log-probs are the old log-probs
+    (no policy forward for them), equal to the recomputing path's within float tolerance; values, reference
+    log-probs and the samples are the same either way."""
+    experiences, policy_calls = {}, {}
+    for recompute in (True, False):
+        args = ppo_args(cpu_args, recompute_old_logprobs=recompute, shared_critic=shared_critic)
+        trainer = target_ppo(args, tiny_tokenizer, make_lm(), train_dataset=prompt_rows)
+        assert args.old_logprobs_from_sampler is (not recompute)
+        calls = _forward_counter(trainer.policy)
+        experiences[recompute] = trainer.make_experience(trainer.train_dataset[list(range(8))], step=0)
+        # decode steps feed one token per row; full-sequence passes feed the whole (prompt + response)
+        policy_calls[recompute] = sum(shape[1] > 1 for shape in calls)
+    fresh, sampled = experiences[True], experiences[False]
+    assert torch.equal(fresh.sequences, sampled.sequences)
+    torch.testing.assert_close(sampled.old_logprobs, fresh.old_logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sampled.values, fresh.values)
+    torch.testing.assert_close(sampled.ref_logprobs, fresh.ref_logprobs)
+    # the prefill is a full pass either way; recomputing adds one (a value pass on the shared critic remains)
+    assert policy_calls[True] == policy_calls[False] + (0 if shared_critic else 1)
+
+
+def test_recompute_old_logprobs_defaults_to_recomputing_under_bf16_only(cpu_args):
+    from rlhf_ext import GRPOConfig, PPOConfig
+
+    assert PPOConfig(**cpu_args).old_logprobs_from_sampler
+    assert not GRPOConfig(**cpu_args, recompute_old_logprobs=True).old_logprobs_from_sampler
+    assert GRPOConfig(**cpu_args, bf16=True, recompute_old_logprobs=False).old_logprobs_from_sampler
+    assert not PPOConfig(**cpu_args, bf16=True).old_logprobs_from_sampler
+
+
+def test_grpo_old_logprobs_from_the_sampler_equal_a_recomputed_forward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
+    """With num_iterations = 2 the policy moves before the samples are used up, so old log-probs are kept: the
+    sampler's (no forward for them) or recomputed, equal within float tolerance."""
+    from rlhf_ext import GRPOTrainer
+
+    experiences, passes = {}, {}
+    for recompute in (True, False):
+        args = grpo_args(cpu_args, num_iterations=2, recompute_old_logprobs=recompute)
+        trainer = GRPOTrainer(
+            make_lm(), [target_fraction], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
+        )
+        calls = _forward_counter(trainer.policy)
+        experiences[recompute], _ = trainer.generate_and_score(rows_for(trainer, 2), 0, 0)
+        passes[recompute] = sum(shape[1] > 1 for shape in calls)
+    assert torch.equal(experiences[True].sequences, experiences[False].sequences)
+    torch.testing.assert_close(experiences[False].old_logprobs, experiences[True].old_logprobs, atol=1e-4, rtol=0)
+    assert passes[True] == passes[False] + 1

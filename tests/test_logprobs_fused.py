@@ -37,32 +37,21 @@ def _loss(lp, ent, seed=1):
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_linear_values_and_grads_float32(chunk_size, bias):
     hidden, weight, b, labels = _fused_inputs(bias=bias)
-    params = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
+    inputs = {"hidden": hidden, "weight": weight, "bias": b} if bias else {"hidden": hidden, "weight": weight}
+    params = {name: t.clone().requires_grad_() for name, t in inputs.items()}
     lp, ent = fused_linear_logprobs(
-        params[0],
-        params[1],
-        labels,
-        params[2] if bias else None,
-        temperature=0.7,
-        return_entropy=True,
-        chunk_size=chunk_size,
+        labels=labels, **params, temperature=0.7, return_entropy=True, chunk_size=chunk_size
     )
     _loss(lp, ent).backward()
-    ref_params = [t.double().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
+    ref_params = {name: t.double().requires_grad_() for name, t in inputs.items()}  # the float64 oracle's leaves
     rlp, rent = fused_linear_logprobs_reference(
-        ref_params[0],
-        ref_params[1],
-        labels,
-        ref_params[2] if bias else None,
-        0.7,
-        return_entropy=True,
-        dtype=torch.float64,
+        labels=labels, **ref_params, temperature=0.7, return_entropy=True, dtype=torch.float64
     )
     _loss(rlp, rent).backward()
     assert lp.shape == ent.shape == labels.shape and lp.dtype == torch.float32
     torch.testing.assert_close(lp.double(), rlp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.double(), rent, rtol=1e-5, atol=1e-5)
-    for p, r in zip(params, ref_params):
+    for p, r in zip(params.values(), ref_params.values()):
         assert p.grad.dtype == p.dtype
         torch.testing.assert_close(p.grad.double(), r.grad, rtol=1e-5, atol=1e-5)
     assert torch.all(lp[labels == -100] == 0)

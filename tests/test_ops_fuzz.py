@@ -234,30 +234,22 @@ PPO_TENSORS = ("values", "old_values", "returns", "ref_logprobs", "entropy")
     with_ref=st.booleans(),
     with_entropy=st.booleans(),
     per_sequence_advantages=st.integers(0, 4),
-    loss_agg=st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]),
-    kl_estimator=st.sampled_from(["k1", "k2", "k3"]),
-    dual_clip=st.sampled_from([None, None, 3.0, 0.5]),
-    cliprange=st.sampled_from([0.2, 0.2, 0.0, 1.5]),
-    cliprange_value=st.sampled_from([0.2, None]),
-    max_log_ratio=st.sampled_from([20.0, 20.0, 5.0, 1e3]),
+    scalars=st.fixed_dictionaries(
+        dict(
+            loss_agg=st.sampled_from(
+                ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+            ),
+            kl_estimator=st.sampled_from(["k1", "k2", "k3"]),
+            dual_clip=st.sampled_from([None, None, 3.0, 0.5]),
+            cliprange=st.sampled_from([0.2, 0.2, 0.0, 1.5]),
+            cliprange_value=st.sampled_from([0.2, None]),
+            max_log_ratio=st.sampled_from([20.0, 20.0, 5.0, 1e3]),
+        )
+    ),
 )
-def test_fuzz_ppo_loss(
-    data,
-    B,
-    T,
-    dtype,
-    mixed,
-    with_values,
-    with_ref,
-    with_entropy,
-    per_sequence_advantages,
-    loss_agg,
-    kl_estimator,
-    dual_clip,
-    cliprange,
-    cliprange_value,
-    max_log_ratio,
-):
+def test_fuzz_ppo_loss(data, B, T, dtype, mixed, with_values, with_ref, with_entropy, per_sequence_advantages, scalars):
+    """scalars: ppo_loss's clipping, aggregation and KL arguments; the coefficients follow the terms present."""
+
     def draw_dtype():
         return data.draw(any_dtypes) if mixed == 0 else dtype
 
@@ -279,17 +271,7 @@ def test_fuzz_ppo_loss(
         for k in ("logprobs", "values", "entropy")
         if k in args and args[k].is_floating_point() and args[k].device.type == "cpu"
     }
-    kwargs = dict(
-        loss_agg=loss_agg,
-        kl_estimator=kl_estimator,
-        dual_clip=dual_clip,
-        cliprange=cliprange,
-        cliprange_value=cliprange_value,
-        max_log_ratio=max_log_ratio,
-        vf_coef=0.5,
-        kl_coef=0.1 if with_ref else 0.0,
-        entropy_coef=0.01 if with_entropy else 0.0,
-    )
+    kwargs = dict(scalars, vf_coef=0.5, kl_coef=0.1 if with_ref else 0.0, entropy_coef=0.01 if with_entropy else 0.0)
     out = call(lambda: ops.ppo_loss(**dict(args, **leaves), **kwargs), set(args) | set(kwargs))
     if out is None:
         return

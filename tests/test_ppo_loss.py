@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 
 import rlhf_ext  # noqa: F401
 from rlhf_ext.ops import ppo_loss
+from rlhf_ext.ops.ppo_loss import STAT_NAMES
 from rlhf_ext.ops.reference import ppo_loss_reference
 from tests.ppo_loss_helpers import (
     GRAD_LEAVES,
     LOSS_AGGS,
-    STAT_KEYS,
     assert_grads_close,
     assert_outputs_close,
     call,
@@ -346,7 +346,7 @@ def test_instruction_set_variants_agree(tmp_path, capability):
     other = torch.load(tmp_path / "out.pt")
     out, grads = run(ppo_loss, case, kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
     torch.testing.assert_close(other["loss"], out.loss.detach(), rtol=1e-6, atol=1e-7)
-    for k in STAT_KEYS:
+    for k in STAT_NAMES:
         torch.testing.assert_close(other["stats"][k], out.stats[k], rtol=1e-6, atol=1e-7)
     for k in grads:
         torch.testing.assert_close(other[k], grads[k], rtol=1e-6, atol=1e-9)

@@ -5,11 +5,10 @@ import torch
 
 import rlhf_ext  # noqa: F401
 from rlhf_ext.ops import kl_penalty, ppo_loss
+from rlhf_ext.ops.ppo_loss import SCALAR_DEFAULTS, STAT_NAMES, TENSOR_ARGS, op_args
 from rlhf_ext.ops.reference import kl_penalty_reference, ppo_loss_reference
 from tests.ppo_loss_helpers import (
     LOSS_AGGS,
-    STAT_KEYS,
-    TENSOR_ARGS,
     assert_grads_close,
     assert_outputs_close,
     make_case,
@@ -17,24 +16,12 @@ from tests.ppo_loss_helpers import (
 )
 
 
-def op_args(case, **overrides):
-    """Positional arguments of torch.ops.rlhf_ext.ppo_loss for a make_case() dict."""
-    scalars = dict(
-        cliprange=0.2,
-        cliprange_high=None,
-        dual_clip=None,
-        cliprange_value=0.2,
-        vf_coef=0.1,
-        kl_coef=0.0,
-        kl_estimator="k3",
-        entropy_coef=0.0,
-        loss_agg="token-mean",
-        loss_agg_norm=None,
-        max_log_ratio=20.0,
-    )
-    scalars.update(overrides)
-    tensors = [case.get(k) for k in TENSOR_ARGS]
-    return tuple(tensors) + tuple(scalars.values())
+def test_op_args_follow_the_schema():
+    # op_args builds the raw op's positional arguments from these names: they must be the schema's, in its order.
+    schema = [a.name for a in torch.ops.rlhf_ext.ppo_loss.default._schema.arguments]
+    assert [*TENSOR_ARGS, *SCALAR_DEFAULTS] == schema
+    with pytest.raises(TypeError, match=r"scalars: expected names among cliprange, .*got clip_range"):
+        op_args({}, clip_range=0.1)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -111,15 +98,9 @@ def test_k3_matches_float64_across_the_range(e):
 def test_kl_penalty_equals_the_loss_kl_term():
     case = make_case(4, 30, seed=4, empty_rows=())
     case["mask"].fill_(True)
+    policy_and_kl = {k: case[k] for k in ("logprobs", "old_logprobs", "advantages", "mask", "ref_logprobs")}
     for estimator in ("k1", "k2", "k3"):
-        out = ppo_loss(
-            case["logprobs"],
-            case["old_logprobs"],
-            case["advantages"],
-            case["mask"],
-            ref_logprobs=case["ref_logprobs"],
-            kl_estimator=estimator,
-        )
+        out = ppo_loss(**policy_and_kl, kl_estimator=estimator)
         per_token = kl_penalty(case["logprobs"], case["ref_logprobs"], estimator)
         torch.testing.assert_close(out.kl, per_token.mean(), rtol=1e-5, atol=1e-7)
 
@@ -154,18 +135,7 @@ def test_torch_compile_fullgraph():
     kwargs = dict(kl_coef=0.1, entropy_coef=0.01, loss_agg="seq-mean-token-mean")
 
     def step(logprobs, values, entropy):
-        out = ppo_loss(
-            logprobs,
-            case["old_logprobs"],
-            case["advantages"],
-            case["mask"],
-            values=values,
-            old_values=case["old_values"],
-            returns=case["returns"],
-            ref_logprobs=case["ref_logprobs"],
-            entropy=entropy,
-            **kwargs,
-        )
+        out = ppo_loss(**dict(case, logprobs=logprobs, values=values, entropy=entropy), **kwargs)
         return out.loss, out.stats["clipfrac"], kl_penalty(logprobs, case["ref_logprobs"], "k3")
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -289,7 +259,7 @@ def test_cuda_is_deterministic_and_handles_empty_masks():
     first, first_grads = run(ppo_loss, case, **kwargs)
     second, second_grads = run(ppo_loss, case, **kwargs)
     assert torch.equal(first.loss, second.loss)
-    assert all(torch.equal(first.stats[k], second.stats[k]) for k in STAT_KEYS)
+    assert all(torch.equal(first.stats[k], second.stats[k]) for k in STAT_NAMES)
     assert all(torch.equal(first_grads[k], second_grads[k]) for k in first_grads)
     case["mask"].zero_()
     empty, empty_grads = run(ppo_loss, case, **kwargs)

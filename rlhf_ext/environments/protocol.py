@@ -132,6 +132,22 @@ def render_observation(
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def end_of_turn_token(tokenizer) -> Optional[int]:
+    """The special token the chat template closes an assistant message with (Qwen's <|im_end|>, Llama 3's
+    <|eot_id|>), found by rendering a one-exchange conversation; None when there is no template, it fails on that
+    conversation, or what follows the assistant's text is not a special token. The agent's turn ends there."""
+    marker = "\x1fturn\x1f"
+    try:
+        text = _chat_text(
+            tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": marker}], False, None
+        )
+    except Exception:  # templates may insist on other conversations (a system turn first, ...): no token then
+        return None
+    after = text.split(marker, 1)[1] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return ids[0] if ids and ids[0] in set(tokenizer.all_special_ids) else None
+
+
 def load_env_factory(spec: str):
     """The callable named by `spec` ("package.module:Factory"), as `rlhf-ext train ... --env` takes it."""
     module_name, sep, attribute = spec.partition(":") if isinstance(spec, str) else ("", "", "")

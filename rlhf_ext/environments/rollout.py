@@ -20,10 +20,15 @@ from typing import Optional
 
 import torch
 
-from rlhf_ext.environments.protocol import EnvironmentStepError, check_reset, check_step, render_observation
+from rlhf_ext.environments.protocol import (
+    EnvironmentStepError,
+    check_reset,
+    check_step,
+    end_of_turn_token,
+    render_observation,
+)
 from rlhf_ext.generation.completions import SamplingSettings, left_pad
 from rlhf_ext.generation.rollout import _CacheArgs, _forward_kwargs, _stop_ids
-from rlhf_ext.models.introspect import position_ids_from_mask
 from rlhf_ext.ops.sampling import prepare_settings, sample
 
 logger = logging.getLogger("rlhf_ext.environments")
@@ -82,6 +87,7 @@ class _Engine:
         )
         self.sampling["generator"] = generator
         self.mask = torch.zeros((batch, 0), dtype=torch.long, device=device)  # (B, C) every column fed so far
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) real tokens fed so far
         self.logits = None  # (B, V) next-token logits after each row's last real token
         self.columns = {"ids": [], "mask": [], "agent": [], "logprobs": []}  # chunks after the prompt, (B, W) each
 
@@ -89,7 +95,9 @@ class _Engine:
         """Forward the chunk `ids` / `mask` (B, W), left-padded inside it; returns its first column's index."""
         C, W = self.mask.shape[1], ids.shape[1]
         full = torch.cat([self.mask, mask], dim=1)  # (B, C + W)
-        positions = position_ids_from_mask(full)[:, C:]  # (B, W): counts only real tokens
+        # (B, W) positions counting only real tokens: position_ids_from_mask(full)[:, C:] without the O(C) cumsum
+        positions = (self.count[:, None] + mask.cumsum(1) - 1).clamp(min=0)
+        self.count += mask.sum(1)
         output = self.model(
             input_ids=ids,
             attention_mask=full,
@@ -204,8 +212,9 @@ def run_episodes(
     """Play one episode in each of `envs` (fresh environments) with `policy` (a causal LM, in eval mode).
 
     env.reset(seed=seeds[i], options=options[i]) gives the first observation (the prompt). An agent turn ends at
-    a stop token (settings.stop_token_id, the tokenizer's eos, `stop_token_ids` such as a chat template's
-    end-of-turn token) or after settings.max_new_tokens tokens; its text (special tokens skipped) is the action.
+    a stop token (settings.stop_token_id, the tokenizer's eos, `stop_token_ids`, and with chat observations the
+    template's end-of-turn token, `protocol.end_of_turn_token`) or after settings.max_new_tokens tokens; its text
+    (without the stop token) is the action.
     The episode ends when the environment terminates or truncates it, after `max_turns` steps (truncated), or
     when its tokens after the first observation reach `max_episode_tokens` (truncated; an observation that
     would exceed it is not appended). env_errors="log": an environment that raises or breaks the protocol in
@@ -230,6 +239,8 @@ def run_episodes(
             raise EnvironmentStepError(env, 0, "the first observation renders to no tokens")
         episodes.append(_Episode(env, info, None if isinstance(observation, str) else list(observation)))
 
+    if any(e.history is not None for e in episodes) and getattr(tokenizer, "chat_template", None) is not None:
+        stop_ids = torch.unique(torch.cat([stop_ids, _stop_ids(end_of_turn_token(tokenizer), None, device)]))
     engine = _Engine(policy, B, settings, generator, device)
     prompt_ids, prompt_mask = left_pad(prompts, settings.pad_token_id, device)
     engine.feed(prompt_ids, prompt_mask, record=False)
@@ -249,7 +260,9 @@ def run_episodes(
             if episode.tokens >= budget and not stopped[i]:  # cut mid-turn: the action is incomplete
                 episode.done = episode.truncated = True
                 continue
-            action = tokenizer.decode(turn_ids[i], skip_special_tokens=True)
+            # The action is the turn's text without its stop token; other special tokens stay (a tool-call
+            # marker such as <tool_call> is often one, and the environment must see it).
+            action = tokenizer.decode(turn_ids[i][:-1] if stopped[i] else turn_ids[i], skip_special_tokens=False)
             episode.actions.append(action)
             result = _step(episode, turn, action, env_errors)
             if result is None:

@@ -1,8 +1,8 @@
-"""A tiny deterministic environment for tests and smoke runs (`rlhf_ext.environments.testing:CountingEnv`).
+"""Tiny environments for tests and smoke runs: `CountingEnv` (deterministic) and `VowelEnv` (learnable).
 
-Step t (1-based) pays reward t, so where each reward lands in the token layout is checkable; observations have
-lengths that vary with the seed and the turn, so a batch of episodes is ragged; `fault` makes one step break
-the protocol in a chosen way, for the error-handling paths.
+In CountingEnv step t (1-based) pays reward t, so where each reward lands in the token layout is checkable;
+observations have lengths that vary with the seed and the turn, so a batch of episodes is ragged; `fault` makes
+one step break the protocol in a chosen way, for the error-handling paths.
 """
 
 from typing import Optional
@@ -54,3 +54,20 @@ class CountingEnv:
         text = "" if self.empty_observations else " then" + " more" * ((self.seed + self.turn) % 3)
         info = {"success": terminated and self.seed % 2 == 0}
         return self._observation(text), float(self.turn), terminated, False, info
+
+
+class VowelEnv:
+    """A learnable environment: `turns` steps, each paying the fraction of the action's characters that are
+    vowels (a dense signal a tiny random policy can raise within a few updates, whatever its tokenizer)."""
+
+    def __init__(self, turns: int = 2):
+        self.turns, self.turn = turns, 0
+
+    def reset(self, *, seed=None, options=None):
+        self.turn = 0
+        return "the film", {}
+
+    def step(self, action: str):
+        self.turn += 1
+        reward = sum(c in "aeiou" for c in action) / max(len(action), 1)
+        return " then", reward, self.turn >= self.turns, False, {}

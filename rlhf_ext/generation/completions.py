@@ -44,6 +44,12 @@ class SamplingSettings:
         if self.stop_token_id is not None and (isinstance(self.stop_token_id, bool) or self.stop_token_id < 0):
             raise bad("stop_token_id", "a token id (int >= 0) or None")
 
+    def generate_kwargs(self) -> dict:
+        """These settings as keyword arguments of `generate` (which names the stop token `eos_token_id`)."""
+        kwargs = dataclasses.asdict(self)
+        kwargs["eos_token_id"] = kwargs.pop("stop_token_id")
+        return kwargs
+
     def greedy(self) -> "SamplingSettings":
         """The same settings decoding greedily (top_k = 1)."""
         return dataclasses.replace(self, top_k=1)
@@ -88,19 +94,7 @@ def complete(
         if chunk_seed is not None:
             generator = torch.Generator(device=device).manual_seed(chunk_seed(first) % (2**63 - 1))
         parts.append(
-            generate(
-                model,
-                prompt_ids[chunk],
-                prompt_mask[chunk],
-                max_new_tokens=settings.max_new_tokens,
-                temperature=settings.temperature,
-                top_k=settings.top_k,
-                top_p=settings.top_p,
-                min_p=settings.min_p,
-                eos_token_id=settings.stop_token_id,
-                pad_token_id=settings.pad_token_id,
-                generator=generator,
-            )
+            generate(model, prompt_ids[chunk], prompt_mask[chunk], **settings.generate_kwargs(), generator=generator)
         )
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, settings.pad_token_id)
 

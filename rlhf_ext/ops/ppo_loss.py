@@ -36,6 +36,7 @@ Statistics (`stats`) are token means over the valid tokens whatever `loss_agg` i
 so inf/NaN there (padding) cannot leak into the loss.
 """
 
+import inspect
 from typing import NamedTuple, Optional
 
 import torch
@@ -64,8 +65,22 @@ _OUT_NAMES = (
     "num_seqs",
 )
 _NUM_OUT = len(_OUT_NAMES)
+# What `ppo_loss(...).stats` holds, in the op's order.
+STAT_NAMES = _OUT_NAMES[5:]
+# The op's tensor arguments, in the order of its schema (csrc/ops.cpp); its scalars follow them.
+TENSOR_ARGS = (
+    "logprobs",
+    "old_logprobs",
+    "advantages",
+    "mask",
+    "values",
+    "old_values",
+    "returns",
+    "ref_logprobs",
+    "entropy",
+)
 # Forward op inputs that get a gradient, and their positions in its argument list.
-_GRAD_INPUTS = {"logprobs": 0, "values": 4, "entropy": 8}
+_GRAD_INPUTS = {name: TENSOR_ARGS.index(name) for name in ("logprobs", "values", "entropy")}
 _NUM_ARGS = 20
 
 
@@ -99,20 +114,9 @@ def _ppo_loss_fake(
 
 
 @torch.library.register_fake("rlhf_ext::ppo_loss_backward")
-def _ppo_loss_backward_fake(
-    grad_out,
-    out,
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    values,
-    old_values,
-    returns,
-    ref_logprobs,
-    entropy,
-    *scalars,
-):
+def _ppo_loss_backward_fake(grad_out, out, *args):
+    # args: the forward's 20 arguments; only the three gradient inputs shape the result.
+    logprobs, values, entropy = (args[i] for i in _GRAD_INPUTS.values())
     absent = logprobs.new_empty((0,))
     return (
         torch.empty_like(logprobs, memory_format=torch.contiguous_format),
@@ -277,7 +281,7 @@ def ppo_loss(
     # One unbind instead of sixteen Python-level index ops (the wrapper's overhead is most of the
     # cost at small sizes). Only the loss keeps its graph.
     fixed = out.detach().unbind(0)
-    stats = dict(zip(_OUT_NAMES[5:], fixed[5:]))
+    stats = dict(zip(STAT_NAMES, fixed[5:]))
     return PPOLossOutput(out[0], fixed[1], fixed[2], fixed[3], fixed[4], stats)
 
 
@@ -291,6 +295,23 @@ def kl_penalty(
     _check_choice("estimator", estimator, KL_ESTIMATORS)
     check_devices("logprobs", logprobs, ref_logprobs=ref_logprobs)
     return torch.ops.rlhf_ext.kl_penalty(logprobs, ref_logprobs, estimator, float(max_log_ratio))
+
+
+# The op's scalar arguments with the wrapper's defaults, in schema order (tests/test_ppo_loss_contract.py checks
+# that TENSOR_ARGS followed by these names is the schema).
+SCALAR_DEFAULTS = {
+    name: param.default for name, param in inspect.signature(ppo_loss).parameters.items() if name not in TENSOR_ARGS
+}
+
+
+def op_args(tensors: dict, **scalars) -> tuple:
+    """Positional arguments of the raw `torch.ops.rlhf_ext.ppo_loss` (and of `ppo_loss_backward` after its
+    `grad_out, out`), for tests and benchmarks that call the op itself: the tensors of TENSOR_ARGS looked up by
+    name in `tensors` (absent ones None), then the scalars, `scalars` over the wrapper's defaults."""
+    unknown = sorted(set(scalars) - set(SCALAR_DEFAULTS))
+    if unknown:
+        raise TypeError(f"scalars: expected names among {', '.join(SCALAR_DEFAULTS)}, got {', '.join(unknown)}")
+    return tuple(tensors.get(name) for name in TENSOR_ARGS) + tuple({**SCALAR_DEFAULTS, **scalars}.values())
 
 
 def bench_cases():
@@ -308,27 +329,18 @@ def bench_cases():
         returns=torch.randn(B, T, generator=gen),
         ref_logprobs=old + 0.1 * torch.randn(B, T, generator=gen),
     )
-    logprobs = (old + 0.1 * torch.randn(B, T, generator=gen)).requires_grad_()
-    values = (tensors["old_values"] + 0.1 * torch.randn(B, T, generator=gen)).requires_grad_()
-    entropy = torch.rand(B, T, generator=gen).requires_grad_()
+    leaves = dict(
+        logprobs=(old + 0.1 * torch.randn(B, T, generator=gen)).requires_grad_(),
+        values=(tensors["old_values"] + 0.1 * torch.randn(B, T, generator=gen)).requires_grad_(),
+        entropy=torch.rand(B, T, generator=gen).requires_grad_(),
+    )
     kwargs = dict(kl_coef=0.05, entropy_coef=0.01)
 
     def run(fn):
         def step():
-            out = fn(
-                logprobs,
-                tensors["old_logprobs"],
-                tensors["advantages"],
-                tensors["mask"],
-                values=values,
-                old_values=tensors["old_values"],
-                returns=tensors["returns"],
-                ref_logprobs=tensors["ref_logprobs"],
-                entropy=entropy,
-                **kwargs,
-            )
-            out.loss.backward()
-            logprobs.grad = values.grad = entropy.grad = None
+            fn(**leaves, **tensors, **kwargs).loss.backward()
+            for leaf in leaves.values():
+                leaf.grad = None
 
         return step
 

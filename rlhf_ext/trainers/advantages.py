@@ -127,3 +127,19 @@ def critic_free_advantages(args, scores, all_scores, mask, old_logprobs, ref_log
         scores = (all_scores - group_stats(all_scores, G)[0])[mine]
     returns = token_returns(assemble_rewards(-args.beta * kl, scores, mask), mask)
     return global_masked_whiten(returns, mask, dist)
+
+
+def ppo_targets(args, kl_coef, dist, old_logprobs, ref_logprobs, values, scores, mask, step_rewards=None) -> dict:
+    """The Experience fields PPO's update trains towards, over the (B, R) tokens `mask` marks: the per-token reward
+    (-kl_coef * KL(old || ref) on every token, plus `step_rewards` (B, R) where given, plus `scores` (B,) on each
+    row's last token; whitened with args.whiten_rewards), GAE advantages (args.gamma, args.lam; whitened over every
+    process through `dist`) and returns, with the log-probs and values they came from."""
+    kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask  # (B, R)
+    non_score = -kl_coef * kl if step_rewards is None else -kl_coef * kl + step_rewards
+    rewards = assemble_rewards(non_score, scores, mask)
+    if args.whiten_rewards:
+        rewards = global_masked_whiten(rewards, mask, dist, shift_mean=False)
+    advantages, returns = gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
+    advantages = global_masked_whiten(advantages, mask, dist)
+    fields = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values, kl=kl, rewards=rewards)
+    return {**fields, "advantages": advantages, "returns": returns}

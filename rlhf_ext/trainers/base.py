@@ -368,10 +368,10 @@ class BaseTrainer:
             self.reporter.state.log_history[:0] = self._state_before_training.log_history
         return start
 
-    def begin_window_training(self, model: nn.Module, resume_from_checkpoint):
-        """The start of the single-model trainers' loop (SFT, reward): steps of per_device_train_batch_size x
-        gradient_accumulation_steps rows, the optimizer and schedule, a restored checkpoint. Returns
-        (batches, total_steps, first step)."""
+    def train_windows(self, model: nn.Module, resume_from_checkpoint, window_metrics) -> TrainerState:
+        """The loop of the single-model trainers (SFT, reward): each step takes a window of
+        per_device_train_batch_size x gradient_accumulation_steps rows, and `window_metrics(rows, step)` trains on
+        it (backward, `step_optimizer`) and returns the step's metrics; then logging, checkpoints, evaluation."""
         from rlhf_ext.trainers.data import StepBatches
 
         args = self.args
@@ -383,7 +383,24 @@ class BaseTrainer:
             total_steps, batches.batches_per_epoch, window, resume_from_checkpoint or args.resume_from_checkpoint, model
         )
         model.train()
-        return batches, total_steps, start
+        for step in range(start, total_steps):
+            self.reporter.step_begin()
+            if self.end_step(window_metrics(self.train_dataset[batches.indices(step)], step)):
+                break
+        self.end_training()
+        return self.reporter.state
+
+    @torch.no_grad()
+    def map_eval_batches(self, model: nn.Module, data, fn) -> list:
+        """`[fn(rows), ...]` over per_device_eval_batch_size rows of `data` at a time, `model` in eval mode (its
+        mode restored afterwards)."""
+        was_training = model.training
+        model.eval()
+        size = self.args.per_device_eval_batch_size
+        try:
+            return [fn(data[first : first + size]) for first in range(0, len(data), size)]
+        finally:
+            model.train(was_training)
 
     def end_step(self, metrics: dict) -> bool:
         """Log, checkpoint and evaluate when due; returns True when training should stop. A non-finite loss

@@ -117,28 +117,33 @@ def _is_default(name: str, value, default) -> bool:
     return value == default or any(value == d for d in _NORMALISED_DEFAULTS.get(name, []))
 
 
+def option(default, help: str):
+    """A config field with its default and its --help text. Only "help" goes in the metadata: HfArgumentParser
+    passes every metadata key on to argparse.add_argument."""
+    return field(default=default, metadata={"help": help})
+
+
+def unsupported(default, why: str):
+    """A TRL field we accept only at its default, so that a TRL script setting it fails loudly, naming it (see
+    PolicyGradientConfig.unsupported_trl_options); `why`: what it would need."""
+    return option(default, f"not supported ({why}); must stay {default!r}")
+
+
 @dataclass
 class TrainerConfig(TrainingArguments):
     """Fields shared by SFTConfig, RewardConfig, PPOConfig (and the trainers built on them)."""
 
     # Our defaults where TrainingArguments' do not suit these trainers.
-    logging_steps: float = field(default=10, metadata={"help": "log every N optimisation steps"})
-    save_steps: float = field(default=500, metadata={"help": "checkpoint every N steps (save_strategy='steps')"})
+    logging_steps: float = option(10, "log every N optimisation steps")
+    save_steps: float = option(500, "checkpoint every N steps (save_strategy='steps')")
     # Added fields.
-    logging_dir: Optional[str] = field(
-        default=None, metadata={"help": "TensorBoard folder (default: <output_dir>/runs)"}
+    logging_dir: Optional[str] = option(None, "TensorBoard folder (default: <output_dir>/runs)")
+    warmup_ratio: float = option(0.0, "warm-up as a fraction of the steps (used when warmup_steps is 0)")
+    disable_dropout: bool = option(True, "turn dropout off in every model we train or query")
+    model_init_kwargs: Optional[dict] = option(
+        None, "kwargs for from_pretrained when a model is given as a path (e.g. {'dtype': 'bfloat16'})"
     )
-    warmup_ratio: float = field(
-        default=0.0, metadata={"help": "warm-up as a fraction of the steps (used when warmup_steps is 0)"}
-    )
-    disable_dropout: bool = field(default=True, metadata={"help": "turn dropout off in every model we train or query"})
-    model_init_kwargs: Optional[dict] = field(
-        default=None,
-        metadata={"help": "kwargs for from_pretrained when a model is given as a path (e.g. {'dtype': 'bfloat16'})"},
-    )
-    dataset_num_proc: Optional[int] = field(
-        default=None, metadata={"help": "processes for dataset tokenisation (Dataset.map)"}
-    )
+    dataset_num_proc: Optional[int] = option(None, "processes for dataset tokenisation (Dataset.map)")
 
     # Subclasses extend this (the multi-process trainers add MULTI_PROCESS_TRAINING_ARGUMENTS).
     _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS
@@ -220,25 +225,45 @@ class TrainerConfig(TrainingArguments):
 class PolicyGradientConfig(TrainerConfig):
     """Fields PPOConfig and GRPOConfig share: how the no-grad scoring passes and the log-probs are computed."""
 
-    local_rollout_forward_batch_size: int = field(
-        default=64, metadata={"help": "rows per no-grad forward when scoring rollouts (old/ref log-probs, values)"}
+    local_rollout_forward_batch_size: int = option(
+        64, "rows per no-grad forward when scoring rollouts (old/ref log-probs, values)"
     )
-    fused_linear_logprobs: bool = field(
-        default=False, metadata={"help": "extra: log-probs from hidden states via the fused op"}
+    fused_linear_logprobs: bool = option(False, "extra: log-probs from hidden states via the fused op")
+    logprobs_chunk_size: Optional[int] = option(None, "extra: vocabulary chunk of the fused op")
+    recompute_old_logprobs: Optional[bool] = option(
+        None,
+        "extra: after sampling, recompute the old log-probs with a forward pass (True) or take the sampler's, equal "
+        "within float tolerance, saving that pass (False); None: recompute only under bf16, whose autocast forward "
+        "differs from sampling by more than that",
     )
-    logprobs_chunk_size: Optional[int] = field(
-        default=None, metadata={"help": "extra: vocabulary chunk of the fused op"}
+    max_turns: int = option(8, "extra: environment steps per episode at most (env_factory)")
+    max_episode_tokens: Optional[int] = option(
+        None, "extra: agent + environment tokens per episode after its first observation (env_factory)"
     )
-    max_turns: int = field(default=8, metadata={"help": "extra: environment steps per episode at most (env_factory)"})
-    max_episode_tokens: Optional[int] = field(
-        default=None, metadata={"help": "extra: agent + environment tokens per episode after its first observation"}
-    )
-    env_errors: str = field(
-        default="log", metadata={"help": "extra: an environment error ends its episode ('log') or training ('raise')"}
-    )
+    env_errors: str = option("log", "extra: an environment error ends its episode ('log') or training ('raise')")
+
+    _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | MULTI_PROCESS_TRAINING_ARGUMENTS
+    # the dataclass of the TRL fields the subclass declares with `unsupported` (refused when changed)
+    unsupported_trl_options = None
 
     def __post_init__(self):
+        for f in dataclasses.fields(self.unsupported_trl_options or ()):
+            if getattr(self, f.name) != f.default:
+                why = f.metadata["help"].replace("not supported", f"not supported by {type(self).__name__}", 1)
+                raise ValueError(f"{f.name}: {getattr(self, f.name)!r} is {why}; remove it")
         super().__post_init__()
+        # The sampling fields (each subclass declares temperature, top_k, top_p, min_p and max_prompt_length with
+        # its own defaults) are checked here, stricter than SamplingSettings: the log-probs divide by the
+        # temperature, and min_p = 1 would keep only the top token. TRL's GRPOConfig spells "off" None.
+        self.top_k = 0 if self.top_k is None else self.top_k
+        self.min_p = 0.0 if self.min_p is None else self.min_p
+        require(self, "temperature", self.temperature > 0, "a value > 0")
+        require(self, "top_k", self.top_k >= 0, "an integer >= 0 (0: off)")
+        require(self, "top_p", 0.0 < self.top_p <= 1.0, "a value in (0, 1]")
+        require(self, "min_p", 0.0 <= self.min_p < 1.0, "a value in [0, 1) (0: off)")
+        require(
+            self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1, "None or >= 1"
+        )
         require(self, "local_rollout_forward_batch_size", self.local_rollout_forward_batch_size >= 1, "an integer >= 1")
         require(self, "max_turns", isinstance(self.max_turns, int) and self.max_turns >= 1, "an integer >= 1")
         require(
@@ -249,6 +274,28 @@ class PolicyGradientConfig(TrainerConfig):
             "None or an integer >= 1",
         )
         require(self, "env_errors", self.env_errors in ("log", "raise"), "'log' or 'raise'")
+
+    @property
+    def old_logprobs_from_sampler(self) -> bool:
+        """Whether the old log-probs are the sampler's (see recompute_old_logprobs)."""
+        return not (self.bf16 if self.recompute_old_logprobs is None else self.recompute_old_logprobs)
+
+    def completion_limit(self, tokenizer) -> tuple:
+        """(max_new_tokens, stop_token_id or None): how long a completion may grow and which token ends it."""
+        raise NotImplementedError
+
+    def sampling_settings(self, tokenizer) -> SamplingSettings:
+        """How completions are sampled: the sampling fields, the tokenizer's pad token, and `completion_limit`."""
+        max_new_tokens, stop_token_id = self.completion_limit(tokenizer)
+        return SamplingSettings(
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            stop_token_id=stop_token_id,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+        )
 
 
 def _installed(module: str) -> bool:
@@ -261,24 +308,3 @@ def require(config, name: str, ok: bool, expected: str):
     """Raise a ValueError naming the config field when `ok` is false."""
     if not ok:
         raise ValueError(f"{type(config).__name__}.{name}: expected {expected}, got {getattr(config, name)!r}")
-
-
-def sampling_settings(config, tokenizer, max_new_tokens: int, stop_token_id: Optional[int]) -> SamplingSettings:
-    """The SamplingSettings of a config with the sampling fields (PPOConfig, GRPOConfig): its temperature, top_k,
-    top_p and min_p, the tokenizer's pad token, and the length limit and stop token the config chooses."""
-    knobs = {name: getattr(config, name) for name in ("temperature", "top_k", "top_p", "min_p")}
-    return SamplingSettings(
-        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, stop_token_id=stop_token_id, **knobs
-    )
-
-
-def check_sampling_fields(config):
-    """The sampling fields PPOConfig and GRPOConfig share, checked when the config is built (stricter than
-    SamplingSettings: the log-probs divide by the temperature, and min_p = 1 would keep only the top token)."""
-    require(config, "temperature", config.temperature > 0, "a value > 0")
-    require(config, "top_k", config.top_k >= 0, "an integer >= 0 (0: off)")
-    require(config, "top_p", 0.0 < config.top_p <= 1.0, "a value in (0, 1]")
-    require(config, "min_p", 0.0 <= config.min_p < 1.0, "a value in [0, 1) (0: off)")
-    require(
-        config, "max_prompt_length", config.max_prompt_length is None or config.max_prompt_length >= 1, "None or >= 1"
-    )

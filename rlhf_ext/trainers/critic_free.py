@@ -4,7 +4,8 @@ give it their config class): one loop, four advantage estimators (GRPO, RLOO, RE
 One optimizer step, top to bottom (`train` -> `generate_and_score` -> `critic_free_advantages` -> `update`):
   at the start of each generation round (every steps_per_generation * num_iterations micro-batches):
     this process's share of the round's prompts, each repeated num_generations times -> `sample_completions`
-    -> old log-probs (only when the policy moves between sampling and use) and reference log-probs
+    -> old log-probs (only when the policy moves between sampling and use: the sampler's, or recomputed with
+       recompute_old_logprobs) and reference log-probs
        (only when beta > 0; with LoRA the reference is the policy with its adapter disabled)
     -> reward functions / reward models -> rewards of every process all-gathered
     -> advantages (below), of which this process keeps its own rows
@@ -32,7 +33,7 @@ import torch
 from rlhf_ext.ops import kl_penalty, ppo_loss
 from rlhf_ext.trainers.advantages import critic_free_advantages
 from rlhf_ext.trainers.base import BaseTrainer
-from rlhf_ext.trainers.data import StepBatches, tokenize_prompts
+from rlhf_ext.trainers.data import StepBatches
 from rlhf_ext.trainers.distributed import zero_fields
 from rlhf_ext.trainers.episodes import EnvironmentRunner, group_episode_experience
 from rlhf_ext.trainers.evaluation import group_eval_metrics, group_eval_sums, trainer_completions
@@ -116,11 +117,11 @@ class CriticFreeTrainer(BaseTrainer):
             )
         if not isinstance(args, self.config_class):
             raise TypeError(f"args: expected a {self.config_class.__name__}, got {type(args).__name__}")
+        with_env = env_factory is not None or environment_factory is not None or bool(tools)
+        if not with_env and (reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs)):
+            raise ValueError("reward_funcs: required (reward functions, reward models, or a list of them)")
         tokenizer = load_padding_tokenizer(processing_class, model)
         self.env = EnvironmentRunner.build(env_factory, environment_factory, tools, args, tokenizer)
-        no_rewards = reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs)
-        if no_rewards and self.env is None:
-            raise ValueError("reward_funcs: required (reward functions, reward models, or a list of them)")
         super().__init__(args, tokenizer, callbacks)
 
         # The policy; the reference is a frozen copy only when beta > 0 and there is no adapter to disable.
@@ -128,29 +129,19 @@ class CriticFreeTrainer(BaseTrainer):
         ref = copy.deepcopy(policy) if args.beta > 0 and not is_peft_model(policy) else None
         self.policy = self.prepare_model(policy, trainable=True)
         self.ref_model = self.prepare_model(ref, trainable=False) if ref is not None else None
-        self.reward_sources = (
-            build_reward_sources(
-                None,
-                reward_funcs,
-                args,
-                tokenizer,
-                lambda source: self.prepare_model(source, trainable=False),
-                reward_processing_classes=reward_processing_classes,
-                allow_none=True,
-            )
-            if not no_rewards
-            else None
+        self.reward_sources = build_reward_sources(
+            None,
+            reward_funcs,
+            args,
+            tokenizer,
+            lambda source: self.prepare_model(source, trainable=False),
+            reward_processing_classes=reward_processing_classes,
+            allow_none=True,
+            optional=self.env is not None,
         )
+        prompts_per_round = args.generation_batch_size // args.num_generations
         self.load_datasets(
-            *EnvironmentRunner.datasets(
-                self.env,
-                train_dataset,
-                eval_dataset,
-                args.generation_batch_size // args.num_generations,
-                lambda data, name: tokenize_prompts(
-                    data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name
-                ),
-            ),
+            *EnvironmentRunner.datasets(self.env, train_dataset, eval_dataset, prompts_per_round, args, tokenizer),
             expected="a 'prompt' column, text or chat messages",
         )
         self.sampling = args.sampling_settings(tokenizer)
@@ -220,7 +211,9 @@ class CriticFreeTrainer(BaseTrainer):
         size = args.local_rollout_forward_batch_size
         kl_in_reward = args.advantage_estimator != "grpo" and args.beta > 0
         old_logprobs = ref_logprobs = None
-        if self.steps_per_round > 1 or kl_in_reward:  # the policy moves before these samples are used up
+        if (self.steps_per_round > 1 or kl_in_reward) and args.old_logprobs_from_sampler:
+            old_logprobs = rollout.logprobs * response_mask  # needed: the policy moves before the samples are used up
+        elif self.steps_per_round > 1 or kl_in_reward:
             old_logprobs = by_chunks(
                 lambda *chunk: policy_logprobs(self.policy, *chunk, args, run=self.run), rollout, size
             )

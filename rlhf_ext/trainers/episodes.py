@@ -19,13 +19,14 @@ import torch
 
 from rlhf_ext.environments.rollout import EpisodeBatch, run_episodes
 from rlhf_ext.generation import Rollout
-from rlhf_ext.ops import gae, kl_penalty
-from rlhf_ext.trainers.advantages import assemble_rewards, critic_free_advantages, global_masked_whiten
+from rlhf_ext.trainers.advantages import critic_free_advantages, ppo_targets
+from rlhf_ext.trainers.data import tokenize_prompts
 from rlhf_ext.trainers.experience import Experience, by_chunks, policy_logprobs, reference_logprobs, sampling_key
 from rlhf_ext.trainers.rollout_metrics import group_rollout_metrics
 
 PLACEHOLDER_COLUMN = "episode"  # the one column of the rows made up when there is no dataset
 SEED_RANGE = 2**31  # reset seeds stay in numpy's range
+SCORE_SHAPING = ("missing_eos_penalty", "normalize_rewards", "reward_clip")
 
 
 class EnvironmentRunner:
@@ -35,6 +36,12 @@ class EnvironmentRunner:
     def __init__(self, env_factory, args, tokenizer, *, tool_form: bool = False):
         if not callable(env_factory):
             raise TypeError(f"env_factory: expected a callable returning an environment, got {type(env_factory)}")
+        for name in SCORE_SHAPING:  # PPO's single-score options: an episode's rewards arrive per step
+            if getattr(args, name, None) not in (None, False):
+                raise ValueError(
+                    f"{name}: {getattr(args, name)!r} is not supported with an environment (rewards arrive per step, "
+                    "not as one score per completion); remove it"
+                )
         self.env_factory, self.args, self.tokenizer, self.tool_form = env_factory, args, tokenizer, tool_form
         self.placeholder = False
         self.last_metrics = {}
@@ -51,13 +58,19 @@ class EnvironmentRunner:
         return None if env_factory is None else cls(env_factory, args, tokenizer)
 
     @staticmethod
-    def datasets(runner: Optional["EnvironmentRunner"], train_dataset, eval_dataset, rows: int, tokenize) -> tuple:
-        """(train_dataset, eval_dataset, tokenize) for `BaseTrainer.load_datasets`: as given without a runner.
-        With one: the rows whose dicts go to reset(options=...), or `rows` made-up rows {"episode": i} (then
-        options is None) when there is no train_dataset, and nothing to tokenize (environments render their own
-        prompts)."""
+    def datasets(runner: Optional["EnvironmentRunner"], train_dataset, eval_dataset, rows: int, args, tokenizer):
+        """(train_dataset, eval_dataset, tokenize) for `BaseTrainer.load_datasets`: without a runner, as given,
+        with the prompts tokenized. With one: the rows whose dicts go to reset(options=...), or `rows` made-up rows
+        {"episode": i} (then options is None) when there is no train_dataset, and nothing to tokenize
+        (environments render their own prompts)."""
         if runner is None:
-            return train_dataset, eval_dataset, tokenize
+            return (
+                train_dataset,
+                eval_dataset,
+                lambda data, name: tokenize_prompts(
+                    data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name
+                ),
+            )
         if eval_dataset is not None:
             raise ValueError("eval_dataset: not supported with an environment (evaluate by playing episodes)")
         if train_dataset is None:
@@ -160,50 +173,61 @@ def episode_metrics(batch: EpisodeBatch, dist) -> dict:
     }
 
 
+def episode_records(trainer, batch: EpisodeBatch, scores: torch.Tensor) -> list:
+    """Every process's episodes as {"prompt", "completion", "reward"} rows (text without special tokens: the first
+    observation, then the rest of the episode), for GRPO's log_completions."""
+    tokenizer, P = trainer.processing_class, batch.prompt_length
+    rows = [
+        {
+            "prompt": tokenizer.decode(ids[:P][mask[:P].bool()].tolist(), skip_special_tokens=True),
+            "completion": tokenizer.decode(ids[P:][mask[P:].bool()].tolist(), skip_special_tokens=True),
+            "reward": float(score),
+        }
+        for ids, mask, score in zip(batch.sequences, batch.attention_mask, scores.tolist())
+    ]
+    return [row for part in trainer.dist.gather_objects(rows) for row in part]
+
+
+def _experience(batch: EpisodeBatch, **fields) -> Experience:
+    """An Experience over the packed episodes: response = every token after the first observation, agent_mask
+    splitting it; `fields` give the rest."""
+    layout = (batch.sequences, batch.attention_mask, batch.prompt_length, batch.episode_mask, batch.terminated)
+    names = ("sequences", "attention_mask", "prompt_length", "response_mask", "finished")
+    return Experience(**dict(zip(names, layout)), agent_mask=batch.agent_mask, **fields)
+
+
 @torch.no_grad()
 def ppo_episode_experience(trainer, rows: dict, step: int, row_offset: int) -> Experience:
     """PPOTrainer.make_experience on episodes: see the module docstring."""
-    args = trainer.args
     batch, rollout, time_rollout = trainer.env.play(trainer, rows, step, row_offset)
     timer = time.perf_counter()
-    size = args.local_rollout_forward_batch_size
     agent = batch.agent_mask  # (B, T)
-    old_logprobs, _, values = by_chunks(trainer.policy_forward, rollout, size)
-    ref_logprobs = by_chunks(
-        lambda *chunk: reference_logprobs(trainer.policy, trainer.ref_model, *chunk, args, run=trainer.run),
-        rollout,
-        size,
-    )
-    old_logprobs, ref_logprobs, values = old_logprobs * agent, ref_logprobs * agent, values * agent
+    old_logprobs, ref_logprobs, values = (x * agent for x in trainer.scoring_passes(rollout))
     scores, per_source = trainer.env.scores(trainer, rows, batch, rollout)
     time_scoring = time.perf_counter() - timer
-    kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * agent
     # Step rewards already sit on agent tokens; the reward sources' part of the score goes on the last one.
-    rewards = assemble_rewards(-trainer.kl_coef * kl + batch.turn_rewards, scores - batch.returns, agent)
-    if args.whiten_rewards:
-        rewards = global_masked_whiten(rewards, agent, trainer.dist, shift_mean=False)
-    advantages, returns = gae(rewards, values, agent, gamma=args.gamma, lam=args.lam)
+    extra_scores = scores - batch.returns  # (B,) the reward sources' part
+    targets = ppo_targets(
+        trainer.args,
+        trainer.kl_coef,
+        trainer.dist,
+        old_logprobs,
+        ref_logprobs,
+        values,
+        extra_scores,
+        agent,
+        step_rewards=batch.turn_rewards,
+    )
     loss_mask = agent * (~batch.failed)[:, None]
-    advantages = global_masked_whiten(advantages, agent, trainer.dist) * loss_mask
-    return Experience(
-        sequences=batch.sequences,
-        attention_mask=batch.attention_mask,
-        prompt_length=batch.prompt_length,
-        response_mask=batch.episode_mask,
+    targets["advantages"] = targets["advantages"] * loss_mask
+    return _experience(
+        batch,
         loss_mask=loss_mask,
-        advantages=advantages,
         scores=scores,
         per_source=per_source,
-        finished=batch.terminated,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        values=values,
-        returns=returns,
-        rewards=rewards,
-        kl=kl,
-        agent_mask=agent,
         time_rollout=time_rollout,
         time_scoring=time_scoring,
+        **targets,
     )
 
 
@@ -218,7 +242,9 @@ def group_episode_experience(trainer, rows: dict, round_index: int, row_offset: 
     agent = batch.agent_mask  # (B, T)
     kl_in_reward = args.advantage_estimator != "grpo" and args.beta > 0
     old_logprobs = ref_logprobs = None
-    if trainer.steps_per_round > 1 or kl_in_reward:  # the policy moves before these episodes are used up
+    if (trainer.steps_per_round > 1 or kl_in_reward) and args.old_logprobs_from_sampler:
+        old_logprobs = batch.logprobs  # needed: the policy moves before the episodes are used up
+    elif trainer.steps_per_round > 1 or kl_in_reward:
         old_logprobs = by_chunks(lambda *c: policy_logprobs(trainer.policy, *c, args, run=trainer.run), rollout, size)
         old_logprobs = old_logprobs * agent
     if args.beta > 0:
@@ -242,20 +268,17 @@ def group_episode_experience(trainer, rows: dict, round_index: int, row_offset: 
         names,
     )
     metrics.update(trainer.env.last_metrics)
+    if args.log_completions:
+        trainer.last_completions = episode_records(trainer, batch, scores)
     metrics.update({"time/rollout": time_rollout, "time/scoring": time.perf_counter() - timer})
-    experience = Experience(
-        sequences=batch.sequences,
-        attention_mask=batch.attention_mask,
-        prompt_length=batch.prompt_length,
-        response_mask=batch.episode_mask,
+    experience = _experience(
+        batch,
         loss_mask=loss_mask,
         advantages=advantages * loss_mask,
         scores=scores,
         per_source=per_source,
-        finished=batch.terminated,
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
-        agent_mask=agent,
         time_rollout=time_rollout,
         time_scoring=metrics["time/scoring"],
     )

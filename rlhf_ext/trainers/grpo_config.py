@@ -7,19 +7,15 @@ from its share, `gradient_accumulation_steps` per optimizer step, `num_iteration
 TRL options we do not implement are declared with TRL's defaults and refused by name when changed.
 """
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-from rlhf_ext.generation import SamplingSettings
 from rlhf_ext.trainers.advantages import ESTIMATORS, SCALE_REWARDS
 from rlhf_ext.trainers.base_config import (
-    MULTI_PROCESS_TRAINING_ARGUMENTS,
-    SUPPORTED_TRAINING_ARGUMENTS,
     PolicyGradientConfig,
-    check_sampling_fields,
+    option,
     require,
-    sampling_settings,
+    unsupported,
 )
 
 # loss_type -> ppo_loss's loss_agg. grpo: mean over sequences of each one's token mean; bnpo: token mean
@@ -33,122 +29,87 @@ LOSS_AGG = {
 }
 
 
-def _unsupported(default, why: str):
-    # Only "help" in the metadata: HfArgumentParser passes every metadata key on to argparse.add_argument.
-    return field(default=default, metadata={"help": f"not supported by GRPOConfig ({why}); must stay {default!r}"})
-
-
 @dataclass
 class _UnsupportedTRLOptions:
     """TRL GRPOConfig fields we accept only at their default, so a TRL script fails loudly, naming them."""
 
-    use_vllm: bool = _unsupported(False, "vLLM generation; rlhf_ext generates with its own KV-cached engine")
-    vllm_mode: str = _unsupported("server", "vLLM generation")
-    vllm_server_base_url: Optional[str] = _unsupported(None, "vLLM generation")
-    vllm_server_host: str = _unsupported("0.0.0.0", "vLLM generation")
-    vllm_server_port: int = _unsupported(8000, "vLLM generation")
-    vllm_server_timeout: float = _unsupported(240.0, "vLLM generation")
-    vllm_gpu_memory_utilization: float = _unsupported(0.3, "vLLM generation")
-    vllm_tensor_parallel_size: int = _unsupported(1, "vLLM generation")
-    vllm_guided_decoding_regex: Optional[str] = _unsupported(None, "vLLM generation")
-    vllm_enable_sleep_mode: bool = _unsupported(False, "vLLM generation")
-    vllm_importance_sampling_correction: bool = _unsupported(True, "vLLM generation")
-    use_transformers_paged: bool = _unsupported(False, "paged generation")
-    cache_implementation: Optional[str] = _unsupported(None, "custom KV caches in generation")
-    generation_kwargs: Optional[dict] = _unsupported(None, "extra generate() kwargs; use temperature/top_p/top_k/min_p")
-    repetition_penalty: float = _unsupported(1.0, "repetition penalty in sampling")
-    chat_template_kwargs: Optional[dict] = _unsupported(None, "chat template kwargs")
-    ds3_gather_for_generation: bool = _unsupported(True, "DeepSpeed ZeRO-3")
-    delta: Optional[float] = _unsupported(None, "two-sided clipping")
-    importance_sampling_level: str = _unsupported("token", "sequence-level (GSPO) importance ratios")
-    sync_ref_model: bool = _unsupported(False, "reference model syncing (TR-DPO)")
-    ref_model_mixup_alpha: float = _unsupported(0.6, "reference model syncing")
-    ref_model_sync_steps: int = _unsupported(512, "reference model syncing")
-    top_entropy_quantile: float = _unsupported(1.0, "high-entropy token masking")
-    use_liger_loss: bool = _unsupported(False, "the Liger loss; rlhf_ext uses its own fused ppo_loss")
-    cast_lm_head_to_fp32: bool = _unsupported(False, "an fp32 LM head")
-    wandb_log_unique_prompts: bool = _unsupported(False, "wandb logging")
+    use_vllm: bool = unsupported(False, "vLLM generation; rlhf_ext generates with its own KV-cached engine")
+    vllm_mode: str = unsupported("server", "vLLM generation")
+    vllm_server_base_url: Optional[str] = unsupported(None, "vLLM generation")
+    vllm_server_host: str = unsupported("0.0.0.0", "vLLM generation")
+    vllm_server_port: int = unsupported(8000, "vLLM generation")
+    vllm_server_timeout: float = unsupported(240.0, "vLLM generation")
+    vllm_gpu_memory_utilization: float = unsupported(0.3, "vLLM generation")
+    vllm_tensor_parallel_size: int = unsupported(1, "vLLM generation")
+    vllm_guided_decoding_regex: Optional[str] = unsupported(None, "vLLM generation")
+    vllm_enable_sleep_mode: bool = unsupported(False, "vLLM generation")
+    vllm_importance_sampling_correction: bool = unsupported(True, "vLLM generation")
+    use_transformers_paged: bool = unsupported(False, "paged generation")
+    cache_implementation: Optional[str] = unsupported(None, "custom KV caches in generation")
+    generation_kwargs: Optional[dict] = unsupported(None, "extra generate() kwargs; use temperature/top_p/top_k/min_p")
+    repetition_penalty: float = unsupported(1.0, "repetition penalty in sampling")
+    chat_template_kwargs: Optional[dict] = unsupported(None, "chat template kwargs")
+    ds3_gather_for_generation: bool = unsupported(True, "DeepSpeed ZeRO-3")
+    delta: Optional[float] = unsupported(None, "two-sided clipping")
+    importance_sampling_level: str = unsupported("token", "sequence-level (GSPO) importance ratios")
+    sync_ref_model: bool = unsupported(False, "reference model syncing (TR-DPO)")
+    ref_model_mixup_alpha: float = unsupported(0.6, "reference model syncing")
+    ref_model_sync_steps: int = unsupported(512, "reference model syncing")
+    top_entropy_quantile: float = unsupported(1.0, "high-entropy token masking")
+    use_liger_loss: bool = unsupported(False, "the Liger loss; rlhf_ext uses its own fused ppo_loss")
+    cast_lm_head_to_fp32: bool = unsupported(False, "an fp32 LM head")
+    wandb_log_unique_prompts: bool = unsupported(False, "wandb logging")
 
 
 @dataclass
 class GRPOConfig(PolicyGradientConfig, _UnsupportedTRLOptions):
     """Config of GRPOTrainer (TRL field names; the extras are marked)."""
 
-    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
-    # data and generation
-    max_prompt_length: Optional[int] = field(
-        default=512, metadata={"help": "keep the last N prompt tokens (None: all)"}
-    )
-    num_generations: int = field(default=8, metadata={"help": "completions sampled per prompt (the group size)"})
-    max_completion_length: int = field(default=256, metadata={"help": "max new tokens per completion"})
-    shuffle_dataset: bool = field(default=True, metadata={"help": "shuffle the prompts each epoch"})
-    generation_batch_size: Optional[int] = field(
-        default=None, metadata={"help": "completions per generation round, all processes together"}
-    )
-    steps_per_generation: Optional[int] = field(
-        default=None, metadata={"help": "micro-batches per generation round (default gradient_accumulation_steps)"}
-    )
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    top_k: Optional[int] = field(default=None, metadata={"help": "top-k sampling (None or 0: off)"})
-    min_p: Optional[float] = field(default=None, metadata={"help": "min-p sampling (None or 0: off)"})
-    # the objective
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient (0: no reference model is loaded)"})
-    num_iterations: int = field(default=1, metadata={"help": "updates per generated batch (mu in the GRPO paper)"})
-    epsilon: float = field(default=0.2, metadata={"help": "ratio clip (lower, and upper unless epsilon_high)"})
-    epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper ratio clip (DAPO's clip-higher)"})
-    reward_weights: Optional[list[float]] = field(
-        default=None, metadata={"help": "weight of each reward function (default 1 each)"}
-    )
-    # typed str like TRL's (HfArgumentParser reads a Union[str, bool] as a bool); True/False still accepted
-    scale_rewards: str = field(
-        default="group",
-        metadata={
-            "help": "divide advantages by the std of the 'group', the 'batch', or 'none' (True/False: group/none)"
-        },
-    )
-    loss_type: str = field(
-        default="dapo", metadata={"help": "grpo | bnpo | dapo | dr_grpo: how the token losses are averaged"}
-    )
-    mask_truncated_completions: bool = field(
-        default=False, metadata={"help": "leave completions without EOS out of the loss"}
-    )
-    log_completions: bool = field(
-        default=False, metadata={"help": "print completions and write <output_dir>/completions.jsonl when logging"}
-    )
-    num_completions_to_print: Optional[int] = field(
-        default=None, metadata={"help": "how many completions log_completions prints (None: all)"}
-    )
-    # extras
-    advantage_estimator: str = field(
-        default="grpo",
-        metadata={
-            "help": "extra: grpo | rloo | reinforce_pp | reinforce_pp_baseline (see rlhf_ext.trainers.critic_free)"
-        },
-    )
-    kl_estimator: str = field(
-        default="k1",
-        metadata={"help": "extra: KL estimator folded into the reward by rloo / reinforce_pp ('k1' or 'k3')"},
-    )
-    normalize_advantages: bool = field(
-        default=False, metadata={"help": "extra (TRL RLOO's): whiten rloo advantages over the batch"}
-    )
-    generation_chunk_size: Optional[int] = field(
-        default=None, metadata={"help": "extra: completions per generate() call (None: a process's whole share)"}
-    )
+    unsupported_trl_options = _UnsupportedTRLOptions
 
-    _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | MULTI_PROCESS_TRAINING_ARGUMENTS
+    learning_rate: float = option(1e-6, "AdamW learning rate")
+    # data and generation
+    max_prompt_length: Optional[int] = option(512, "keep the last N prompt tokens (None: all)")
+    num_generations: int = option(8, "completions sampled per prompt (the group size)")
+    max_completion_length: int = option(256, "max new tokens per completion")
+    shuffle_dataset: bool = option(True, "shuffle the prompts each epoch")
+    generation_batch_size: Optional[int] = option(None, "completions per generation round, all processes together")
+    steps_per_generation: Optional[int] = option(
+        None, "micro-batches per generation round (default gradient_accumulation_steps)"
+    )
+    temperature: float = option(1.0, "sampling temperature (log-probs use the same)")
+    top_p: float = option(1.0, "nucleus sampling")
+    top_k: Optional[int] = option(None, "top-k sampling (None or 0: off)")
+    min_p: Optional[float] = option(None, "min-p sampling (None or 0: off)")
+    # the objective
+    beta: float = option(0.0, "KL coefficient (0: no reference model is loaded)")
+    num_iterations: int = option(1, "updates per generated batch (mu in the GRPO paper)")
+    epsilon: float = option(0.2, "ratio clip (lower, and upper unless epsilon_high)")
+    epsilon_high: Optional[float] = option(None, "upper ratio clip (DAPO's clip-higher)")
+    reward_weights: Optional[list[float]] = option(None, "weight of each reward function (default 1 each)")
+    # typed str like TRL's (HfArgumentParser reads a Union[str, bool] as a bool); True/False still accepted
+    scale_rewards: str = option(
+        "group", "divide advantages by the std of the 'group', the 'batch', or 'none' (True/False: group/none)"
+    )
+    loss_type: str = option("dapo", "grpo | bnpo | dapo | dr_grpo: how the token losses are averaged")
+    mask_truncated_completions: bool = option(False, "leave completions without EOS out of the loss")
+    log_completions: bool = option(False, "print completions and write <output_dir>/completions.jsonl when logging")
+    num_completions_to_print: Optional[int] = option(None, "how many completions log_completions prints (None: all)")
+    # extras
+    advantage_estimator: str = option(
+        "grpo", "extra: grpo | rloo | reinforce_pp | reinforce_pp_baseline (see rlhf_ext.trainers.critic_free)"
+    )
+    kl_estimator: str = option("k1", "extra: KL estimator folded into the reward by rloo / reinforce_pp ('k1' or 'k3')")
+    normalize_advantages: bool = option(False, "extra (TRL RLOO's): whiten rloo advantages over the batch")
+    generation_chunk_size: Optional[int] = option(
+        None, "extra: completions per generate() call (None: a process's whole share)"
+    )
 
     def __post_init__(self):
-        for f in dataclasses.fields(_UnsupportedTRLOptions):
-            if getattr(self, f.name) != f.default:
-                raise ValueError(f"{f.name}: {getattr(self, f.name)!r} is {f.metadata['help']}; remove it")
         super().__post_init__()
         if isinstance(self.scale_rewards, bool) or self.scale_rewards in ("True", "False", "true", "false"):
             # TRL's boolean form, as a bool or as a command-line string
             self.scale_rewards = "group" if str(self.scale_rewards).lower() == "true" else "none"
-        self.top_k = 0 if self.top_k is None else self.top_k
-        self.min_p = 0.0 if self.min_p is None else self.min_p
         require(self, "advantage_estimator", self.advantage_estimator in ESTIMATORS, f"one of {ESTIMATORS}")
         require(self, "scale_rewards", self.scale_rewards in SCALE_REWARDS, f"one of {SCALE_REWARDS} (or True/False)")
         require(self, "loss_type", self.loss_type in LOSS_AGG, f"one of {tuple(LOSS_AGG)}")
@@ -171,7 +132,6 @@ class GRPOConfig(PolicyGradientConfig, _UnsupportedTRLOptions):
             self.max_completion_length is not None and self.max_completion_length >= 1,
             "an integer >= 1",
         )
-        check_sampling_fields(self)
         require(self, "num_iterations", self.num_iterations >= 1, "an integer >= 1")
         require(self, "beta", self.beta >= 0, "a value >= 0")
         require(self, "epsilon", 0.0 < self.epsilon < 1.0, "a value in (0, 1)")
@@ -226,9 +186,9 @@ class GRPOConfig(PolicyGradientConfig, _UnsupportedTRLOptions):
                 f"{self.steps_per_generation}); with this batch num_generations can be one of {possible}"
             )
 
-    def sampling_settings(self, tokenizer) -> SamplingSettings:
-        """How completions are sampled: max_completion_length new tokens at most, ending at the tokenizer's EOS."""
-        return sampling_settings(self, tokenizer, self.max_completion_length, tokenizer.eos_token_id)
+    def completion_limit(self, tokenizer) -> tuple:
+        """max_completion_length new tokens at most, ending at the tokenizer's EOS."""
+        return self.max_completion_length, tokenizer.eos_token_id
 
     @property
     def loss_agg(self) -> str:

@@ -3,7 +3,8 @@
 One step, as read top to bottom in `train` / `make_experience` / `ppo_update` (the helpers they call are free
 functions in experience.py, reward_sources.py and advantages.py):
   prompts -> `sample_completions` (the KV-cached completion path, keyed by seed, step and row)
-  -> old log-probs, reference log-probs (`policy_logprobs`), values, scores (`RewardSources.score`)
+  -> old log-probs (the sampler's, or recomputed: recompute_old_logprobs), reference log-probs
+     (`reference_logprobs`), values, scores (`RewardSources.score`)
   -> per-token reward: -kl_coef * KL(policy || ref) on every response token, + score on the last real one
   -> `gae` -> `masked_whiten` -> num_ppo_epochs x num_mini_batches minibatch updates with `ppo_loss`
      (gradient accumulation over per_device_train_batch_size micro-batches, gradient clipping)
@@ -23,10 +24,10 @@ import time
 import torch
 
 from rlhf_ext.models.heads import logprobs_and_values, token_values
-from rlhf_ext.ops import gae, kl_penalty, ppo_loss
-from rlhf_ext.trainers.advantages import assemble_rewards, global_masked_whiten
+from rlhf_ext.ops import ppo_loss
+from rlhf_ext.trainers.advantages import ppo_targets
 from rlhf_ext.trainers.base import BaseTrainer
-from rlhf_ext.trainers.data import StepBatches, tokenize_prompts
+from rlhf_ext.trainers.data import StepBatches
 from rlhf_ext.trainers.episodes import EnvironmentRunner, ppo_episode_experience
 from rlhf_ext.trainers.evaluation import completion_metrics, trainer_completions
 from rlhf_ext.trainers.experience import (
@@ -111,18 +112,14 @@ class PPOTrainer(BaseTrainer):
             reward_model_obj = load_model(reward_model, "sequence_classification", args, "reward_model", num_labels=1)
         self.reward_model = reward_model_obj
         self.env = EnvironmentRunner.build(env_factory, None, None, args, tokenizer)
-        with_rewards = self.env is None or reward_model_obj is not None or bool(reward_funcs)
-        self.reward_sources = (
-            build_reward_sources(
-                reward_model_obj,
-                reward_funcs,
-                args,
-                tokenizer,
-                lambda source: self.prepare_model(source, trainable=False),
-                reward_processing_class=reward_processing_class,
-            )
-            if with_rewards
-            else None
+        self.reward_sources = build_reward_sources(
+            reward_model_obj,
+            reward_funcs,
+            args,
+            tokenizer,
+            lambda source: self.prepare_model(source, trainable=False),
+            reward_processing_class=reward_processing_class,
+            optional=self.env is not None,
         )
 
         # Critic: a value head on the policy (shared_critic), the value_model given, a copy of the reward model,
@@ -133,15 +130,7 @@ class PPOTrainer(BaseTrainer):
         self.policy = self.prepare_model(self.apply_peft(policy, peft_config), trainable=True)
 
         self.load_datasets(
-            *EnvironmentRunner.datasets(
-                self.env,
-                train_dataset,
-                eval_dataset,
-                args.batch_size,
-                lambda data, name: tokenize_prompts(
-                    data, tokenizer, args.max_prompt_length, args.dataset_num_proc, name
-                ),
-            )
+            *EnvironmentRunner.datasets(self.env, train_dataset, eval_dataset, args.batch_size, args, tokenizer)
         )
         self.sampling = args.sampling_settings(tokenizer)
         if args.total_episodes is None:  # as TRL does, so that args.num_total_batches is known from here on
@@ -206,9 +195,14 @@ class PPOTrainer(BaseTrainer):
             self.policy, sequences, attention_mask, P, args, return_entropy=return_entropy, run=self.run
         )
         logprobs, entropy = out if return_entropy else (out, None)
+        return logprobs, entropy, self.critic_values(sequences, attention_mask, P)
+
+    def critic_values(self, sequences, attention_mask, P):
+        """(B, R) values of the responses sequences[:, P:] (with shared_critic: from the policy's forward)."""
+        if self.args.shared_critic:
+            return self.policy_forward(sequences, attention_mask, P)[2]
         with self.autocast():
-            values = self.run(self.critic, token_values, sequences, attention_mask, P)
-        return logprobs, entropy, values
+            return self.run(self.critic, token_values, sequences, attention_mask, P)
 
     @torch.no_grad()
     def make_experience(self, rows: dict, step: int = 0, row_offset: int = 0) -> Experience:
@@ -220,12 +214,8 @@ class PPOTrainer(BaseTrainer):
         size = args.local_rollout_forward_batch_size
         rollout, time_rollout = self.sample(rows, step, row_offset, size)
         timer = time.perf_counter()
-        sequences, attention_mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length  # (B, P + R)
         mask = rollout.response_mask.float()  # (B, R): 1 up to and including the stop token
-        old_logprobs, _, values = by_chunks(self.policy_forward, rollout, size)
-        ref_logprobs = by_chunks(
-            lambda *chunk: reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run), rollout, size
-        )
+        old_logprobs, ref_logprobs, values = self.scoring_passes(rollout)
         scores, per_source = self.reward_sources.score(rows, rollout)  # (B,) on the device, (B, S)
         time_scoring = time.perf_counter() - timer
 
@@ -239,31 +229,34 @@ class PPOTrainer(BaseTrainer):
             scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
         if args.reward_clip is not None:
             scores = scores.clamp(-args.reward_clip, args.reward_clip)
-        kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask  # (B, R)
-        rewards = assemble_rewards(-self.kl_coef * kl, scores, mask)
-        if args.whiten_rewards:
-            rewards = global_masked_whiten(rewards, mask, self.dist, shift_mean=False)
-        advantages, returns = gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
-        advantages = global_masked_whiten(advantages, mask, self.dist)
         return Experience(
-            sequences=sequences,
-            attention_mask=attention_mask,
-            prompt_length=P,
+            sequences=rollout.sequences,
+            attention_mask=rollout.attention_mask,
+            prompt_length=rollout.prompt_length,
             response_mask=mask,
             loss_mask=mask,
-            advantages=advantages,
             scores=raw_scores,
             per_source=per_source,
             finished=rollout.finished,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            values=values,
-            returns=returns,
-            rewards=rewards,
-            kl=kl,
             time_rollout=time_rollout,
             time_scoring=time_scoring,
+            **ppo_targets(args, self.kl_coef, self.dist, old_logprobs, ref_logprobs, values, scores, mask),
         )
+
+    def scoring_passes(self, rollout) -> tuple:
+        """(old_logprobs, ref_logprobs, values), each (B, R), of a rollout's responses, 0 after each row's stop:
+        the no-grad passes, `local_rollout_forward_batch_size` rows at a time (the old log-probs are the sampler's
+        unless recompute_old_logprobs)."""
+        args, size = self.args, self.args.local_rollout_forward_batch_size
+        if args.old_logprobs_from_sampler:  # the policy has not moved since it sampled: no forward for them
+            old_logprobs = rollout.logprobs * rollout.response_mask
+            values = by_chunks(self.critic_values, rollout, size)
+        else:
+            old_logprobs, _, values = by_chunks(self.policy_forward, rollout, size)
+        ref_logprobs = by_chunks(
+            lambda *chunk: reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run), rollout, size
+        )
+        return old_logprobs, ref_logprobs, values
 
     def ppo_update(self, exp: Experience) -> dict:
         """num_ppo_epochs x num_mini_batches optimiser steps on one batch of experience."""

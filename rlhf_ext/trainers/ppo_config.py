@@ -8,121 +8,83 @@ optimizer step, its gradient accumulated over micro-batches of `per_device_train
 TRL options we do not implement are declared with TRL's defaults and refused by name when changed.
 """
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-from rlhf_ext.generation import SamplingSettings
 from rlhf_ext.trainers.base_config import (
-    MULTI_PROCESS_TRAINING_ARGUMENTS,
-    SUPPORTED_TRAINING_ARGUMENTS,
     PolicyGradientConfig,
-    check_sampling_fields,
+    option,
     require,
-    sampling_settings,
+    unsupported,
 )
-
-# TRL PPOConfig fields we accept only at their default, so a TRL script fails loudly, naming them: name -> why.
-# (The reason is not kept in the field metadata: HfArgumentParser passes metadata on to argparse.add_argument.)
-UNSUPPORTED_TRL_OPTIONS = {
-    "model_adapter_name": "several PEFT adapters on one model; the policy trains its only adapter",
-    "ref_adapter_name": "a second PEFT adapter as the reference; with LoRA the reference is the policy with its "
-    "adapter disabled",
-    "ds3_gather_for_generation": "DeepSpeed ZeRO-3; under FSDP the policy's weights are always gathered for generation",
-}
-
-
-def _unsupported(default, name: str):
-    return field(
-        default=default, metadata={"help": f"not supported ({UNSUPPORTED_TRL_OPTIONS[name]}); must stay {default!r}"}
-    )
 
 
 @dataclass
 class _UnsupportedTRLOptions:
-    model_adapter_name: Optional[str] = _unsupported(None, "model_adapter_name")
-    ref_adapter_name: Optional[str] = _unsupported(None, "ref_adapter_name")
-    ds3_gather_for_generation: bool = _unsupported(True, "ds3_gather_for_generation")
+    """TRL PPOConfig fields we accept only at their default, so a TRL script fails loudly, naming them."""
+
+    model_adapter_name: Optional[str] = unsupported(
+        None, "several PEFT adapters on one model; the policy trains its only adapter"
+    )
+    ref_adapter_name: Optional[str] = unsupported(
+        None, "a second PEFT adapter as the reference; with LoRA the reference is the policy with its adapter disabled"
+    )
+    ds3_gather_for_generation: bool = unsupported(
+        True, "DeepSpeed ZeRO-3; under FSDP the policy's weights are always gathered for generation"
+    )
 
 
 @dataclass
 class PPOConfig(PolicyGradientConfig, _UnsupportedTRLOptions):
     """Config of PPOTrainer (TRL field names; the extras are marked)."""
 
-    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (policy and critic)"})
-    num_mini_batches: int = field(
-        default=1, metadata={"help": "minibatches each step's prompts are split into (one optimizer step each)"}
-    )
-    num_ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
-    total_episodes: Optional[int] = field(
-        default=None,
-        metadata={"help": "prompts to train on (PPOTrainer sets it to num_train_epochs * len(dataset) when None)"},
-    )
-    num_sample_generations: int = field(
-        default=10, metadata={"help": "times to write eval samples to samples.jsonl (0: never)"}
-    )
-    response_length: int = field(default=53, metadata={"help": "max new tokens per completion"})
-    max_completion_length: Optional[int] = field(
-        default=None, metadata={"help": "GRPO's name for response_length (overrides it)"}
-    )
-    max_prompt_length: Optional[int] = field(default=None, metadata={"help": "extra: keep the last N prompt tokens"})
-    stop_token: Optional[str] = field(
-        default="eos", metadata={"help": "'eos': stop at the tokenizer's EOS; None: only stop_token_id"}
-    )
-    stop_token_id: Optional[int] = field(default=None, metadata={"help": "token id that ends a completion"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (log-probs use the same)"})
-    top_k: int = field(default=0, metadata={"help": "extra: top-k sampling (0: off)"})
-    top_p: float = field(default=1.0, metadata={"help": "extra: nucleus sampling"})
-    min_p: float = field(default=0.0, metadata={"help": "extra: min-p sampling"})
-    missing_eos_penalty: Optional[float] = field(
-        default=None, metadata={"help": "subtracted from the score of completions without EOS"}
-    )
-    reward_weights: Optional[list[float]] = field(
-        default=None, metadata={"help": "weights of [reward_model, *reward_funcs]"}
-    )
-    normalize_rewards: bool = field(default=False, metadata={"help": "extra: standardise the scores over the batch"})
-    reward_clip: Optional[float] = field(
-        default=None, metadata={"help": "extra: clip scores to [-c, c] (after normalising)"}
-    )
-    whiten_rewards: bool = field(default=False, metadata={"help": "whiten the per-token rewards (scale only)"})
-    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (the initial one with target_kl)"})
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator: 'k1' or 'k3'"})
-    target_kl: Optional[float] = field(
-        default=None, metadata={"help": "adaptive KL: target per-sequence KL (None: fixed kl_coef)"}
-    )
-    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL: horizon in episodes"})
-    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
-    cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout values"})
-    vf_coef: float = field(default=0.1, metadata={"help": "value loss weight"})
-    entropy_coef: float = field(default=0.0, metadata={"help": "extra: entropy bonus weight"})
-    gamma: float = field(default=1.0, metadata={"help": "discount"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    early_stop_kl: Optional[float] = field(
-        default=None, metadata={"help": "extra: end a step's updates once a minibatch's approx KL exceeds this"}
-    )
-    shared_critic: bool = field(
-        default=False, metadata={"help": "extra: value head on the policy instead of a separate critic"}
-    )
-    # TRL's example script reads these two to load its models; PPOTrainer itself takes the models as arguments.
-    sft_model_path: str = field(
-        default="EleutherAI/pythia-160m",
-        metadata={"help": "the policy's path, for scripts (TRL's field; the trainer takes `model`)"},
-    )
-    reward_model_path: str = field(
-        default="EleutherAI/pythia-160m",
-        metadata={"help": "the reward model's path, for scripts (TRL's field; the trainer takes `reward_model`)"},
-    )
+    unsupported_trl_options = _UnsupportedTRLOptions
 
-    _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS | MULTI_PROCESS_TRAINING_ARGUMENTS
+    learning_rate: float = option(3e-6, "AdamW learning rate (policy and critic)")
+    num_mini_batches: int = option(1, "minibatches each step's prompts are split into (one optimizer step each)")
+    num_ppo_epochs: int = option(4, "passes over each rollout batch")
+    total_episodes: Optional[int] = option(
+        None, "prompts to train on (PPOTrainer sets it to num_train_epochs * len(dataset) when None)"
+    )
+    num_sample_generations: int = option(10, "times to write eval samples to samples.jsonl (0: never)")
+    response_length: int = option(53, "max new tokens per completion")
+    max_completion_length: Optional[int] = option(None, "GRPO's name for response_length (overrides it)")
+    max_prompt_length: Optional[int] = option(None, "extra: keep the last N prompt tokens")
+    stop_token: Optional[str] = option("eos", "'eos': stop at the tokenizer's EOS; None: only stop_token_id")
+    stop_token_id: Optional[int] = option(None, "token id that ends a completion")
+    temperature: float = option(0.7, "sampling temperature (log-probs use the same)")
+    top_k: int = option(0, "extra: top-k sampling (0: off)")
+    top_p: float = option(1.0, "extra: nucleus sampling")
+    min_p: float = option(0.0, "extra: min-p sampling")
+    missing_eos_penalty: Optional[float] = option(None, "subtracted from the score of completions without EOS")
+    reward_weights: Optional[list[float]] = option(None, "weights of [reward_model, *reward_funcs]")
+    normalize_rewards: bool = option(False, "extra: standardise the scores over the batch")
+    reward_clip: Optional[float] = option(None, "extra: clip scores to [-c, c] (after normalising)")
+    whiten_rewards: bool = option(False, "whiten the per-token rewards (scale only)")
+    kl_coef: float = option(0.05, "KL penalty coefficient (the initial one with target_kl)")
+    kl_estimator: str = option("k1", "per-token KL estimator: 'k1' or 'k3'")
+    target_kl: Optional[float] = option(None, "adaptive KL: target per-sequence KL (None: fixed kl_coef)")
+    kl_horizon: int = option(10000, "adaptive KL: horizon in episodes")
+    cliprange: float = option(0.2, "policy ratio clip")
+    cliprange_value: float = option(0.2, "value clip around the rollout values")
+    vf_coef: float = option(0.1, "value loss weight")
+    entropy_coef: float = option(0.0, "extra: entropy bonus weight")
+    gamma: float = option(1.0, "discount")
+    lam: float = option(0.95, "GAE lambda")
+    early_stop_kl: Optional[float] = option(
+        None, "extra: end a step's updates once a minibatch's approx KL exceeds this"
+    )
+    shared_critic: bool = option(False, "extra: value head on the policy instead of a separate critic")
+    # TRL's example script reads these two to load its models; PPOTrainer itself takes the models as arguments.
+    sft_model_path: str = option(
+        "EleutherAI/pythia-160m", "the policy's path, for scripts (TRL's field; the trainer takes `model`)"
+    )
+    reward_model_path: str = option(
+        "EleutherAI/pythia-160m", "the reward model's path, for scripts (TRL's field; the trainer takes `reward_model`)"
+    )
 
     def __post_init__(self):
-        for f in dataclasses.fields(_UnsupportedTRLOptions):
-            if getattr(self, f.name) != f.default:
-                raise ValueError(
-                    f"{f.name}: {getattr(self, f.name)!r} is not supported by PPOConfig "
-                    f"({UNSUPPORTED_TRL_OPTIONS[f.name]}); remove it (default {f.default!r})"
-                )
         super().__post_init__()
         if self.max_completion_length is not None:
             self.response_length = self.max_completion_length
@@ -143,7 +105,6 @@ class PPOConfig(PolicyGradientConfig, _UnsupportedTRLOptions):
         require(self, "num_sample_generations", self.num_sample_generations >= 0, "an integer >= 0")
         require(self, "total_episodes", self.total_episodes is None or self.total_episodes >= 1, "None or >= 1")
         require(self, "stop_token", self.stop_token in (None, "eos"), "'eos' or None")
-        check_sampling_fields(self)
         require(self, "kl_coef", self.kl_coef >= 0, "a value >= 0")
         require(self, "kl_estimator", self.kl_estimator in ("k1", "k3"), "'k1' or 'k3'")
         require(self, "target_kl", self.target_kl is None or self.target_kl > 0, "None or a value > 0")
@@ -156,13 +117,13 @@ class PPOConfig(PolicyGradientConfig, _UnsupportedTRLOptions):
         require(self, "reward_clip", self.reward_clip is None or self.reward_clip > 0, "None or a value > 0")
         require(self, "early_stop_kl", self.early_stop_kl is None or self.early_stop_kl > 0, "None or a value > 0")
 
-    def sampling_settings(self, tokenizer) -> SamplingSettings:
-        """How completions are sampled: response_length new tokens at most, ending at stop_token_id, else at the
-        tokenizer's EOS when stop_token is 'eos', else only at the length limit."""
+    def completion_limit(self, tokenizer) -> tuple:
+        """response_length new tokens at most, ending at stop_token_id, else at the tokenizer's EOS when stop_token
+        is 'eos', else only at the length limit."""
         stop = self.stop_token_id
         if stop is None and self.stop_token == "eos":
             stop = tokenizer.eos_token_id
-        return sampling_settings(self, tokenizer, self.response_length, stop)
+        return self.response_length, stop
 
     # ---- TRL's batch arithmetic (TRL writes these into args in PPOTrainer.__init__; here they are computed) ----
     @property

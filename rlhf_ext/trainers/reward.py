@@ -181,33 +181,27 @@ class RewardTrainer(BaseTrainer):
         return metrics
 
     def train(self, resume_from_checkpoint=None):
-        micro = self.args.per_device_train_batch_size
-        batches, total_steps, start = self.begin_window_training(self.model, resume_from_checkpoint)
-        for step in range(start, total_steps):
-            self.reporter.step_begin()
-            rows = self.train_dataset[batches.indices(step)]
-            window = len(rows["chosen_ids"])
-            loss_sum, all_chosen, all_rejected, all_tie = 0.0, [], [], []
-            for first in range(0, window, micro):
-                part = {k: v[first : first + micro] for k, v in rows.items()}
-                chosen, rejected, margin, tie = self._pair_scores(part)
-                loss = self._loss(chosen, rejected, margin, tie) * (len(part["chosen_ids"]) / window)
-                loss.backward()
-                loss_sum += float(loss.detach())
-                all_chosen.append(chosen.detach())
-                all_rejected.append(rejected.detach())
-                all_tie.append(tie)
-            metrics = {
-                "loss": loss_sum,
-                **self.step_optimizer(list(self.model.parameters())),
-                **self._pair_metrics(torch.cat(all_chosen), torch.cat(all_rejected), torch.cat(all_tie)),
-            }
-            if self.end_step(metrics):
-                break
-        self.end_training()
-        return self.reporter.state
+        return self.train_windows(self.model, resume_from_checkpoint, self._train_window)
 
-    @torch.no_grad()
+    def _train_window(self, rows: dict, step: int) -> dict:
+        micro = self.args.per_device_train_batch_size
+        window = len(rows["chosen_ids"])
+        loss_sum, all_chosen, all_rejected, all_tie = 0.0, [], [], []
+        for first in range(0, window, micro):
+            part = {k: v[first : first + micro] for k, v in rows.items()}
+            chosen, rejected, margin, tie = self._pair_scores(part)
+            loss = self._loss(chosen, rejected, margin, tie) * (len(part["chosen_ids"]) / window)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            all_chosen.append(chosen.detach())
+            all_rejected.append(rejected.detach())
+            all_tie.append(tie)
+        return {
+            "loss": loss_sum,
+            **self.step_optimizer(list(self.model.parameters())),
+            **self._pair_metrics(torch.cat(all_chosen), torch.cat(all_rejected), torch.cat(all_tie)),
+        }
+
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
         """{"eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"} on `eval_dataset` (pairs in the
         train_dataset formats; default: the trainer's eval_dataset). `metric_key_prefix` replaces "eval"."""
@@ -216,13 +210,7 @@ class RewardTrainer(BaseTrainer):
         )
         if data is None:
             raise ValueError("eval_dataset: none given to evaluate() and none passed to RewardTrainer")
-        was_training = self.model.training
-        self.model.eval()
-        parts = []
-        size = self.args.per_device_eval_batch_size
-        for first in range(0, len(data), size):
-            parts.append(self._pair_scores(data[first : first + size]))
-        self.model.train(was_training)
+        parts = self.map_eval_batches(self.model, data, self._pair_scores)
         chosen, rejected, margins, ties = (torch.cat(column) for column in zip(*parts))
         metrics = {
             "loss": float(self._loss(chosen, rejected, margins, ties)),

@@ -1,21 +1,19 @@
 """RewardConfig: TRL's RewardConfig field names for reward-model training (see rlhf_ext.trainers.reward)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-from rlhf_ext.trainers.base_config import TrainerConfig, require
+from rlhf_ext.trainers.base_config import TrainerConfig, option, require
 
 
 @dataclass
 class RewardConfig(TrainerConfig):
     """Config of RewardTrainer (TRL field names)."""
 
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
-    max_length: Optional[int] = field(
-        default=1024, metadata={"help": "pairs with a longer side are dropped (with a warning)"}
-    )
-    center_rewards_coefficient: Optional[float] = field(
-        default=None, metadata={"help": "weight of mean((r_chosen + r_rejected)^2), which centres rewards on 0"}
+    learning_rate: float = option(1e-4, "AdamW learning rate")
+    max_length: Optional[int] = option(1024, "pairs with a longer side are dropped (with a warning)")
+    center_rewards_coefficient: Optional[float] = option(
+        None, "weight of mean((r_chosen + r_rejected)^2), which centres rewards on 0"
     )
 
     def __post_init__(self):

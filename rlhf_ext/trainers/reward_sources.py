@@ -219,12 +219,13 @@ def build_reward_sources(
     reward_processing_class=None,
     reward_processing_classes=None,
     allow_none: bool = False,
-) -> RewardSources:
+    optional: bool = False,
+) -> Optional[RewardSources]:
     """[reward_model, *reward_funcs] as a RewardSources weighted by args.reward_weights; local paths in
     reward_funcs load as reward models (with the tokenizer stored next to them), and every model goes through
     `prepare(model)` (the trainer freezes it on its device). reward_processing_class: the reward model's tokenizer;
     reward_processing_classes: one entry (or None) per reward_funcs entry, the tokenizer of a reward model that does
-    not share the policy's."""
+    not share the policy's. optional: None when there is no source (an environment's rewards can stand alone)."""
     funcs = (
         []
         if reward_funcs is None
@@ -252,6 +253,8 @@ def build_reward_sources(
             func = load_model(func, "sequence_classification", args, f"reward_funcs[{i}]", num_labels=1)
         sources.append(func)
         tokenizers.append(func_tokenizers[i])
+    if not sources and optional:
+        return None
     if not sources:
         raise ValueError("reward_model / reward_funcs: pass a reward model, reward functions, or both")
     for source in sources:

@@ -1,7 +1,8 @@
 """RLOOConfig: GRPOConfig with RLOO's defaults (TRL's RLOOConfig names); see rlhf_ext.trainers.rloo."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from rlhf_ext.trainers.base_config import option
 from rlhf_ext.trainers.grpo_config import GRPOConfig
 
 
@@ -9,10 +10,6 @@ from rlhf_ext.trainers.grpo_config import GRPOConfig
 class RLOOConfig(GRPOConfig):
     """GRPOConfig with RLOO's defaults (TRL's RLOOConfig names)."""
 
-    advantage_estimator: str = field(default="rloo", metadata={"help": "rloo (see GRPOConfig for the others)"})
-    beta: float = field(
-        default=0.05, metadata={"help": "KL coefficient of the sequence-level KL folded into the reward"}
-    )
-    num_generations: int = field(
-        default=2, metadata={"help": "completions per prompt (>= 2 for the leave-one-out baseline)"}
-    )
+    advantage_estimator: str = option("rloo", "rloo (see GRPOConfig for the others)")
+    beta: float = option(0.05, "KL coefficient of the sequence-level KL folded into the reward")
+    num_generations: int = option(2, "completions per prompt (>= 2 for the leave-one-out baseline)")

@@ -126,43 +126,34 @@ class SFTTrainer(BaseTrainer):
         return -logprobs.sum()
 
     def train(self, resume_from_checkpoint=None):
-        micro = self.args.per_device_train_batch_size
-        batches, total_steps, start = self.begin_window_training(self.model, resume_from_checkpoint)
-        for step in range(start, total_steps):
-            self.reporter.step_begin()
-            rows = self.train_dataset[batches.indices(step)]
-            ids, mask, labels = self._batch(rows)
-            num_tokens = int((labels[:, 1:] != -100).sum())  # the loss is a mean over the whole window
-            if num_tokens == 0:
-                raise ValueError(
-                    f"step {step}: no trained token in the batch (is completion_only_loss masking everything?)"
-                )
-            loss_sum = 0.0
-            for start_row in range(0, ids.shape[0], micro):
-                part = slice(start_row, start_row + micro)
-                nll = self._token_nll_sum(ids[part], mask[part], labels[part])
-                (nll / num_tokens).backward()
-                loss_sum += float(nll.detach())
-            metrics = {
-                "loss": loss_sum / num_tokens,
-                **self.step_optimizer(list(self.model.parameters())),
-                "num_tokens": num_tokens,
-            }
-            if self.end_step(metrics):
-                break
-        self.end_training()
-        return self.reporter.state
+        return self.train_windows(self.model, resume_from_checkpoint, self._train_window)
 
-    @torch.no_grad()
+    def _train_window(self, rows: dict, step: int) -> dict:
+        micro = self.args.per_device_train_batch_size
+        ids, mask, labels = self._batch(rows)
+        num_tokens = int((labels[:, 1:] != -100).sum())  # the loss is a mean over the whole window
+        if num_tokens == 0:
+            raise ValueError(
+                f"step {step}: no trained token in the batch (is completion_only_loss masking everything?)"
+            )
+        loss_sum = 0.0
+        for start_row in range(0, ids.shape[0], micro):
+            part = slice(start_row, start_row + micro)
+            nll = self._token_nll_sum(ids[part], mask[part], labels[part])
+            (nll / num_tokens).backward()
+            loss_sum += float(nll.detach())
+        return {
+            "loss": loss_sum / num_tokens,
+            **self.step_optimizer(list(self.model.parameters())),
+            "num_tokens": num_tokens,
+        }
+
     def evaluate(self) -> dict:
         """Mean token NLL on eval_dataset as {"eval_loss": ...}."""
-        was_training = self.model.training
-        self.model.eval()
-        total, tokens = 0.0, 0
-        size = self.args.per_device_eval_batch_size
-        for start in range(0, len(self.eval_dataset), size):
-            ids, mask, labels = self._batch(self.eval_dataset[start : start + size])
-            total += float(self._token_nll_sum(ids, mask, labels))
-            tokens += int((labels[:, 1:] != -100).sum())
-        self.model.train(was_training)
-        return {"eval_loss": total / max(tokens, 1)}
+
+        def nll_and_tokens(rows):
+            ids, mask, labels = self._batch(rows)
+            return float(self._token_nll_sum(ids, mask, labels)), int((labels[:, 1:] != -100).sum())
+
+        parts = self.map_eval_batches(self.model, self.eval_dataset, nll_and_tokens)
+        return {"eval_loss": sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)}

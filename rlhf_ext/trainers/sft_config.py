@@ -1,29 +1,27 @@
 """SFTConfig: TRL's SFTConfig field names for supervised fine-tuning (see rlhf_ext.trainers.sft)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-from rlhf_ext.trainers.base_config import TrainerConfig, require
+from rlhf_ext.trainers.base_config import TrainerConfig, option, require
 
 
 @dataclass
 class SFTConfig(TrainerConfig):
     """Config of SFTTrainer (TRL field names)."""
 
-    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate"})
-    max_length: Optional[int] = field(default=1024, metadata={"help": "truncate tokenized examples to this length"})
-    dataset_text_field: str = field(default="text", metadata={"help": "column with plain text examples"})
-    completion_only_loss: Optional[bool] = field(
-        default=None, metadata={"help": "prompt/completion data: train only on the completion (None means True)"}
+    learning_rate: float = option(2e-5, "AdamW learning rate")
+    max_length: Optional[int] = option(1024, "truncate tokenized examples to this length")
+    dataset_text_field: str = option("text", "column with plain text examples")
+    completion_only_loss: Optional[bool] = option(
+        None, "prompt/completion data: train only on the completion (None means True)"
     )
-    assistant_only_loss: bool = field(default=False, metadata={"help": "chat data: train only on assistant turns"})
-    eos_token: Optional[str] = field(
-        default=None, metadata={"help": "token appended to text examples (default: the tokenizer's EOS)"}
-    )
-    packing: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
-    padding_free: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
-    fused_linear_logprobs: bool = field(
-        default=True, metadata={"help": "loss from hidden states via the fused op (False: via the model's logits)"}
+    assistant_only_loss: bool = option(False, "chat data: train only on assistant turns")
+    eos_token: Optional[str] = option(None, "token appended to text examples (default: the tokenizer's EOS)")
+    packing: bool = option(False, "not supported (must stay False)")
+    padding_free: bool = option(False, "not supported (must stay False)")
+    fused_linear_logprobs: bool = option(
+        True, "loss from hidden states via the fused op (False: via the model's logits)"
     )
 
     def __post_init__(self):
