@@ -28,7 +28,7 @@ import torch
 
 SETTINGS = {
     # SFT conversations and steps, GRPO steps, questions per GRPO step, learning rates, held-out questions
-    "full": dict(sft_rows=1000, sft_steps=220, grpo_steps=30, prompts=8, sft_lr=1e-3, grpo_lr=5e-4, held_out=100),
+    "full": dict(sft_rows=1000, sft_steps=250, grpo_steps=30, prompts=8, sft_lr=1e-3, grpo_lr=5e-4, held_out=100),
     "quick": dict(sft_rows=16, sft_steps=4, grpo_steps=1, prompts=1, sft_lr=1e-3, grpo_lr=5e-4, held_out=4),
 }
 NUM_GENERATIONS = 8
