@@ -1,25 +1,15 @@
 """The arithmetic GRPO example in its quick mode: SFT -> GRPO with the rule reward -> held-out accuracy, end to
 end (the full run, `python examples/arithmetic_grpo.py`, is what shows the gain)."""
 
-import importlib.util
-import pathlib
-
 import pytest
+
+from tests.example_helpers import load_example
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "arithmetic_grpo.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("arithmetic_grpo", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_rule_reward_checks_the_sum():
-    example = load_example()
+    example = load_example("arithmetic_grpo.py")
     prompts = [example.prompt_of(7, 18), example.prompt_of(30, 49)]
     assert prompts[0] == "0 7 + 1 8 ="
     assert example.correct_sum(prompts, ["2 5", "7 8"]) == [1.0, 0.0]
@@ -29,7 +19,7 @@ def test_rule_reward_checks_the_sum():
 
 
 def test_quick_run_end_to_end(tmp_path, capsys):
-    result = load_example().main("quick", seed=0, output_dir=str(tmp_path))
+    result = load_example("arithmetic_grpo.py").main("quick", seed=0, output_dir=str(tmp_path))
     assert 0.0 <= result["before"] <= 1.0 and 0.0 <= result["after"] <= 1.0
     out = capsys.readouterr().out
     assert "after SFT" in out and "after GRPO" in out

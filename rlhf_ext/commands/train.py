@@ -1,5 +1,8 @@
 """`rlhf-ext train sft|reward|ppo|grpo|rloo --config file.yaml [--key value ...]`.
 
+`rlhf-ext train ppo|grpo|rloo --env package.module:Factory ...` trains on a gym-style environment (one
+`Factory()` per episode; rlhf_ext.environments.protocol); the dataset is then optional (its rows reach `reset`).
+
 The YAML file is a flat mapping: the algorithm's config fields (SFTConfig / RewardConfig / PPOConfig,
 including the supported TrainingArguments fields) plus the script keys below. `--key value` pairs on
 the command line override the file. Models, tokenizers and datasets are local paths only.
@@ -37,6 +40,8 @@ SCRIPT_KEYS = {
     "value_model_path": "ppo: critic folder (default: a copy of the reward model, else the policy's backbone)",
     "reward_funcs": "ppo/grpo/rloo: reward functions as 'package.module:function' or 'path/to/file.py:function' "
     "(grpo/rloo also take reward model folders) (a list)",
+    "env": "ppo/grpo/rloo: environment factory 'package.module:Factory' (gym-style reset/step, one per episode); "
+    "dataset_name and rewards become optional",
     "use_peft": "train a LoRA adapter instead of the full model (TRL's ModelConfig names below)",
     "lora_r": "LoRA rank (default 16)",
     "lora_alpha": "LoRA alpha (default 32)",
@@ -123,9 +128,14 @@ def build(algorithm: str, values: dict):
     if not model:
         raise ValueError("model_name_or_path: required (a local model folder)")
     check_model_folder(model, "model_name_or_path" if script.get("model_name_or_path") else "sft_model_path")
-    if not script.get("dataset_name"):
+    env_factory = env_factory_of(script, algorithm)
+    if not script.get("dataset_name") and env_factory is None:
         raise ValueError("dataset_name: required (a local data file or folder)")
-    train = load_local_dataset(script["dataset_name"], script.get("dataset_train_split", "train"))
+    train = (
+        load_local_dataset(script["dataset_name"], script.get("dataset_train_split", "train"))
+        if script.get("dataset_name")
+        else None
+    )
     if script.get("eval_dataset_name"):
         evaluation = load_local_dataset(script["eval_dataset_name"], script.get("dataset_test_split", "train"))
     elif script.get("dataset_test_split"):
@@ -155,16 +165,29 @@ def build(algorithm: str, values: dict):
         sources = [f if os.path.isdir(f) else load_reward_function(f) for f in funcs]
         if script.get("reward_model_path"):
             sources.insert(0, script["reward_model_path"])
-        return trainer_cls(model, sources, **common), config
+        return trainer_cls(model, sources, **common, env_factory=env_factory), config
     trainer = trainer_cls(
         model=model,
         ref_model=script.get("ref_model_path"),
         reward_model=script.get("reward_model_path"),
         reward_funcs=[load_reward_function(s) for s in funcs] or None,
         value_model=script.get("value_model_path"),
+        env_factory=env_factory,
         **common,
     )
     return trainer, config
+
+
+def env_factory_of(script: dict, algorithm: str):
+    """The environment factory the `env` key names ('package.module:Factory'), or None without one."""
+    spec = script.get("env")
+    if spec is None:
+        return None
+    if algorithm not in ON_POLICY:
+        raise ValueError("env: only used by " + ", ".join(f"`rlhf-ext train {a}`" for a in ON_POLICY))
+    from rlhf_ext.environments.protocol import load_env_factory
+
+    return load_env_factory(spec)
 
 
 def check_model_folder(path, key: str):

@@ -14,12 +14,30 @@ import torch
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+TOOL_ROLE_TOKEN = "<|tool|>"
 
 # One turn per message: the role marker, the content, then EOS, so a policy learns to end its turn with
 # EOS. `add_generation_prompt` opens an assistant turn. Rendering a prefix of the conversation gives a
 # token prefix of the full rendering (the SFT trainer relies on this to find assistant tokens).
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# CHAT_TEMPLATE plus tools, Hermes/Qwen style: `tools` (JSON schemas) become a system turn listing each tool as
+# `name(arg, ...): description`; an assistant message's `tool_calls` are written after its content as
+# `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, which is also what a policy emits to call one; tool
+# results are turns of role "tool". Kept short because tiny models have short contexts. Without tools and
+# tool_calls it renders exactly as CHAT_TEMPLATE, and a prefix of a conversation still renders as a token prefix.
+TOOL_CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>tools:{% for tool in tools %}"
+    "{% set f = tool['function'] if 'function' in tool else tool %}"
+    " {{ f['name'] }}({{ (f.get('parameters') or {}).get('properties', {}) | list | join(', ') }})"
+    "{% if f.get('description') %}: {{ f['description'] }}{% endif %};{% endfor %}</s>{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls') or [] %}{% set f = call['function'] if 'function' in call else call %}"
+    '<tool_call>{"name": {{ f["name"] | tojson }}, "arguments": {{ f["arguments"] | tojson }}}</tool_call>'
+    "{% endfor %}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
@@ -47,18 +65,23 @@ def build_tokenizer(
     kind: str = "bpe",
     chat_template: bool = True,
     pad_token: Optional[str] = PAD,
+    tool_calls: bool = False,
 ):
     """A `PreTrainedTokenizerFast` trained on `corpus` (default: `default_corpus()`).
 
     kind: "bpe" (byte-level BPE: decode(encode(text)) == text) or "wordlevel" (whitespace words).
     Special tokens: `<pad>` (pass pad_token=None for a tokenizer without one), `<s>`, `</s>` (EOS),
-    `<unk>` and the chat role markers. With chat_template=True the tokenizer gets CHAT_TEMPLATE.
+    `<unk>` and the chat role markers. With chat_template=True the tokenizer gets CHAT_TEMPLATE; with
+    tool_calls=True as well, TOOL_CHAT_TEMPLATE and the role marker `<|tool|>` (appended after the others, so
+    every other special token keeps its id). `<tool_call>` tags stay plain text: decoding a policy's turn
+    without special tokens must keep them.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     lines = list(corpus) if corpus is not None else default_corpus()
-    specials = [PAD, BOS, EOS, UNK, *ROLE_TOKENS]
+    roles = [*ROLE_TOKENS, TOOL_ROLE_TOKEN] if tool_calls else list(ROLE_TOKENS)
+    specials = [PAD, BOS, EOS, UNK, *roles]
     if kind == "bpe":
         tok = Tokenizer(models.BPE(unk_token=None))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -83,10 +106,10 @@ def build_tokenizer(
         eos_token=EOS,
         unk_token=UNK,
         pad_token=pad_token,
-        additional_special_tokens=list(ROLE_TOKENS),
+        additional_special_tokens=roles,
     )
     if chat_template:
-        wrapped.chat_template = CHAT_TEMPLATE
+        wrapped.chat_template = TOOL_CHAT_TEMPLATE if tool_calls else CHAT_TEMPLATE
     return wrapped
 
 
