@@ -13,13 +13,11 @@ the completion, no label needed), and held-out problems for the accuracy reporte
 (greedy decoding). Everything is seeded; the numbers printed at the end are the point of the example.
 """
 
-import argparse
-import os
 import random
-import tempfile
 import time
 
 import torch
+from example_common import grpo_config, parse_command_line, start_run, train_sft
 
 SETTINGS = {
     # SFT steps, GRPO steps, prompts per GRPO step, GRPO learning rate, updates per generated batch, held-out problems
@@ -89,49 +87,38 @@ def accuracy(model, tok, pairs) -> float:
 
 
 def main(mode: str = "full", seed: int = 0, output_dir=None) -> dict:
-    from transformers import set_seed
-
-    from rlhf_ext import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+    from rlhf_ext import GRPOTrainer
 
     s = SETTINGS[mode]
-    output_dir = output_dir or tempfile.mkdtemp(prefix="arithmetic_grpo_")
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
-    set_seed(seed)
+    output_dir, common = start_run(seed, output_dir, "arithmetic_grpo_")
     sft_pairs, rl_pairs, held_out = problems(seed)
     held_out = held_out[: s["held_out"]]
     tok, model = build_tokenizer_and_model(seed)
-    common = dict(use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no", seed=seed, logging_steps=10)
     start = time.time()
 
-    sft = SFTTrainer(
+    rows = [{"prompt": prompt_of(a, b), "completion": " " + answer_of(a, b)} for a, b in sft_pairs]
+    sft = train_sft(
         model,
-        args=SFTConfig(
-            output_dir=os.path.join(output_dir, "sft"),
-            max_steps=s["sft_steps"],
-            per_device_train_batch_size=32,
-            learning_rate=3e-3,
-            lr_scheduler_type="constant",
-            **common,
-        ),
-        train_dataset=[{"prompt": prompt_of(a, b), "completion": " " + answer_of(a, b)} for a, b in sft_pairs],
-        processing_class=tok,
+        tok,
+        rows,
+        output_dir,
+        common,
+        max_steps=s["sft_steps"],
+        per_device_train_batch_size=32,
+        learning_rate=3e-3,
     )
-    sft.train()
     before = accuracy(sft.model, tok, held_out)
     print(f"after SFT ({s['sft_steps']} steps): held-out accuracy {before:.1%}")
 
-    args = GRPOConfig(
-        output_dir=os.path.join(output_dir, "grpo"),
+    args = grpo_config(
+        output_dir,
+        common,
+        prompts=s["prompts"],
+        generations=NUM_GENERATIONS,
         max_steps=s["grpo_steps"],
-        num_generations=NUM_GENERATIONS,
-        per_device_train_batch_size=s["prompts"] * NUM_GENERATIONS,
         max_completion_length=4,
         learning_rate=s["grpo_lr"],
         num_iterations=s["num_iterations"],
-        lr_scheduler_type="constant",
-        beta=0.0,
-        temperature=1.0,
-        **common,
     )
     grpo = GRPOTrainer(
         sft.model,
@@ -151,9 +138,5 @@ def main(mode: str = "full", seed: int = 0, output_dir=None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps of each stage")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default=None, help="where the trainers write (default: a temporary folder)")
-    cli = parser.parse_args()
+    cli = parse_command_line(__doc__, "a smoke run: a few steps of each stage")
     main("quick" if cli.quick else "full", cli.seed, cli.output_dir)

@@ -17,14 +17,12 @@ still miscopies numbers now and then, and GRPO then trains on unlabelled questio
 Accuracy (greedy) and the tool-use rate on held-out questions are printed after SFT and after GRPO.
 """
 
-import argparse
-import os
 import random
 import re
-import tempfile
 import time
 
 import torch
+from example_common import grpo_config, parse_command_line, start_run, train_sft
 
 SETTINGS = {
     # SFT conversations and steps, GRPO steps, questions per GRPO step, learning rates, held-out questions
@@ -131,15 +129,11 @@ def evaluate(model, tok, pairs) -> dict:
 
 
 def main(mode: str = "full", seed: int = 0, output_dir=None) -> dict:
-    from transformers import set_seed
-
-    from rlhf_ext import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+    from rlhf_ext import GRPOTrainer
     from rlhf_ext.environments.tools import ToolEnvironment
 
     s = SETTINGS[mode]
-    output_dir = output_dir or tempfile.mkdtemp(prefix="calculator_tools_")
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
-    set_seed(seed)
+    output_dir, common = start_run(seed, output_dir, "calculator_tools_")
     sft_pairs, rl_pairs, held_out = questions(seed)
     held_out = held_out[: s["held_out"]]
     tok, model = build_tokenizer_and_model(seed)
@@ -147,42 +141,35 @@ def main(mode: str = "full", seed: int = 0, output_dir=None) -> dict:
     schemas = ToolEnvironment(CalculatorEnv()).tool_schemas
     rendered = tok.apply_chat_template([{"role": "user", "content": ""}], tools=schemas, tokenize=False)
     tools_text = rendered.split("</s>")[0].removeprefix("<|system|>")
-    common = dict(use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no", seed=seed, logging_steps=10)
     start = time.time()
 
-    sft = SFTTrainer(
+    rows = [{"messages": conversation(a, b, tools_text)} for a, b in sft_pairs[: s["sft_rows"]]]
+    sft = train_sft(
         model,
-        args=SFTConfig(
-            output_dir=os.path.join(output_dir, "sft"),
-            max_steps=s["sft_steps"],
-            per_device_train_batch_size=16,
-            learning_rate=s["sft_lr"],
-            lr_scheduler_type="constant",
-            assistant_only_loss=True,
-            **common,
-        ),
-        train_dataset=[{"messages": conversation(a, b, tools_text)} for a, b in sft_pairs[: s["sft_rows"]]],
-        processing_class=tok,
+        tok,
+        rows,
+        output_dir,
+        common,
+        max_steps=s["sft_steps"],
+        per_device_train_batch_size=16,
+        learning_rate=s["sft_lr"],
+        assistant_only_loss=True,
     )
-    sft.train()
     before = evaluate(sft.model, tok, held_out)
     print(
         f"after SFT ({s['sft_steps']} steps on {s['sft_rows']} conversations): held-out accuracy "
         f"{before['accuracy']:.1%}, tool use {before['tool_use']:.1%}"
     )
 
-    args = GRPOConfig(
-        output_dir=os.path.join(output_dir, "grpo"),
+    args = grpo_config(
+        output_dir,
+        common,
+        prompts=s["prompts"],
+        generations=NUM_GENERATIONS,
         max_steps=s["grpo_steps"],
-        num_generations=NUM_GENERATIONS,
-        per_device_train_batch_size=s["prompts"] * NUM_GENERATIONS,
         max_completion_length=TURN_TOKENS,
         max_turns=MAX_TURNS,
         learning_rate=s["grpo_lr"],
-        lr_scheduler_type="constant",
-        beta=0.0,
-        temperature=1.0,
-        **common,
     )
     grpo = GRPOTrainer(
         sft.model,
@@ -203,9 +190,5 @@ def main(mode: str = "full", seed: int = 0, output_dir=None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps of each stage")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default=None, help="where the trainers write (default: a temporary folder)")
-    cli = parser.parse_args()
+    cli = parse_command_line(__doc__, "a smoke run: a few steps of each stage")
     main("quick" if cli.quick else "full", cli.seed, cli.output_dir)

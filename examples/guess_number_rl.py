@@ -15,12 +15,12 @@ within a group of episodes from the same reset seed (the same hidden number).
 Held-out success rate and turns per episode (greedy, 200 unseen seeds) are printed before and after training.
 """
 
-import argparse
 import os
 import tempfile
 import time
 
 import torch
+from example_common import parse_command_line
 
 from rlhf_ext.environments.games import GuessNumberEnv
 
@@ -140,11 +140,10 @@ def main(mode: str = "full", algorithms=("ppo", "grpo"), seed: int = 0, output_d
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--algorithm", choices=["ppo", "grpo", "both"], default="both")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps of each algorithm")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default=None, help="where the trainers write (default: a temporary folder)")
-    cli = parser.parse_args()
+    cli = parse_command_line(
+        __doc__,
+        "a smoke run: a few steps of each algorithm",
+        algorithm=dict(choices=["ppo", "grpo", "both"], default="both"),
+    )
     chosen = ("ppo", "grpo") if cli.algorithm == "both" else (cli.algorithm,)
     main("quick" if cli.quick else "full", chosen, cli.seed, cli.output_dir)

@@ -10,9 +10,10 @@ no bootstrap past a terminal state. Nothing here imports torch or the trainers: 
 Success rate and turns are measured with the greedy policy on held-out seeds, before and after training.
 """
 
-import argparse
 import random
 from collections import defaultdict
+
+from example_common import parse_command_line
 
 from rlhf_ext.environments.games import GuessNumberEnv, play
 
@@ -82,8 +83,5 @@ def main(mode="full", seed=0):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer episodes (what the test suite runs)")
-    parser.add_argument("--seed", type=int, default=0)
-    cli = parser.parse_args()
+    cli = parse_command_line(__doc__, "fewer episodes (what the test suite runs)", output_dir=False)
     main("quick" if cli.quick else "full", cli.seed)
