@@ -6,13 +6,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 
 namespace rlhf_ext {
-
-namespace {
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards_in, const at::Tensor& values_in,
                                            const at::Tensor& mask_in, double gamma, double lam,
@@ -59,9 +57,5 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards_in, const a
   });
   return {advantages, returns};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) { m.impl("gae", &gae_cpu); }
 
 }  // namespace rlhf_ext

@@ -27,7 +27,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Generator.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -35,6 +34,7 @@
 #include <vector>
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 #include "isa.h"
 #include "sampling_kernels.h"
 
@@ -70,6 +70,8 @@ std::vector<T> per_row(const c10::optional<at::Tensor>& t, T scalar, int64_t B, 
   const T* p = c.template data_ptr<T>();
   return std::vector<T>(p, p + B);
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const at::Tensor& logits_in, double temperature, int64_t top_k, double top_p, double min_p,
@@ -140,9 +142,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   }
   return {tokens, logprobs, filtered};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) { m.impl("sample", &sample_cpu); }
 
 }  // namespace rlhf_ext
