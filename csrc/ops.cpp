@@ -1,5 +1,7 @@
-// The one place where rlhf_ext's operator schemas are declared. Kernel files only add
-// TORCH_LIBRARY_IMPL blocks for CPU or CUDA. Backward kernels are ops of their own.
+// The one place where rlhf_ext's operator schemas are declared. Each device binds every op to its kernel in one
+// table: csrc/cpu/register.cpp (CPU) and csrc/cuda/register.cu (CUDA), the kernels' types being csrc/kernels.h.
+// A new op needs a schema here, its type and declaration there and a line in both tables. Backward kernels are
+// ops of their own.
 // The pybind11 module carries the build facts (rlhf_ext._C.build_info()).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>

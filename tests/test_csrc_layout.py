@@ -1,5 +1,6 @@
 """The compiled core's layout (csrc/, see README "Ops"): every op family under one name in each folder, the
-framework-free headers free of torch, and every source file short enough to read."""
+framework-free headers free of torch, one registration table per device that binds every op, and every source
+file short enough to read."""
 
 import glob
 import os
@@ -11,6 +12,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 FAMILIES = ("gae", "whiten", "logprobs", "ppo_loss", "sampling")
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](ATen|c10|torch|pybind11)/', re.M)
+SCHEMA = re.compile(r'\bm\.def\(\s*"(\w+)\(')
+IMPL = re.compile(r'\bm\.impl\(\s*"(\w+)"')
+IMPL_BLOCK = re.compile(r"\bTORCH_LIBRARY_IMPL\(\s*rlhf_ext\s*,\s*(\w+)\s*,")
+# Where each dispatch key's one registration table lives.
+TABLES = {"CPU": "csrc/cpu/register.cpp", "CUDA": "csrc/cuda/register.cu"}
 
 
 def _csrc_files(*patterns):
@@ -43,6 +49,36 @@ def test_framework_free_headers_include_nothing_from_torch():
         if found:
             offenders[os.path.relpath(path, ROOT)] = found
     assert not offenders, f"framework-free headers include torch: {offenders}"
+
+
+def _read(relpath):
+    with open(os.path.join(ROOT, relpath)) as f:
+        return f.read()
+
+
+def _schema_ops():
+    ops = SCHEMA.findall(_read("csrc/ops.cpp"))
+    assert len(ops) >= 10, f"csrc/ops.cpp: expected the op schemas (m.def), found {ops}"
+    return ops
+
+
+@pytest.mark.parametrize("device", sorted(TABLES))
+def test_every_schema_has_exactly_one_kernel_in_the_device_table(device):
+    """A new op cannot be forgotten on one device, nor registered twice."""
+    impls = IMPL.findall(_read(TABLES[device]))
+    counts = {op: impls.count(op) for op in _schema_ops()}
+    wrong = {op: n for op, n in counts.items() if n != 1}
+    assert not wrong, f"{TABLES[device]}: expected one m.impl per schema of csrc/ops.cpp, got counts {wrong}"
+    unknown = sorted(set(impls) - set(counts))
+    assert not unknown, f"{TABLES[device]}: m.impl of ops without a schema in csrc/ops.cpp: {unknown}"
+
+
+def test_each_device_registers_in_its_one_table_only():
+    blocks = {}
+    for path in _csrc_files("*.cpp", "*.cu", "*.h", "*.cuh"):
+        for key in IMPL_BLOCK.findall(_read(path)):
+            blocks.setdefault(key, []).append(os.path.relpath(path, ROOT))
+    assert blocks == {key: [path] for key, path in TABLES.items()}, f"TORCH_LIBRARY_IMPL blocks: {blocks}"
 
 
 def test_every_source_file_is_under_400_lines():

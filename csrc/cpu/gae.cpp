@@ -6,9 +6,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 
 namespace rlhf_ext {
 
@@ -18,6 +18,8 @@ namespace {
 // whole RL batch, e.g. [64, 1024]) run on the calling thread. Waking the pool costs ~10 us on an idle machine
 // and measured 13-16 ms on a busy 2-core one (the woken thread waits for a core), against 0.1 ms of work.
 constexpr int64_t kTokensPerTask = 65536;
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards_in, const at::Tensor& values_in,
                                            const at::Tensor& mask_in, double gamma, double lam,
@@ -65,9 +67,5 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards_in, const a
   });
   return {advantages, returns};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) { m.impl("gae", &gae_cpu); }
 
 }  // namespace rlhf_ext

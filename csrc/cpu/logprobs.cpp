@@ -9,7 +9,6 @@
 // [B, L, V] output): rows are addressed through an O(N) offset table, never copied.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -20,6 +19,7 @@
 #endif
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 #include "isa.h"
 #include "logprobs_kernels.h"
 
@@ -79,6 +79,8 @@ void check_label_values(const at::Tensor& labels, int64_t vocab, int64_t ignore_
 // the calling thread.
 int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 65536 / vocab); }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Tensor& logits_in,
                                                                     const at::Tensor& labels_in, double temperature,
                                                                     int64_t ignore_index, bool with_entropy,
@@ -105,6 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Te
   });
   return {logprobs, entropy, lse};
 }
+
+namespace {
 
 // Writes d(loss)/d(logits) into `grad` (which may be `logits` itself).
 void logprobs_backward_into(const c10::optional<at::Tensor>& grad_logprobs,
@@ -164,6 +168,8 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+}  // namespace
+
 at::Tensor logprobs_backward_cpu(const c10::optional<at::Tensor>& grad_logprobs,
                                  const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
                                  const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
@@ -184,14 +190,6 @@ void logprobs_backward_inplace_cpu(const c10::optional<at::Tensor>& grad_logprob
   check_logprobs_backward_inplace_inputs(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature);
   logprobs_backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index,
                          logits);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) {
-  m.impl("logprobs_forward", &logprobs_forward_cpu);
-  m.impl("logprobs_backward", &logprobs_backward_cpu);
-  m.impl("logprobs_backward_inplace", &logprobs_backward_inplace_cpu);
 }
 
 }  // namespace rlhf_ext

@@ -22,7 +22,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -30,6 +29,7 @@
 #include <vector>
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 #include "isa.h"
 #include "ppo_loss_kernels.h"
 
@@ -95,6 +95,8 @@ TokenPtrs<scalar_t> token_ptrs(const PpoLossInputs& in) {
           ptr_or_null<scalar_t>(in.returns), ptr_or_null<scalar_t>(in.entropy),
           reinterpret_cast<const uint8_t*>(in.mask.data_ptr<bool>()), nullptr, nullptr, nullptr};
 }
+
+}  // namespace
 
 at::Tensor ppo_loss_cpu(RLHF_PPO_LOSS_PARAMS) {
   const PpoLossInputs in = prepare_ppo_loss_inputs(RLHF_PPO_LOSS_ARGS);
@@ -193,14 +195,6 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logprobs_in, const at::Tensor& ref_i
     });
   });
   return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) {
-  m.impl("ppo_loss", &ppo_loss_cpu);
-  m.impl("ppo_loss_backward", &ppo_loss_backward_cpu);
-  m.impl("kl_penalty", &kl_penalty_cpu);
 }
 
 }  // namespace rlhf_ext

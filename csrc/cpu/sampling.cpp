@@ -27,7 +27,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Generator.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -35,6 +34,7 @@
 #include <vector>
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 #include "isa.h"
 #include "sampling_kernels.h"
 
@@ -50,9 +50,10 @@ namespace rlhf_ext {
 
 namespace {
 
-using namespace sampling_cpu;
-
-const SimdPasses& simd_passes() {
+// sampling_cpu is opened per function, not for the whole namespace: a unity build of every csrc/ file (the
+// C++17 check of tests/test_install.py) would otherwise see its kBlock beside whiten.cpp's.
+const sampling_cpu::SimdPasses& simd_passes() {
+  using namespace sampling_cpu;
 #ifdef RLHF_EXT_X86_ISAS
   static const SimdPasses passes =
       cpu::for_isa(cpu::cpu_isa(), isa_default::kPasses, isa_avx2::kPasses, isa_avx512::kPasses);
@@ -71,11 +72,14 @@ std::vector<T> per_row(const c10::optional<at::Tensor>& t, T scalar, int64_t B, 
   return std::vector<T>(p, p + B);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const at::Tensor& logits_in, double temperature, int64_t top_k, double top_p, double min_p,
     const c10::optional<at::Tensor>& row_temperature, const c10::optional<at::Tensor>& row_top_k,
     const c10::optional<at::Tensor>& row_top_p, const c10::optional<at::Tensor>& row_min_p,
     c10::optional<at::Generator> generator) {
+  using namespace sampling_cpu;
   check_sample_inputs(logits_in, temperature, top_k, top_p, min_p, row_temperature, row_top_k, row_top_p, row_min_p);
   auto logits = logits_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1);
@@ -140,9 +144,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   }
   return {tokens, logprobs, filtered};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) { m.impl("sample", &sample_cpu); }
 
 }  // namespace rlhf_ext

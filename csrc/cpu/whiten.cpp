@@ -10,12 +10,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 
 namespace rlhf_ext {
 
@@ -172,6 +172,8 @@ Moments moments_of(const at::Tensor& x, const at::Tensor& mask) {
   return total;
 }
 
+}  // namespace
+
 at::Tensor masked_moments_cpu(const at::Tensor& x_in, const at::Tensor& mask_in) {
   check_masked_inputs(x_in, mask_in);
   auto x = x_in.contiguous();
@@ -214,13 +216,6 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, 
     });
   });
   return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) {
-  m.impl("masked_moments", &masked_moments_cpu);
-  m.impl("masked_whiten", &masked_whiten_cpu);
 }
 
 }  // namespace rlhf_ext

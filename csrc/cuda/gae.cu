@@ -2,14 +2,13 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 #include "binding.h"
 #include "gae.cuh"
 
 namespace rlhf_ext {
-namespace {
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards_in, const at::Tensor& values_in,
                                             const at::Tensor& mask_in, double gamma, double lam,
@@ -28,9 +27,5 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards_in, const 
   });
   return {in.advantages, in.returns};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CUDA, m) { m.impl("gae", &gae_cuda); }
 
 }  // namespace rlhf_ext

@@ -8,9 +8,9 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 #include "binding.h"
 #include "logprobs.cuh"
 
@@ -56,6 +56,8 @@ void run_forward(const at::Tensor& logits, const lp::RowLayout& layout, const at
                      "logprobs_forward");
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::Tensor& logits_in,
                                                                      const at::Tensor& labels_in, double temperature,
                                                                      int64_t ignore_index, bool with_entropy,
@@ -76,6 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::T
   });
   return {logprobs, entropy, lse};
 }
+
+namespace {
 
 template <typename scalar_t>
 void run_backward(const at::Tensor& g_lp, const at::Tensor& g_h, const at::Tensor& logits,
@@ -118,6 +122,8 @@ void backward_into(const c10::optional<at::Tensor>& grad_logprobs, const c10::op
   });
 }
 
+}  // namespace
+
 at::Tensor logprobs_backward_cuda(const c10::optional<at::Tensor>& grad_logprobs,
                                   const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits_in,
                                   const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
@@ -146,14 +152,6 @@ void logprobs_backward_inplace_cuda(const c10::optional<at::Tensor>& grad_logpro
   const lp::RowLayout layout = row_layout(logits, table);
   backward_into(grad_logprobs, grad_entropy, logits, layout, logits, layout, labels, lse, entropy, temperature,
                 ignore_index);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CUDA, m) {
-  m.impl("logprobs_forward", &logprobs_forward_cuda);
-  m.impl("logprobs_backward", &logprobs_backward_cuda);
-  m.impl("logprobs_backward_inplace", &logprobs_backward_inplace_cuda);
 }
 
 }  // namespace rlhf_ext

@@ -3,9 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one needs the cuBLAS/cuSPARSE headers
-#include <torch/library.h>
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 #include "binding.h"
 #include "ppo_loss.cuh"
 
@@ -23,6 +23,8 @@ ppo_cuda::TokenArgs<cuda::device_t<scalar_t>> token_args(const PpoLossInputs& in
           device_ptr<scalar_t>(in.returns), device_ptr<scalar_t>(in.entropy), in.mask.data_ptr<bool>(),
           in.batch, in.length};
 }
+
+}  // namespace
 
 at::Tensor ppo_loss_cuda(RLHF_PPO_LOSS_PARAMS) {
   const PpoLossInputs in = prepare_ppo_loss_inputs(RLHF_PPO_LOSS_ARGS);
@@ -81,14 +83,6 @@ at::Tensor kl_penalty_cuda(const at::Tensor& logprobs_in, const at::Tensor& ref_
                        "kl_penalty");
   });
   return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CUDA, m) {
-  m.impl("ppo_loss", &ppo_loss_cuda);
-  m.impl("ppo_loss_backward", &ppo_loss_backward_cuda);
-  m.impl("kl_penalty", &kl_penalty_cuda);
 }
 
 }  // namespace rlhf_ext

@@ -7,11 +7,11 @@
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <mutex>
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 #include "binding.h"
 #include "sampling.cuh"
 
@@ -25,6 +25,8 @@ const T* row_ptr(const c10::optional<at::Tensor>& t, at::ScalarType as, at::Tens
   keep_alive = t->to(as).contiguous();
   return keep_alive.data_ptr<T>();
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
     const at::Tensor& logits_in, double temperature, int64_t top_k, double top_p, double min_p,
@@ -82,9 +84,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
                      AT_DISPATCH_CASE(at::kHalf, [&] { launch(cuda::device_ptr<scalar_t>(logits)); }));
   return {tokens, logprobs, filtered};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CUDA, m) { m.impl("sample", &sample_cuda); }
 
 }  // namespace rlhf_ext

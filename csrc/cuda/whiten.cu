@@ -3,9 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "../checks/checks.h"
+#include "../kernels.h"
 #include "binding.h"
 #include "whiten.cuh"
 
@@ -24,6 +24,8 @@ at::Tensor moments_cuda(const at::Tensor& x, const at::Tensor& mask) {
   });
   return out;
 }
+
+}  // namespace
 
 at::Tensor masked_moments_cuda(const at::Tensor& x_in, const at::Tensor& mask_in) {
   check_masked_inputs(x_in, mask_in);
@@ -51,13 +53,6 @@ at::Tensor masked_whiten_cuda(const at::Tensor& x_in, const at::Tensor& mask_in,
                        "masked_whiten");
   });
   return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(rlhf_ext, CUDA, m) {
-  m.impl("masked_moments", &masked_moments_cuda);
-  m.impl("masked_whiten", &masked_whiten_cuda);
 }
 
 }  // namespace rlhf_ext
