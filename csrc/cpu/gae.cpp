@@ -12,15 +12,6 @@
 
 namespace rlhf_ext {
 
-namespace {
-
-// Tokens per parallel task. The reverse scan costs ~1.5 ns/token, so a task holds ~100 us: smaller calls (a
-// whole RL batch, e.g. [64, 1024]) run on the calling thread. Waking the pool costs ~10 us on an idle machine
-// and measured 13-16 ms on a busy 2-core one (the woken thread waits for a core), against 0.1 ms of work.
-constexpr int64_t kTokensPerTask = 65536;
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards_in, const at::Tensor& values_in,
                                            const at::Tensor& mask_in, double gamma, double lam,
                                            const c10::optional<at::Tensor>& last_values_in) {
@@ -28,6 +19,10 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards_in, const a
   const at::Tensor &rewards = in.rewards, &values = in.values, &mask = in.mask, &last_values = in.last_values;
   const at::Tensor &advantages = in.advantages, &returns = in.returns;
   const int64_t B = in.batch, T = in.length;
+  // Tokens per parallel task. The reverse scan costs ~1.5 ns/token, so a task holds ~100 us: smaller calls (a
+  // whole RL batch, e.g. [64, 1024]) run on the calling thread. Waking the pool costs ~10 us on an idle machine
+  // and measured 13-16 ms on a busy 2-core one (the woken thread waits for a core), against 0.1 ms of work.
+  constexpr int64_t kGaeTokensPerTask = 65536;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rewards.scalar_type(), "gae_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -42,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards_in, const a
       out_t* adv = advantages.data_ptr<out_t>();
       out_t* ret = returns.data_ptr<out_t>();
       const out_t* lv = last_values.defined() ? last_values.data_ptr<out_t>() : nullptr;
-      const int64_t grain = std::max<int64_t>(1, kTokensPerTask / std::max<int64_t>(T, 1));
+      const int64_t grain = std::max<int64_t>(1, kGaeTokensPerTask / std::max<int64_t>(T, 1));
       at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const int64_t off = b * T;
