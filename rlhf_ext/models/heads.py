@@ -100,6 +100,14 @@ def logprobs_and_values(
     return logprobs, entropy, value_head(hidden)
 
 
+def policy_values(
+    policy: nn.Module, value_head: ValueHead, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+) -> torch.Tensor:
+    """Values `[B, R]` of a shared critic alone: `value_head` on the policy's hidden states, no lm_head (what
+    `logprobs_and_values` returns third, without the log-probs)."""
+    return value_head(hidden_states(policy, input_ids, attention_mask)[:, response_start - 1 : -1])
+
+
 def causal_lm_token_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,

@@ -211,12 +211,13 @@ class CriticFreeTrainer(BaseTrainer):
         size = args.local_rollout_forward_batch_size
         kl_in_reward = args.advantage_estimator != "grpo" and args.beta > 0
         old_logprobs = ref_logprobs = None
-        if (self.steps_per_round > 1 or kl_in_reward) and args.old_logprobs_from_sampler:
-            old_logprobs = rollout.logprobs * response_mask  # needed: the policy moves before the samples are used up
-        elif self.steps_per_round > 1 or kl_in_reward:
-            old_logprobs = by_chunks(
-                lambda *chunk: policy_logprobs(self.policy, *chunk, args, run=self.run), rollout, size
-            )
+        if self.steps_per_round > 1 or kl_in_reward:  # the policy moves before these samples are used up
+            if args.old_logprobs_from_sampler:
+                old_logprobs = rollout.logprobs * response_mask
+            else:
+                old_logprobs = by_chunks(
+                    lambda *chunk: policy_logprobs(self.policy, *chunk, args, run=self.run), rollout, size
+                )
         if args.beta > 0:
             ref_logprobs = by_chunks(
                 lambda *chunk: reference_logprobs(self.policy, self.ref_model, *chunk, args, run=self.run),

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from rlhf_ext.models.heads import logprobs_and_values, token_values
+from rlhf_ext.models.heads import logprobs_and_values, policy_values, token_values
 from rlhf_ext.ops import ppo_loss
 from rlhf_ext.trainers.advantages import ppo_targets
 from rlhf_ext.trainers.base import BaseTrainer
@@ -199,9 +199,9 @@ class PPOTrainer(BaseTrainer):
 
     def critic_values(self, sequences, attention_mask, P):
         """(B, R) values of the responses sequences[:, P:] (with shared_critic: from the policy's forward)."""
-        if self.args.shared_critic:
-            return self.policy_forward(sequences, attention_mask, P)[2]
         with self.autocast():
+            if self.args.shared_critic:  # the value head on the policy's hidden states; no lm_head needed
+                return self.run(self.policy, policy_values, self.critic, sequences, attention_mask, P)
             return self.run(self.critic, token_values, sequences, attention_mask, P)
 
     @torch.no_grad()
