@@ -29,6 +29,7 @@ from rlhf_ext.environments.protocol import (
 )
 from rlhf_ext.generation.completions import SamplingSettings, left_pad
 from rlhf_ext.generation.rollout import _CacheArgs, _forward_kwargs, _stop_ids
+from rlhf_ext.models.introspect import cpu_decode_head
 from rlhf_ext.ops.sampling import prepare_settings, sample
 
 logger = logging.getLogger("rlhf_ext.environments")
@@ -98,13 +99,14 @@ class _Engine:
         # (B, W) positions counting only real tokens: position_ids_from_mask(full)[:, C:] without the O(C) cumsum
         positions = (self.count[:, None] + mask.cumsum(1) - 1).clamp(min=0)
         self.count += mask.sum(1)
-        output = self.model(
-            input_ids=ids,
-            attention_mask=full,
-            position_ids=positions,
-            **self.cache_args(torch.arange(C, C + W, device=self.device)),
-            **self.extra,
-        )
+        with cpu_decode_head(self.model):
+            output = self.model(
+                input_ids=ids,
+                attention_mask=full,
+                position_ids=positions,
+                **self.cache_args(torch.arange(C, C + W, device=self.device)),
+                **self.extra,
+            )
         last = output.logits[:, -1, :]  # (B, V) the chunk's last column: a real token where the row has one
         self.logits = last if self.logits is None else torch.where(mask[:, -1:].bool(), last, self.logits)
         self.mask = full

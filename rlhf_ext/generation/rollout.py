@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 import torch
 
-from rlhf_ext.models.introspect import position_ids_from_mask
+from rlhf_ext.models.introspect import cpu_decode_head, position_ids_from_mask
 from rlhf_ext.ops.sampling import prepare_settings, sample
 
 Setting = Union[int, float, torch.Tensor]
@@ -230,13 +230,14 @@ def generate(
     # Shared: the prefill runs on the first row of each run (G' <= B rows); the cache's keys/values and the last
     # logits are then gathered back to B rows (each row a copy of its run's prefill).
     first, groups = shared if shared is not None else (slice(None), None)
-    output = model(
-        input_ids=input_ids[first],
-        attention_mask=prompt_mask[first],
-        position_ids=position_ids[first],
-        **cache_args(cache_position),
-        **extra,
-    )
+    with cpu_decode_head(model):
+        output = model(
+            input_ids=input_ids[first],
+            attention_mask=prompt_mask[first],
+            position_ids=position_ids[first],
+            **cache_args(cache_position),
+            **extra,
+        )
     logits = output.logits[:, -1, :]  # (G' or B, V)
     if groups is not None:
         kv_cache.batch_select_indices(groups)
@@ -268,13 +269,14 @@ def generate(
         if stepper is not None:
             stepper.step(tokens, next_position, t)
         else:
-            output = model(
-                input_ids=tokens[:, None],
-                attention_mask=full_mask[:, : P + t + 1],
-                position_ids=next_position,
-                **cache_args(cache_position),
-                **extra,
-            )
+            with cpu_decode_head(model):
+                output = model(
+                    input_ids=tokens[:, None],
+                    attention_mask=full_mask[:, : P + t + 1],
+                    position_ids=next_position,
+                    **cache_args(cache_position),
+                    **extra,
+                )
             logits = output.logits[:, -1, :]
         next_position = next_position + 1
         cache_position = cache_position + 1
