@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import torch
-from example_common import parse_command_line
+from example_common import before_after, parse_command_line
 
 from rlhf_ext.environments.games import GuessNumberEnv
 
@@ -131,8 +131,7 @@ def main(mode: str = "full", algorithms=("ppo", "grpo"), seed: int = 0, output_d
         print(
             f"{algorithm.upper()} ({s['steps'][algorithm]} steps x {s['episodes']} episodes, "
             f"{time.time() - start:.0f} s): "
-            f"held-out success {before['success']:.1%} -> {after['success']:.1%}, turns {before['turns']:.2f} -> "
-            f"{after['turns']:.2f}, return {before['return']:.2f} -> {after['return']:.2f} "
+            f"held-out {before_after(before, after, {'success': '.1%', 'turns': '.2f', 'return': '.2f'})} "
             f"(sampled training success {train_success})"
         )
         results[algorithm] = {"before": before, "after": after}

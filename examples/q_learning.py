@@ -13,7 +13,7 @@ Success rate and turns are measured with the greedy policy on held-out seeds, be
 import random
 from collections import defaultdict
 
-from example_common import parse_command_line
+from example_common import before_after, parse_command_line
 
 from rlhf_ext.environments.games import GuessNumberEnv, play
 
@@ -76,8 +76,7 @@ def main(mode="full", seed=0):
     after = evaluate(env, agent, s["held_out"])
     print(
         f"Q-learning on guess-the-number 1..8 ({s['episodes']} episodes, {len(agent.q)} table entries): held-out "
-        f"success {before['success']:.1%} -> {after['success']:.1%}, turns {before['turns']:.2f} -> "
-        f"{after['turns']:.2f}"
+        + before_after(before, after, {"success": ".1%", "turns": ".2f"})
     )
     return {"before": before, "after": after}
 

@@ -43,6 +43,16 @@ float_dtypes = st.sampled_from(FLOATS)
 any_dtypes = st.sampled_from(FLOATS * 4 + [torch.int64, torch.bool])
 
 
+def fuzz(**strategies):
+    """A fuzz test: FUZZ's settings over `strategies`, and `data` (st.data()) to draw tensors whose shapes and
+    dtypes depend on the drawn arguments."""
+
+    def decorate(test):
+        return FUZZ(given(data=st.data(), **strategies)(test))
+
+    return decorate
+
+
 @st.composite
 def tensors(draw, shape, dtype, special=True, scale=1.0, layouts=True):
     """A tensor of `shape` and `dtype` with normal values times `scale`, up to three special values
@@ -122,9 +132,7 @@ def finite_scale(*ts):
 # ---- gae ----
 
 
-@FUZZ
-@given(
-    data=st.data(),
+@fuzz(
     B=st.integers(0, 4),
     T=st.integers(0, 9),
     dtype=any_dtypes,
@@ -155,9 +163,7 @@ def test_fuzz_gae(data, B, T, dtype, gamma, lam, bootstrap, values_dtype_differs
 # ---- masked moments / whitening ----
 
 
-@FUZZ
-@given(
-    data=st.data(),
+@fuzz(
     shape=st.sampled_from([(0,), (1,), (7,), (3, 5), (2, 9), (4, 1), (3, 0), (1, 300)]),
     dtype=any_dtypes,
     op=st.sampled_from(["mean", "mean_dim", "var", "var_biased", "whiten", "whiten_noshift"]),
@@ -191,9 +197,7 @@ def test_fuzz_masked_stats(data, shape, dtype, op, mask_shape_differs):
 # ---- kl_penalty / ppo_loss ----
 
 
-@FUZZ
-@given(
-    data=st.data(),
+@fuzz(
     shape=st.sampled_from([(0,), (5,), (2, 3), (3, 0), (2, 9), (1, 2, 3)]),
     dtype=any_dtypes,
     mixed=st.integers(0, 4),
@@ -223,9 +227,7 @@ def test_fuzz_kl_penalty(data, shape, dtype, mixed, estimator, max_log_ratio):
 PPO_TENSORS = ("values", "old_values", "returns", "ref_logprobs", "entropy")
 
 
-@FUZZ
-@given(
-    data=st.data(),
+@fuzz(
     B=st.integers(0, 3),
     T=st.integers(0, 7),
     dtype=any_dtypes,
@@ -300,9 +302,7 @@ def test_fuzz_ppo_loss(data, B, T, dtype, mixed, with_values, with_ref, with_ent
 # ---- logprobs ----
 
 
-@FUZZ
-@given(
-    data=st.data(),
+@fuzz(
     rows=st.sampled_from([(0,), (1,), (3,), (2, 3), (5,)]),
     V=st.integers(0, 9),
     dtype=any_dtypes,
@@ -351,9 +351,7 @@ def test_fuzz_gather_logprobs(data, rows, V, dtype, temperature, label_kind, ret
             assert_matches(grad, exp_grad, max(RTOL[dtype] * 10, torch.finfo(dtype).eps), 1.0, "grad logits")
 
 
-@FUZZ
-@given(
-    data=st.data(),
+@fuzz(
     rows=st.sampled_from([(0,), (1,), (4,), (2, 3)]),
     H=st.integers(0, 5),
     V=st.integers(0, 7),
@@ -403,9 +401,7 @@ def test_fuzz_fused_linear_logprobs(
 # ---- sample ----
 
 
-@FUZZ
-@given(
-    data=st.data(),
+@fuzz(
     B=st.integers(0, 4),
     V=st.integers(0, 9),
     dtype=any_dtypes,

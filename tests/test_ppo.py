@@ -34,7 +34,7 @@ def test_ppo_raises_a_learnable_reward(make_lm, tiny_tokenizer, prompt_rows, cpu
         lr_scheduler_type="constant",
         kl_coef=0.01,
     )
-    trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows)
+    trainer = target_ppo(args, tiny_tokenizer, make_lm(), train_dataset=prompt_rows)
     before = next_token_mass(trainer.policy, tiny_tokenizer, prompt_rows, TARGET)
     state = trainer.train()
     after = next_token_mass(trainer.policy, tiny_tokenizer, prompt_rows, TARGET)
@@ -240,7 +240,7 @@ def test_ppo_bad_inputs(make_lm, make_rm, tiny_tokenizer, prompt_rows, cpu_args)
 
 def test_bf16_autocast_and_gradient_checkpointing(make_lm, tiny_tokenizer, prompt_rows, cpu_args):
     args = ppo_args(cpu_args, max_steps=1, bf16=True, activation_checkpointing=True, fused_linear_logprobs=True)
-    trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows)
+    trainer = target_ppo(args, tiny_tokenizer, make_lm(), train_dataset=prompt_rows)
     assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.policy.modules())
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     logs = trainer.train().log_history

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from rlhf_ext import PPOConfig, PPOTrainer
-from tests.trainer_helpers import ppo_args, target_fraction, target_ppo
+from rlhf_ext import PPOConfig
+from tests.trainer_helpers import ppo_args, target_ppo
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -226,7 +226,7 @@ def test_a_step_samples_trls_batch_and_steps_once_per_minibatch(make_lm, tiny_to
         num_ppo_epochs=2,
         response_length=3,
     )
-    trainer = PPOTrainer(args, tiny_tokenizer, make_lm(), reward_funcs=[target_fraction], train_dataset=prompt_rows)
+    trainer = target_ppo(args, tiny_tokenizer, make_lm(), train_dataset=prompt_rows)
     sampled, micro_rows, optimizer_steps = [], [], []
     make_experience, policy_forward = trainer.make_experience, trainer.policy_forward
     clip_and_step = trainer.clip_and_step

@@ -44,20 +44,21 @@ def next_token_mass(model, tokenizer, rows, tokens) -> float:
     return float(logits.softmax(-1)[:, tokens].sum(-1).mean())
 
 
+# What the small PPO and GRPO runs of the tests share: 2 steps at 1e-3, a log entry per step, no checkpoints.
+SMALL_RUN = dict(max_steps=2, learning_rate=1e-3, logging_steps=1, save_strategy="no")
+
+
 def ppo_args(cpu_args, **overrides):
     # a step: 4 x 2 = 8 prompts (16 with per_device_train_batch_size=8) in 2 minibatches
     base = dict(
-        max_steps=2,
+        SMALL_RUN,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
         num_mini_batches=2,
         num_ppo_epochs=2,
         response_length=6,
-        learning_rate=1e-3,
         temperature=1.0,
-        save_strategy="no",
         num_sample_generations=0,
-        logging_steps=1,
     )
     base.update(overrides)
     return PPOConfig(**base, **cpu_args)
@@ -83,15 +84,7 @@ def sft_trainer(make_lm, tokenizer, corpus, out, callbacks=None, **overrides) ->
 
 
 def grpo_args(cpu_args, cls=GRPOConfig, **overrides):
-    base = dict(
-        max_steps=2,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        learning_rate=1e-3,
-        save_strategy="no",
-        logging_steps=1,
-    )
+    base = dict(SMALL_RUN, per_device_train_batch_size=8, num_generations=4, max_completion_length=6)
     base.update(overrides)
     return cls(**base, **cpu_args)
 
