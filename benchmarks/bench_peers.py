@@ -25,12 +25,12 @@ DEFAULT_PEER_PYTHON = {
 }
 
 
-def run_child(python: str, algo: str, impl: str, size: str, steps: int, threads: int, timeout: float) -> dict:
+def run_child(python: str, algo: str, impl: str, size: str, steps: int, threads: int, timeout: float, optim=None):
     """One training run in a fresh process; returns its JSON record (the last stdout line)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [python, SCRIPT, "--algo", algo, "--impl", impl, "--size", size, "--steps", str(steps)]
-    cmd += ["--threads", str(threads)]
+    cmd += ["--threads", str(threads)] + (["--optim", optim] if optim else [])
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{algo}/{impl} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -39,13 +39,13 @@ def run_child(python: str, algo: str, impl: str, size: str, steps: int, threads:
     return record
 
 
-def compare(algo: str, peer_python: str, size: str, steps: int, threads: int, rounds: int, timeout: float) -> dict:
+def compare(algo: str, peer_python: str, size: str, steps: int, threads: int, rounds: int, timeout: float, optim=None):
     """`rounds` alternating runs of TRL and ours (a busy machine drifts: alternation spreads the drift over both);
     the best round's step time of each (the least disturbed) and the largest peak RSS."""
     runs = {"trl": [], "ours": []}
     for _ in range(rounds):
-        runs["trl"].append(run_child(peer_python, algo, "trl", size, steps, threads, timeout))
-        runs["ours"].append(run_child(sys.executable, algo, "ours", size, steps, threads, timeout))
+        runs["trl"].append(run_child(peer_python, algo, "trl", size, steps, threads, timeout, optim))
+        runs["ours"].append(run_child(sys.executable, algo, "ours", size, steps, threads, timeout, optim))
     best = {impl: min(records, key=lambda r: r["step_seconds"]) for impl, records in runs.items()}
     return {
         "algo": algo,
@@ -53,6 +53,7 @@ def compare(algo: str, peer_python: str, size: str, steps: int, threads: int, ro
         "size": best["ours"]["size"],
         "steps": steps,
         "threads": threads,
+        "optim": best["ours"].get("optim"),
         "trl_step_seconds": best["trl"]["step_seconds"],
         "ours_step_seconds": best["ours"]["step_seconds"],
         "ratio": best["trl"]["step_seconds"] / best["ours"]["step_seconds"],
@@ -95,6 +96,7 @@ def main(argv=None) -> list:
     parser.add_argument("--rounds", type=int, default=1, help="alternating TRL/ours runs per algorithm")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     parser.add_argument("--peer-python", action="append", default=[], metavar="ALGO=PATH")
+    parser.add_argument("--optim", default=None, help="both configs' optim (default: their default, adamw_torch_fused)")
     parser.add_argument("--out", default="bench_peers.json")
     cli = parser.parse_args(argv)
     peers = parse_peer_python(cli.peer_python)
@@ -106,7 +108,9 @@ def main(argv=None) -> list:
             raise SystemExit(f"--peer-python: no interpreter at {peers[algo]} for {algo}; run `make bench-peers`")
     if cli.steps < 2:
         raise SystemExit(f"--steps: expected >= 2 (a warm-up step, then measured ones), got {cli.steps}")
-    results = [compare(a, peers[a], cli.size, cli.steps, cli.threads, cli.rounds, cli.timeout) for a in algos]
+    results = [
+        compare(a, peers[a], cli.size, cli.steps, cli.threads, cli.rounds, cli.timeout, cli.optim) for a in algos
+    ]
     machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()}
     with open(cli.out, "w") as f:
         json.dump({"machine": machine, "results": results}, f, indent=1)

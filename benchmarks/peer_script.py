@@ -6,8 +6,9 @@ a JSON record: seconds per optimisation step, our phase split when the trainer l
     python benchmarks/peer_script.py --algo grpo --impl ours --size quick --steps 3 --threads 2
 
 TRL's config defaults that would change what is computed are set explicitly (`config_kwargs`): bf16 (TRL: on
-when fp16 is off) and gradient_checkpointing (TRL: on) are off, as in our trainers; the optimizer is plain
-`adamw_torch` (transformers 5 defaults to the fused one); TRL 1.16's `use_bias_correction_kl` (the KL term times
+when fp16 is off) and gradient_checkpointing (TRL: on) are off, as in our trainers; the optimizer is both configs'
+default, transformers 5's `adamw_torch_fused` (the same AdamW update in one fused kernel; `--optim adamw_torch`
+runs both with the per-tensor loop instead); TRL 1.16's `use_bias_correction_kl` (the KL term times
 the importance ratio: a different gradient when beta > 0) is off, the classic GRPO KL our trainer computes.
 """
 
@@ -105,7 +106,6 @@ def config_kwargs(algo: str, size: dict, steps: int, output_dir: str) -> dict:
         use_cpu=True,
         bf16=False,
         gradient_checkpointing=False,
-        optim="adamw_torch",
         lr_scheduler_type="linear",
         max_grad_norm=1.0,
         weight_decay=0.0,
@@ -169,8 +169,10 @@ def trainer_classes(algo: str, impl: str):
     raise ValueError(f"impl: expected 'trl' or 'ours', got {impl!r}")
 
 
-def make_config(config_cls, algo: str, size: dict, steps: int, output_dir: str):
+def make_config(config_cls, algo: str, size: dict, steps: int, output_dir: str, optim=None):
     kwargs = config_kwargs(algo, size, steps, output_dir)
+    if optim is not None:
+        kwargs["optim"] = optim
     names = {f.name for f in dataclasses.fields(config_cls)}
     kwargs.update({k: v for k, v in TRL_ONLY.items() if k in names})
     return config_cls(**kwargs)
@@ -197,15 +199,16 @@ def step_timer():
     return StepTimer()
 
 
-def train(algo: str, impl: str, size: dict, steps: int, output_dir: str):
+def train(algo: str, impl: str, size: dict, steps: int, output_dir: str, optim=None):
     """Build the world, run `steps` optimisation steps of `impl`'s trainer; returns the StepTimer."""
     from datasets import Dataset
 
     config_cls, trainer_cls = trainer_classes(algo, impl)
-    args = make_config(config_cls, algo, size, steps, output_dir)
+    args = make_config(config_cls, algo, size, steps, output_dir, optim)
     torch.manual_seed(COMMON["seed"])
     tok, policy, reward_model = build_world(size)  # the GRPO run scores with a rule, not the reward model
     timer = step_timer()
+    timer.optim = getattr(args.optim, "value", args.optim)  # the optimizer the run used (recorded in its JSON)
     if algo == "ppo":
         prompts = prompt_words(size, size["batch"] * steps)
         data = Dataset.from_dict({"input_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]})
@@ -241,18 +244,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=4, help="optimisation steps, the first one a warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--output-dir", default="/tmp/rlhf_ext_bench_peers")
+    parser.add_argument("--optim", default=None, help="both configs' optim (default: their default)")
     cli = parser.parse_args(argv)
     if cli.steps < 2:
         parser.error(f"--steps: expected >= 2 (one warm-up step, then measured ones), got {cli.steps}")
     torch.set_num_threads(cli.threads)
     size = SIZES[cli.size][cli.algo]
-    timer = train(cli.algo, cli.impl, size, cli.steps, os.path.join(cli.output_dir, f"{cli.algo}-{cli.impl}"))
+    output_dir = os.path.join(cli.output_dir, f"{cli.algo}-{cli.impl}")
+    timer = train(cli.algo, cli.impl, size, cli.steps, output_dir, cli.optim)
     record = dict(
         algo=cli.algo,
         impl=cli.impl,
         size=size,
         steps=cli.steps,
         threads=cli.threads,
+        optim=timer.optim,
         torch=torch.__version__,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         **summary(timer, warmup=1),

@@ -68,3 +68,37 @@ def test_every_fused_helper_refuses_a_softcap():
     ):
         with pytest.raises(ValueError, match="Gemma2ForCausalLM applies a final logit softcap"):
             call()
+
+
+@pytest.mark.parametrize("kind", ["llama_bias", "cohere", "gpt2", "gemma2"])
+def test_cpu_decode_head_gives_the_models_own_logits_and_restores_the_head(kind):
+    from rlhf_ext.models.introspect import cpu_decode_head
+
+    model = tiny_hf(kind)
+    head = model.get_output_embeddings()
+    ids, mask = padded_batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    with torch.no_grad():
+        plain = model(**kwargs).logits  # (B, L, V)
+        with cpu_decode_head(model) as ctx:
+            assert ctx.head is head and "forward" in vars(head)  # the transposed product is in place
+            patched = model(**kwargs).logits
+            last = model(**kwargs, logits_to_keep=1).logits  # (B, 1, V): the decode-step shape
+    assert "forward" not in vars(head)  # the class's forward again
+    torch.testing.assert_close(patched, plain, **TOL)
+    torch.testing.assert_close(last, plain[:, -1:], **TOL)
+
+
+def test_cpu_decode_head_leaves_other_heads_alone():
+    from rlhf_ext.models.introspect import cpu_decode_head
+
+    model = tiny_hf("llama_bias").to(torch.float64)
+    with cpu_decode_head(model) as ctx:
+        assert ctx.head is None and "forward" not in vars(model.get_output_embeddings())
+    head = torch.nn.Linear(4, 6)
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: head
+    head.forward = lambda x: x  # an instance override of its own: not replaced, not deleted
+    with cpu_decode_head(model) as ctx:
+        assert ctx.head is None
+    assert head.forward(torch.ones(1)).shape == (1,)
