@@ -31,7 +31,7 @@ inline uint32_t philox_first_word(uint64_t key, uint64_t counter) {
 constexpr int64_t kBlock = 64;  // block maxima bound the kept set; block sums locate the inverse-CDF draw
 constexpr int kBins = 512;  // histogram fallback: d = m - z in steps of 1/16 over [0, 32); the last bin is open
 
-// exp(x) for x <= 0 (x = z - max), branch-free so that it vectorises: Cody-Waite reduction by ln 2, a degree-6
+// exp(x) for x <= 0 (x = z - max), branch-free so that it vectorises (loops over it are, in sampling_rows.h): Cody-Waite reduction by ln 2, a degree-6
 // polynomial on [-ln2/2, ln2/2] (about 1 ulp), scaling by 2^n through the exponent bits. Results below
 // FLT_MIN (x < -87.3) flush to 0: such tokens are 1e-38 times less likely than the top one.
 inline float exp_nonpositive(float x) {
@@ -49,7 +49,15 @@ inline float exp_nonpositive(float x) {
   const int32_t bits = (static_cast<int32_t>(n_clamped) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.3f ? 0.0f : p * scale;
+  // x < -87.3 gives +0 through a bit mask, not `cond ? 0 : p * scale`: g++ (trapping maths, its default) will not
+  // evaluate a product that one branch skips, so the ternary kept every loop calling this scalar.
+  const float y = p * scale;
+  int32_t y_bits;
+  std::memcpy(&y_bits, &y, sizeof(y_bits));
+  y_bits &= -static_cast<int32_t>(!(x < -87.3f));
+  float out;
+  std::memcpy(&out, &y_bits, sizeof(out));
+  return out;
 }
 
 // The vectorised passes of one ISA (csrc/cpu/sampling_rows.h documents each).

@@ -37,14 +37,24 @@ RLHF_EXT_TARGET float temper_and_block_max(const float* src, float* z, int64_t n
   return m;
 }
 
-// Pass 2: block_sum[b] = sum of exp(z - m) over block b; returns the row total S (double).
+// Sum of w[0..len) in index order: the block sums' bits are those of a scalar loop, whatever the ISA (the draw
+// compares running sums against u * S, so a reordered sum could move a token boundary).
+RLHF_EXT_TARGET float sum_in_order(const float* w, int64_t len) {
+  float s = 0;
+  for (int64_t j = 0; j < len; ++j) s += w[j];
+  return s;
+}
+
+// Pass 2: block_sum[b] = sum of exp(z - m) over block b; returns the row total S (double). The exps of a block
+// are computed vectorised into w, then summed in index order.
 RLHF_EXT_TARGET double exp_block_sums(const float* z, int64_t n, float m, double* block_sum) {
   double total = 0;
+  float w[kBlock];
   for (int64_t start = 0, blk = 0; start < n; start += kBlock, ++blk) {
     const int64_t len = std::min(kBlock, n - start);
-    float s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < len; ++j) s += exp_nonpositive(z[start + j] - m);
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) w[j] = exp_nonpositive(z[start + j] - m);
+    const float s = sum_in_order(w, len);
     block_sum[blk] = s;
     total += s;
   }
@@ -64,14 +74,15 @@ RLHF_EXT_TARGET void weights_and_bins(const float* z, int64_t n, float m, float*
 RLHF_EXT_TARGET double kept_block_sums(const float* z, int64_t n, float m, float tau, float min_p,
                                       double* block_sum) {
   double total = 0;
+  float kept[kBlock];
   for (int64_t start = 0, blk = 0; start < n; start += kBlock, ++blk) {
     const int64_t len = std::min(kBlock, n - start);
-    float s = 0;
-#pragma omp simd reduction(+ : s)
+#pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
       const float w = exp_nonpositive(z[start + j] - m);
-      s += (z[start + j] >= tau && w >= min_p) ? w : 0.0f;
+      kept[j] = (z[start + j] >= tau && w >= min_p) ? w : 0.0f;
     }
+    const float s = sum_in_order(kept, len);
     block_sum[blk] = s;
     total += s;
   }
