@@ -88,7 +88,10 @@ def test_ppo_old_logprobs_from_the_sampler_equal_a_recomputed_forward(
     log-probs and the samples are the same either way."""
     experiences, policy_calls = {}, {}
     for recompute in (True, False):
-        args = ppo_args(cpu_args, recompute_old_logprobs=recompute, shared_critic=shared_critic)
+        # share_prompt_forward off: prompt_rows repeats prompts, which would split a recomputing pass in two calls
+        args = ppo_args(
+            cpu_args, recompute_old_logprobs=recompute, shared_critic=shared_critic, share_prompt_forward=False
+        )
         trainer = target_ppo(args, tiny_tokenizer, make_lm(), train_dataset=prompt_rows)
         assert args.old_logprobs_from_sampler is (not recompute)
         calls = _forward_counter(trainer.policy)
@@ -120,7 +123,8 @@ def test_grpo_old_logprobs_from_the_sampler_equal_a_recomputed_forward(make_lm, 
 
     experiences, passes = {}, {}
     for recompute in (True, False):
-        args = grpo_args(cpu_args, num_iterations=2, recompute_old_logprobs=recompute)
+        # share_prompt_forward off: each group's prompt would split a recomputing pass in two calls
+        args = grpo_args(cpu_args, num_iterations=2, recompute_old_logprobs=recompute, share_prompt_forward=False)
         trainer = GRPOTrainer(
             make_lm(), [target_fraction], args=args, train_dataset=prompt_rows, processing_class=tiny_tokenizer
         )

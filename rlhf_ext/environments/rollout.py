@@ -28,8 +28,8 @@ from rlhf_ext.environments.protocol import (
     render_observation,
 )
 from rlhf_ext.generation.completions import SamplingSettings, left_pad
-from rlhf_ext.generation.rollout import _CacheArgs, _forward_kwargs, _stop_ids
-from rlhf_ext.models.introspect import cpu_decode_head
+from rlhf_ext.generation.rollout import _forward_kwargs, _stop_ids
+from rlhf_ext.models.introspect import CacheArgs, cpu_decode_head
 from rlhf_ext.ops.sampling import prepare_settings, sample
 
 logger = logging.getLogger("rlhf_ext.environments")
@@ -81,7 +81,7 @@ class _Engine:
         from transformers import DynamicCache
 
         self.model, self.device = model, device
-        self.cache_args = _CacheArgs(model, DynamicCache(config=model.config))
+        self.cache_args = CacheArgs(model, DynamicCache(config=model.config))
         self.extra = _forward_kwargs(model)
         self.sampling = prepare_settings(
             batch, device, settings.temperature, settings.top_k, settings.top_p, settings.min_p

@@ -7,14 +7,13 @@ Finished rows keep emitting `pad_token_id` (masked out, log-prob 0) so the batch
 never stop are truncated at `max_new_tokens` and flagged `finished == False`. Nothing `[B, R, V]` is kept.
 """
 
-import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-from rlhf_ext.models.introspect import cpu_decode_head, position_ids_from_mask
+from rlhf_ext.models.introspect import CacheArgs, accepts_kwarg, cpu_decode_head, position_ids_from_mask, prompt_groups
 from rlhf_ext.ops.sampling import prepare_settings, sample
 
 Setting = Union[int, float, torch.Tensor]
@@ -95,54 +94,9 @@ def _stop_ids(eos_token_id, stop_token_ids, device) -> torch.Tensor:
     return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
 
 
-def _accepts(model, name: str) -> bool:
-    """Whether the model's forward takes keyword `name`; PEFT wrappers pass **kwargs through to their base model."""
-    params = inspect.signature(model.forward).parameters
-    if name in params:
-        return True
-    if hasattr(model, "get_base_model") and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return name in inspect.signature(model.get_base_model().forward).parameters
-    return False
-
-
 def _forward_kwargs(model) -> dict:
     """Ask for the last position's logits only, where the model's forward takes `logits_to_keep` (HF causal LMs)."""
-    return {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-
-
-class _CacheArgs:
-    """How the KV cache and its write position are handed to the model's forward.
-
-    transformers >= 5 names the cache `cache` (`past_key_values` is deprecated, removed in 5.40) and keeps the
-    write position on the device inside the cache; older versions take `past_key_values` and `cache_position`.
-    Where `cache_position` is accepted it is always passed: without it those versions derive it from
-    `StaticCache.get_seq_length()`, which counts the non-zero keys of batch row 0 (wrong when row 0 is
-    left-padded) and reads it back to the host (a sync, which fails under CUDA-graph capture).
-    """
-
-    def __init__(self, model, kv_cache):
-        self.cache_name = "cache" if _accepts(model, "cache") else "past_key_values"
-        self.with_position = _accepts(model, "cache_position")
-        self.kv_cache = kv_cache
-
-    def __call__(self, cache_position: torch.Tensor) -> dict:
-        """Keyword arguments for a forward writing cache slots `cache_position` (L,) int64 on the model's device."""
-        kwargs = {self.cache_name: self.kv_cache, "use_cache": True}
-        if self.with_position:
-            kwargs["cache_position"] = cache_position
-        return kwargs
-
-
-def _prompt_groups(input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Optional[tuple]:
-    """Runs of identical consecutive prompts (ids and mask): (first row of each run (G',) int64, each row's run
-    (B,) int64), or None when no two neighbours share a prompt (nothing to share)."""
-    if input_ids.shape[0] < 2:
-        return None
-    same = (input_ids[1:] == input_ids[:-1]).all(dim=1) & (prompt_mask[1:] == prompt_mask[:-1]).all(dim=1)  # (B-1,)
-    if not bool(same.any()):
-        return None
-    starts = torch.cat([same.new_ones(1), ~same])  # (B,) True where a new prompt begins
-    return starts.nonzero()[:, 0], starts.long().cumsum(0) - 1
+    return {"logits_to_keep": 1} if accepts_kwarg(model, "logits_to_keep") else {}
 
 
 def _last_value(output) -> torch.Tensor:
@@ -217,7 +171,7 @@ def generate(
         else DynamicCache(config=model.config)
     )
     extra = _forward_kwargs(model)
-    cache_args = _CacheArgs(model, kv_cache)
+    cache_args = CacheArgs(model, kv_cache)
     # Scalars stay Python numbers and per-row tensors move to the device once, here: nothing in the decode step
     # reads a value back to the host or copies from pageable memory (neither is allowed in a captured graph).
     sampling = prepare_settings(B, device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -226,7 +180,7 @@ def generate(
     cache_position = torch.arange(P, device=device)  # (P,) the cache slots the prompt fills
     shared = None
     if share_prompt_prefill and cache == "dynamic" and not return_values and hasattr(kv_cache, "batch_select_indices"):
-        shared = _prompt_groups(input_ids, prompt_mask)
+        shared = prompt_groups(input_ids, prompt_mask)
     # Shared: the prefill runs on the first row of each run (G' <= B rows); the cache's keys/values and the last
     # logits are then gathered back to B rows (each row a copy of its run's prefill).
     first, groups = shared if shared is not None else (slice(None), None)

@@ -182,3 +182,48 @@ class cpu_decode_head:
         if self.head is not None:
             del self.head.forward
         return False
+
+
+def accepts_kwarg(model, name: str) -> bool:
+    """Whether the model's forward takes keyword `name`; PEFT wrappers pass **kwargs through to their base model."""
+    params = inspect.signature(model.forward).parameters
+    if name in params:
+        return True
+    if hasattr(model, "get_base_model") and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return name in inspect.signature(model.get_base_model().forward).parameters
+    return False
+
+
+class CacheArgs:
+    """How the KV cache and its write position are handed to the model's forward.
+
+    transformers >= 5 names the cache `cache` (`past_key_values` is deprecated, removed in 5.40) and keeps the
+    write position on the device inside the cache; older versions take `past_key_values` and `cache_position`.
+    Where `cache_position` is accepted it is always passed: without it those versions derive it from
+    `StaticCache.get_seq_length()`, which counts the non-zero keys of batch row 0 (wrong when row 0 is
+    left-padded) and reads it back to the host (a sync, which fails under CUDA-graph capture).
+    """
+
+    def __init__(self, model, kv_cache):
+        self.cache_name = "cache" if accepts_kwarg(model, "cache") else "past_key_values"
+        self.with_position = accepts_kwarg(model, "cache_position")
+        self.kv_cache = kv_cache
+
+    def __call__(self, cache_position: torch.Tensor) -> dict:
+        """Keyword arguments for a forward writing cache slots `cache_position` (L,) int64 on the model's device."""
+        kwargs = {self.cache_name: self.kv_cache, "use_cache": True}
+        if self.with_position:
+            kwargs["cache_position"] = cache_position
+        return kwargs
+
+
+def prompt_groups(input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Optional[tuple]:
+    """Runs of identical consecutive prompts (ids and mask): (first row of each run (G',) int64, each row's run
+    (B,) int64), or None when no two neighbours share a prompt (nothing to share)."""
+    if input_ids.shape[0] < 2:
+        return None
+    same = (input_ids[1:] == input_ids[:-1]).all(dim=1) & (prompt_mask[1:] == prompt_mask[:-1]).all(dim=1)  # (B-1,)
+    if not bool(same.any()):
+        return None
+    starts = torch.cat([same.new_ones(1), ~same])  # (B,) True where a new prompt begins
+    return starts.nonzero()[:, 0], starts.long().cumsum(0) - 1

@@ -12,12 +12,15 @@ from typing import Optional, Union
 import torch
 
 from rlhf_ext.models.introspect import (
+    CacheArgs,
+    accepts_kwarg,
     accepts_logits_to_keep,
     hidden_states,
     linear_lm_head,
     lm_head,
     logit_transform,
     position_ids_from_mask,
+    prompt_groups,
     unwrap,
 )
 from rlhf_ext.ops.logprobs import fused_linear_logprobs, gather_logprobs
@@ -37,6 +40,7 @@ def sequence_logprobs(
     return_entropy: bool = False,
     fused_linear: bool = False,
     chunk_size: Optional[int] = None,
+    share_prompt: bool = False,
 ) -> _Out:
     """Log-probs `[B, R]` (float32) of the tokens `input_ids[:, response_start:]` (R = L - response_start)
     under `model`, each given everything before it; with `return_entropy=True`, `(logprobs, entropy)`
@@ -47,6 +51,9 @@ def sequence_logprobs(
     the logits (use the sampling temperature). `fused_linear=True` projects the backbone's last hidden
     states with the model's own lm_head weight (tied embeddings and a bias are respected, a logit
     scale is folded into the temperature; a tanh softcap is refused) in chunks of `chunk_size` rows.
+    `share_prompt=True` (logits path): runs of identical consecutive prompts (GRPO's groups) run their prompt once
+    (`shared_prompt_logits`); the same log-probs and gradients up to float rounding. Ignored where it cannot
+    apply (no such run, fused_linear, gradient checkpointing, a model without a KV cache).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected a [B, L] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -83,7 +90,10 @@ def sequence_logprobs(
         )
 
     keep = torch.arange(response_start - 1, L - 1, device=input_ids.device)  # (R,)
-    if accepts_logits_to_keep(inner):
+    groups = shared_prompt_groups(model, input_ids, attention_mask, response_start) if share_prompt else None
+    if groups is not None:
+        logits = shared_prompt_logits(model, input_ids, attention_mask, response_start, groups)  # (B, R, V)
+    elif accepts_logits_to_keep(inner):
         # The model applies its own scale / softcap; only the R needed positions reach its lm_head.
         logits = model(
             input_ids=input_ids,
@@ -109,3 +119,70 @@ def sequence_logprobs(
     return gather_logprobs(
         logits, labels, temperature=temperature, return_entropy=return_entropy, inplace_backward=logits.requires_grad
     )
+
+
+def shared_prompt_groups(model, input_ids, attention_mask, response_start: int) -> Optional[tuple]:
+    """`prompt_groups` of the prompts `input_ids[:, :response_start]` where `shared_prompt_logits` can run on
+    `model`, else None: a causal LM that takes `logits_to_keep` and a KV cache, not under gradient checkpointing
+    (which turns the cache off in training) and without active dropout."""
+    inner = unwrap(model)
+    if inner.training and _dropout_active(inner):
+        return None  # one prompt forward would give every row of a run the same dropout mask
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(inner), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    if getattr(inner, name, False):  # transformers 5 renamed it (the old name warns)
+        return None
+    if not accepts_logits_to_keep(inner) or not (
+        accepts_kwarg(model, "cache") or accepts_kwarg(model, "past_key_values")
+    ):
+        return None
+    return prompt_groups(input_ids[:, :response_start], attention_mask[:, :response_start])
+
+
+def shared_prompt_logits(model, input_ids, attention_mask, response_start: int, groups: tuple) -> torch.Tensor:
+    """Logits `[B, R, V]` (R = L - response_start) of the response positions, each prompt run once per run of
+    identical consecutive prompts (`groups` = prompt_groups(...): first row of each run (G',), run of each row (B,)).
+
+    The prompts' forward fills a KV cache for the G' distinct prompts and gives the logits of each prompt's last
+    position (the first response token's); the cache is gathered to the B rows (an index, so gradients from every
+    row of a run add up in its prompt's forward) and the responses' forward attends to it. Same positions, masks
+    and products per row as the full forward: equal up to float rounding, with the prompt's backbone compute paid
+    once per run instead of once per row (GRPO: G times less)."""
+    from transformers import DynamicCache
+
+    first, rows_run = groups
+    P, L = response_start, input_ids.shape[1]
+    positions = position_ids_from_mask(attention_mask)  # (B, L)
+    cache = CacheArgs(model, DynamicCache(config=unwrap(model).config))
+    device = input_ids.device
+    head = model(
+        input_ids=input_ids[first, :P],
+        attention_mask=attention_mask[first, :P],
+        position_ids=positions[first, :P],
+        logits_to_keep=1,
+        **cache(torch.arange(P, device=device)),
+    ).logits[rows_run]  # (B, 1, V) the first response token's logits
+    if L - 1 == P:
+        return head
+    cache.kv_cache.batch_select_indices(rows_run)
+    rest = model(
+        input_ids=input_ids[:, P : L - 1],
+        attention_mask=attention_mask[:, : L - 1],
+        position_ids=positions[:, P : L - 1],
+        logits_to_keep=0,
+        **cache(torch.arange(P, L - 1, device=device)),
+    ).logits  # (B, R - 1, V)
+    return torch.cat([head, rest], dim=1)
+
+
+def _dropout_active(model) -> bool:
+    """Whether a forward of `model` (in training mode) drops anything: a dropout module with p > 0, or the
+    attention dropout rate HF configs name in several ways."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    rates = [
+        getattr(config, name, 0) or 0 for name in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+    ]
+    return any(r > 0 for r in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())

@@ -230,6 +230,12 @@ class PolicyGradientConfig(TrainerConfig):
     )
     fused_linear_logprobs: bool = option(False, "extra: log-probs from hidden states via the fused op")
     logprobs_chunk_size: Optional[int] = option(None, "extra: vocabulary chunk of the fused op")
+    share_prompt_forward: bool = option(
+        True,
+        "extra: log-prob forwards run each run of identical consecutive prompts (GRPO's groups) once, the responses "
+        "attending to its KV cache (the same log-probs and gradients up to float rounding); off where it cannot "
+        "apply (fused_linear_logprobs, gradient checkpointing, active dropout)",
+    )
     recompute_old_logprobs: Optional[bool] = option(
         None,
         "extra: after sampling, recompute the old log-probs with a forward pass (True) or take the sampler's, equal "

@@ -137,8 +137,9 @@ def policy_logprobs(
 ):
     """(B, R) float32 log-probs of the responses `sequences[:, P:]` under `model` (the policy, the old policy or the
     reference), at the sampling temperature; `(logprobs, entropy)` with return_entropy. `args` (PPOConfig or
-    GRPOConfig) gives temperature, fused_linear_logprobs, logprobs_chunk_size and bf16. `run(model, fn, ...)` calls
-    `fn(model, ...)`: pass BaseTrainer.run so that an FSDP-sharded model runs inside its root's forward."""
+    GRPOConfig) gives temperature, fused_linear_logprobs, logprobs_chunk_size, share_prompt_forward and bf16.
+    `run(model, fn, ...)` calls `fn(model, ...)`: pass BaseTrainer.run so that an FSDP-sharded model runs inside its
+    root's forward."""
     with autocast(args, sequences.device):
         return run(
             model,
@@ -150,6 +151,7 @@ def policy_logprobs(
             return_entropy=return_entropy,
             fused_linear=args.fused_linear_logprobs,
             chunk_size=args.logprobs_chunk_size,
+            share_prompt=args.share_prompt_forward,
         )
 
 
