@@ -92,8 +92,11 @@ def sequence_logprobs(
     keep = torch.arange(response_start - 1, L - 1, device=input_ids.device)  # (R,)
     groups = shared_prompt_groups(model, input_ids, attention_mask, response_start) if share_prompt else None
     if groups is not None:
-        logits = shared_prompt_logits(model, input_ids, attention_mask, response_start, groups)  # (B, R, V)
-    elif accepts_logits_to_keep(inner):
+        # (B, 1, V) and (B, R - 1, V) gathered apart: joining them would copy the whole [B, R, V] logits
+        parts = shared_prompt_logits(model, input_ids, attention_mask, response_start, groups)
+        outs = [_gather(part, labels[:, i : i + part.shape[1]], temperature, return_entropy) for i, part in _at(parts)]
+        return tuple(torch.cat(o, 1) for o in zip(*outs)) if return_entropy else torch.cat(outs, 1)
+    if accepts_logits_to_keep(inner):
         # The model applies its own scale / softcap; only the R needed positions reach its lm_head.
         logits = model(
             input_ids=input_ids,
@@ -114,11 +117,23 @@ def sequence_logprobs(
             f"model: returned logits of shape {list(logits.shape)} for logits_to_keep of {R} "
             f"positions (expected [{B}, {R}, V])"
         )
+    return _gather(logits, labels, temperature, return_entropy)
+
+
+def _gather(logits: torch.Tensor, labels: torch.Tensor, temperature: float, return_entropy: bool) -> _Out:
     # The lm_head output is saved by nothing (its backward needs only its inputs), so the gradient can
     # overwrite it; autograd's version counter would catch a model whose last op saved its output.
     return gather_logprobs(
         logits, labels, temperature=temperature, return_entropy=return_entropy, inplace_backward=logits.requires_grad
     )
+
+
+def _at(parts: list) -> list:
+    """(first column, part) of consecutive column blocks."""
+    starts = [0]
+    for part in parts[:-1]:
+        starts.append(starts[-1] + part.shape[1])
+    return list(zip(starts, parts))
 
 
 def shared_prompt_groups(model, input_ids, attention_mask, response_start: int) -> Optional[tuple]:
@@ -142,9 +157,10 @@ def shared_prompt_groups(model, input_ids, attention_mask, response_start: int) 
     return prompt_groups(input_ids[:, :response_start], attention_mask[:, :response_start])
 
 
-def shared_prompt_logits(model, input_ids, attention_mask, response_start: int, groups: tuple) -> torch.Tensor:
-    """Logits `[B, R, V]` (R = L - response_start) of the response positions, each prompt run once per run of
-    identical consecutive prompts (`groups` = prompt_groups(...): first row of each run (G',), run of each row (B,)).
+def shared_prompt_logits(model, input_ids, attention_mask, response_start: int, groups: tuple) -> list:
+    """Logits of the R = L - response_start response positions as column blocks `[(B, 1, V), (B, R - 1, V)]` (the
+    second absent when R = 1), each prompt run once per run of identical consecutive prompts (`groups` =
+    prompt_groups(...): first row of each run (G',), run of each row (B,)).
 
     The prompts' forward fills a KV cache for the G' distinct prompts and gives the logits of each prompt's last
     position (the first response token's); the cache is gathered to the B rows (an index, so gradients from every
@@ -166,7 +182,7 @@ def shared_prompt_logits(model, input_ids, attention_mask, response_start: int, 
         **cache(torch.arange(P, device=device)),
     ).logits[rows_run]  # (B, 1, V) the first response token's logits
     if L - 1 == P:
-        return head
+        return [head]
     cache.kv_cache.batch_select_indices(rows_run)
     rest = model(
         input_ids=input_ids[:, P : L - 1],
@@ -175,7 +191,7 @@ def shared_prompt_logits(model, input_ids, attention_mask, response_start: int, 
         logits_to_keep=0,
         **cache(torch.arange(P, L - 1, device=device)),
     ).logits  # (B, R - 1, V)
-    return torch.cat([head, rest], dim=1)
+    return [head, rest]
 
 
 def _dropout_active(model) -> bool:
