@@ -25,8 +25,20 @@ def test_our_config_takes_every_field_and_trl_defaults_are_overridden(algo, tmp_
     kwargs = peer_script.config_kwargs(algo, peer_script.SIZES["quick"][algo], 3, str(tmp_path))
     # TRL's defaults that compute something else than ours: each is set, to what ours computes.
     assert kwargs["bf16"] is False and kwargs["gradient_checkpointing"] is False
-    assert kwargs["optim"] == "adamw_torch" and kwargs["seed"] == 0
+    assert kwargs["seed"] == 0
+    # The optimizer is left to both configs' shared default (TrainingArguments': TRL's configs and ours inherit it);
+    # --optim sets another for both.
+    assert "optim" not in kwargs
     config = our_config(algo, tmp_path)
+    from transformers import TrainingArguments
+
+    default = TrainingArguments(output_dir=str(tmp_path), use_cpu=True).optim
+    assert config.optim == default and getattr(default, "value", default) == "adamw_torch_fused"
+    config_cls, _ = peer_script.trainer_classes(algo, "ours")
+    chosen = peer_script.make_config(
+        config_cls, algo, peer_script.SIZES["quick"][algo], 3, str(tmp_path), "adamw_torch"
+    )
+    assert getattr(chosen.optim, "value", chosen.optim) == "adamw_torch"
     for name, value in kwargs.items():
         actual = getattr(getattr(config, name), "value", getattr(config, name))  # TrainingArguments' enums
         assert actual == ([] if value == "none" else value), name  # report_to="none" is kept as []

@@ -102,3 +102,19 @@ def test_cpu_decode_head_leaves_other_heads_alone():
     with cpu_decode_head(model) as ctx:
         assert ctx.head is None
     assert head.forward(torch.ones(1)).shape == (1,)
+
+
+def test_cpu_decode_head_rows_do_not_depend_on_the_batch_split():
+    """A row's logits are the same bits whatever rows come with it (the 1-process and 2-process runs of
+    tests/test_distributed.py rely on it): below 16 rows F.linear runs, from 16 rows the transposed product."""
+    from rlhf_ext.models.introspect import cpu_decode_head
+
+    model = tiny_hf("llama_bias")
+    head = model.get_output_embeddings()
+    x = torch.randn(48, head.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), cpu_decode_head(model):
+        full = head(x)
+        for n in (16, 24, 47):
+            assert torch.equal(head(x[:n]), full[:n]), n
+        for n in (4, 8, 15):
+            assert torch.equal(head(x[:n]), torch.nn.functional.linear(x[:n], head.weight, head.bias)), n

@@ -31,9 +31,9 @@ inline uint32_t philox_first_word(uint64_t key, uint64_t counter) {
 constexpr int64_t kBlock = 64;  // block maxima bound the kept set; block sums locate the inverse-CDF draw
 constexpr int kBins = 512;  // histogram fallback: d = m - z in steps of 1/16 over [0, 32); the last bin is open
 
-// exp(x) for x <= 0 (x = z - max), branch-free so that it vectorises (loops over it are, in sampling_rows.h): Cody-Waite reduction by ln 2, a degree-6
-// polynomial on [-ln2/2, ln2/2] (about 1 ulp), scaling by 2^n through the exponent bits. Results below
-// FLT_MIN (x < -87.3) flush to 0: such tokens are 1e-38 times less likely than the top one.
+// exp(x) for x <= 0 (x = z - max), branch-free so that the loops over it in sampling_rows.h vectorise: Cody-Waite
+// reduction by ln 2, a degree-6 polynomial on [-ln2/2, ln2/2] (about 1 ulp), scaling by 2^n through the exponent
+// bits. Results below FLT_MIN (x < -87.3) flush to 0: such tokens are 1e-38 times less likely than the top one.
 inline float exp_nonpositive(float x) {
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
   float r = x - n * 0.693359375f;

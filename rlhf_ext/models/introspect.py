@@ -126,15 +126,19 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
-# Rows up to which a CPU lm_head runs as weight @ hidden^T (decode steps and last-position prefills: one row per
-# sequence); larger inputs (training forwards) keep F.linear, which MKL already splits well.
+# Rows for which a CPU lm_head runs as weight @ hidden^T (decode steps and last-position prefills: one row per
+# sequence); larger inputs (training forwards) keep F.linear, which MKL already splits well. Below 16 rows MKL's
+# transposed product rounds a row differently depending on how many rows come with it (measured: 8 rows differ in
+# the last bit from the same rows inside 16 or more; from 12 rows on they agree), which would make a run's samples
+# depend on how its batch is split (processes, chunks); F.linear agrees from 4 rows on, so small batches keep it.
+_DECODE_MIN_ROWS = 16
 _DECODE_ROWS = 256
 _DECODE_SLICE = 8192  # vocabulary rows per product (8192 x 32 rows of float32: 1 MiB)
 
 
 class cpu_decode_head:
-    """Context manager: while open, a CPU float32 `nn.Linear` lm_head computes its few-row products as
-    `weight @ hidden^T` (logits of shape `[..., V]`, row-major as the model's own).
+    """Context manager: while open, a CPU float32 `nn.Linear` lm_head computes its few-row products (16 to 256
+    rows) as `weight @ hidden^T` (logits of shape `[..., V]`, row-major as the model's own).
 
     Why: MKL runs `hidden @ weight^T` with a few rows (a decode step: B rows against a `[V, H]` weight) mostly on
     one thread; the transposed product has V rows, which it splits across threads. Measured on the 2-core CPU at
@@ -160,7 +164,7 @@ class cpu_decode_head:
 
             def forward(x: torch.Tensor) -> torch.Tensor:
                 rows = x.numel() // max(1, x.shape[-1])
-                if rows > _DECODE_ROWS or x.dtype != torch.float32:
+                if not _DECODE_MIN_ROWS <= rows <= _DECODE_ROWS or x.dtype != torch.float32:
                     return nn.functional.linear(x, head.weight, head.bias)
                 flat_t = x.reshape(rows, x.shape[-1]).t()  # (H, rows)
                 V = head.weight.shape[0]

@@ -10,6 +10,7 @@ hidden states go to `fused_linear_logprobs` with the model's own lm_head weight,
 from typing import Optional, Union
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from rlhf_ext.models.introspect import (
     CacheArgs,
@@ -53,7 +54,7 @@ def sequence_logprobs(
     scale is folded into the temperature; a tanh softcap is refused) in chunks of `chunk_size` rows.
     `share_prompt=True` (logits path): runs of identical consecutive prompts (GRPO's groups) run their prompt once
     (`shared_prompt_logits`); the same log-probs and gradients up to float rounding. Ignored where it cannot
-    apply (no such run, fused_linear, gradient checkpointing, a model without a KV cache).
+    apply (no such run, fused_linear, FSDP, gradient checkpointing, active dropout, a model without a KV cache).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected a [B, L] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -138,9 +139,13 @@ def _at(parts: list) -> list:
 
 def shared_prompt_groups(model, input_ids, attention_mask, response_start: int) -> Optional[tuple]:
     """`prompt_groups` of the prompts `input_ids[:, :response_start]` where `shared_prompt_logits` can run on
-    `model`, else None: a causal LM that takes `logits_to_keep` and a KV cache, not under gradient checkpointing
-    (which turns the cache off in training) and without active dropout."""
+    `model`, else None: a causal LM that takes `logits_to_keep` and a KV cache, not FSDP-sharded, not under
+    gradient checkpointing (which turns the cache off in training) and without active dropout."""
     inner = unwrap(model)
+    if any(isinstance(p, DTensor) for p in inner.parameters()):
+        # FSDP: every forward gathers the shards collectively, so each process must run as many forwards as the
+        # others; whether a process's rows hold runs of one prompt is its own (a process would wait forever)
+        return None
     if inner.training and _dropout_active(inner):
         return None  # one prompt forward would give every row of a run the same dropout mask
     name = (

@@ -234,7 +234,7 @@ class PolicyGradientConfig(TrainerConfig):
         True,
         "extra: log-prob forwards run each run of identical consecutive prompts (GRPO's groups) once, the responses "
         "attending to its KV cache (the same log-probs and gradients up to float rounding); off where it cannot "
-        "apply (fused_linear_logprobs, gradient checkpointing, active dropout)",
+        "apply (fused_linear_logprobs, FSDP, gradient checkpointing, active dropout)",
     )
     recompute_old_logprobs: Optional[bool] = option(
         None,
