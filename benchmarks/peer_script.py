@@ -258,10 +258,10 @@ def main(argv=None) -> dict:
         size=size,
         steps=cli.steps,
         threads=cli.threads,
-        optim=timer.optim,
         torch=torch.__version__,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         **summary(timer, warmup=1),
+        optim=timer.optim,
     )
     if cli.impl == "trl":
         import trl
