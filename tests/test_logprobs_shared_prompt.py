@@ -91,6 +91,13 @@ def test_gradient_checkpointing_and_dropout_fall_back_to_the_full_forward():
     gpt2 = tiny_hf("gpt2")
     assert shared_prompt_groups(gpt2, ids, mask, P) is not None  # eval: its dropout is off
     assert shared_prompt_groups(gpt2.train(), ids, mask, P) is None  # one mask for a whole run would differ
+    from rlhf_ext.trainers.loading import disable_dropout
+
+    disable_dropout(gpt2)  # what the trainers do by default (disable_dropout=True): sharing holds again
+    assert shared_prompt_groups(gpt2, ids, mask, P) is not None
+    llama = tiny_hf("llama_bias").train()
+    next(m for m in llama.modules() if hasattr(m, "attention_dropout")).attention_dropout = 0.1  # SDPA's rate
+    assert shared_prompt_groups(llama, ids, mask, P) is None
 
 
 def test_grpo_step_is_the_same_with_the_shared_prompt_forward(make_lm, tiny_tokenizer, prompt_rows, cpu_args):

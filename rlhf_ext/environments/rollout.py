@@ -82,6 +82,7 @@ class _Engine:
 
         self.model, self.device = model, device
         self.cache_args = CacheArgs(model, DynamicCache(config=model.config))
+        self.decode_head = cpu_decode_head(model)
         self.extra = _forward_kwargs(model)
         self.sampling = prepare_settings(
             batch, device, settings.temperature, settings.top_k, settings.top_p, settings.min_p
@@ -99,7 +100,7 @@ class _Engine:
         # (B, W) positions counting only real tokens: position_ids_from_mask(full)[:, C:] without the O(C) cumsum
         positions = (self.count[:, None] + mask.cumsum(1) - 1).clamp(min=0)
         self.count += mask.sum(1)
-        with cpu_decode_head(self.model):
+        with self.decode_head:
             output = self.model(
                 input_ids=ids,
                 attention_mask=full,

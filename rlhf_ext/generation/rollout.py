@@ -184,7 +184,8 @@ def generate(
     # Shared: the prefill runs on the first row of each run (G' <= B rows); the cache's keys/values and the last
     # logits are then gathered back to B rows (each row a copy of its run's prefill).
     first, groups = shared if shared is not None else (slice(None), None)
-    with cpu_decode_head(model):
+    decode_head = cpu_decode_head(model)  # entered around each forward, built once
+    with decode_head:
         output = model(
             input_ids=input_ids[first],
             attention_mask=prompt_mask[first],
@@ -223,7 +224,7 @@ def generate(
         if stepper is not None:
             stepper.step(tokens, next_position, t)
         else:
-            with cpu_decode_head(model):
+            with decode_head:
                 output = model(
                     input_ids=tokens[:, None],
                     attention_mask=full_mask[:, : P + t + 1],

@@ -231,3 +231,14 @@ def prompt_groups(input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Optiona
         return None
     starts = torch.cat([same.new_ones(1), ~same])  # (B,) True where a new prompt begins
     return starts.nonzero()[:, 0], starts.long().cumsum(0) - 1
+
+
+def dropout_active(model: nn.Module) -> bool:
+    """Whether a training-mode forward of `model` drops anything: an `nn.Dropout` with p > 0, or a module's float
+    `attention_dropout` > 0 (the rate HF attention modules hand to SDPA). The same two places
+    `rlhf_ext.trainers.loading.disable_dropout` sets to 0."""
+    return any(
+        (isinstance(m, nn.Dropout) and m.p > 0)
+        or (isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0)
+        for m in model.modules()
+    )

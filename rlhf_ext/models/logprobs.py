@@ -16,6 +16,7 @@ from rlhf_ext.models.introspect import (
     CacheArgs,
     accepts_kwarg,
     accepts_logits_to_keep,
+    dropout_active,
     hidden_states,
     linear_lm_head,
     lm_head,
@@ -95,7 +96,9 @@ def sequence_logprobs(
     if groups is not None:
         # (B, 1, V) and (B, R - 1, V) gathered apart: joining them would copy the whole [B, R, V] logits
         parts = shared_prompt_logits(model, input_ids, attention_mask, response_start, groups)
-        outs = [_gather(part, labels[:, i : i + part.shape[1]], temperature, return_entropy) for i, part in _at(parts)]
+        outs = [_gather(parts[0], labels[:, :1], temperature, return_entropy)]
+        if len(parts) == 2:
+            outs.append(_gather(parts[1], labels[:, 1:], temperature, return_entropy))
         return tuple(torch.cat(o, 1) for o in zip(*outs)) if return_entropy else torch.cat(outs, 1)
     if accepts_logits_to_keep(inner):
         # The model applies its own scale / softcap; only the R needed positions reach its lm_head.
@@ -129,14 +132,6 @@ def _gather(logits: torch.Tensor, labels: torch.Tensor, temperature: float, retu
     )
 
 
-def _at(parts: list) -> list:
-    """(first column, part) of consecutive column blocks."""
-    starts = [0]
-    for part in parts[:-1]:
-        starts.append(starts[-1] + part.shape[1])
-    return list(zip(starts, parts))
-
-
 def shared_prompt_groups(model, input_ids, attention_mask, response_start: int) -> Optional[tuple]:
     """`prompt_groups` of the prompts `input_ids[:, :response_start]` where `shared_prompt_logits` can run on
     `model`, else None: a causal LM that takes `logits_to_keep` and a KV cache, not FSDP-sharded, not under
@@ -146,7 +141,7 @@ def shared_prompt_groups(model, input_ids, attention_mask, response_start: int) 
         # FSDP: every forward gathers the shards collectively, so each process must run as many forwards as the
         # others; whether a process's rows hold runs of one prompt is its own (a process would wait forever)
         return None
-    if inner.training and _dropout_active(inner):
+    if inner.training and dropout_active(inner):
         return None  # one prompt forward would give every row of a run the same dropout mask
     name = (
         "is_activation_checkpointing"
@@ -197,13 +192,3 @@ def shared_prompt_logits(model, input_ids, attention_mask, response_start: int, 
         **cache(torch.arange(P, L - 1, device=device)),
     ).logits  # (B, R - 1, V)
     return [head, rest]
-
-
-def _dropout_active(model) -> bool:
-    """Whether a forward of `model` (in training mode) drops anything: a dropout module with p > 0, or the
-    attention dropout rate HF configs name in several ways."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    rates = [
-        getattr(config, name, 0) or 0 for name in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
-    ]
-    return any(r > 0 for r in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
