@@ -96,7 +96,12 @@ def main(argv=None) -> list:
     parser.add_argument("--rounds", type=int, default=1, help="alternating TRL/ours runs per algorithm")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     parser.add_argument("--peer-python", action="append", default=[], metavar="ALGO=PATH")
-    parser.add_argument("--optim", default=None, help="both configs' optim (default: their default, adamw_torch_fused)")
+    parser.add_argument(
+        "--optim",
+        choices=("adamw_torch", "adamw_torch_fused"),  # peer_script.OPTIMIZERS (this file runs it, never imports it)
+        default=None,
+        help="both configs' optim (default: their default, adamw_torch_fused)",
+    )
     parser.add_argument("--out", default="bench_peers.json")
     cli = parser.parse_args(argv)
     peers = parse_peer_python(cli.peer_python)

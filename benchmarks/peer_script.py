@@ -46,6 +46,7 @@ COMMON = dict(temperature=1.0, learning_rate=1e-5, seed=0)
 PPO = dict(kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95)
 GRPO = dict(beta=0.04, epsilon=0.2, num_iterations=1, loss_type="dapo", scale_rewards="group")
 PHASES = ("time/rollout", "time/scoring", "time/update")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # what both configs accept for --optim (ours: SUPPORTED_OPTIMIZERS)
 # Fields only TRL's config has, whose default computes something else than the classic algorithm ours runs.
 TRL_ONLY = {"use_bias_correction_kl": False}
 
@@ -244,7 +245,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=4, help="optimisation steps, the first one a warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--output-dir", default="/tmp/rlhf_ext_bench_peers")
-    parser.add_argument("--optim", default=None, help="both configs' optim (default: their default)")
+    parser.add_argument("--optim", choices=OPTIMIZERS, default=None, help="both configs' optim (default: theirs)")
     cli = parser.parse_args(argv)
     if cli.steps < 2:
         parser.error(f"--steps: expected >= 2 (one warm-up step, then measured ones), got {cli.steps}")

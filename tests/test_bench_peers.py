@@ -51,6 +51,14 @@ def test_bad_impl_and_steps():
         peer_script.trainer_classes("ppo", "veRL")
     with pytest.raises(SystemExit):
         peer_script.main(["--algo", "ppo", "--impl", "ours", "--steps", "1"])
+    # --optim: argparse refuses a value outside what both configs accept, in one usage line naming it (exit 2)
+    for main, argv in ((peer_script.main, ["--algo", "ppo", "--impl", "ours"]), (bench_peers.main, [])):
+        with pytest.raises(SystemExit) as stop:
+            main(argv + ["--optim", "sgd"])
+        assert stop.value.code == 2
+    from rlhf_ext.trainers.base_config import SUPPORTED_OPTIMIZERS
+
+    assert set(peer_script.OPTIMIZERS) == set(SUPPORTED_OPTIMIZERS)
     with pytest.raises(SystemExit, match="--algos: expected a comma-separated subset"):
         bench_peers.main(["--algos", "dpo"])
     with pytest.raises(SystemExit, match="--peer-python: expected ALGO=PATH"):
