@@ -203,3 +203,61 @@ def test_cuda_graph_capture_with_padded_first_row():
     )
     m = sampled.response_mask.bool()
     torch.testing.assert_close(sampled.logprobs[m], forward_logprobs(model, sampled, 0.9)[m], atol=1e-3, rtol=1e-3)
+
+
+def test_growing_cache_layer_holds_what_a_dynamic_layer_holds():
+    """Appends (a prefill, decode steps, a buffer that must grow), a batch gather and a crop: the growing layer's
+    keys and values equal a plain DynamicLayer's after each; appends within the reserve write in place."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rlhf_ext.models.introspect import growing_kv_cache
+
+    gen = torch.Generator().manual_seed(0)
+    grow = growing_kv_cache(tiny("llama").config, capacity=8).layers[0]
+    plain = DynamicLayer()
+
+    def update(length):
+        k, v = (torch.randn(3, 2, length, 4, generator=gen) for _ in range(2))
+        out = grow.update(k, v)
+        ref = plain.update(k, v)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+        assert grow.get_seq_length() == plain.get_seq_length()
+        return out[0]
+
+    first = update(5)
+    for _ in range(3):
+        assert update(1).data_ptr() == first.data_ptr()  # 6, 7, 8 positions: inside the reserve of 8
+    update(1)  # 9 > 8: a new buffer (twice the length), the old positions copied
+    for layer in (grow, plain):
+        layer.batch_select_indices(torch.tensor([2, 0, 0]))
+    update(2)
+    for layer in (grow, plain):
+        layer.crop(-3)
+    update(1)
+    update(4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("repeat", [1, 3])
+def test_growing_cache_samples_what_a_dynamic_cache_samples(kind, repeat, monkeypatch):
+    """generate() with the growing cache draws the same tokens with the same log-prob bits as with transformers'
+    own DynamicCache, with and without a shared prefill (repeat 3: runs of identical prompts); gemma2 mixes
+    sliding-window layers (kept as DynamicCache builds them) with full ones."""
+    from transformers import DynamicCache
+
+    from tests.hf_helpers import tiny_hf
+
+    model = tiny_hf(kind) if kind == "gemma2" else tiny(kind)
+    ids, mask = padded_prompts()
+    ids, mask = ids.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
+
+    def run():
+        return generate(
+            model, ids, mask, max_new_tokens=12, pad_token_id=PAD, generator=torch.Generator().manual_seed(1)
+        )
+
+    grown = run()
+    monkeypatch.setattr(rollout, "growing_kv_cache", lambda config, capacity=0: DynamicCache(config=config))
+    plain = run()
+    assert torch.equal(grown.response_ids, plain.response_ids)
+    assert torch.equal(grown.logprobs, plain.logprobs)

@@ -1,5 +1,7 @@
+import ctypes
 import json
 import os
+import platform
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from rlhf_ext import SFTConfig, SFTTrainer
 from rlhf_ext.models.heads import causal_lm_token_logprobs
 from rlhf_ext.trainers.data import pad
 from rlhf_ext.trainers.sft import tokenize_sft_row
-from tests.trainer_helpers import assert_declared_metrics
+from tests.trainer_helpers import assert_declared_metrics, sft_trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -132,3 +134,36 @@ def test_sft_bad_inputs(make_lm, tiny_tokenizer, cpu_args):
             train_dataset=[{"text": "x"}],
             processing_class=tiny_tokenizer,
         )
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc tuning (other C libraries: a no-op)")
+def test_reuse_freed_cpu_memory_serves_big_tensors_from_the_heap():
+    """After reuse_freed_cpu_memory, a 64 MB tensor is no longer its own mmap (glibc's mallinfo2: the bytes in
+    mmapped blocks do not grow) and, freed, stays in the heap for the next one."""
+    from rlhf_ext.trainers.base import reuse_freed_cpu_memory
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    assert reuse_freed_cpu_memory() and reuse_freed_cpu_memory()  # applies, and again is a no-op
+    before = libc.mallinfo2().hblkhd
+    big = torch.ones(16 * 1024 * 1024)  # 64 MB
+    assert libc.mallinfo2().hblkhd < before + big.numel() * 4
+    del big
+    assert libc.mallinfo2().fordblks >= 16 * 1024 * 1024 * 4  # kept free in the heap, not unmapped
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_trainers_tune_malloc_on_the_cpu_unless_told_not_to(on, make_lm, tiny_tokenizer, corpus, tmp_path, monkeypatch):
+    from rlhf_ext.trainers import base
+
+    calls = []
+    monkeypatch.setattr(base, "reuse_freed_cpu_memory", lambda: calls.append(True))
+    sft_trainer(make_lm, tiny_tokenizer, corpus, str(tmp_path), reuse_freed_cpu_memory=on)
+    assert calls == ([True] if on else [])

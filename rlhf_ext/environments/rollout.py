@@ -29,7 +29,7 @@ from rlhf_ext.environments.protocol import (
 )
 from rlhf_ext.generation.completions import SamplingSettings, left_pad
 from rlhf_ext.generation.rollout import _forward_kwargs, _stop_ids
-from rlhf_ext.models.introspect import CacheArgs, cpu_decode_head
+from rlhf_ext.models.introspect import CacheArgs, cpu_decode_head, growing_kv_cache
 from rlhf_ext.ops.sampling import prepare_settings, sample
 
 logger = logging.getLogger("rlhf_ext.environments")
@@ -78,10 +78,8 @@ class _Engine:
     Keeps every row's next-token logits after its last real token, and records the columns after the prompt."""
 
     def __init__(self, model, batch: int, settings: SamplingSettings, generator, device):
-        from transformers import DynamicCache
-
         self.model, self.device = model, device
-        self.cache_args = CacheArgs(model, DynamicCache(config=model.config))
+        self.cache_args = CacheArgs(model, growing_kv_cache(model.config))
         self.decode_head = cpu_decode_head(model)
         self.extra = _forward_kwargs(model)
         self.sampling = prepare_settings(

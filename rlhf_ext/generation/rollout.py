@@ -13,7 +13,14 @@ from typing import Optional, Union
 
 import torch
 
-from rlhf_ext.models.introspect import CacheArgs, accepts_kwarg, cpu_decode_head, position_ids_from_mask, prompt_groups
+from rlhf_ext.models.introspect import (
+    CacheArgs,
+    accepts_kwarg,
+    cpu_decode_head,
+    growing_kv_cache,
+    position_ids_from_mask,
+    prompt_groups,
+)
 from rlhf_ext.ops.sampling import prepare_settings, sample
 
 Setting = Union[int, float, torch.Tensor]
@@ -137,7 +144,8 @@ def generate(
     after they finish. generator: a torch.Generator on the model's device for reproducible draws.
     return_values: also record, for each response token, the model's `values` output at the position that
     predicted it (for a policy with a value head whose output carries `values` [B, L] or [B, L, 1]).
-    cache: "dynamic" (DynamicCache) or "static" (StaticCache sized P + max_new_tokens, where the model supports it).
+    cache: "dynamic" (a DynamicCache appending into reserved buffers: `growing_kv_cache`) or "static"
+    (StaticCache sized P + max_new_tokens, where the model supports it).
     cuda_graph: on CUDA with cache="static", capture the decode step (forward + sampler) in a CUDA graph and
     replay it for every further step.
     share_prompt_prefill: with cache="dynamic" (and return_values off), prefill each run of identical consecutive
@@ -163,12 +171,12 @@ def generate(
     stop_ids = _stop_ids(eos_token_id, stop_token_ids, device)
     B, P = input_ids.shape
 
-    from transformers import DynamicCache, StaticCache
+    from transformers import StaticCache
 
     kv_cache = (
         StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
         if cache == "static"
-        else DynamicCache(config=model.config)
+        else growing_kv_cache(model.config, P + max_new_tokens)
     )
     extra = _forward_kwargs(model)
     cache_args = CacheArgs(model, kv_cache)

@@ -242,3 +242,57 @@ def dropout_active(model: nn.Module) -> bool:
         or (isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0)
         for m in model.modules()
     )
+
+
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A DynamicLayer that appends into a reserved buffer instead of concatenating: the keys and values it returns
+        are views of the buffer's first positions (the same numbers as DynamicLayer's, without copying the whole
+        cache at every decode step). The buffer grows geometrically when full. Any other change of `keys` /
+        `values` (a batch gather, a crop, a reset) leaves them no longer views of the buffer, and the next update
+        starts a new one from them. No-grad use only (the append writes in place)."""
+
+        def __init__(self, capacity: int = 0):
+            super().__init__()
+            self.capacity = capacity
+            self._views = None  # (keys, values) as last returned: views of the buffers
+            self._buffers = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            if self._views is None or self._views[0] is not self.keys or self._views[1] is not self.values:
+                self._buffers = None  # keys / values were replaced outside update: rebuild from them
+            n = self.keys.shape[-2] if self.keys.numel() else 0
+            end = n + key_states.shape[-2]
+            if self._buffers is None or end > self._buffers[0].shape[-2]:
+                size = max(self.capacity, 2 * end)
+                old = (self.keys, self.values) if n else None
+                self._buffers = tuple(
+                    s.new_empty((*s.shape[:-2], size, s.shape[-1])) for s in (key_states, value_states)
+                )
+                if old is not None:
+                    for buffer, o in zip(self._buffers, old):
+                        buffer[..., :n, :].copy_(o)
+            for buffer, s in zip(self._buffers, (key_states, value_states)):
+                buffer[..., n:end, :].copy_(s)
+            self.keys, self.values = (b[..., :end, :] for b in self._buffers)
+            self._views = (self.keys, self.values)
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+def growing_kv_cache(config, capacity: int = 0):
+    """A transformers DynamicCache for no-grad decoding whose plain (full-attention) layers append into a buffer
+    reserved for `capacity` positions (growing when full) instead of concatenating the whole cache at every step;
+    sliding-window and other special layers are kept as DynamicCache builds them."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    layer_cls = _growing_layer_class()
+    cache.layers = [layer_cls(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache

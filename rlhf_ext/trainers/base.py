@@ -4,7 +4,9 @@ around `Reporter`. Each algorithm file keeps its own update loop, top to bottom.
 """
 
 import contextlib
+import ctypes
 import os
+import platform
 import time
 from typing import Optional
 
@@ -27,6 +29,32 @@ from rlhf_ext.trainers.sharding import (
     fsdp_plan,
     optimizer_param_groups,
 )
+
+_MALLOC_TUNED = []  # [True] once reuse_freed_cpu_memory has applied in this process
+
+
+def reuse_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse, once per process; returns whether it applies (glibc only).
+
+    By default a block of 32 MB or more (a [512, 32000] float32 logits tensor, a [32000, 256] gradient) is served
+    by its own mmap and unmapped on free, so every allocation of it starts from fresh pages that the kernel
+    zeroes on first touch: filling a new 65 MB tensor took 35 ms here, a reused one 3 ms. mallopt(M_MMAP_MAX, 0)
+    serves every block from the heap and M_TRIM_THRESHOLD at its maximum keeps the heap's top, so freed memory
+    is handed to the next tensor instead. Process-wide: resident memory stays at its peak instead of shrinking.
+    """
+    if _MALLOC_TUNED:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    if mallopt(m_mmap_max, 0) != 1 or mallopt(m_trim_threshold, 2**31 - 1) != 1:
+        return False
+    _MALLOC_TUNED.append(True)
+    return True
 
 
 class NonFiniteError(FloatingPointError):
@@ -54,6 +82,8 @@ class BaseTrainer:
             transformers.logging.set_verbosity(transformers.logging.get_log_levels_dict()[args.log_level])
         # Under torchrun on CPU TrainingArguments gives "cpu:0", which torch.load cannot map back: use plain "cpu".
         self.device = torch.device("cpu") if torch.device(args.device).type == "cpu" else args.device
+        if args.reuse_freed_cpu_memory and self.device.type == "cpu":
+            reuse_freed_cpu_memory()
         self.dist = Distributed(args, type(self).__name__, self.supports_multi_process)
         # FSDP (an accelerate FSDP config or fsdp=/fsdp_config): the trained models are sharded by `shard_models`.
         self.fsdp = fsdp_plan(args, type(self).__name__)

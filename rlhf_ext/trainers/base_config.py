@@ -144,6 +144,12 @@ class TrainerConfig(TrainingArguments):
         None, "kwargs for from_pretrained when a model is given as a path (e.g. {'dtype': 'bfloat16'})"
     )
     dataset_num_proc: Optional[int] = option(None, "processes for dataset tokenisation (Dataset.map)")
+    reuse_freed_cpu_memory: bool = option(
+        True,
+        "extra: when training on the CPU under glibc, malloc keeps freed memory for the next tensors instead of "
+        "handing large blocks back to the OS, whose fresh pages the kernel zeroes on first touch at every "
+        "allocation (logits, gradients); process-wide (rlhf_ext.trainers.base.reuse_freed_cpu_memory)",
+    )
 
     # Subclasses extend this (the multi-process trainers add MULTI_PROCESS_TRAINING_ARGUMENTS).
     _supported_training_arguments = SUPPORTED_TRAINING_ARGUMENTS
