@@ -8,6 +8,10 @@ TRL / ours, our rollout / scoring / update split and the peak RSS of both, and w
 
 The peers live in their own virtual environments (`--peer-python ALGO=PATH`, made by scripts/peer_venv.sh on our
 torch and transformers), never in ours; ours runs on this interpreter with this checkout first on the path.
+
+Our trainers tune glibc's malloc when training on the CPU (`reuse_freed_cpu_memory`); TRL's do not.
+`--peer-malloc` hands TRL's process the same settings through the environment (MALLOC_MMAP_MAX_ /
+MALLOC_TRIM_THRESHOLD_), to measure the step without that difference.
 """
 
 import argparse
@@ -17,6 +21,8 @@ import platform
 import subprocess
 import sys
 
+# glibc's environment spelling of what rlhf_ext.trainers.base.reuse_freed_cpu_memory sets with mallopt
+SAME_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "peer_script.py")
 PEER_VERSIONS = {"grpo": "1.16.0", "ppo": "1.12.0"}
@@ -25,9 +31,13 @@ DEFAULT_PEER_PYTHON = {
 }
 
 
-def run_child(python: str, algo: str, impl: str, size: str, steps: int, threads: int, timeout: float, optim=None):
-    """One training run in a fresh process; returns its JSON record (the last stdout line)."""
+def run_child(
+    python: str, algo: str, impl: str, size: str, steps: int, threads: int, timeout: float, optim=None, malloc=None
+):
+    """One training run in a fresh process (`malloc`: extra environment variables for it); returns its JSON
+    record (the last stdout line)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.update(malloc or {})
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [python, SCRIPT, "--algo", algo, "--impl", impl, "--size", size, "--steps", str(steps)]
     cmd += ["--threads", str(threads)] + (["--optim", optim] if optim else [])
@@ -39,12 +49,24 @@ def run_child(python: str, algo: str, impl: str, size: str, steps: int, threads:
     return record
 
 
-def compare(algo: str, peer_python: str, size: str, steps: int, threads: int, rounds: int, timeout: float, optim=None):
+def compare(
+    algo: str,
+    peer_python: str,
+    size: str,
+    steps: int,
+    threads: int,
+    rounds: int,
+    timeout: float,
+    optim=None,
+    peer_malloc=False,
+):
     """`rounds` alternating runs of TRL and ours (a busy machine drifts: alternation spreads the drift over both);
-    the best round's step time of each (the least disturbed) and the largest peak RSS."""
+    the best round's step time of each (the least disturbed) and the largest peak RSS. peer_malloc: TRL's process
+    runs with our malloc settings (SAME_MALLOC_ENV)."""
     runs = {"trl": [], "ours": []}
+    malloc = SAME_MALLOC_ENV if peer_malloc else None
     for _ in range(rounds):
-        runs["trl"].append(run_child(peer_python, algo, "trl", size, steps, threads, timeout, optim))
+        runs["trl"].append(run_child(peer_python, algo, "trl", size, steps, threads, timeout, optim, malloc))
         runs["ours"].append(run_child(sys.executable, algo, "ours", size, steps, threads, timeout, optim))
     best = {impl: min(records, key=lambda r: r["step_seconds"]) for impl, records in runs.items()}
     return {
@@ -54,6 +76,7 @@ def compare(algo: str, peer_python: str, size: str, steps: int, threads: int, ro
         "steps": steps,
         "threads": threads,
         "optim": best["ours"].get("optim"),
+        "peer_malloc": peer_malloc,
         "trl_step_seconds": best["trl"]["step_seconds"],
         "ours_step_seconds": best["ours"]["step_seconds"],
         "ratio": best["trl"]["step_seconds"] / best["ours"]["step_seconds"],
@@ -102,6 +125,11 @@ def main(argv=None) -> list:
         default=None,
         help="both configs' optim (default: their default, adamw_torch_fused)",
     )
+    parser.add_argument(
+        "--peer-malloc",
+        action="store_true",
+        help="run TRL's process with the malloc settings our trainers apply on the CPU (SAME_MALLOC_ENV)",
+    )
     parser.add_argument("--out", default="bench_peers.json")
     cli = parser.parse_args(argv)
     peers = parse_peer_python(cli.peer_python)
@@ -114,7 +142,8 @@ def main(argv=None) -> list:
     if cli.steps < 2:
         raise SystemExit(f"--steps: expected >= 2 (a warm-up step, then measured ones), got {cli.steps}")
     results = [
-        compare(a, peers[a], cli.size, cli.steps, cli.threads, cli.rounds, cli.timeout, cli.optim) for a in algos
+        compare(a, peers[a], cli.size, cli.steps, cli.threads, cli.rounds, cli.timeout, cli.optim, cli.peer_malloc)
+        for a in algos
     ]
     machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()}
     with open(cli.out, "w") as f:

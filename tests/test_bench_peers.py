@@ -106,3 +106,29 @@ def test_trl_side_runs(algo):
     record = bench_peers.run_child(peer_python(algo), algo, "trl", "quick", 2, 1, timeout=600)
     assert record["trl"] == bench_peers.PEER_VERSIONS[algo]
     assert len(record["all_step_seconds"]) == 2 and record["step_seconds"] > 0
+
+
+@pytest.mark.parametrize("peer_malloc", [False, True])
+def test_peer_malloc_hands_trl_our_malloc_settings(peer_malloc, monkeypatch, tmp_path):
+    """--peer-malloc: TRL's process gets the environment spelling of what reuse_freed_cpu_memory sets; ours is
+    started as always (our trainer applies it itself). The JSON records which way it ran."""
+    envs, real_run = {}, subprocess.run
+
+    def fake_run(cmd, env=None, **kwargs):
+        if "--impl" not in cmd:  # not a training child (platform.processor() runs `uname`)
+            return real_run(cmd, env=env, **kwargs)
+        impl = cmd[cmd.index("--impl") + 1]
+        envs[impl] = env
+        record = {"step_seconds": 1.0, "peak_rss_mb": 1.0, "size": {}, "trl": "x", "optim": None}
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(record) + "\n", stderr="")
+
+    monkeypatch.setattr(bench_peers.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench_peers.os.path, "exists", lambda path: True)
+    out = tmp_path / "peers.json"
+    argv = ["--algos", "ppo", "--out", str(out)] + (["--peer-malloc"] if peer_malloc else [])
+    bench_peers.main(argv)
+    for key, value in bench_peers.SAME_MALLOC_ENV.items():
+        assert (envs["trl"].get(key) == value) == peer_malloc
+        assert envs["ours"].get(key) == os.environ.get(key)
+    assert json.loads(out.read_text())["results"][0]["peer_malloc"] is peer_malloc
+    assert bench_peers.SAME_MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"] == str(2**31 - 1)  # the mallopt value in base.py
