@@ -225,6 +225,7 @@ def test_growing_cache_layer_holds_what_a_dynamic_layer_holds():
         return out[0]
 
     first = update(5)
+    assert grow._buffers[0].shape[-2] == 8  # the reserve asked for, when it suffices
     for _ in range(3):
         assert update(1).data_ptr() == first.data_ptr()  # 6, 7, 8 positions: inside the reserve of 8
     update(1)  # 9 > 8: a new buffer (twice the length), the old positions copied

@@ -9,6 +9,7 @@ of the fused linear log-prob path, so it gives the model's own log-probs; a tanh
 (the model's own forward) is the one to use.
 """
 
+import functools
 import inspect
 from typing import Optional
 
@@ -244,6 +245,7 @@ def dropout_active(model: nn.Module) -> bool:
     )
 
 
+@functools.cache
 def _growing_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -252,7 +254,8 @@ def _growing_layer_class():
         are views of the buffer's first positions (the same numbers as DynamicLayer's, without copying the whole
         cache at every decode step). The buffer grows geometrically when full. Any other change of `keys` /
         `values` (a batch gather, a crop, a reset) leaves them no longer views of the buffer, and the next update
-        starts a new one from them. No-grad use only (the append writes in place)."""
+        starts a new one from them. No-grad use only (the append writes in place). The reserve is `capacity`
+        positions when they suffice, else twice what is needed."""
 
         def __init__(self, capacity: int = 0):
             super().__init__()
@@ -268,7 +271,7 @@ def _growing_layer_class():
             n = self.keys.shape[-2] if self.keys.numel() else 0
             end = n + key_states.shape[-2]
             if self._buffers is None or end > self._buffers[0].shape[-2]:
-                size = max(self.capacity, 2 * end)
+                size = self.capacity if self.capacity >= end else 2 * end
                 old = (self.keys, self.values) if n else None
                 self._buffers = tuple(
                     s.new_empty((*s.shape[:-2], size, s.shape[-1])) for s in (key_states, value_states)
