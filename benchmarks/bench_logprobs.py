@@ -16,8 +16,10 @@ V = 128256 runs with RLHF_EXT_BENCH_ROWS_128K rows (default 2048: at 8192 rows t
 need 10-17 GB, more than a shared runner has); V = 32000 runs at N = 8192.
 """
 
+import ctypes
 import gc
 import os
+import platform
 
 import pytest
 import torch
@@ -61,8 +63,14 @@ def _status_bytes(key):
 
 
 def peak_extra_bytes(fn):
-    """Peak resident-set growth during fn() (None where the kernel cannot reset the high-water mark)."""
+    """Peak resident-set growth during fn() (None where the kernel cannot reset the high-water mark).
+
+    glibc's free memory is handed back to the OS first (malloc_trim): in a process whose malloc keeps freed memory
+    (rlhf_ext's trainers tune it so on the CPU: `reuse_freed_cpu_memory`), fn's buffers would otherwise come from
+    pages already resident and the growth would read 0."""
     gc.collect()
+    if platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(None).malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
