@@ -234,15 +234,22 @@ def prompt_groups(input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Optiona
     return starts.nonzero()[:, 0], starts.long().cumsum(0) - 1
 
 
+def dropout_sites(model: nn.Module) -> list:
+    """(module, attribute) of every dropout rate a training-mode forward of `model` reads: `nn.Dropout.p` and the
+    float `attention_dropout` HF attention modules hand to SDPA. `dropout_active` reads them and
+    `rlhf_ext.trainers.loading.disable_dropout` zeroes them."""
+    sites = []
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            sites.append((module, "p"))
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            sites.append((module, "attention_dropout"))
+    return sites
+
+
 def dropout_active(model: nn.Module) -> bool:
-    """Whether a training-mode forward of `model` drops anything: an `nn.Dropout` with p > 0, or a module's float
-    `attention_dropout` > 0 (the rate HF attention modules hand to SDPA). The same two places
-    `rlhf_ext.trainers.loading.disable_dropout` sets to 0."""
-    return any(
-        (isinstance(m, nn.Dropout) and m.p > 0)
-        or (isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0)
-        for m in model.modules()
-    )
+    """Whether a training-mode forward of `model` drops anything: some `dropout_sites` rate is above 0."""
+    return any(getattr(module, name) > 0 for module, name in dropout_sites(model))
 
 
 @functools.cache

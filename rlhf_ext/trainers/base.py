@@ -5,6 +5,7 @@ around `Reporter`. Each algorithm file keeps its own update loop, top to bottom.
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 import time
@@ -30,9 +31,8 @@ from rlhf_ext.trainers.sharding import (
     optimizer_param_groups,
 )
 
-_MALLOC_TUNED = []  # [True] once reuse_freed_cpu_memory has applied in this process
 
-
+@functools.cache
 def reuse_freed_cpu_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse, once per process; returns whether it applies (glibc only).
 
@@ -42,8 +42,6 @@ def reuse_freed_cpu_memory() -> bool:
     serves every block from the heap and M_TRIM_THRESHOLD at its maximum keeps the heap's top, so freed memory
     is handed to the next tensor instead. Process-wide: resident memory stays at its peak instead of shrinking.
     """
-    if _MALLOC_TUNED:
-        return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
@@ -51,10 +49,7 @@ def reuse_freed_cpu_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    if mallopt(m_mmap_max, 0) != 1 or mallopt(m_trim_threshold, 2**31 - 1) != 1:
-        return False
-    _MALLOC_TUNED.append(True)
-    return True
+    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
 class NonFiniteError(FloatingPointError):

@@ -10,6 +10,7 @@ from typing import Optional
 from torch import nn
 
 from rlhf_ext.models.heads import ValueHead, critic_from_causal_lm
+from rlhf_ext.models.introspect import dropout_sites
 from rlhf_ext.trainers.base_config import TrainerConfig
 from rlhf_ext.trainers.data import require_pad_token
 from rlhf_ext.trainers.lora import is_peft_model
@@ -142,8 +143,5 @@ def load_padding_tokenizer(processing_class, model):
 def disable_dropout(model: nn.Module):
     """Dropout off everywhere: nn.Dropout modules and the float `attention_dropout` attributes that SDPA
     attention reads directly (PPO's ratios assume the same network computes the old and new log-probs)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+    for module, name in dropout_sites(model):
+        setattr(module, name, 0.0)
