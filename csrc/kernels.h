@@ -73,4 +73,12 @@ RLHF_EXT_DECLARE_KERNELS(cuda)
 
 #undef RLHF_EXT_DECLARE_KERNELS
 
+// CPU-only ops (no CUDA kernel: see csrc/ops.cpp). pack_linear_weight -> [ceil(N / 16), K, 16];
+// packed_linear -> [M, N].
+using PackLinearWeightFn = at::Tensor(const at::Tensor& weight);
+using PackedLinearFn = at::Tensor(const at::Tensor& input, const at::Tensor& packed, int64_t out_features,
+                                  const c10::optional<at::Tensor>& bias);
+PackLinearWeightFn pack_linear_weight_cpu;
+PackedLinearFn packed_linear_cpu;
+
 }  // namespace rlhf_ext

@@ -64,6 +64,14 @@ TORCH_LIBRARY(rlhf_ext, m) {
   m.def("sample(Tensor logits, float temperature, int top_k, float top_p, float min_p, Tensor? row_temperature, "
         "Tensor? row_top_k, Tensor? row_top_p, Tensor? row_min_p, Generator? generator) -> (Tensor, Tensor, Tensor)");
 
+  // ---- packed_linear (csrc/cpu/packed_linear.cpp; CPU only: CUDA decodes through cuBLAS) ----
+  // A linear layer's weight [N, K] float32 repacked as [ceil(N / 16), K, 16] (panels of 16 output features,
+  // k-major, the last panel zero-padded), packed once and read by every product while the weight stays fixed.
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  // input [M, K] float32 @ weight^T (+ bias [N]) -> [M, N] float32, the weight given packed; for few rows (a decode
+  // step: M = batch) where a BLAS splits the work poorly. Each output is one k-ordered sum, whatever the threads.
+  m.def("packed_linear(Tensor input, Tensor packed, int out_features, Tensor? bias) -> Tensor");
+
 }
 
 namespace {

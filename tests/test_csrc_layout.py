@@ -11,6 +11,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 FAMILIES = ("gae", "whiten", "logprobs", "ppo_loss", "sampling")
+# Op families with a CPU kernel only, and why: their ops are in the CPU table, never in the CUDA one.
+CPU_ONLY_FAMILIES = {
+    "packed_linear": "a CPU GEMM layout for the decode's few-row products; on CUDA they stay with cuBLAS",
+}
+CPU_ONLY_OPS = {"pack_linear_weight": "packed_linear", "packed_linear": "packed_linear"}
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](ATen|c10|torch|pybind11)/', re.M)
 SCHEMA = re.compile(r'\bm\.def\(\s*"(\w+)\(')
 IMPL = re.compile(r'\bm\.impl\(\s*"(\w+)"')
@@ -36,6 +41,21 @@ def test_each_op_family_keeps_one_name_across_the_layers(family):
     ]
     missing = [path for path in expected if not os.path.exists(os.path.join(ROOT, path))]
     assert not missing, f"op family {family!r} lacks {missing}"
+
+
+@pytest.mark.parametrize("family", sorted(CPU_ONLY_FAMILIES))
+def test_each_cpu_only_family_keeps_one_name_and_has_no_cuda_files(family):
+    expected = [
+        f"csrc/checks/{family}.cpp",
+        f"csrc/cpu/{family}.cpp",
+        f"rlhf_ext/ops/{family}.py",
+        f"tests/test_{family}.py",
+        f"benchmarks/bench_{family}.py",
+    ]
+    missing = [path for path in expected if not os.path.exists(os.path.join(ROOT, path))]
+    assert not missing, f"op family {family!r} lacks {missing}"
+    cuda = [p for p in (f"csrc/cuda/{family}.cuh", f"csrc/cuda/{family}.cu") if os.path.exists(os.path.join(ROOT, p))]
+    assert not cuda, f"op family {family!r} is CPU-only ({CPU_ONLY_FAMILIES[family]}) but has {cuda}"
 
 
 def test_framework_free_headers_include_nothing_from_torch():
@@ -66,7 +86,8 @@ def _schema_ops():
 def test_every_schema_has_exactly_one_kernel_in_the_device_table(device):
     """A new op cannot be forgotten on one device, nor registered twice."""
     impls = IMPL.findall(_read(TABLES[device]))
-    counts = {op: impls.count(op) for op in _schema_ops()}
+    ops = [op for op in _schema_ops() if device == "CPU" or op not in CPU_ONLY_OPS]
+    counts = {op: impls.count(op) for op in ops}
     wrong = {op: n for op, n in counts.items() if n != 1}
     assert not wrong, f"{TABLES[device]}: expected one m.impl per schema of csrc/ops.cpp, got counts {wrong}"
     unknown = sorted(set(impls) - set(counts))

@@ -81,7 +81,7 @@ def test_cpu_decode_head_gives_the_models_own_logits_and_restores_the_head(kind)
     with torch.no_grad():
         plain = model(**kwargs).logits  # (B, L, V)
         with cpu_decode_head(model) as ctx:
-            assert ctx.head is head and "forward" in vars(head)  # the transposed product is in place
+            assert ctx.head is head and "forward" in vars(head)  # packed_linear is in place
             patched = model(**kwargs).logits
             last = model(**kwargs, logits_to_keep=1).logits  # (B, 1, V): the decode-step shape
     assert "forward" not in vars(head)  # the class's forward again
@@ -106,15 +106,41 @@ def test_cpu_decode_head_leaves_other_heads_alone():
 
 def test_cpu_decode_head_rows_do_not_depend_on_the_batch_split():
     """A row's logits are the same bits whatever rows come with it (the 1-process and 2-process runs of
-    tests/test_distributed.py rely on it): below 16 rows F.linear runs, from 16 rows the transposed product."""
-    from rlhf_ext.models.introspect import cpu_decode_head
+    tests/test_distributed.py rely on it), from one row to _DECODE_ROWS; beyond, F.linear runs."""
+    from rlhf_ext.models.introspect import _DECODE_ROWS, cpu_decode_head
 
     model = tiny_hf("llama_bias")
     head = model.get_output_embeddings()
     x = torch.randn(48, head.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), cpu_decode_head(model):
         full = head(x)
-        for n in (16, 24, 47):
+        for n in (1, 4, 8, 15, 16, 24, 47):
             assert torch.equal(head(x[:n]), full[:n]), n
-        for n in (4, 8, 15):
-            assert torch.equal(head(x[:n]), torch.nn.functional.linear(x[:n], head.weight, head.bias)), n
+        many = torch.randn(_DECODE_ROWS + 1, head.in_features)
+        assert torch.equal(head(many), torch.nn.functional.linear(many, head.weight, head.bias))
+    torch.testing.assert_close(full, torch.nn.functional.linear(x, head.weight, head.bias).detach(), **TOL)
+
+
+def test_cpu_decode_head_repacks_after_the_weight_changes():
+    """An engine keeps its cpu_decode_head across training steps: an optimizer step (in place) or a new weight
+    tensor must not leave it multiplying with the old packed weight. A gradient-needing call keeps F.linear."""
+    from rlhf_ext.models.introspect import cpu_decode_head
+
+    model = tiny_hf("llama_bias")
+    head = model.get_output_embeddings()
+    x = torch.randn(5, head.in_features)
+    ctx = cpu_decode_head(model)
+    with ctx, torch.no_grad():
+        before = head(x)
+        packed = ctx.packed_weight()
+        assert ctx.packed_weight() is packed  # unchanged weight: packed once
+        head.weight.add_(0.5)  # what an optimizer step does
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight, head.bias), **TOL)
+        assert not torch.allclose(head(x), before)
+        head.weight = torch.nn.Parameter(torch.randn_like(head.weight))
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight, head.bias), **TOL)
+    with ctx:
+        out = head(x)  # grad mode, the weight requires grad: the autograd path
+        assert out.requires_grad
+        out.sum().backward()
+        assert head.weight.grad is not None

@@ -50,6 +50,12 @@ def _calls():
             lambda a: ops.fused_linear_logprobs(**a),
             dict(hidden=torch.randn(B, H), weight=torch.randn(V, H), labels=labels, bias=torch.randn(V)),
         ),
+        ("pack_linear_weight", lambda a: ops.pack_linear_weight(**a), dict(weight=torch.randn(V, H))),
+        (
+            "packed_linear",
+            lambda a: ops.packed_linear(**a, out_features=V),
+            dict(input=torch.randn(B, H), packed=ops.pack_linear_weight(torch.randn(V, H)), bias=torch.randn(V)),
+        ),
         (
             "sample",
             lambda a: ops.sample(**a),

@@ -158,4 +158,16 @@ void check_sample_inputs(const at::Tensor& logits, double temperature, int64_t t
                          const c10::optional<at::Tensor>& row_temperature, const c10::optional<at::Tensor>& row_top_k,
                          const c10::optional<at::Tensor>& row_top_p, const c10::optional<at::Tensor>& row_min_p);
 
+
+// ---- pack_linear_weight / packed_linear (checks/packed_linear.cpp) ----
+
+// The panel width of the packed layout: 16 output features (two AVX2 vectors).
+constexpr int64_t kPackedPanel = 16;
+
+// weight [N, K] float32 on the CPU, N and K > 0.
+void check_pack_linear_weight_inputs(const at::Tensor& weight);
+// input [M, K] float32 on the CPU; packed [ceil(N / 16), K, 16] float32 with N = out_features; bias [N] float32.
+void check_packed_linear_inputs(const at::Tensor& input, const at::Tensor& packed, int64_t out_features,
+                                const c10::optional<at::Tensor>& bias);
+
 }  // namespace rlhf_ext

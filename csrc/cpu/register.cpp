@@ -17,6 +17,8 @@ TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) {
   m.impl("ppo_loss_backward", &ppo_loss_backward_cpu);
   m.impl("kl_penalty", &kl_penalty_cpu);
   m.impl("sample", &sample_cpu);
+  m.impl("pack_linear_weight", &pack_linear_weight_cpu);
+  m.impl("packed_linear", &packed_linear_cpu);
 }
 
 }  // namespace rlhf_ext

@@ -127,27 +127,26 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
-# Rows for which a CPU lm_head runs as weight @ hidden^T (decode steps and last-position prefills: one row per
-# sequence); larger inputs (training forwards) keep F.linear, which MKL already splits well. Below 16 rows MKL's
-# transposed product rounds a row differently depending on how many rows come with it (measured: 8 rows differ in
-# the last bit from the same rows inside 16 or more; from 12 rows on they agree), which would make a run's samples
-# depend on how its batch is split (processes, chunks); F.linear agrees from 4 rows on, so small batches keep it.
-_DECODE_MIN_ROWS = 16
+# Inputs for which a CPU lm_head runs as `packed_linear` (decode steps and last-position prefills: one row per
+# sequence): up to 256 rows and 2^18 input floats (1 MiB, the rows that each weight panel is multiplied with stay
+# in L2). Larger inputs (a prefill without logits_to_keep) keep F.linear, which MKL blocks well for many rows.
 _DECODE_ROWS = 256
-_DECODE_SLICE = 8192  # vocabulary rows per product (8192 x 32 rows of float32: 1 MiB)
+_DECODE_INPUT_FLOATS = 1 << 18
 
 
 class cpu_decode_head:
-    """Context manager: while open, a CPU float32 `nn.Linear` lm_head computes its few-row products (16 to 256
-    rows) as `weight @ hidden^T` (logits of shape `[..., V]`, row-major as the model's own).
+    """Context manager: while open, a CPU float32 `nn.Linear` lm_head computes its few-row products (a decode
+    step's B rows, a prefill's last positions) with `rlhf_ext.ops.packed_linear` against its weight packed once
+    (`pack_linear_weight`, on first use; again whenever the weight has changed: another tensor, or its in-place
+    version counter moved, as after an optimizer step).
 
-    Why: MKL runs `hidden @ weight^T` with a few rows (a decode step: B rows against a `[V, H]` weight) mostly on
-    one thread; the transposed product has V rows, which it splits across threads. Measured on the 2-core CPU at
-    [32, 256] x [32000, 256]^T: 13.8 ms -> 6.6 ms with 2 threads, 14.8 -> 12.0 ms with 1. The product runs in
-    vocabulary slices, each copied while in cache into the row-major logits (one transposing copy of the whole
-    `[32, 32000]` costs ~3 ms). The same dot products (float rounding may differ in the last bit). Other heads
-    (peft adapters, CUDA, other dtypes) are left as they are; a head whose instance already overrides `forward`
-    is not touched."""
+    Why: a BLAS runs `[B, H] x [V, H]^T` with few rows far from its peak. Measured on the 2-core AVX2 CPU at
+    [16, 256] x [32000, 256]^T: F.linear 8.8 ms, MKL's transposed product 5.8 ms, packed_linear 2.6-2.8 ms (packing
+    the weight: ~4 ms, once per rollout). Each logit is one k-ordered sum computed whatever rows come with it, so a
+    row's logits are the same bits however the batch is split (processes, chunks); they match F.linear to float
+    rounding. Other heads (peft adapters, CUDA, other dtypes), inputs that need a gradient and inputs beyond
+    `_DECODE_ROWS` / `_DECODE_INPUT_FLOATS` keep F.linear; a head whose instance already overrides `forward` is not
+    touched."""
 
     def __init__(self, model: nn.Module):
         head = unwrap(model).get_output_embeddings() if hasattr(unwrap(model), "get_output_embeddings") else None
@@ -158,27 +157,36 @@ class cpu_decode_head:
             and "forward" not in vars(head)
         )
         self.head = head if usable else None
+        self._packed = None  # (weight tensor id, data_ptr, version, packed)
+
+    def packed_weight(self) -> torch.Tensor:
+        """The head's weight packed for packed_linear, repacked when the weight changed since the last pack."""
+        from rlhf_ext.ops.packed_linear import pack_linear_weight
+
+        weight = self.head.weight
+        key = (id(weight), weight.data_ptr(), weight._version)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, pack_linear_weight(weight))
+        return self._packed[1]
 
     def __enter__(self):
         if self.head is not None:
+            from rlhf_ext.ops.packed_linear import packed_linear
+
             head = self.head
 
             def forward(x: torch.Tensor) -> torch.Tensor:
                 rows = x.numel() // max(1, x.shape[-1])
-                if not _DECODE_MIN_ROWS <= rows <= _DECODE_ROWS or x.dtype != torch.float32:
+                needs_grad = torch.is_grad_enabled() and (x.requires_grad or head.weight.requires_grad)
+                if (
+                    needs_grad
+                    or x.dtype != torch.float32
+                    or rows > _DECODE_ROWS
+                    or x.numel() > _DECODE_INPUT_FLOATS
+                    or (head.bias is not None and head.bias.dtype != torch.float32)
+                ):
                     return nn.functional.linear(x, head.weight, head.bias)
-                flat_t = x.reshape(rows, x.shape[-1]).t()  # (H, rows)
-                V = head.weight.shape[0]
-                out = torch.empty(rows, V, dtype=x.dtype)
-                # Vocabulary slices whose transposed product still sits in cache when copied into the (rows, V)
-                # row-major logits that the sampler reads (one full transposing copy costs ~3 ms at 32 rows).
-                for start in range(0, V, _DECODE_SLICE):
-                    out[:, start : start + _DECODE_SLICE].copy_(
-                        torch.mm(head.weight[start : start + _DECODE_SLICE], flat_t).t()
-                    )
-                if head.bias is not None:
-                    out += head.bias
-                return out.view(*x.shape[:-1], V)
+                return packed_linear(x, self.packed_weight(), head.out_features, head.bias)
 
             head.forward = forward
         return self

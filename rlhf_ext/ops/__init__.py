@@ -26,3 +26,9 @@ __all__ += ["PPOLossOutput", "kl_penalty", "ppo_loss"]
 from rlhf_ext.ops.sampling import sample  # noqa: E402
 
 __all__ += ["sample"]
+
+
+# ---- packed_linear (CPU only) ----
+from rlhf_ext.ops.packed_linear import pack_linear_weight, packed_linear  # noqa: E402
+
+__all__ += ["pack_linear_weight", "packed_linear"]

@@ -382,3 +382,24 @@ def sample_reference(
     z = logits.float() / torch.where(temps == 0, torch.ones_like(temps), temps)[:, None]
     logprobs = torch.log_softmax(z, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     return tokens, logprobs
+
+
+# ---- packed_linear ----
+
+
+def pack_linear_weight_reference(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> [ceil(N / 16), K, 16]: panels of 16 output features, k-major, the last one zero-padded."""
+    N, K = weight.shape
+    panels = -(-N // 16)
+    padded = weight.new_zeros(panels * 16, K)
+    padded[:N] = weight
+    return padded.view(panels, 16, K).transpose(1, 2).contiguous()
+
+
+def packed_linear_reference(
+    input: torch.Tensor, packed: torch.Tensor, out_features: int, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """F.linear with the weight unpacked from `packed` (rows beyond out_features dropped)."""
+    panels, K, width = packed.shape
+    weight = packed.transpose(1, 2).reshape(panels * width, K)[:out_features]
+    return torch.nn.functional.linear(input, weight, bias)
