@@ -71,8 +71,8 @@ def test_every_fused_helper_refuses_a_softcap():
 
 
 @pytest.mark.parametrize("kind", ["llama_bias", "cohere", "gpt2", "gemma2"])
-def test_cpu_decode_head_gives_the_models_own_logits_and_restores_the_head(kind):
-    from rlhf_ext.models.introspect import cpu_decode_head
+def test_cpu_packed_head_gives_the_models_own_logits_and_restores_the_head(kind):
+    from rlhf_ext.models.introspect import cpu_packed_head
 
     model = tiny_hf(kind)
     head = model.get_output_embeddings()
@@ -80,7 +80,7 @@ def test_cpu_decode_head_gives_the_models_own_logits_and_restores_the_head(kind)
     kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
     with torch.no_grad():
         plain = model(**kwargs).logits  # (B, L, V)
-        with cpu_decode_head(model) as ctx:
+        with cpu_packed_head(model) as ctx:
             assert ctx.head is head and "forward" in vars(head)  # packed_linear is in place
             patched = model(**kwargs).logits
             last = model(**kwargs, logits_to_keep=1).logits  # (B, 1, V): the decode-step shape
@@ -89,47 +89,67 @@ def test_cpu_decode_head_gives_the_models_own_logits_and_restores_the_head(kind)
     torch.testing.assert_close(last, plain[:, -1:], **TOL)
 
 
-def test_cpu_decode_head_leaves_other_heads_alone():
-    from rlhf_ext.models.introspect import cpu_decode_head
+def test_cpu_packed_head_leaves_other_heads_alone():
+    from rlhf_ext.models.introspect import cpu_packed_head
 
     model = tiny_hf("llama_bias").to(torch.float64)
-    with cpu_decode_head(model) as ctx:
+    with cpu_packed_head(model) as ctx:
         assert ctx.head is None and "forward" not in vars(model.get_output_embeddings())
     head = torch.nn.Linear(4, 6)
     model = torch.nn.Module()
     model.get_output_embeddings = lambda: head
     head.forward = lambda x: x  # an instance override of its own: not replaced, not deleted
-    with cpu_decode_head(model) as ctx:
+    with cpu_packed_head(model) as ctx:
         assert ctx.head is None
     assert head.forward(torch.ones(1)).shape == (1,)
 
 
-def test_cpu_decode_head_rows_do_not_depend_on_the_batch_split():
+def test_cpu_packed_head_rows_do_not_depend_on_the_batch_split():
     """A row's logits are the same bits whatever rows come with it (the 1-process and 2-process runs of
-    tests/test_distributed.py rely on it), from one row to _DECODE_ROWS; beyond, F.linear runs."""
-    from rlhf_ext.models.introspect import _DECODE_ROWS, cpu_decode_head
+    tests/test_distributed.py rely on it): a decode step's few rows and a training forward's many alike."""
+    from rlhf_ext.models.introspect import cpu_packed_head
 
     model = tiny_hf("llama_bias")
     head = model.get_output_embeddings()
-    x = torch.randn(48, head.in_features, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), cpu_decode_head(model):
+    x = torch.randn(600, head.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), cpu_packed_head(model):
         full = head(x)
-        for n in (1, 4, 8, 15, 16, 24, 47):
+        for n in (1, 4, 8, 15, 16, 24, 47, 300):
             assert torch.equal(head(x[:n]), full[:n]), n
-        many = torch.randn(_DECODE_ROWS + 1, head.in_features)
-        assert torch.equal(head(many), torch.nn.functional.linear(many, head.weight, head.bias))
+            assert torch.equal(head(x[-n:]), full[-n:]), n
     torch.testing.assert_close(full, torch.nn.functional.linear(x, head.weight, head.bias).detach(), **TOL)
 
 
-def test_cpu_decode_head_repacks_after_the_weight_changes():
-    """An engine keeps its cpu_decode_head across training steps: an optimizer step (in place) or a new weight
+def test_cpu_packed_head_gradients_are_linears():
+    """With gradients the forward is packed_linear and the backward F.linear's: the same gradients to rounding."""
+    from rlhf_ext.models.introspect import cpu_packed_head
+
+    model = tiny_hf("llama_bias")
+    head = model.get_output_embeddings()
+    x = torch.randn(3, 7, head.in_features, requires_grad=True)
+    upstream = torch.randn(3, 7, head.out_features)
+    expected = torch.autograd.grad(
+        (torch.nn.functional.linear(x, head.weight, head.bias) * upstream).sum(), (x, head.weight, head.bias)
+    )
+    with cpu_packed_head(model):
+        out = head(x)
+        assert out.grad_fn is not None and "PackedHeadLinear" in type(out.grad_fn).__name__
+        got = torch.autograd.grad((out * upstream).sum(), (x, head.weight, head.bias))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    with cpu_packed_head(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(x).dtype == torch.bfloat16  # under autocast: F.linear in the autocast dtype
+
+
+def test_cpu_packed_head_repacks_after_the_weight_changes():
+    """An engine keeps its cpu_packed_head across training steps: an optimizer step (in place) or a new weight
     tensor must not leave it multiplying with the old packed weight. A gradient-needing call keeps F.linear."""
-    from rlhf_ext.models.introspect import cpu_decode_head
+    from rlhf_ext.models.introspect import cpu_packed_head
 
     model = tiny_hf("llama_bias")
     head = model.get_output_embeddings()
     x = torch.randn(5, head.in_features)
-    ctx = cpu_decode_head(model)
+    ctx = cpu_packed_head(model)
     with ctx, torch.no_grad():
         before = head(x)
         packed = ctx.packed_weight()
@@ -140,7 +160,7 @@ def test_cpu_decode_head_repacks_after_the_weight_changes():
         head.weight = torch.nn.Parameter(torch.randn_like(head.weight))
         torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight, head.bias), **TOL)
     with ctx:
-        out = head(x)  # grad mode, the weight requires grad: the autograd path
+        out = head(x)  # grad mode, the weight requires grad: the packed forward, F.linear's backward
         assert out.requires_grad
         out.sum().backward()
-        assert head.weight.grad is not None
+        torch.testing.assert_close(head.weight.grad, torch.ones(x.shape[0], head.out_features).t() @ x, **TOL)

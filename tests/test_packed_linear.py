@@ -37,7 +37,17 @@ def test_pack_is_its_reference_exactly(N, K):
 
 @pytest.mark.parametrize(
     "M, K, N",
-    [(1, 1, 1), (5, 7, 41), (9, 7, 41), (6, 33, 16), (7, 33, 17), (16, 256, 1000), (17, 64, 513), (40, 20, 33)],
+    [
+        (1, 1, 1),
+        (5, 7, 41),
+        (9, 7, 41),
+        (6, 33, 16),
+        (7, 33, 17),
+        (16, 256, 1000),
+        (17, 64, 513),
+        (40, 20, 33),
+        (700, 100, 50),
+    ],
 )
 @pytest.mark.parametrize("bias", [False, True])
 def test_values_match_float64_linear(M, K, N, bias):

@@ -8,7 +8,7 @@
 // (K x 16 floats: 16 KiB at K = 256) is streamed from memory once, by its first row tile, which also prefetches
 // the next panel, and re-read from L1 by the panel's other row tiles. A row tile holds up to 6 rows x 16 outputs in
 // twelve AVX2 accumulators (6 x 2 vectors of 8), fed per k by two loads of the panel and one broadcast per row.
-// Rows are split into balanced tiles (16 rows: 6 + 5 + 5). Every output is one sum over k in order 0 .. K-1 (one
+// Rows are split into balanced tiles (16 rows: 6 + 5 + 5), in blocks of up to 256 KiB of input. Every output is one sum over k in order 0 .. K-1 (one
 // FMA per term on AVX2), computed by one thread, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -35,6 +35,9 @@ constexpr int kMaxTileRows = 6;
 constexpr int64_t kFlopsPerTask = int64_t(1) << 21;
 // Floats per packing task.
 constexpr int64_t kPackPerTask = int64_t(1) << 16;
+// Input floats per row block (256 KiB): every panel multiplies a block of rows that stays in L2; a training
+// forward's 512-4096 rows run as several blocks, each streaming the packed weight once more.
+constexpr int64_t kRowBlockFloats = int64_t(1) << 16;
 
 // One row tile: c[i, j] = bias[j] + sum_k a[i, k] * w[k, j] for i < R rows, j < ncols (<= 16) outputs. a: rows of
 // stride lda; w: one panel [K, 16]; next: the next panel to prefetch (or nullptr); c: rows of stride ldc.
@@ -180,21 +183,25 @@ at::Tensor packed_linear_cpu(const at::Tensor& input, const at::Tensor& packed, 
   const float* w = wp.data_ptr<float>();
   const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
   float* c = out.data_ptr<float>();
-  const int64_t tiles_per_panel = (M + kMaxTileRows - 1) / kMaxTileRows;
+  const int64_t block_rows = std::max<int64_t>(kMaxTileRows, kRowBlockFloats / K);
   const int64_t grain = std::max<int64_t>(1, kFlopsPerTask / std::max<int64_t>(1, 2 * M * K * kPanel));
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const float* panel = w + p * K * kPanel;
-      const float* next = p + 1 < end ? panel + K * kPanel : nullptr;
-      const int64_t ncols = std::min(kPanel, N - p * kPanel);
-      const float* panel_bias = bias_ptr ? bias_ptr + p * kPanel : nullptr;
-      int64_t row = 0;
-      for (int64_t t = 0; t < tiles_per_panel; ++t) {
-        const int64_t left = tiles_per_panel - t;
-        const int64_t rows = (M - row + left - 1) / left;  // balanced: 16 rows as 6 + 5 + 5
-        tiles[rows - 1](a + row * K, K, panel, t == 0 ? next : nullptr, K, panel_bias, c + row * N + p * kPanel, N,
-                        ncols);
-        row += rows;
+    for (int64_t block = 0; block < M; block += block_rows) {
+      const int64_t block_end = std::min(M, block + block_rows);
+      const int64_t tiles_per_panel = (block_end - block + kMaxTileRows - 1) / kMaxTileRows;
+      for (int64_t p = begin; p < end; ++p) {
+        const float* panel = w + p * K * kPanel;
+        const float* next = p + 1 < end ? panel + K * kPanel : nullptr;
+        const int64_t ncols = std::min(kPanel, N - p * kPanel);
+        const float* panel_bias = bias_ptr ? bias_ptr + p * kPanel : nullptr;
+        int64_t row = block;
+        for (int64_t t = 0; t < tiles_per_panel; ++t) {
+          const int64_t left = tiles_per_panel - t;
+          const int64_t rows = (block_end - row + left - 1) / left;  // balanced: 16 rows as 6 + 5 + 5
+          tiles[rows - 1](a + row * K, K, panel, t == 0 ? next : nullptr, K, panel_bias, c + row * N + p * kPanel, N,
+                          ncols);
+          row += rows;
+        }
       }
     }
   });

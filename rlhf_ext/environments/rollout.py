@@ -29,7 +29,7 @@ from rlhf_ext.environments.protocol import (
 )
 from rlhf_ext.generation.completions import SamplingSettings, left_pad
 from rlhf_ext.generation.rollout import _forward_kwargs, _stop_ids
-from rlhf_ext.models.introspect import CacheArgs, cpu_decode_head, growing_kv_cache
+from rlhf_ext.models.introspect import CacheArgs, cpu_packed_head, growing_kv_cache
 from rlhf_ext.ops.sampling import prepare_settings, sample
 
 logger = logging.getLogger("rlhf_ext.environments")
@@ -80,7 +80,7 @@ class _Engine:
     def __init__(self, model, batch: int, settings: SamplingSettings, generator, device):
         self.model, self.device = model, device
         self.cache_args = CacheArgs(model, growing_kv_cache(model.config))
-        self.decode_head = cpu_decode_head(model)
+        self.decode_head = cpu_packed_head(model)
         self.extra = _forward_kwargs(model)
         self.sampling = prepare_settings(
             batch, device, settings.temperature, settings.top_k, settings.top_p, settings.min_p

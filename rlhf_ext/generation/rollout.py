@@ -16,7 +16,7 @@ import torch
 from rlhf_ext.models.introspect import (
     CacheArgs,
     accepts_kwarg,
-    cpu_decode_head,
+    cpu_packed_head,
     growing_kv_cache,
     position_ids_from_mask,
     prompt_groups,
@@ -192,7 +192,7 @@ def generate(
     # Shared: the prefill runs on the first row of each run (G' <= B rows); the cache's keys/values and the last
     # logits are then gathered back to B rows (each row a copy of its run's prefill).
     first, groups = shared if shared is not None else (slice(None), None)
-    decode_head = cpu_decode_head(model)  # entered around each forward, built once
+    decode_head = cpu_packed_head(model)  # entered around each forward, built once
     with decode_head:
         output = model(
             input_ids=input_ids[first],

@@ -127,26 +127,50 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
-# Inputs for which a CPU lm_head runs as `packed_linear` (decode steps and last-position prefills: one row per
-# sequence): up to 256 rows and 2^18 input floats (1 MiB, the rows that each weight panel is multiplied with stay
-# in L2). Larger inputs (a prefill without logits_to_keep) keep F.linear, which MKL blocks well for many rows.
-_DECODE_ROWS = 256
-_DECODE_INPUT_FLOATS = 1 << 18
+class _PackedHeadLinear(torch.autograd.Function):
+    """F.linear(x, weight, bias) whose forward runs packed_linear against `packed` (weight's packed copy); the
+    backward is F.linear's own (grad @ weight, grad^T @ x, grad summed), as matrix products."""
+
+    @staticmethod
+    def forward(x, weight, bias, packed):
+        from rlhf_ext.ops.packed_linear import packed_linear
+
+        return packed_linear(x, packed, weight.shape[0], bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _ = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])  # (rows, V)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_rows @ weight).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_rows.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_rows.sum(0)
+        return grad_x, grad_w, grad_b, None
 
 
-class cpu_decode_head:
-    """Context manager: while open, a CPU float32 `nn.Linear` lm_head computes its few-row products (a decode
-    step's B rows, a prefill's last positions) with `rlhf_ext.ops.packed_linear` against its weight packed once
-    (`pack_linear_weight`, on first use; again whenever the weight has changed: another tensor, or its in-place
-    version counter moved, as after an optimizer step).
+class cpu_packed_head:
+    """Context manager: while open, a CPU float32 `nn.Linear` lm_head computes its products with
+    `rlhf_ext.ops.packed_linear` against its weight packed on first use (`pack_linear_weight`), and again whenever
+    the weight has changed (another tensor, or its in-place version counter moved, as after an optimizer step).
+    The packed copy lives as long as this object: build one per rollout (entered around each decode step) or per
+    training forward.
 
-    Why: a BLAS runs `[B, H] x [V, H]^T` with few rows far from its peak. Measured on the 2-core AVX2 CPU at
-    [16, 256] x [32000, 256]^T: F.linear 8.8 ms, MKL's transposed product 5.8 ms, packed_linear 2.6-2.8 ms (packing
-    the weight: ~4 ms, once per rollout). Each logit is one k-ordered sum computed whatever rows come with it, so a
-    row's logits are the same bits however the batch is split (processes, chunks); they match F.linear to float
-    rounding. Other heads (peft adapters, CUDA, other dtypes), inputs that need a gradient and inputs beyond
-    `_DECODE_ROWS` / `_DECODE_INPUT_FLOATS` keep F.linear; a head whose instance already overrides `forward` is not
-    touched."""
+    Why: a BLAS runs `[rows, H] x [V, H]^T` far from its peak with few rows, and below it with many. Measured on the
+    2-core AVX2 CPU at H = 256, V = 32000: 16 rows (a decode step) F.linear 8.8 ms, MKL's transposed product 5.8
+    ms, packed_linear 2.6-2.8 ms; 512 rows (a PPO minibatch's response positions) 80 vs 59 ms; 1024 rows 146 vs
+    111 ms; packing the weight ~4 ms. Each logit is one k-ordered sum whatever rows come with it, so a row's logits
+    are the same bits however the batch is split (processes, chunks); they match F.linear to float rounding. With
+    gradients the backward is F.linear's (`_PackedHeadLinear`). Other heads (peft adapters, CUDA, other dtypes) keep
+    F.linear, and so do inputs under CPU autocast; a head whose instance already overrides `forward` is not touched."""
 
     def __init__(self, model: nn.Module):
         head = unwrap(model).get_output_embeddings() if hasattr(unwrap(model), "get_output_embeddings") else None
@@ -154,10 +178,12 @@ class cpu_decode_head:
             type(head) is nn.Linear
             and head.weight.device.type == "cpu"
             and head.weight.dtype == torch.float32
+            and type(head.weight.data) is torch.Tensor  # not a sharded DTensor (FSDP)
+            and (head.bias is None or head.bias.dtype == torch.float32)
             and "forward" not in vars(head)
         )
         self.head = head if usable else None
-        self._packed = None  # (weight tensor id, data_ptr, version, packed)
+        self._packed = None  # (weight tensor id, data_ptr, version), packed
 
     def packed_weight(self) -> torch.Tensor:
         """The head's weight packed for packed_linear, repacked when the weight changed since the last pack."""
@@ -166,7 +192,9 @@ class cpu_decode_head:
         weight = self.head.weight
         key = (id(weight), weight.data_ptr(), weight._version)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, pack_linear_weight(weight))
+            self._packed = None  # free the old copy before packing the new one
+            with torch.no_grad():
+                self._packed = (key, pack_linear_weight(weight))
         return self._packed[1]
 
     def __enter__(self):
@@ -176,16 +204,16 @@ class cpu_decode_head:
             head = self.head
 
             def forward(x: torch.Tensor) -> torch.Tensor:
-                rows = x.numel() // max(1, x.shape[-1])
-                needs_grad = torch.is_grad_enabled() and (x.requires_grad or head.weight.requires_grad)
                 if (
-                    needs_grad
-                    or x.dtype != torch.float32
-                    or rows > _DECODE_ROWS
-                    or x.numel() > _DECODE_INPUT_FLOATS
-                    or (head.bias is not None and head.bias.dtype != torch.float32)
+                    x.dtype != torch.float32
+                    or x.device.type != "cpu"
+                    or x.shape[-1] != head.in_features
+                    or torch.is_autocast_enabled("cpu")  # F.linear runs in the autocast dtype there
                 ):
                     return nn.functional.linear(x, head.weight, head.bias)
+                tensors = (x, head.weight, head.bias)
+                if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+                    return _PackedHeadLinear.apply(x, head.weight, head.bias, self.packed_weight())
                 return packed_linear(x, self.packed_weight(), head.out_features, head.bias)
 
             head.forward = forward

@@ -16,6 +16,7 @@ from rlhf_ext.models.introspect import (
     CacheArgs,
     accepts_kwarg,
     accepts_logits_to_keep,
+    cpu_packed_head,
     dropout_active,
     hidden_states,
     linear_lm_head,
@@ -95,20 +96,23 @@ def sequence_logprobs(
     groups = shared_prompt_groups(model, input_ids, attention_mask, response_start) if share_prompt else None
     if groups is not None:
         # (B, 1, V) and (B, R - 1, V) gathered apart: joining them would copy the whole [B, R, V] logits
-        parts = shared_prompt_logits(model, input_ids, attention_mask, response_start, groups)
+        with cpu_packed_head(model):
+            parts = shared_prompt_logits(model, input_ids, attention_mask, response_start, groups)
         outs = [_gather(parts[0], labels[:, :1], temperature, return_entropy)]
         if len(parts) == 2:
             outs.append(_gather(parts[1], labels[:, 1:], temperature, return_entropy))
         return tuple(torch.cat(o, 1) for o in zip(*outs)) if return_entropy else torch.cat(outs, 1)
     if accepts_logits_to_keep(inner):
-        # The model applies its own scale / softcap; only the R needed positions reach its lm_head.
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-            logits_to_keep=keep,
-        ).logits  # (B, R, V)
+        # The model applies its own scale / softcap; only the R needed positions reach its lm_head (on the CPU as
+        # packed_linear: cpu_packed_head).
+        with cpu_packed_head(model):
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+                logits_to_keep=keep,
+            ).logits  # (B, R, V)
     else:
         scale, softcap = logit_transform(inner)
         weight, bias = lm_head(inner)

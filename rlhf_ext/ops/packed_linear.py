@@ -4,7 +4,7 @@
 packed, out_features, bias)` is then `F.linear(input, weight, bias)` for inputs of a few rows, where a BLAS splits
 the work poorly (see csrc/cpu/packed_linear.cpp for the kernel and its figures). CPU only: on CUDA the decode's
 products stay with cuBLAS. No gradient: the packed weight is a snapshot, for no-grad decoding
-(`rlhf_ext.models.introspect.cpu_decode_head`).
+(`rlhf_ext.models.introspect.cpu_packed_head`).
 """
 
 from typing import Optional
