@@ -86,7 +86,7 @@ def bench_cases():
     packed = pack_linear_weight(weight)
     return [
         (
-            "packed_linear (decode lm_head)",
+            "packed_linear fwd (lm_head)",
             f"{rows}x{hidden}x{vocab}",
             lambda: packed_linear(hidden_states, packed, vocab),
             lambda: torch.nn.functional.linear(hidden_states, weight),
