@@ -28,33 +28,37 @@ def _csrc_files(*patterns):
     return sorted(p for pattern in patterns for p in glob.glob(os.path.join(CSRC, "**", pattern), recursive=True))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_each_op_family_keeps_one_name_across_the_layers(family):
-    expected = [
+def _cuda_files(family):
+    return [f"csrc/cuda/{family}.cuh", f"csrc/cuda/{family}.cu"]
+
+
+def _family_files(family, cuda=True):
+    """The files an op family has under its one name, in every layer (without the CUDA pair for a CPU-only one)."""
+    return [
         f"csrc/checks/{family}.cpp",
         f"csrc/cpu/{family}.cpp",
-        f"csrc/cuda/{family}.cuh",
-        f"csrc/cuda/{family}.cu",
+        *(_cuda_files(family) if cuda else []),
         f"rlhf_ext/ops/{family}.py",
         f"tests/test_{family}.py",
         f"benchmarks/bench_{family}.py",
     ]
-    missing = [path for path in expected if not os.path.exists(os.path.join(ROOT, path))]
+
+
+def _absent(paths):
+    return [path for path in paths if not os.path.exists(os.path.join(ROOT, path))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_op_family_keeps_one_name_across_the_layers(family):
+    missing = _absent(_family_files(family))
     assert not missing, f"op family {family!r} lacks {missing}"
 
 
 @pytest.mark.parametrize("family", sorted(CPU_ONLY_FAMILIES))
 def test_each_cpu_only_family_keeps_one_name_and_has_no_cuda_files(family):
-    expected = [
-        f"csrc/checks/{family}.cpp",
-        f"csrc/cpu/{family}.cpp",
-        f"rlhf_ext/ops/{family}.py",
-        f"tests/test_{family}.py",
-        f"benchmarks/bench_{family}.py",
-    ]
-    missing = [path for path in expected if not os.path.exists(os.path.join(ROOT, path))]
+    missing = _absent(_family_files(family, cuda=False))
     assert not missing, f"op family {family!r} lacks {missing}"
-    cuda = [p for p in (f"csrc/cuda/{family}.cuh", f"csrc/cuda/{family}.cu") if os.path.exists(os.path.join(ROOT, p))]
+    cuda = sorted(set(_cuda_files(family)) - set(_absent(_cuda_files(family))))
     assert not cuda, f"op family {family!r} is CPU-only ({CPU_ONLY_FAMILIES[family]}) but has {cuda}"
 
 

@@ -69,47 +69,34 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* a, int64_t lda, 
   const __m256 zero = _mm256_setzero_ps();
   __m256 c00 = zero, c01 = zero, c10 = zero, c11 = zero, c20 = zero, c21 = zero;
   __m256 c30 = zero, c31 = zero, c40 = zero, c41 = zero, c50 = zero, c51 = zero;
+  // Row i's input (rows past R alias the last row: their pointers exist but are never read).
   const float* a0 = a;
   const float* a1 = a + std::min(R - 1, 1) * lda;
   const float* a2 = a + std::min(R - 1, 2) * lda;
   const float* a3 = a + std::min(R - 1, 3) * lda;
   const float* a4 = a + std::min(R - 1, 4) * lda;
   const float* a5 = a + std::min(R - 1, 5) * lda;
+// Row i of the tile at this k: one broadcast of its input, two FMAs into its two accumulators.
+#define RLHF_EXT_PACKED_ROW(i)                     \
+  if constexpr (R > i) {                           \
+    const __m256 x = _mm256_broadcast_ss(a##i + k); \
+    c##i##0 = _mm256_fmadd_ps(x, w0, c##i##0);     \
+    c##i##1 = _mm256_fmadd_ps(x, w1, c##i##1);     \
+  }
   for (int64_t k = 0; k < K; ++k) {
     // One 64-byte line of the next panel per k: the whole panel (K lines) arrives while this one is computed.
     if (next) _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanel), _MM_HINT_T0);
     const __m256 w0 = _mm256_loadu_ps(w + k * kPanel);
     const __m256 w1 = _mm256_loadu_ps(w + k * kPanel + 8);
-    __m256 x = _mm256_broadcast_ss(a0 + k);
-    c00 = _mm256_fmadd_ps(x, w0, c00);
-    c01 = _mm256_fmadd_ps(x, w1, c01);
-    if constexpr (R > 1) {
-      x = _mm256_broadcast_ss(a1 + k);
-      c10 = _mm256_fmadd_ps(x, w0, c10);
-      c11 = _mm256_fmadd_ps(x, w1, c11);
-    }
-    if constexpr (R > 2) {
-      x = _mm256_broadcast_ss(a2 + k);
-      c20 = _mm256_fmadd_ps(x, w0, c20);
-      c21 = _mm256_fmadd_ps(x, w1, c21);
-    }
-    if constexpr (R > 3) {
-      x = _mm256_broadcast_ss(a3 + k);
-      c30 = _mm256_fmadd_ps(x, w0, c30);
-      c31 = _mm256_fmadd_ps(x, w1, c31);
-    }
-    if constexpr (R > 4) {
-      x = _mm256_broadcast_ss(a4 + k);
-      c40 = _mm256_fmadd_ps(x, w0, c40);
-      c41 = _mm256_fmadd_ps(x, w1, c41);
-    }
-    if constexpr (R > 5) {
-      x = _mm256_broadcast_ss(a5 + k);
-      c50 = _mm256_fmadd_ps(x, w0, c50);
-      c51 = _mm256_fmadd_ps(x, w1, c51);
-    }
+    RLHF_EXT_PACKED_ROW(0)
+    RLHF_EXT_PACKED_ROW(1)
+    RLHF_EXT_PACKED_ROW(2)
+    RLHF_EXT_PACKED_ROW(3)
+    RLHF_EXT_PACKED_ROW(4)
+    RLHF_EXT_PACKED_ROW(5)
   }
-  const std::array<__m256, 2 * kMaxTileRows> acc = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+#undef RLHF_EXT_PACKED_ROW
+  const __m256 acc[2 * kMaxTileRows] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
   alignas(32) float row[kPanel];
   for (int i = 0; i < R; ++i) {
     __m256 lo = acc[2 * i], hi = acc[2 * i + 1];
