@@ -5,8 +5,8 @@ namespace rlhf_ext {
 
 namespace {
 void check_cpu_float32(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a tensor on cpu (packed_linear has only a CPU kernel), got one on ",
-              t.device());
+  TORCH_CHECK(t.device().is_cpu(), name,
+              ": expected a tensor on cpu (packed_linear has only a CPU kernel), got one on ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected a float32 tensor, got ", t.scalar_type());
 }
 }  // namespace
