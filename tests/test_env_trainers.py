@@ -218,9 +218,11 @@ def test_grpo_logs_episodes_and_refuses_ppo_score_shaping(make_lm, tiny_tokenize
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_training_raises_the_return_on_a_learnable_environment(make_lm, tiny_tokenizer, cpu_args, algorithm):
-    """Two turns per episode, each paying its vowel fraction: the episode return rises (seed 0: ~1.8x in 10
-    steps for both; 1.4x leaves room for another sampler's random stream)."""
-    common = dict(max_steps=10, max_turns=2, lr_scheduler_type="constant")
+    """Two turns per episode, each paying its vowel fraction: the episode return rises. The last three of 16 steps
+    against the first three, measured over seeds 0-7 (PPO) and 0-5 (GRPO): PPO 2.6-3.9x, GRPO 3.5-5.0x, so 2x holds
+    for any sampler's random stream (after 10 steps PPO ranged 1.26-2.21x: a bit-level change of the logits moved
+    seed 0 from 1.52x to 1.38x, and seed 1 was at 1.34x either way)."""
+    common = dict(max_steps=16, max_turns=2, lr_scheduler_type="constant")
     if algorithm == "ppo":
         args = ppo_args(
             cpu_args, per_device_train_batch_size=8, num_ppo_epochs=4, learning_rate=1e-2, kl_coef=0.01, **common
@@ -232,4 +234,4 @@ def test_training_raises_the_return_on_a_learnable_environment(make_lm, tiny_tok
         )
         trainer = GRPOTrainer(make_lm(), args=args, processing_class=tiny_tokenizer, env_factory=VowelEnv)
     returns = [h["episodes/return_mean"] for h in trainer.train().log_history if "episodes/return_mean" in h]
-    assert len(returns) == 10 and sum(returns[-3:]) > 1.4 * sum(returns[:3]), returns
+    assert len(returns) == 16 and sum(returns[-3:]) > 2.0 * sum(returns[:3]), returns
