@@ -15,7 +15,7 @@ FAMILIES = ("gae", "whiten", "logprobs", "ppo_loss", "sampling")
 CPU_ONLY_FAMILIES = {
     "packed_linear": "a CPU GEMM layout for the decode's few-row products; on CUDA they stay with cuBLAS",
 }
-CPU_ONLY_OPS = {"pack_linear_weight": "packed_linear", "packed_linear": "packed_linear"}
+CPU_ONLY_OPS = {"pack_linear_weight", "packed_linear"}  # the schemas of CPU_ONLY_FAMILIES
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](ATen|c10|torch|pybind11)/', re.M)
 SCHEMA = re.compile(r'\bm\.def\(\s*"(\w+)\(')
 IMPL = re.compile(r'\bm\.impl\(\s*"(\w+)"')
