@@ -1,8 +1,10 @@
 """Rollout tokens/s: rlhf_ext.generation.generate against transformers' generate, same model and settings.
 
 A ~20M-parameter Llama built from a config (V = 32000, hidden 256, 4 layers), batch 32, 32-token prompts,
-128 new tokens, no EOS (every run produces B * 128 tokens); top-k 50 / top-p 0.9 and plain sampling. A third
-line times the model alone (prefill + the 127 KV-cached decode forwards with an argmax): the ceiling.
+128 new tokens, no EOS (every run produces B * 128 tokens); top-k 50 / top-p 0.9 and plain sampling. Our engine
+runs twice: with its fused CPU decode step (`fused`, the default) and with the model's own forward per step
+(`eager_decode`, fused_decode=False). A last line times the model alone (prefill + the 127 KV-cached decode
+forwards with an argmax): the eager ceiling.
 Run `pytest benchmarks/bench_rollout.py` (one round each; ratios printed at the end) or
 `python benchmarks/bench_rollout.py`.
 """
@@ -46,7 +48,7 @@ def build():
 def runners(model, ids, mask, setting):
     kw = SETTINGS[setting]
 
-    def ours():
+    def ours(fused_decode=True):
         out = generate(
             model,
             ids,
@@ -55,6 +57,7 @@ def runners(model, ids, mask, setting):
             temperature=1.0,
             pad_token_id=0,
             generator=torch.Generator().manual_seed(0),
+            fused_decode=fused_decode,
             **kw,
         )
         assert out.response_ids.shape[1] == NEW
@@ -74,7 +77,7 @@ def runners(model, ids, mask, setting):
         assert out.shape[1] == PROMPT + NEW
         return out
 
-    return {"fused": ours, "hf_generate": hf}
+    return {"fused": ours, "eager_decode": lambda: ours(fused_decode=False), "hf_generate": hf}
 
 
 def forward_only(model, ids, mask):
@@ -98,7 +101,7 @@ def forward_only(model, ids, mask):
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("impl", ["fused", "hf_generate"])
+@pytest.mark.parametrize("impl", ["fused", "eager_decode", "hf_generate"])
 def test_rollout(benchmark, impl, setting):
     model, ids, mask = build()
     fn = runners(model, ids, mask, setting)[impl]
@@ -142,8 +145,9 @@ def main():
         for setting in SETTINGS:
             rates = best_rate(runners(model, ids, mask, setting))
             print(
-                f"{setting:<22} fused engine {rates['fused']:8.0f} tokens/s   HF generate {rates['hf_generate']:8.0f} "
-                f"tokens/s   ratio {rates['fused'] / rates['hf_generate']:5.2f}x"
+                f"{setting:<22} fused engine {rates['fused']:8.0f} tokens/s   eager decode step "
+                f"{rates['eager_decode']:8.0f}   HF generate {rates['hf_generate']:8.0f} tokens/s   ratio "
+                f"{rates['fused'] / rates['hf_generate']:5.2f}x"
             )
 
 

@@ -80,5 +80,11 @@ using PackedLinearFn = at::Tensor(const at::Tensor& input, const at::Tensor& pac
                                   const c10::optional<at::Tensor>& bias);
 PackLinearWeightFn pack_linear_weight_cpu;
 PackedLinearFn packed_linear_cpu;
+// decode_step -> the final-normed hidden states [B, H]; writes slot `slot` of key_cache / value_cache.
+using DecodeStepFn = at::Tensor(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                                at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key_mask,
+                                int64_t slot, at::TensorList weights, const at::Tensor& final_norm, int64_t num_heads,
+                                double eps, double scaling);
+DecodeStepFn decode_step_cpu;
 
 }  // namespace rlhf_ext

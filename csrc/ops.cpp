@@ -72,6 +72,14 @@ TORCH_LIBRARY(rlhf_ext, m) {
   // step: M = batch) where a BLAS splits the work poorly. Each output is one k-ordered sum, whatever the threads.
   m.def("packed_linear(Tensor input, Tensor packed, int out_features, Tensor? bias) -> Tensor");
 
+  // ---- decode_step (csrc/cpu/decode_step.cpp; CPU only: CUDA replays the eager step from a CUDA graph) ----
+  // One KV-cached decode step of a Llama-style stack: hidden [B, H] (the token embeddings) through the layers whose
+  // weights come 6 per layer (checks.h), rotary cos / sin [B, D], writing each layer's key / value at cache slot
+  // `slot` and attending to the slots 0 .. slot that key_mask marks; returns the final-normed hidden states [B, H].
+  m.def("decode_step(Tensor hidden, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "Tensor key_mask, int slot, Tensor[] weights, Tensor final_norm, int num_heads, float eps, float scaling) "
+        "-> Tensor");
+
 }
 
 namespace {

@@ -14,8 +14,9 @@ FAMILIES = ("gae", "whiten", "logprobs", "ppo_loss", "sampling")
 # Op families with a CPU kernel only, and why: their ops are in the CPU table, never in the CUDA one.
 CPU_ONLY_FAMILIES = {
     "packed_linear": "a CPU GEMM layout for the decode's few-row products; on CUDA they stay with cuBLAS",
+    "decode_step": "removes a CPU decode step's per-op overhead; on CUDA a captured CUDA graph replays the step",
 }
-CPU_ONLY_OPS = {"pack_linear_weight", "packed_linear"}  # the schemas of CPU_ONLY_FAMILIES
+CPU_ONLY_OPS = {"pack_linear_weight", "packed_linear", "decode_step"}  # the schemas of CPU_ONLY_FAMILIES
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](ATen|c10|torch|pybind11)/', re.M)
 SCHEMA = re.compile(r'\bm\.def\(\s*"(\w+)\(')
 IMPL = re.compile(r'\bm\.impl\(\s*"(\w+)"')

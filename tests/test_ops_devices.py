@@ -7,6 +7,18 @@ import torch
 
 from rlhf_ext import ops
 
+_layer = ops.pack_decoder_layer(
+    torch.ones(8),
+    torch.randn(8, 8),
+    torch.randn(4, 8),
+    torch.randn(4, 8),
+    torch.randn(8, 8),
+    torch.ones(8),
+    torch.randn(6, 8),
+    torch.randn(6, 8),
+    torch.randn(8, 6),
+)  # one layer: H 8, 2 heads of 4, 1 kv head, intermediate 6
+
 
 def _calls():
     """(op name, function of a tensor-argument dict, the dict on cpu). Each dict holds every tensor argument
@@ -55,6 +67,34 @@ def _calls():
             "packed_linear",
             lambda a: ops.packed_linear(**a, out_features=V),
             dict(input=torch.randn(B, H), packed=ops.pack_linear_weight(torch.randn(V, H)), bias=torch.randn(V)),
+        ),
+        (
+            "pack_decoder_layer",
+            lambda a: ops.pack_decoder_layer(**a),
+            dict(
+                input_norm=torch.ones(8),
+                q=torch.randn(8, 8),
+                k=torch.randn(4, 8),
+                v=torch.randn(4, 8),
+                o=torch.randn(8, 8),
+                post_norm=torch.ones(8),
+                gate=torch.randn(6, 8),
+                up=torch.randn(6, 8),
+                down=torch.randn(8, 6),
+            ),
+        ),
+        (
+            "decode_step",
+            lambda a: ops.decode_step(**a, slot=2, weights=_layer, num_heads=2, eps=1e-6, scaling=0.5),
+            dict(
+                hidden=torch.randn(B, 8),
+                cos=torch.randn(B, 4),
+                sin=torch.randn(B, 4),
+                key_cache=torch.randn(1, B, 1, 3, 4),
+                value_cache=torch.randn(1, B, 1, 3, 4),
+                key_mask=torch.ones(B, 3, dtype=torch.bool),
+                final_norm=torch.ones(8),
+            ),
         ),
         (
             "sample",

@@ -34,6 +34,8 @@ def test_every_public_op_is_checked():
         "masked_mean",
         "masked_var",
         "masked_whiten",
+        "decode_step",
+        "pack_decoder_layer",
         "pack_linear_weight",
         "packed_linear",
         "ppo_loss",

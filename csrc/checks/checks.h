@@ -170,4 +170,15 @@ void check_pack_linear_weight_inputs(const at::Tensor& weight);
 void check_packed_linear_inputs(const at::Tensor& input, const at::Tensor& packed, int64_t out_features,
                                 const c10::optional<at::Tensor>& bias);
 
+// ---- decode_step (checks/decode_step.cpp) ----
+
+// hidden [B, H], cos / sin [B, D] (D even), key_cache / value_cache [L, B, KV, C, D] contiguous, final_norm [H]: float32
+// on the CPU; key_mask [B, C] bool with True at `slot` in [0, C); num_heads a multiple of KV; weights 6 per layer
+// (input norm [H], packed q/k/v [.., H, 16], packed o [.., num_heads * D, 16], post norm [H], packed gate/up
+// [.., H, 16], packed down [.., I, 16] with gate/up holding 2 * I outputs); eps >= 0 and scaling finite.
+void check_decode_step_inputs(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                              const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& key_mask,
+                              int64_t slot, at::TensorList weights, const at::Tensor& final_norm, int64_t num_heads,
+                              double eps, double scaling);
+
 }  // namespace rlhf_ext

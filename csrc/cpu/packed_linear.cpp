@@ -21,6 +21,7 @@
 #include "../checks/checks.h"
 #include "../kernels.h"
 #include "isa.h"
+#include "packed_linear.h"
 
 #ifdef RLHF_EXT_X86_ISAS
 #include <immintrin.h>
@@ -159,19 +160,10 @@ at::Tensor pack_linear_weight_cpu(const at::Tensor& weight) {
   return packed;
 }
 
-at::Tensor packed_linear_cpu(const at::Tensor& input, const at::Tensor& packed, int64_t out_features,
-                             const c10::optional<at::Tensor>& bias) {
-  check_packed_linear_inputs(input, packed, out_features, bias);
-  const at::Tensor x = input.contiguous(), wp = packed.contiguous();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int64_t M = x.size(0), K = x.size(1), N = out_features, panels = wp.size(0);
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0) return out;
+void packed_matmul(const float* a, int64_t M, int64_t K, const float* w, int64_t N, const float* bias, float* c) {
+  if (M == 0) return;
   static const TileTable tiles = tiles_for_this_cpu();
-  const float* a = x.data_ptr<float>();
-  const float* w = wp.data_ptr<float>();
-  const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
-  float* c = out.data_ptr<float>();
+  const int64_t panels = (N + kPanel - 1) / kPanel;
   const int64_t block_rows = std::max<int64_t>(kMaxTileRows, kRowBlockFloats / K);
   const int64_t grain = std::max<int64_t>(1, kFlopsPerTask / std::max<int64_t>(1, 2 * M * K * kPanel));
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
@@ -182,7 +174,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& input, const at::Tensor& packed, 
         const float* panel = w + p * K * kPanel;
         const float* next = p + 1 < end ? panel + K * kPanel : nullptr;
         const int64_t ncols = std::min(kPanel, N - p * kPanel);
-        const float* panel_bias = bias_ptr ? bias_ptr + p * kPanel : nullptr;
+        const float* panel_bias = bias ? bias + p * kPanel : nullptr;
         int64_t row = block;
         for (int64_t t = 0; t < tiles_per_panel; ++t) {
           const int64_t left = tiles_per_panel - t;
@@ -194,6 +186,16 @@ at::Tensor packed_linear_cpu(const at::Tensor& input, const at::Tensor& packed, 
       }
     }
   });
+}
+
+at::Tensor packed_linear_cpu(const at::Tensor& input, const at::Tensor& packed, int64_t out_features,
+                             const c10::optional<at::Tensor>& bias) {
+  check_packed_linear_inputs(input, packed, out_features, bias);
+  const at::Tensor x = input.contiguous(), wp = packed.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({x.size(0), out_features}, x.options());
+  packed_matmul(x.data_ptr<float>(), x.size(0), x.size(1), wp.data_ptr<float>(), out_features,
+                b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>());
   return out;
 }
 

@@ -19,6 +19,7 @@ TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) {
   m.impl("sample", &sample_cpu);
   m.impl("pack_linear_weight", &pack_linear_weight_cpu);
   m.impl("packed_linear", &packed_linear_cpu);
+  m.impl("decode_step", &decode_step_cpu);
 }
 
 }  // namespace rlhf_ext

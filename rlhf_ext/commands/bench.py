@@ -7,7 +7,7 @@ both functions take no argument and run one call."""
 import importlib
 import time
 
-OP_MODULES = ["gae", "whiten", "logprobs", "ppo_loss", "sampling", "packed_linear"]
+OP_MODULES = ["gae", "whiten", "logprobs", "ppo_loss", "sampling", "packed_linear", "decode_step"]
 
 
 def register(subparsers):

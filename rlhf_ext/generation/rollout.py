@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import torch
 
+from rlhf_ext.models.fused_decode import FusedDecoder
 from rlhf_ext.models.introspect import (
     CacheArgs,
     accepts_kwarg,
@@ -135,6 +136,7 @@ def generate(
     cache: str = "dynamic",
     cuda_graph: bool = False,
     share_prompt_prefill: bool = True,
+    fused_decode: bool = True,
 ) -> Rollout:
     """Sample up to `max_new_tokens` tokens per prompt with a KV cache. See `Rollout` for the outputs.
 
@@ -151,6 +153,9 @@ def generate(
     share_prompt_prefill: with cache="dynamic" (and return_values off), prefill each run of identical consecutive
     prompts once and expand its KV cache to the run's rows (GRPO's num_generations rows per prompt). The samples
     are those of the unshared prefill for the same generator (same logits up to float rounding).
+    fused_decode: with cache="dynamic" on the CPU (and return_values off), run each decode step of a model that
+    `rlhf_ext.models.fused_decode` supports (Llama, Mistral in float32) as one fused op: the same maths as the
+    model's forward to float rounding, ~2x faster for small models. Other models keep their own forward.
     """
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache: expected 'dynamic' or 'static', got {cache!r}")
@@ -164,8 +169,9 @@ def generate(
         )
     if cuda_graph and return_values:
         raise ValueError("cuda_graph=True does not support return_values=True")
-    if not isinstance(share_prompt_prefill, bool):
-        raise ValueError(f"share_prompt_prefill: expected a bool, got {share_prompt_prefill!r}")
+    for name, flag in (("share_prompt_prefill", share_prompt_prefill), ("fused_decode", fused_decode)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name}: expected a bool, got {flag!r}")
     input_ids = input_ids.to(device=device, dtype=torch.long)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
     stop_ids = _stop_ids(eos_token_id, stop_token_ids, device)
@@ -215,6 +221,13 @@ def generate(
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     cache_position = cache_position[-1:] + 1  # (1,) the slot the next decode step writes
     stepper = _GraphStepper(model, cache_args, prompt_mask, max_new_tokens, sampling, extra) if cuda_graph else None
+    fused = None
+    if fused_decode and cache == "dynamic" and not return_values and device.type == "cpu" and max_new_tokens > 1:
+        fused = FusedDecoder.for_model(model, decode_head)
+        if fused is not None and not fused.load_cache(kv_cache, prompt_mask, P + max_new_tokens):
+            fused = None
+        if fused is not None:
+            output = kv_cache = cache_args = None  # the prompt's keys and values now live in the decoder's buffers
 
     steps = 0
     for t in range(max_new_tokens):
@@ -231,6 +244,8 @@ def generate(
             break
         if stepper is not None:
             stepper.step(tokens, next_position, t)
+        elif fused is not None:
+            logits = fused.step(tokens, next_position, P + t)
         else:
             with decode_head:
                 output = model(

@@ -32,3 +32,9 @@ __all__ += ["sample"]
 from rlhf_ext.ops.packed_linear import pack_linear_weight, packed_linear  # noqa: E402
 
 __all__ += ["pack_linear_weight", "packed_linear"]
+
+
+# ---- decode_step (CPU only) ----
+from rlhf_ext.ops.decode_step import decode_step, pack_decoder_layer  # noqa: E402
+
+__all__ += ["decode_step", "pack_decoder_layer"]

@@ -403,3 +403,78 @@ def packed_linear_reference(
     panels, K, width = packed.shape
     weight = packed.transpose(1, 2).reshape(panels * width, K)[:out_features]
     return torch.nn.functional.linear(input, weight, bias)
+
+
+# ---- decode_step ----
+
+
+def pack_decoder_layer_reference(
+    input_norm: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    post_norm: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+) -> list:
+    """[input_norm, pack(q; k; v), pack(o), post_norm, pack(gate; up), pack(down)], packed by the reference."""
+    return [
+        input_norm,
+        pack_linear_weight_reference(torch.cat([q, k, v])),
+        pack_linear_weight_reference(o),
+        post_norm,
+        pack_linear_weight_reference(torch.cat([gate, up])),
+        pack_linear_weight_reference(down),
+    ]
+
+
+def decode_step_reference(
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_mask: torch.Tensor,
+    slot: int,
+    weights: list,
+    final_norm: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    scaling: float,
+) -> torch.Tensor:
+    """transformers' Llama decoder layers for one token per row, as eager ops: RMSNorm, q/k/v, rotary embedding,
+    the cache write at `slot`, softmax attention over the slots 0 .. slot that key_mask keeps (grouped-query heads
+    repeated), o and the residual, RMSNorm, down(silu(gate) * up) and the residual; then the final RMSNorm."""
+    B, H = hidden.shape
+    D = cos.shape[1]
+    layers, _, kv_heads = key_cache.shape[:3]
+    inter = weights[5].shape[1]
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def rotary(x):  # (B, heads, D)
+        rotated = torch.cat([-x[..., D // 2 :], x[..., : D // 2]], dim=-1)
+        return x * cos[:, None] + rotated * sin[:, None]
+
+    h = hidden
+    for layer in range(layers):
+        norm1, qkv_w, o_w, norm2, gate_up_w, down_w = weights[6 * layer : 6 * layer + 6]
+        qkv = packed_linear_reference(rms(h, norm1), qkv_w, (num_heads + 2 * kv_heads) * D)
+        q, k, v = qkv.split([num_heads * D, kv_heads * D, kv_heads * D], dim=1)
+        q, k = rotary(q.view(B, num_heads, D)), rotary(k.view(B, kv_heads, D))
+        key_cache[layer, :, :, slot] = k
+        value_cache[layer, :, :, slot] = v.view(B, kv_heads, D)
+        keys = key_cache[layer, :, :, : slot + 1].repeat_interleave(num_heads // kv_heads, dim=1)
+        values = value_cache[layer, :, :, : slot + 1].repeat_interleave(num_heads // kv_heads, dim=1)
+        scores = torch.einsum("bhd,bhnd->bhn", q, keys) * scaling
+        attend = key_mask[:, None, : slot + 1].clone()
+        attend[..., slot] = True
+        probs = torch.softmax(scores.masked_fill(~attend, float("-inf")), dim=-1)
+        attn = torch.einsum("bhn,bhnd->bhd", probs, values).reshape(B, num_heads * D)
+        h = h + packed_linear_reference(attn, o_w, H)
+        gate, up = packed_linear_reference(rms(h, norm2), gate_up_w, 2 * inter).split([inter, inter], dim=1)
+        h = h + packed_linear_reference(torch.nn.functional.silu(gate) * up, down_w, H)
+    return rms(h, final_norm)

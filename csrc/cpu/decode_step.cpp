@@ -1,0 +1,178 @@
+// One KV-cached decode step of a Llama-style decoder stack on the CPU, as one op: B rows of one token each through
+// L layers of RMSNorm -> fused q/k/v product -> rotary embedding -> cache write -> attention over the row's cached
+// slots -> o product + residual -> RMSNorm -> fused gate/up product -> SiLU(gate) * up -> down product + residual,
+// then the final RMSNorm. The same maths as transformers' Llama/Mistral decoder layers, without the ~60 ATen ops and
+// the Python module calls per layer that a decode step of a small model spends most of its time in (measured on the
+// 2-core AVX2 machine at hidden 256, 4 layers, 16 rows: 4.5 ms a step through the eager ops with hot weights).
+//
+// Products: packed_matmul (csrc/cpu/packed_linear.cpp) against weights packed once per rollout, q/k/v and gate/up
+// each as one product. Attention: per (row, head), parallel; scores in float32, softmax with the max subtracted,
+// accumulated in float32 in slot order; grouped-query heads read their kv head. Everything between the products is
+// a plain loop over B x H floats. Results match the eager layers to float rounding (products accumulate in another
+// order), not bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../checks/checks.h"
+#include "../kernels.h"
+#include "packed_linear.h"
+
+namespace rlhf_ext {
+
+namespace {
+
+// y[b] = w * (x[b] * rsqrt(mean(x[b]^2) + eps)), in float32 like transformers' LlamaRMSNorm (mean in double here).
+void rms_norm(const float* x, const float* w, double eps, int64_t B, int64_t H, float* y) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + b * H;
+    double sq = 0;
+    for (int64_t i = 0; i < H; ++i) sq += static_cast<double>(xb[i]) * xb[i];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(sq / H) + static_cast<float>(eps));
+    float* yb = y + b * H;
+    for (int64_t i = 0; i < H; ++i) yb[i] = w[i] * (xb[i] * inv);
+  }
+}
+
+// x[h] <- x[h] * cos + rotate_half(x[h]) * sin for `heads` heads of D floats (rotate_half(v) = [-v2, v1]).
+void rotary(float* x, const float* cos, const float* sin, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float lo = v[i], hi = v[i + half];
+      v[i] = lo * cos[i] - hi * sin[i];
+      v[i + half] = hi * cos[i + half] + lo * sin[i + half];
+    }
+  }
+}
+
+struct Shapes {
+  int64_t B, H, D, heads, kv_heads, capacity, inter, layers;
+};
+
+// out[b, h] = softmax(q[b, h] . keys[b, g(h), j] * scaling over the attended slots j) @ values[b, g(h), j], for
+// slots 0 .. slot where key_mask[b, j] (the slot written this step always holds a real token).
+void attention(const float* q, const float* keys, const float* values, const bool* key_mask, int64_t slot,
+               double scaling, const Shapes& s, float* out) {
+  const int64_t n = slot + 1, D = s.D, group = s.heads / s.kv_heads;
+  const int64_t work = std::max<int64_t>(1, 4 * n * D);
+  at::parallel_for(0, s.B * s.heads, std::max<int64_t>(1, (int64_t(1) << 18) / work), [&](int64_t begin, int64_t end) {
+    std::vector<float> p(n);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / s.heads, h = i % s.heads, g = h / group;
+      const float* qh = q + (b * s.heads + h) * D;
+      const float* kh = keys + (b * s.kv_heads + g) * s.capacity * D;
+      const float* vh = values + (b * s.kv_heads + g) * s.capacity * D;
+      const bool* mask = key_mask + b * s.capacity;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        if (!mask[j] && j != slot) {
+          p[j] = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        const float* kj = kh + j * D;
+        float dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += qh[d] * kj[d];
+        p[j] = dot * static_cast<float>(scaling);
+        m = std::max(m, p[j]);
+      }
+      float total = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = std::exp(p[j] - m);  // exp(-inf) = 0 for masked slots; slot `slot` is finite, so m is
+        total += p[j];
+      }
+      float* o = out + (b * s.heads + h) * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        if (p[j] == 0.f) continue;
+        const float* vj = vh + j * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += p[j] * vj[d];
+      }
+      const float inv = 1.0f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor decode_step_cpu(const at::Tensor& hidden_in, const at::Tensor& cos_in, const at::Tensor& sin_in,
+                           at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& key_mask_in, int64_t slot,
+                           at::TensorList weights, const at::Tensor& final_norm_in, int64_t num_heads, double eps,
+                           double scaling) {
+  check_decode_step_inputs(hidden_in, cos_in, sin_in, key_cache, value_cache, key_mask_in, slot, weights,
+                           final_norm_in, num_heads, eps, scaling);
+  const at::Tensor hidden = hidden_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  const at::Tensor key_mask = key_mask_in.contiguous(), final_norm = final_norm_in.contiguous();
+  std::vector<at::Tensor> w;
+  w.reserve(weights.size());
+  for (const auto& t : weights) w.push_back(t.contiguous());
+  Shapes s{hidden.size(0), hidden.size(1), cos.size(1),         num_heads,
+           key_cache.size(2), key_cache.size(3), w[5].size(1), key_cache.size(0)};
+  const int64_t B = s.B, H = s.H, D = s.D, qkv_width = (s.heads + 2 * s.kv_heads) * D, attn_width = s.heads * D;
+
+  at::Tensor out = at::empty({B, H}, hidden.options());
+  at::Tensor h = hidden.clone();  // the residual stream
+  at::Tensor x = at::empty({B, H}, hidden.options());
+  at::Tensor qkv = at::empty({B, qkv_width}, hidden.options());
+  at::Tensor q = at::empty({B, attn_width}, hidden.options());
+  at::Tensor attn = at::empty({B, attn_width}, hidden.options());
+  at::Tensor gate_up = at::empty({B, 2 * s.inter}, hidden.options());
+  at::Tensor act = at::empty({B, s.inter}, hidden.options());
+  at::Tensor delta = at::empty({B, H}, hidden.options());
+  float* hp = h.data_ptr<float>();
+  float* xp = x.data_ptr<float>();
+  float* qkvp = qkv.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* ap = attn.data_ptr<float>();
+  float* gup = gate_up.data_ptr<float>();
+  float* actp = act.data_ptr<float>();
+  float* dp = delta.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const bool* mp = key_mask.data_ptr<bool>();
+  float* kc = key_cache.data_ptr<float>();
+  float* vc = value_cache.data_ptr<float>();
+  const int64_t layer_cache = B * s.kv_heads * s.capacity * D;
+
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const at::Tensor* lw = w.data() + 6 * l;  // input norm, qkv, o, post norm, gate_up, down
+    rms_norm(hp, lw[0].data_ptr<float>(), eps, B, H, xp);
+    packed_matmul(xp, B, H, lw[1].data_ptr<float>(), qkv_width, nullptr, qkvp);
+    float* keys = kc + l * layer_cache;
+    float* values = vc + l * layer_cache;
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = qkvp + b * qkv_width;
+      rotary(row, cp + b * D, sp + b * D, s.heads + s.kv_heads, D);  // q heads then k heads: contiguous
+      std::copy(row, row + attn_width, qp + b * attn_width);
+      for (int64_t g = 0; g < s.kv_heads; ++g) {
+        const int64_t at_slot = ((b * s.kv_heads + g) * s.capacity + slot) * D;
+        std::copy(row + attn_width + g * D, row + attn_width + (g + 1) * D, keys + at_slot);
+        std::copy(row + attn_width + (s.kv_heads + g) * D, row + attn_width + (s.kv_heads + g + 1) * D,
+                  values + at_slot);
+      }
+    }
+    attention(qp, keys, values, mp, slot, scaling, s, ap);
+    packed_matmul(ap, B, attn_width, lw[2].data_ptr<float>(), H, nullptr, dp);
+    for (int64_t i = 0; i < B * H; ++i) hp[i] += dp[i];
+    rms_norm(hp, lw[3].data_ptr<float>(), eps, B, H, xp);
+    packed_matmul(xp, B, H, lw[4].data_ptr<float>(), 2 * s.inter, nullptr, gup);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* gate = gup + b * 2 * s.inter;
+      const float* up = gate + s.inter;
+      float* a = actp + b * s.inter;
+      for (int64_t i = 0; i < s.inter; ++i) a[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    }
+    packed_matmul(actp, B, s.inter, lw[5].data_ptr<float>(), H, nullptr, dp);
+    for (int64_t i = 0; i < B * H; ++i) hp[i] += dp[i];
+  }
+  rms_norm(hp, final_norm.data_ptr<float>(), eps, B, H, out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace rlhf_ext
