@@ -20,21 +20,35 @@
 
 #include "../checks/checks.h"
 #include "../kernels.h"
+#include "decode_step_kernels.h"
+#include "isa.h"
 #include "packed_linear.h"
+
+#define RLHF_EXT_ISA_ROWS "decode_step_rows.h"
+#include "per_isa.h"
 
 namespace rlhf_ext {
 
 namespace {
 
-// y[b] = w * (x[b] * rsqrt(mean(x[b]^2) + eps)), in float32 like transformers' LlamaRMSNorm (mean in double here).
+using decode_cpu::DecodeLoops;
+
+const DecodeLoops& loops() {
+#ifdef RLHF_EXT_X86_ISAS
+  static const DecodeLoops l = cpu::for_isa(cpu::cpu_isa(), decode_cpu::isa_default::kLoops,
+                                            decode_cpu::isa_avx2::kLoops, decode_cpu::isa_avx512::kLoops);
+#else
+  static const DecodeLoops l = decode_cpu::isa_default::kLoops;
+#endif
+  return l;
+}
+
+// y[b] = w * (x[b] * rsqrt(mean(x[b]^2) + eps)), in float32 like transformers' LlamaRMSNorm.
 void rms_norm(const float* x, const float* w, double eps, int64_t B, int64_t H, float* y) {
+  const DecodeLoops& v = loops();
   for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + b * H;
-    double sq = 0;
-    for (int64_t i = 0; i < H; ++i) sq += static_cast<double>(xb[i]) * xb[i];
-    const float inv = 1.0f / std::sqrt(static_cast<float>(sq / H) + static_cast<float>(eps));
-    float* yb = y + b * H;
-    for (int64_t i = 0; i < H; ++i) yb[i] = w[i] * (xb[i] * inv);
+    const float inv = 1.0f / std::sqrt(v.sum_squares(x + b * H, H) / H + static_cast<float>(eps));
+    v.scale_by_weight(x + b * H, w, inv, y + b * H, H);
   }
 }
 
@@ -61,6 +75,7 @@ void attention(const float* q, const float* keys, const float* values, const boo
                double scaling, const Shapes& s, float* out) {
   const int64_t n = slot + 1, D = s.D, group = s.heads / s.kv_heads;
   const int64_t work = std::max<int64_t>(1, 4 * n * D);
+  const DecodeLoops& v = loops();
   at::parallel_for(0, s.B * s.heads, std::max<int64_t>(1, (int64_t(1) << 18) / work), [&](int64_t begin, int64_t end) {
     std::vector<float> p(n);
     for (int64_t i = begin; i < end; ++i) {
@@ -75,23 +90,14 @@ void attention(const float* q, const float* keys, const float* values, const boo
           p[j] = -std::numeric_limits<float>::infinity();
           continue;
         }
-        const float* kj = kh + j * D;
-        float dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += qh[d] * kj[d];
-        p[j] = dot * static_cast<float>(scaling);
+        p[j] = v.dot(qh, kh + j * D, D) * static_cast<float>(scaling);
         m = std::max(m, p[j]);
       }
-      float total = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        p[j] = std::exp(p[j] - m);  // exp(-inf) = 0 for masked slots; slot `slot` is finite, so m is
-        total += p[j];
-      }
+      const float total = v.exp_and_sum(p.data(), m, n);  // masked slots: exp(-inf) = 0
       float* o = out + (b * s.heads + h) * D;
       std::fill(o, o + D, 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        if (p[j] == 0.f) continue;
-        const float* vj = vh + j * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += p[j] * vj[d];
+        if (p[j] != 0.f) v.axpy(p[j], vh + j * D, o, D);
       }
       const float inv = 1.0f / total;
       for (int64_t d = 0; d < D; ++d) o[d] *= inv;
@@ -162,12 +168,8 @@ at::Tensor decode_step_cpu(const at::Tensor& hidden_in, const at::Tensor& cos_in
     for (int64_t i = 0; i < B * H; ++i) hp[i] += dp[i];
     rms_norm(hp, lw[3].data_ptr<float>(), eps, B, H, xp);
     packed_matmul(xp, B, H, lw[4].data_ptr<float>(), 2 * s.inter, nullptr, gup);
-    for (int64_t b = 0; b < B; ++b) {
-      const float* gate = gup + b * 2 * s.inter;
-      const float* up = gate + s.inter;
-      float* a = actp + b * s.inter;
-      for (int64_t i = 0; i < s.inter; ++i) a[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-    }
+    // ATen's vectorised, parallel silu (a hand loop with an exp stays scalar under g++'s trapping maths).
+    at::mul_out(act, at::silu(gate_up.narrow(1, 0, s.inter)), gate_up.narrow(1, s.inter, s.inter));
     packed_matmul(actp, B, s.inter, lw[5].data_ptr<float>(), H, nullptr, dp);
     for (int64_t i = 0; i < B * H; ++i) hp[i] += dp[i];
   }
