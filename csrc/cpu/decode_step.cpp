@@ -7,9 +7,11 @@
 //
 // Products: packed_matmul (csrc/cpu/packed_linear.cpp) against weights packed once per rollout, q/k/v and gate/up
 // each as one product. Attention: per (row, head), parallel; scores in float32, softmax with the max subtracted,
-// accumulated in float32 in slot order; grouped-query heads read their kv head. Everything between the products is
-// a plain loop over B x H floats. Results match the eager layers to float rounding (products accumulate in another
-// order), not bit for bit.
+// the weighted values summed in slot order; grouped-query heads read their kv head. The loops between the products
+// (dot products, norms, the softmax's exp) are vectorised per ISA (csrc/cpu/decode_step_rows.h); SiLU is ATen's.
+// Measured with all of it (same machine): 1.3 ms a step at that shape, 14 ms at 64 rows, hidden 384, 6 layers, slot
+// 95. Results match the eager layers to float rounding (sums run in another order), not bit for bit; every value
+// is computed by one thread, so they do not depend on the thread count or on the other rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
