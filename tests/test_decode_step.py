@@ -11,9 +11,9 @@ from rlhf_ext.generation.rollout import generate
 from rlhf_ext.models.fused_decode import FusedDecoder, why_not_fused
 from rlhf_ext.models.introspect import growing_kv_cache, position_ids_from_mask
 from rlhf_ext.models.tiny import tiny_causal_lm
-from rlhf_ext.ops import decode_step
+from rlhf_ext.ops import decode_step, pack_decoder_layer
 from rlhf_ext.ops.decode_step import _random_step
-from rlhf_ext.ops.reference import decode_step_reference
+from rlhf_ext.ops.reference import decode_step_reference, pack_decoder_layer_reference
 
 # (B, H, heads, kv_heads, head_dim, intermediate, layers, capacity, slot)
 SHAPES = [
@@ -121,6 +121,47 @@ def test_a_row_whose_slot_is_masked_is_refused():
     args[5][1, args[6]] = False
     with pytest.raises(RuntimeError, match="key_mask: expected True at slot 7 in every row"):
         decode_step(*args)
+
+
+def _layer_weights(H=24, heads=4, kv=2, D=6, inter=20):
+    g = torch.Generator().manual_seed(2)
+    shapes = dict(
+        input_norm=(H,),
+        q=(heads * D, H),
+        k=(kv * D, H),
+        v=(kv * D, H),
+        o=(H, heads * D),
+        post_norm=(H,),
+        gate=(inter, H),
+        up=(inter, H),
+        down=(H, inter),
+    )
+    return {name: torch.randn(*shape, generator=g) for name, shape in shapes.items()}
+
+
+def test_pack_decoder_layer_is_its_reference_exactly():
+    weights = _layer_weights()
+    for ours, twin in zip(pack_decoder_layer(**weights), pack_decoder_layer_reference(**weights)):
+        assert torch.equal(ours, twin)
+
+
+@pytest.mark.parametrize(
+    "name,value,error,match",
+    [
+        ("k", torch.randn(12, 23), ValueError, r"k: expected shape \[12, 24\]"),
+        ("v", torch.randn(8, 24), ValueError, r"v: expected shape \[12, 24\]"),
+        ("o", torch.randn(24, 23), ValueError, r"o: expected shape \[24, 24\]"),
+        ("input_norm", torch.randn(23), ValueError, r"input_norm: expected shape \[24\]"),
+        ("down", torch.randn(24, 21), ValueError, r"down: expected shape \[24, 20\]"),
+        ("up", torch.randn(20, 24).double(), TypeError, "up: expected a float32 tensor"),
+        ("q", torch.randn(24), ValueError, "q: expected a 2-d weight"),
+        ("gate", torch.randn(20, 24, device="meta"), RuntimeError, "gate: expected a tensor on cpu"),
+    ],
+)
+def test_pack_decoder_layer_names_the_bad_weight(name, value, error, match):
+    weights = dict(_layer_weights(), **{name: value})
+    with pytest.raises(error, match=match):
+        pack_decoder_layer(**weights)
 
 
 # ---- through a Hugging Face model ----

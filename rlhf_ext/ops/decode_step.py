@@ -59,9 +59,8 @@ def pack_decoder_layer(
     )
     for name, shape in expected.items():
         if tuple(named[name].shape) != shape:
-            raise ValueError(
-                f"{name}: expected shape {list(shape)} (from q {list(q.shape)} and gate), got {list(named[name].shape)}"
-            )
+            got = list(named[name].shape)
+            raise ValueError(f"{name}: expected shape {list(shape)} (from q {list(q.shape)}, k and gate), got {got}")
     with torch.no_grad():
         return [
             input_norm.detach().contiguous(),
