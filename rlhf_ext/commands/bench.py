@@ -5,6 +5,7 @@ Each op module may define `bench_cases()` returning a list of `(name, shape, op_
 both functions take no argument and run one call."""
 
 import importlib
+import sys
 import time
 
 OP_MODULES = ["gae", "whiten", "logprobs", "ppo_loss", "sampling", "packed_linear", "decode_step"]
@@ -33,14 +34,18 @@ def run(args) -> int:
 
     import rlhf_ext  # noqa: F401  (loads the kernels)
 
-    wanted = args.only.split(",") if args.only else OP_MODULES
+    wanted = [name.strip() for name in args.only.split(",")] if args.only else OP_MODULES
+    unknown = [name for name in wanted if name not in OP_MODULES]
+    if unknown or isinstance(args.repeat, bool) or args.repeat < 1:
+        what = f"--only: expected op modules among {','.join(OP_MODULES)}, got {','.join(unknown)!r}"
+        if not unknown:
+            what = f"--repeat: expected an int >= 1, got {args.repeat}"
+        print(f"rlhf-ext bench: {what}", file=sys.stderr)
+        return 2
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeat} calls")
     print(f"{'op':<28} {'shape':<26} {'fused ms':>10} {'baseline ms':>12} {'speedup':>8}")
     for name in wanted:
-        try:
-            module = importlib.import_module(f"rlhf_ext.ops.{name}")
-        except ModuleNotFoundError:
-            continue
+        module = importlib.import_module(f"rlhf_ext.ops.{name}")
         for case, shape, op_fn, base_fn in getattr(module, "bench_cases", lambda: [])():
             with torch.no_grad() if case.endswith("fwd") else torch.enable_grad():
                 fused = _median_seconds(op_fn, args.repeat)
