@@ -48,7 +48,7 @@ def test_matches_the_eager_twin_and_writes_only_its_slot(shape):
 
 
 def test_masked_slots_do_not_count():
-    """Garbage (even inf / NaN-free huge values) in a left-padding slot changes nothing."""
+    """Huge keys and values in masked (left-padding) slots change nothing."""
     args = _step(SHAPES[1])
     args[5][:, :2] = False
     out = decode_step(*copy.deepcopy(args))
@@ -67,6 +67,17 @@ def test_results_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_a_rows_results_do_not_depend_on_the_rows_beside_it():
+    """Rows 1..2 alone give the same bits as inside the batch of 5 (one process or two sample the same tokens)."""
+    args = _step(SHAPES[2])
+    full = decode_step(*copy.deepcopy(args))
+    part = copy.deepcopy(args)
+    for i in (0, 1, 2, 5):
+        part[i] = part[i][1:3].contiguous()
+    part[3], part[4] = part[3][:, 1:3].contiguous(), part[4][:, 1:3].contiguous()
+    assert torch.equal(decode_step(*part), full[1:3])
 
 
 def test_opcheck():
