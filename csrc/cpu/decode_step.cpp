@@ -72,9 +72,10 @@ struct Shapes {
 };
 
 // out[b, h] = softmax(q[b, h] . keys[b, g(h), j] * scaling over the attended slots j) @ values[b, g(h), j], for
-// slots 0 .. slot where key_mask[b, j] (the slot written this step always holds a real token).
-void attention(const float* q, const float* keys, const float* values, const bool* key_mask, int64_t slot,
-               double scaling, const Shapes& s, float* out) {
+// slots 0 .. slot where key_mask[b, j] (the slot written this step always holds a real token); q[b] starts at
+// q + b * q_stride.
+void attention(const float* q, int64_t q_stride, const float* keys, const float* values, const bool* key_mask,
+               int64_t slot, double scaling, const Shapes& s, float* out) {
   const int64_t n = slot + 1, D = s.D, group = s.heads / s.kv_heads;
   const int64_t work = std::max<int64_t>(1, 4 * n * D);
   const DecodeLoops& v = loops();
@@ -82,7 +83,7 @@ void attention(const float* q, const float* keys, const float* values, const boo
     std::vector<float> p(n);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / s.heads, h = i % s.heads, g = h / group;
-      const float* qh = q + (b * s.heads + h) * D;
+      const float* qh = q + b * q_stride + h * D;
       const float* kh = keys + (b * s.kv_heads + g) * s.capacity * D;
       const float* vh = values + (b * s.kv_heads + g) * s.capacity * D;
       const bool* mask = key_mask + b * s.capacity;
@@ -120,15 +121,14 @@ at::Tensor decode_step_cpu(const at::Tensor& hidden_in, const at::Tensor& cos_in
   std::vector<at::Tensor> w;
   w.reserve(weights.size());
   for (const auto& t : weights) w.push_back(t.contiguous());
-  Shapes s{hidden.size(0), hidden.size(1), cos.size(1),         num_heads,
-           key_cache.size(2), key_cache.size(3), w[5].size(1), key_cache.size(0)};
+  const Shapes s{hidden.size(0),    hidden.size(1),    cos.size(1),  num_heads,
+                 key_cache.size(2), key_cache.size(3), w[5].size(1), key_cache.size(0)};
   const int64_t B = s.B, H = s.H, D = s.D, qkv_width = (s.heads + 2 * s.kv_heads) * D, attn_width = s.heads * D;
 
   at::Tensor out = at::empty({B, H}, hidden.options());
   at::Tensor h = hidden.clone();  // the residual stream
   at::Tensor x = at::empty({B, H}, hidden.options());
   at::Tensor qkv = at::empty({B, qkv_width}, hidden.options());
-  at::Tensor q = at::empty({B, attn_width}, hidden.options());
   at::Tensor attn = at::empty({B, attn_width}, hidden.options());
   at::Tensor gate_up = at::empty({B, 2 * s.inter}, hidden.options());
   at::Tensor act = at::empty({B, s.inter}, hidden.options());
@@ -136,7 +136,6 @@ at::Tensor decode_step_cpu(const at::Tensor& hidden_in, const at::Tensor& cos_in
   float* hp = h.data_ptr<float>();
   float* xp = x.data_ptr<float>();
   float* qkvp = qkv.data_ptr<float>();
-  float* qp = q.data_ptr<float>();
   float* ap = attn.data_ptr<float>();
   float* gup = gate_up.data_ptr<float>();
   float* actp = act.data_ptr<float>();
@@ -157,7 +156,6 @@ at::Tensor decode_step_cpu(const at::Tensor& hidden_in, const at::Tensor& cos_in
     for (int64_t b = 0; b < B; ++b) {
       float* row = qkvp + b * qkv_width;
       rotary(row, cp + b * D, sp + b * D, s.heads + s.kv_heads, D);  // q heads then k heads: contiguous
-      std::copy(row, row + attn_width, qp + b * attn_width);
       for (int64_t g = 0; g < s.kv_heads; ++g) {
         const int64_t at_slot = ((b * s.kv_heads + g) * s.capacity + slot) * D;
         std::copy(row + attn_width + g * D, row + attn_width + (g + 1) * D, keys + at_slot);
@@ -165,7 +163,7 @@ at::Tensor decode_step_cpu(const at::Tensor& hidden_in, const at::Tensor& cos_in
                   values + at_slot);
       }
     }
-    attention(qp, keys, values, mp, slot, scaling, s, ap);
+    attention(qkvp, qkv_width, keys, values, mp, slot, scaling, s, ap);  // q read in place from the q/k/v rows
     packed_matmul(ap, B, attn_width, lw[2].data_ptr<float>(), H, nullptr, dp);
     for (int64_t i = 0; i < B * H; ++i) hp[i] += dp[i];
     rms_norm(hp, lw[3].data_ptr<float>(), eps, B, H, xp);

@@ -52,3 +52,16 @@ def check_devices(reference_name: str, reference: torch.Tensor, **others) -> Non
                 f"{name}: expected a tensor on {reference.device} (the device of {reference_name}), "
                 f"got one on {tensor.device}"
             )
+
+
+def check_cpu_float32(op: str, **tensors) -> None:
+    """For the CPU-only ops (after check_devices): every tensor given (None skipped) is on the CPU and float32."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.device.type != "cpu":
+            raise RuntimeError(
+                f"{name}: expected a tensor on cpu ({op} has only a CPU kernel), got one on {tensor.device}"
+            )
+        if tensor.dtype != torch.float32:
+            raise TypeError(f"{name}: expected a float32 tensor, got {tensor.dtype}")

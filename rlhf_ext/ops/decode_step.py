@@ -11,7 +11,7 @@ CPU only: on CUDA the eager step is replayed from a CUDA graph (`generate(cuda_g
 
 import torch
 
-from rlhf_ext.ops._common import check_devices
+from rlhf_ext.ops._common import check_cpu_float32, check_devices
 from rlhf_ext.ops.packed_linear import pack_linear_weight
 
 
@@ -37,13 +37,7 @@ def pack_decoder_layer(
     two RMSNorm weights: [input_norm, pack(q; k; v), pack(o), post_norm, pack(gate; up), pack(down)]."""
     named = dict(input_norm=input_norm, q=q, k=k, v=v, o=o, post_norm=post_norm, gate=gate, up=up, down=down)
     check_devices("input_norm", input_norm, **{n: t for n, t in named.items() if n != "input_norm"})
-    for name, tensor in named.items():
-        if tensor.device.type != "cpu":
-            raise RuntimeError(
-                f"{name}: expected a tensor on cpu (decode_step has only a CPU kernel), got one on {tensor.device}"
-            )
-        if tensor.dtype != torch.float32:
-            raise TypeError(f"{name}: expected a float32 tensor, got {tensor.dtype}")
+    check_cpu_float32("decode_step", **named)
     if q.dim() != 2:
         raise ValueError(f"q: expected a 2-d weight [heads * head_dim, H], got shape {tuple(q.shape)}")
     H, inter = q.shape[1], gate.shape[0] if gate.dim() == 2 else -1
@@ -107,10 +101,7 @@ def decode_step(
     if not isinstance(weights, (list, tuple)) or not all(isinstance(w, torch.Tensor) for w in weights):
         raise TypeError(f"weights: expected a list of tensors (pack_decoder_layer per layer), got {type(weights)}")
     floats = dict(hidden=hidden, cos=cos, sin=sin, key_cache=key_cache, value_cache=value_cache, final_norm=final_norm)
-    floats.update({f"weights[{i}]": w for i, w in enumerate(weights)})
-    for name, tensor in floats.items():
-        if tensor.dtype != torch.float32:
-            raise TypeError(f"{name}: expected a float32 tensor, got {tensor.dtype}")
+    check_cpu_float32("decode_step", **floats, **{f"weights[{i}]": w for i, w in enumerate(weights)})
     if key_mask.dtype != torch.bool:
         raise TypeError(f"key_mask: expected a bool tensor, got {key_mask.dtype}")
     for name, value in (("slot", slot), ("num_heads", num_heads)):

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from rlhf_ext.ops._common import check_devices
+from rlhf_ext.ops._common import check_cpu_float32, check_devices
 
 PANEL = 16  # output features per packed panel (csrc/checks/checks.h kPackedPanel)
 
@@ -30,19 +30,6 @@ def _packed_linear_fake(input, packed, out_features, bias):
     return input.new_empty((input.shape[0], out_features))
 
 
-def _check_cpu_float32(**tensors) -> None:
-    """After check_devices (same device, one with kernels): that device is the CPU and every tensor is float32."""
-    for name, tensor in tensors.items():
-        if tensor is None:
-            continue
-        if tensor.device.type != "cpu":
-            raise RuntimeError(
-                f"{name}: expected a tensor on cpu (packed_linear has only a CPU kernel), got one on {tensor.device}"
-            )
-        if tensor.dtype != torch.float32:
-            raise TypeError(f"{name}: expected a float32 tensor, got {tensor.dtype}")
-
-
 def _check_no_grad(**tensors) -> None:
     if torch.is_grad_enabled():
         for name, tensor in tensors.items():
@@ -57,7 +44,7 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """A linear layer's weight `[N, K]` float32 (CPU) as `[ceil(N / 16), K, 16]`: panels of 16 output features,
     k-major, the last one zero-padded. Pack once per fixed weight (a rollout); repack after the weight changes."""
     check_devices("weight", weight)
-    _check_cpu_float32(weight=weight)
+    check_cpu_float32("packed_linear", weight=weight)
     return torch.ops.rlhf_ext.pack_linear_weight(weight.detach())
 
 
@@ -68,7 +55,7 @@ def packed_linear(
     CPU, output `[..., out_features]` float32. Each output is one sum over k in order (FMA on AVX2), independent
     of the thread count; it matches F.linear to float rounding, not bit for bit."""
     check_devices("input", input, packed=packed, bias=bias)
-    _check_cpu_float32(input=input, packed=packed, bias=bias)
+    check_cpu_float32("packed_linear", input=input, packed=packed, bias=bias)
     if isinstance(out_features, bool) or not isinstance(out_features, int):
         raise TypeError(f"out_features: expected an int, got {type(out_features).__name__}")
     if input.dim() < 1:
